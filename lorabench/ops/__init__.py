@@ -5,5 +5,6 @@ references in `reference.py`, backend discovery in `_backend.py`. Importing this
 the ops; the compiled kernels (lorabench._C) register themselves when the extension is present.
 """
 from lorabench.ops._backend import available_backends, extension, require_extension
+from lorabench.ops.lora import dora_linear, lora_linear
 
-__all__ = ["available_backends", "extension", "require_extension"]
+__all__ = ["available_backends", "extension", "require_extension", "dora_linear", "lora_linear"]
