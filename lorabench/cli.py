@@ -1,0 +1,155 @@
+"""Command line: `python -m lorabench {run,list,assets,env,bench,report} ...`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lorabench.errors import UserError
+
+
+def cmd_run(args) -> int:
+    from lorabench.report.leaderboard import render
+    from lorabench.runner.records import read_records
+    from lorabench.runner.run import run_suite
+    from lorabench.runner.suite import load_suite
+
+    suite = load_suite(args.suite, args.overrides)  # validates everything before any trial runs
+    records_path = Path(args.records or Path("runs") / suite.name / "records.jsonl")
+    ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress)
+    wanted = set(ids)
+    latest = {}
+    for r in read_records(records_path):
+        if r.get("trial_id") in wanted:
+            latest[r["trial_id"]] = r
+    print()
+    print(f"Leaderboard: suite {suite.name} (records: {records_path})")
+    print(render(list(latest.values())))
+    return 0 if all(r.get("status") == "ok" for r in latest.values()) else 1
+
+
+def cmd_list(args) -> int:
+    if args.what == "methods":
+        from lorabench.methods import METHODS
+        for name, cls in METHODS.items():
+            paper = f"arXiv {cls.paper}" if cls.paper else "baseline"
+            print(f"{name:16s} {cls.family:28s} {paper:18s} {cls.title}")
+    elif args.what == "tasks":
+        from lorabench.tasks import TASKS
+        for name, cls in TASKS.items():
+            arrow = "↑" if cls.metric.higher_is_better else "↓"
+            print(f"{name:16s} {cls.kind:16s} {cls.metric.name + ' ' + arrow:16s} {cls.default_model:14s} {cls.sizes}")
+    elif args.what == "suites":
+        from lorabench.runner.suite import list_suites, load_suite
+        for p in list_suites():
+            s = load_suite(str(p))
+            print(f"{s.name:12s} v{s.version}  {len(s.trials()):4d} trials  {s.description}")
+    elif args.what == "assets":
+        return cmd_assets(argparse.Namespace(action="list", names=[]))
+    return 0
+
+
+def cmd_assets(args) -> int:
+    from lorabench import assets
+    if args.action == "list":
+        for row in assets.list_assets():
+            print("  ".join(f"{k}={v}" if k != "name" else f"{v:16s}" for k, v in row.items()))
+        return 0
+    if not args.names:
+        raise UserError(f"assets fetch needs asset names; valid: {', '.join(sorted(assets.ASSETS))}")
+    for name in args.names:
+        if name not in assets.ASSETS:
+            raise UserError(f"unknown asset {name!r}; valid: {', '.join(sorted(assets.ASSETS))}")
+    for name in args.names:
+        path = assets.fetch(name)
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_env(args) -> int:
+    import torch
+
+    from lorabench.measure.provenance import environment
+    from lorabench.ops import available_backends
+    env = environment()
+    print(f"lorabench {env['versions'].get('lorabench', '?')} (git {env['git_commit']})")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
+    print(f"cpu: {env['cpu']}, torch threads: {torch.get_num_threads()}")
+    print(f"gpu: {env['gpu'] or 'none'}")
+    print("kernel backends:")
+    for name, (ok, why) in available_backends().items():
+        print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {why}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "kernels":
+        from lorabench.bench.kernels import main
+    elif args.what == "serving":
+        from lorabench.bench.serving import main
+    else:  # argparse restricts choices
+        raise UserError(f"unknown benchmark {args.what!r}")
+    return main(args.rest)
+
+
+def cmd_report(args) -> int:
+    from lorabench.report.leaderboard import render
+    from lorabench.runner.records import read_records
+    records = []
+    for p in args.records:
+        if not Path(p).exists():
+            raise UserError(f"records file {p} does not exist")
+        records.extend(read_records(p))
+    print(render(records))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a suite (each trial in its own process; resumable)")
+    r.add_argument("suite", help="suite name (suites/NAME.yaml) or path to a suite file")
+    r.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50 seeds=0,1 lora.rank=16")
+    r.add_argument("--records", help="JSONL records file (default runs/SUITE/records.jsonl)")
+    r.add_argument("--timeout", type=float, default=None, help="seconds per trial before it is killed and recorded as failed")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="list methods, tasks, suites or assets")
+    ls.add_argument("what", choices=["methods", "tasks", "suites", "assets"])
+    ls.set_defaults(func=cmd_list)
+
+    a = sub.add_parser("assets", help="list or fetch the offline model and data assets")
+    a.add_argument("action", choices=["list", "fetch"])
+    a.add_argument("names", nargs="*")
+    a.set_defaults(func=cmd_assets)
+
+    e = sub.add_parser("env", help="versions, machine, and which kernel backends are available and why")
+    e.set_defaults(func=cmd_env)
+
+    b = sub.add_parser("bench", help="kernel and serving benchmarks", add_help=False)
+    b.add_argument("what", choices=["kernels", "serving"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
+
+    rp = sub.add_parser("report", help="leaderboard from records files")
+    rp.add_argument("records", nargs="+")
+    rp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; recorded trials are kept, run again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The training loop: one loop for every method; methods take part only through their hooks.
+
+Lifecycle (torchtune's recipe pattern): setup (optimizer from the method's parameter groups,
+linear warm-up + decay schedule) -> steps -> cleanup. Each step: hooks.on_step_begin, forward,
+task loss + method.extra_loss, backward, hooks.on_after_backward, gradient clipping, optimizer
+step, hooks.on_step_end. Throughput is the median of per-step tokens/s after warm-up.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from lorabench.config import option
+from lorabench.methods.base import Method, TrainState
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(200, "optimizer steps (the same for every method: the protocol's fixed budget)", low=0)
+    batch_size: int = option(32, "examples per step", low=1)
+    lr: float | None = option(None, "peak learning rate; None = the method's recommended default_lr", low=0.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
+    warmup_ratio: float = option(0.06, "fraction of steps of linear warm-up", low=0.0, high=1.0)
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warm-up")
+    max_grad_norm: float | None = option(1.0, "clip the global gradient norm to this (None = no clipping)", low=0.0)
+    eval_batch_size: int = option(64, "examples per evaluation batch", low=1)
+    warmup_steps_for_throughput: int = option(3, "steps excluded from the throughput median (allocator, caches)", low=0)
+    threads: int | None = option(None, "torch intra-op threads; None = all cores", low=1)
+    loss_curve_every: int = option(10, "record the mean training loss every this many steps", low=1)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    final_loss: float | None
+    loss_curve: list[float] = field(default_factory=list)   # mean loss of each loss_curve_every window
+    train_tokens_per_s: float | None = None                 # median over steps after warm-up
+    train_seconds: float = 0.0
+    method_metrics: dict = field(default_factory=dict)
+
+
+def lr_lambda(cfg: TrainConfig):
+    warm = int(round(cfg.warmup_ratio * cfg.steps))
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, cfg.steps - warm)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return f
+
+
+def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainConfig, seed: int,
+          progress: bool = True) -> TrainResult:
+    lr = cfg.lr if cfg.lr is not None else method.default_lr
+    groups = method.param_groups(model, lr, cfg.weight_decay)
+    if cfg.steps == 0 or not groups:
+        # Nothing to train (e.g. `head` on a causal-LM task): the zero-shot model.
+        return TrainResult(steps=0, final_loss=None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, step=0, total_steps=cfg.steps)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    batches = task.train_batches(tokenizer, cfg.batch_size, seed)
+    model.train()
+    method.on_train_begin(state)
+    rates, window, curve = [], [], []
+    loss_value = None
+    t_start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), desc=f"train {method.name} on {task.name}", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    for step in bar:
+        batch = next(batches)
+        t0 = time.perf_counter()
+        state.step, state.batch = step, batch
+        method.on_step_begin(state)
+        loss = model(**batch).loss
+        extra = method.extra_loss(state)
+        if extra is not None:
+            loss = loss + extra
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step} (diverged); lower the learning rate")
+        state.loss = loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.on_after_backward(state)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        method.on_step_end(state)
+        dt = time.perf_counter() - t0
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        if step >= cfg.warmup_steps_for_throughput:
+            rates.append(tokens / dt)
+        loss_value = loss.item()
+        window.append(loss_value)
+        if len(window) == cfg.loss_curve_every:
+            curve.append(sum(window) / len(window))
+            window = []
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+    bar.close()
+    method.on_train_end(state)
+    model.eval()
+    return TrainResult(steps=cfg.steps, final_loss=loss_value, loss_curve=[round(x, 5) for x in curve],
+                       train_tokens_per_s=statistics.median(rates) if rates else None,
+                       train_seconds=time.perf_counter() - t_start, method_metrics=dict(state.metrics))

@@ -1,0 +1,120 @@
+"""One trial, in its own process: load model -> apply method -> train -> evaluate -> measure.
+
+`run_trial(spec)` returns the result part of a record; the runner adds identity and status.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lorabench.config import from_dict
+from lorabench.harness.train import TrainConfig, train
+from lorabench.measure.memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
+from lorabench.methods import get_method
+from lorabench.methods.base import ApplyContext
+from lorabench.tasks import get_task
+
+
+@dataclass
+class TrialSpec:
+    """Everything that defines a trial; its canonical JSON is hashed into the trial id."""
+    suite: str
+    suite_version: int
+    label: str                 # the method's label in the suite (a method may appear with several configs)
+    method: str
+    method_options: dict = field(default_factory=dict)
+    task: str = ""
+    task_options: dict = field(default_factory=dict)
+    model: str | None = None   # None = the task's default model
+    seed: int = 0
+    train: dict = field(default_factory=dict)
+
+
+HEAD_NAMES = ("classifier", "score", "pre_classifier")
+
+
+def head_modules(model: torch.nn.Module, head: str) -> list[str]:
+    """Task-head modules trained by every method (PEFT's modules_to_save for sequence classification)."""
+    if head != "seq-cls":
+        return []
+    names = {n for n, _ in model.named_modules()}
+    return [h for h in HEAD_NAMES if h in names]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
+    from lorabench import assets
+
+    t_start = time.perf_counter()
+    train_cfg = from_dict(TrainConfig, spec.train, "train")
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    task = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}")
+    method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
+    split = task.split()
+
+    seed_everything(spec.seed)  # the task head's random init depends on the trial seed
+    loaded = assets.load_model(spec.model or task.default_model, head=task.head, num_labels=task.num_labels,
+                               seed=spec.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rss_loaded = current_rss_mb()
+    ctx = ApplyContext(architecture=model.config.model_type, head_modules=head_modules(model, task.head),
+                       seed=spec.seed)
+    seed_everything(spec.seed)
+    model = method.apply(model, ctx)
+    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+
+    result = train(model, method, task, tokenizer, train_cfg, spec.seed, progress=progress)
+    model.eval()
+    ev = task.evaluate(model, tokenizer, train_cfg.eval_batch_size)
+
+    with tempfile.TemporaryDirectory() as d:
+        adapter_bytes = method.save_adapter(model, os.path.join(d, "adapter.safetensors"))
+
+    metrics = {k: round(float(v), 6) for k, v in ev.metrics.items()}
+    out = {
+        "metric": task.metric.name,
+        "higher_is_better": task.metric.higher_is_better,
+        "score": metrics[task.metric.name],
+        "metrics": metrics,
+        "split_hash": split.hash,
+        "n_train": len(split.train),
+        "n_eval": len(split.eval),
+        "model_info": loaded.info,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": adapter_bytes,
+        "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
+        "method_config": method.config_dict(),
+        "family": method.family,
+        "paper": method.paper,
+        "final_loss": result.final_loss,
+        "loss_curve": result.loss_curve,
+        "train_tokens_per_s": None if result.train_tokens_per_s is None else round(result.train_tokens_per_s, 1),
+        "eval_tokens_per_s": round(ev.n_tokens / ev.seconds, 1) if ev.seconds > 0 else None,
+        "train_seconds": round(result.train_seconds, 3),
+        "eval_seconds": round(ev.seconds, 3),
+        "method_metrics": result.method_metrics,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "rss_after_load_mb": round(rss_loaded, 1),
+        "trial_seconds": round(time.perf_counter() - t_start, 3),
+    }
+    cuda = cuda_peak_mb()
+    if cuda:
+        out.update({k: round(v, 1) for k, v in cuda.items()})
+    return out

@@ -1,0 +1,1 @@
+"""Measurements that go into every record: memory, provenance (DESIGN "Measurement protocol")."""

@@ -1,0 +1,1 @@
+"""Reports: records (JSONL) -> pandas tables -> leaderboards."""

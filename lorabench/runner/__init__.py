@@ -1,0 +1,1 @@
+"""Suites -> trials -> one subprocess per trial -> JSONL records (DESIGN "The data flow")."""

@@ -1,0 +1,309 @@
+"""Suite files (YAML): load strictly, validate everything up front, expand into trials.
+
+```yaml
+suite: quick                 # must equal the file name
+version: 1
+description: what this suite is for
+seeds: [0]
+model: null                  # optional: run every task on this model instead of its default
+train: {steps: 150, batch_size: 32}          # TrainConfig options (lorabench/harness/train.py)
+tasks:
+  - rt-sentiment
+  - {name: quartz, options: {n_eval: 200}, train: {steps: 50}}
+methods:
+  - head
+  - {name: lora, label: lora-r8, options: {rank: 8}, train: {lr: 1.0e-3}}
+```
+
+Every error names the file and line and what is valid. YAML is read with safe_load semantics:
+no code is ever executed from a suite file.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorabench.config import from_dict, merge, unknown_key_message
+from lorabench.errors import UserError
+from lorabench.harness.train import TrainConfig
+from lorabench.harness.trial import TrialSpec
+
+SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
+TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods"}
+TASK_KEYS = {"name", "model", "options", "train"}
+METHOD_KEYS = {"name", "label", "options", "train"}
+
+
+def _to_python(node, path: tuple, lines: dict):
+    """Build Python objects from a YAML node tree, remembering each path's line (1-based)."""
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for k, v in node.value:
+            key = _to_python(k, path + ("<key>",), {})
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise UserError(f"line {k.start_mark.line + 1}: mapping keys must be plain names, got {key!r}")
+            if key in out:
+                raise UserError(f"line {k.start_mark.line + 1}: duplicate key {key!r}")
+            out[key] = _to_python(v, path + (key,), lines)
+            lines[path + (key,)] = k.start_mark.line + 1
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_to_python(v, path + (i,), lines) for i, v in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node):
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+@dataclass
+class MethodEntry:
+    name: str
+    label: str
+    options: dict
+    train: dict
+
+
+@dataclass
+class TaskEntry:
+    name: str
+    model: str | None
+    options: dict
+    train: dict
+
+
+@dataclass
+class Suite:
+    name: str
+    version: int
+    description: str
+    seeds: list[int]
+    model: str | None
+    train: dict
+    tasks: list[TaskEntry]
+    methods: list[MethodEntry]
+    path: str
+
+    def trials(self) -> list[TrialSpec]:
+        out = []
+        for task in self.tasks:
+            for method in self.methods:
+                for seed in self.seeds:
+                    train = merge(merge(self.train, task.train), method.train)
+                    out.append(TrialSpec(suite=self.name, suite_version=self.version, label=method.label,
+                                         method=method.name, method_options=method.options, task=task.name,
+                                         task_options=task.options, model=task.model or self.model,
+                                         seed=seed, train=train))
+        return out
+
+
+def trial_id(spec: TrialSpec) -> str:
+    blob = json.dumps(asdict(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def find_suite(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise UserError(f"suite file {p} does not exist")
+        return p
+    cand = SUITES_DIR / f"{name_or_path}.yaml"
+    if not cand.exists():
+        import difflib
+        names = sorted(x.stem for x in SUITES_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name_or_path, names, n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UserError(f"Unknown suite {name_or_path!r}.{hint} Valid suites: {', '.join(names)} "
+                        f"(or a path to a .yaml file).")
+    return cand
+
+
+def list_suites() -> list[Path]:
+    return sorted(SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
+    path = find_suite(name_or_path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    lines: dict = {}
+    try:
+        data = _to_python(node, (), lines) if node is not None else None
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    data = apply_overrides(data, overrides or [], path)
+    return validate(data, path, lines)
+
+
+def _where(path: Path, lines: dict, key: tuple) -> str:
+    while key and key not in lines:
+        key = key[:-1]
+    return f"{path}:{lines[key]}" if key in lines else str(path)
+
+
+def _check_keys(obj: dict, allowed: set, path: Path, lines: dict, key: tuple, what: str) -> None:
+    for k in obj:
+        if k not in allowed:
+            raise UserError(unknown_key_message(str(k), sorted(allowed), f"{_where(path, lines, key + (k,))}: {what}"))
+
+
+def validate(data: Any, path: Path, lines: dict) -> Suite:
+    from lorabench.methods import METHODS
+    from lorabench.tasks import TASKS
+
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a suite file is a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    _check_keys(data, TOP_KEYS, path, lines, (), "suite")
+    for req in ("suite", "version", "tasks", "methods"):
+        if req not in data:
+            raise UserError(f"{path}: missing required key {req!r}")
+    if data["suite"] != path.stem:
+        raise UserError(f"{_where(path, lines, ('suite',))}: suite name {data['suite']!r} must equal the file name {path.stem!r}")
+    if not isinstance(data["version"], int) or isinstance(data["version"], bool):
+        raise UserError(f"{_where(path, lines, ('version',))}: version must be an integer, got {data['version']!r}")
+    seeds = data.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"{_where(path, lines, ('seeds',))}: seeds must be a non-empty list of integers, got {seeds!r}")
+    base_train = data.get("train") or {}
+    from_dict(TrainConfig, base_train, f"{_where(path, lines, ('train',))}: train")
+
+    def entries(key: str, keys: set, registry) -> list[tuple[dict, tuple]]:
+        raw = data[key]
+        if not isinstance(raw, list) or not raw:
+            raise UserError(f"{_where(path, lines, (key,))}: {key} must be a non-empty list")
+        out = []
+        for i, e in enumerate(raw):
+            k = (key, i)
+            if isinstance(e, str):
+                e = {"name": e}
+            if not isinstance(e, dict) or "name" not in e:
+                raise UserError(f"{_where(path, lines, k)}: each of {key} is a name or a mapping with 'name', got {e!r}")
+            _check_keys(e, keys, path, lines, k, key[:-1])
+            if e["name"] not in registry:
+                raise UserError(f"{_where(path, lines, k + ('name',))}: {registry.unknown_message(str(e['name']))}")
+            for sub in ("options", "train"):
+                if e.get(sub) is not None and not isinstance(e[sub], dict):
+                    raise UserError(f"{_where(path, lines, k + (sub,))}: {sub} must be a mapping, got {e[sub]!r}")
+            out.append((e, k))
+        return out
+
+    tasks = []
+    for e, k in entries("tasks", TASK_KEYS, TASKS):
+        where = _where(path, lines, k)
+        TASKS.get(e["name"]).from_options(e.get("options"), where=f"{where}: task {e['name']} options")
+        from_dict(TrainConfig, merge(base_train, e.get("train") or {}), f"{where}: train")
+        tasks.append(TaskEntry(e["name"], e.get("model"), dict(e.get("options") or {}), dict(e.get("train") or {})))
+    methods, labels = [], set()
+    for e, k in entries("methods", METHOD_KEYS, METHODS):
+        where = _where(path, lines, k)
+        label = str(e.get("label") or e["name"])
+        if label in labels:
+            raise UserError(f"{where}: duplicate method label {label!r}; give each configuration its own 'label'")
+        labels.add(label)
+        METHODS.get(e["name"]).from_options(e.get("options"), where=f"{where}: method {label} options")
+        from_dict(TrainConfig, merge(base_train, e.get("train") or {}), f"{where}: train")
+        methods.append(MethodEntry(e["name"], label, dict(e.get("options") or {}), dict(e.get("train") or {})))
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
+    return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
+                 seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path))
+
+
+OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
+                 "train.<option>=V | task.<option>=V (every task) | method.<option>=V (every method that has it) | "
+                 "<method label>.<option>=V")
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
+    """Apply CLI `key=value` overrides to the raw suite data; unknown keys are errors."""
+    if not overrides:
+        return data
+    if not isinstance(data, dict):
+        return data  # validate() reports the malformed file
+    data = copy.deepcopy(data)
+
+    def norm(entries):
+        return [{"name": e} if isinstance(e, str) else e for e in entries or []]
+
+    data["tasks"], data["methods"] = norm(data.get("tasks")), norm(data.get("methods"))
+    labels = [str(m.get("label") or m.get("name")) for m in data["methods"] if isinstance(m, dict)]
+    for ov in overrides:
+        if "=" not in ov:
+            raise UserError(f"override {ov!r} is not key=value; {OVERRIDE_HELP}")
+        key, _, raw = ov.partition("=")
+        key, value = key.strip(), _parse_value(raw.strip())
+        if key == "seeds":
+            data["seeds"] = [value] if isinstance(value, int) else (
+                [_parse_value(v) for v in raw.split(",")] if isinstance(value, str) else value)
+        elif key == "model":
+            data["model"] = str(value)
+            for t in data["tasks"]:
+                t.pop("model", None)
+        elif key in ("tasks", "methods"):
+            wanted = [v.strip() for v in str(raw).split(",") if v.strip()]
+            have = [str(e.get("name")) for e in data["tasks"]] if key == "tasks" else labels
+            bad = [w for w in wanted if w not in have]
+            if bad:
+                raise UserError(f"override {key}=: {', '.join(bad)} not in suite {path.stem}; its {key}: {', '.join(have)}")
+            field = "name" if key == "tasks" else None
+            data[key] = [e for e in data[key] if (e.get("name") if field else str(e.get("label") or e.get("name"))) in wanted]
+        elif key.startswith("train."):
+            data["train"] = merge(data.get("train") or {}, {key[6:]: value})
+        elif key.startswith("task."):
+            for t in data["tasks"]:
+                t["options"] = merge(t.get("options") or {}, {key[5:]: value})
+        elif key.startswith("method."):
+            _override_methods(data["methods"], None, key[7:], value)
+        elif "." in key and key.split(".", 1)[0] in labels:
+            label, opt = key.split(".", 1)
+            _override_methods(data["methods"], label, opt, value)
+        else:
+            import difflib
+            close = difflib.get_close_matches(key, ["seeds", "model", "tasks", "methods"] +
+                                              [f"{lab}." for lab in labels], n=2)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise UserError(f"unknown override key {key!r}.{hint} {OVERRIDE_HELP}; method labels here: {', '.join(labels)}")
+    return data
+
+
+def _override_methods(methods: list[dict], label: str | None, opt: str, value) -> None:
+    import dataclasses
+
+    from lorabench.methods import METHODS
+    hit = False
+    for m in methods:
+        if label is not None and str(m.get("label") or m.get("name")) != label:
+            continue
+        fields = {f.name for f in dataclasses.fields(METHODS.get(m["name"]).config_cls)}
+        if opt in fields or label is not None:
+            m["options"] = merge(m.get("options") or {}, {opt: value})
+            hit = True
+    if not hit:
+        raise UserError(f"override method.{opt}: no method in this suite has an option {opt!r}")
