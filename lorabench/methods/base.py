@@ -95,8 +95,10 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, ctx: ApplyConte
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where `name` was, in the same train/eval mode as the module it replaces."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    new.train(getattr(parent, child).training)
     setattr(parent, child, new)
 
 

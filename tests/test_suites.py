@@ -1,0 +1,92 @@
+"""Suite files: every shipped suite loads and validates; bad suites and overrides get one clear error."""
+from pathlib import Path
+
+import pytest
+
+from lorabench.errors import UserError
+from lorabench.runner.records import append_record, read_records
+from lorabench.runner.suite import list_suites, load_suite, trial_id
+
+SUITES = list_suites()
+
+
+@pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])
+def test_every_shipped_suite_validates_and_expands(path):
+    suite = load_suite(str(path))
+    trials = suite.trials()
+    assert len(trials) == len(suite.tasks) * len(suite.methods) * len(suite.seeds)
+    ids = [trial_id(t) for t in trials]
+    assert len(set(ids)) == len(ids), "two trials of one suite share an id"
+
+
+def test_quick_and_smoke_are_shipped():
+    assert {"quick", "smoke"} <= {p.stem for p in SUITES}
+
+
+def write(tmp_path: Path, text: str, name: str = "mine") -> str:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+GOOD = """suite: mine
+version: 1
+seeds: [0, 1]
+train: {steps: 2}
+tasks:
+  - rt-sentiment
+methods:
+  - head
+  - {name: lora, label: lora-r4, options: {rank: 4}}
+"""
+
+
+def test_overrides_apply_and_change_trial_ids(tmp_path):
+    p = write(tmp_path, GOOD)
+    base = load_suite(p)
+    s = load_suite(p, ["seeds=3", "train.steps=5", "lora-r4.rank=2", "methods=lora-r4"])
+    assert s.seeds == [3] and [m.label for m in s.methods] == ["lora-r4"]
+    (t,) = s.trials()
+    assert t.train["steps"] == 5 and t.method_options["rank"] == 2
+    assert trial_id(t) not in {trial_id(x) for x in base.trials()}
+
+
+@pytest.mark.parametrize("text,pattern", [
+    (GOOD.replace("  - head", "  - haed"), r"mine\.yaml:8: Unknown method 'haed'\. Did you mean: head\?"),
+    (GOOD.replace("train: {steps: 2}", "train: {stpes: 2}"), r"mine\.yaml:4: train: unknown key 'stpes'\. Did you mean: steps\?"),
+    (GOOD.replace("rank: 4", "rank: four"), r"mine\.yaml:9: method lora-r4 options \(lora\)\.rank: expected an integer, got 'four'"),
+    (GOOD.replace("seeds: [0, 1]", "seeds: [0, 1"), r"mine\.yaml:\d+: malformed YAML"),
+    (GOOD.replace("suite: mine", "suite: other"), r"must equal the file name"),
+    (GOOD + "extra: 1\n", r"mine\.yaml:10: suite: unknown key 'extra'"),
+    (GOOD.replace("  - rt-sentiment", "  - rt-sentimnet"), r"Unknown task 'rt-sentimnet'\. Did you mean: rt-sentiment\?"),
+    ("- just\n- a list\n", r"a suite file is a mapping"),
+])
+def test_bad_suite_files(tmp_path, text, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_suite(write(tmp_path, text))
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ("trian.steps=3", r"unknown override key 'trian\.steps'"),
+    ("train.steps=many", r"train: .*steps: expected an integer, got 'many'|train\.steps: expected an integer"),
+    ("method.rnak=3", r"no method in this suite has an option 'rnak'"),
+    ("methods=dora", r"dora not in suite mine"),
+    ("steps", r"is not key=value"),
+])
+def test_bad_overrides(tmp_path, override, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_suite(write(tmp_path, GOOD), [override])
+
+
+def test_unknown_suite_name_suggests():
+    with pytest.raises(UserError, match=r"Unknown suite 'quik'\. Did you mean: quick\?"):
+        load_suite("quik")
+
+
+def test_records_append_is_line_atomic_and_survives_a_torn_line(tmp_path):
+    p = tmp_path / "r.jsonl"
+    append_record(p, {"trial_id": "a", "x": 1})
+    with open(p, "a") as f:
+        f.write('{"trial_id": "torn", "x":')  # a writer killed mid-line
+    append_record(p, {"trial_id": "b", "x": 2})
+    assert [r["trial_id"] for r in read_records(p, warn=False)] == ["a", "b"]
