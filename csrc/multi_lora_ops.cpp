@@ -6,7 +6,8 @@
 
 #include "cpu/bgmv.h"
 #ifdef LORABENCH_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include "cuda/bgmv.h"
 #endif
 
@@ -155,7 +156,7 @@ lc::MultiLoraParams base_params(const at::Tensor& W, const at::Tensor& ranks, in
   p.ranks = ranks.data_ptr<int64_t>();
   p.n_tokens = n_tokens;
   p.n_slots = W.size(0);
-  p.stream = at::cuda::getCurrentCUDAStream().stream();
+  p.stream = c10::cuda::getCurrentCUDAStream().stream();
   return p;
 }
 
