@@ -74,7 +74,7 @@ setup(
         "accelerate",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval"],
         "lm-eval": ["lm-eval"],
     },
     entry_points={"console_scripts": ["lorabench=lorabench.cli:main"]},
