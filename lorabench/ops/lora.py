@@ -13,7 +13,7 @@ Ops (x is flattened to (tokens, in) before the op; weight and bias are frozen):
 
 with x_d = x * mask (mask holds 0 or 1/(1-p); None means no dropout), xa = x_d A^T (tokens, r),
 saved by the forward so the backward never recomputes it, u = x_d W^T + s xa B^T and
-g = m / ||W + s B A||_c (fp32, detached: sec. 4.3 of DoRA). Neither op materialises W + s B A.
+g = m / ||W + s B A||_c (fp32, fp64 for fp64 inputs; detached: sec. 4.3 of DoRA). Neither op materialises W + s B A.
 
 Backends: the compiled CPU kernels (csrc/cpu/lora_linear.cpp) and CUDA kernels (csrc/cuda/lora.cu)
 register for the CPU and CUDA keys; the reference below is registered as CompositeExplicitAutograd,
@@ -50,6 +50,11 @@ _lib.define(
 
 
 # --- shape and dtype checks (shared by the fakes and the public functions) ---------------------
+
+def _acc_dtype(dtype):
+    """Accumulation dtype of the DoRA norm: float32, float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 def _check(x, weight, bias, lora_A, lora_B, dropout_mask, magnitude=None, op="lora_linear"):
     torch._check(x.dim() == 2, lambda: f"{op}: x must be (tokens, in) here, got shape {tuple(x.shape)}")
@@ -100,14 +105,15 @@ def _dora_linear_fake(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout
     _check(x, weight, bias, lora_A, lora_B, dropout_mask, magnitude, op="dora_linear")
     tokens, out_f = x.shape[0], weight.shape[0]
     return (x.new_empty(tokens, out_f), x.new_empty(tokens, lora_A.shape[0]), x.new_empty(tokens, out_f),
-            x.new_empty(out_f, dtype=torch.float32))
+            x.new_empty(out_f, dtype=_acc_dtype(x.dtype)))
 
 
 @torch.library.register_fake("lorabench::dora_linear_backward", lib=_lib)
 def _dora_linear_backward_fake(grad_y, x, weight, lora_A, lora_B, magnitude, xa, u, weight_norm, scale,
                                dropout_mask, need_dx):
     _check(x, weight, None, lora_A, lora_B, dropout_mask, magnitude, op="dora_linear_backward")
-    torch._check(weight_norm.dtype == torch.float32, lambda: "dora_linear_backward: weight_norm must be float32")
+    torch._check(weight_norm.dtype == _acc_dtype(x.dtype),
+                 lambda: f"dora_linear_backward: weight_norm must be {_acc_dtype(x.dtype)} for x.dtype {x.dtype}")
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape), magnitude.new_empty(magnitude.shape)
 
@@ -140,9 +146,10 @@ def _dora_norm(weight, lora_A, lora_B, scale):
     """||W + s B A||_c per row without materialising W + s B A (fp32):
     ||W_j||^2 + 2 s <W_j, (BA)_j> + s^2 ||(BA)_j||^2, with <W_j, (BA)_j> = sum_k (W A^T)_jk B_jk
     and ||(BA)_j||^2 = B_j (A A^T) B_j^T."""
-    w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()  # (out,)
-    wa = (weight @ lora_A.T).float()  # (out, r)
-    b32, a32 = lora_B.float(), lora_A.float()
+    acc = _acc_dtype(weight.dtype)
+    w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()  # (out,)
+    wa = (weight @ lora_A.T).to(acc)  # (out, r)
+    b32, a32 = lora_B.to(acc), lora_A.to(acc)
     bg = b32 @ (a32 @ a32.T)  # (out, r)
     sq = w_sq + (b32 * (2 * scale * wa + scale * scale * bg)).sum(1)
     return sq.clamp_min(0).sqrt()
@@ -151,7 +158,7 @@ def _dora_norm(weight, lora_A, lora_B, scale):
 @torch.library.impl(_lib, "dora_linear", "CompositeExplicitAutograd")
 def _dora_linear_ref(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout_mask):
     norm = _dora_norm(weight, lora_A, lora_B, scale)  # (out,) fp32
-    g = (magnitude.float() / norm).to(x.dtype)  # eq. (5) of DoRA: m / ||W + s B A||_c
+    g = (magnitude.to(norm.dtype) / norm).to(x.dtype)  # eq. (5) of DoRA: m / ||W + s B A||_c
     x_drop = _drop(x, dropout_mask)
     xa = x_drop @ lora_A.T  # (tokens, r)
     u = (x_drop @ weight.T).addmm_(xa, lora_B.T, alpha=scale)  # (tokens, out)
@@ -166,8 +173,9 @@ def _dora_linear_ref(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout_
 @torch.library.impl(_lib, "dora_linear_backward", "CompositeExplicitAutograd")
 def _dora_linear_backward_ref(grad_y, x, weight, lora_A, lora_B, magnitude, xa, u, weight_norm, scale,
                               dropout_mask, need_dx):
-    g = (magnitude.float() / weight_norm).to(grad_y.dtype)
-    d_m = ((grad_y.float() * u.float()).sum(0) / weight_norm).to(magnitude.dtype)  # d y / d m = u / n
+    acc = weight_norm.dtype
+    g = (magnitude.to(acc) / weight_norm).to(grad_y.dtype)
+    d_m = ((grad_y.to(acc) * u.to(acc)).sum(0) / weight_norm).to(magnitude.dtype)  # d y / d m = u / n
     du = grad_y * g  # (tokens, out)
     dxa = scale * (du @ lora_B)  # (tokens, r)
     d_b = scale * (du.T @ xa)

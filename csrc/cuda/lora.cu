@@ -1,0 +1,143 @@
+// CUDA kernels of the fused LoRA / DoRA linear ops (DoRA: arXiv 2402.09353). See lora.h.
+// Includes only CUDA headers: compiles standalone with nvcc for sm_80 / sm_90.
+#include "lora.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace lorabench::cuda {
+namespace {
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) { return static_cast<typename Acc<T>::type>(v); }
+template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return static_cast<T>(v); }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One block per output row j: ||W_j||^2 by a block reduction, then the rank-r correction.
+constexpr int kNormThreads = 256;
+template <typename T>
+__global__ void dora_norm_kernel(DoraNormParams p) {
+  using A = typename Acc<T>::type;
+  const int64_t j = blockIdx.x;
+  const T* w = static_cast<const T*>(p.weight) + j * p.in;
+  const A* wa = static_cast<const A*>(p.wa) + j * p.rank;
+  const A* bg = static_cast<const A*>(p.bg) + j * p.rank;
+  const A* b = static_cast<const A*>(p.b) + j * p.rank;
+  const A s = static_cast<A>(p.scale);
+  A sq = 0;
+  for (int64_t i = threadIdx.x; i < p.in; i += blockDim.x) {
+    const A v = to_acc(w[i]);
+    sq += v * v;
+  }
+  for (int64_t k = threadIdx.x; k < p.rank; k += blockDim.x) sq += b[k] * (2 * s * wa[k] + s * s * bg[k]);
+  __shared__ A partial[kNormThreads / 32];
+  sq = warp_sum(sq);
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sq;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    sq = threadIdx.x < kNormThreads / 32 ? partial[threadIdx.x] : A(0);
+    sq = warp_sum(sq);
+    if (threadIdx.x == 0) static_cast<A*>(p.norm)[j] = sqrt(sq > A(0) ? sq : A(0));
+  }
+}
+
+template <typename T>
+__global__ void dora_epilogue_kernel(DoraEpilogueParams p) {
+  using A = typename Acc<T>::type;
+  const int64_t n = p.tokens * p.out;
+  T* y = static_cast<T*>(p.y);
+  const T* u = static_cast<const T*>(p.u);
+  const A* g = static_cast<const A*>(p.g);
+  const T* bias = static_cast<const T*>(p.bias);
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t j = e % p.out;
+    A v = g[j] * to_acc(u[e]);
+    if (bias) v += to_acc(bias[j]);
+    if (p.accumulate) v += to_acc(y[e]);
+    y[e] = from_acc<T>(v);
+  }
+}
+
+// Block of 32 x 8 threads covers 32 columns; the 8 rows of threads stride over tokens, then a
+// shared-memory reduction gives dm for the 32 columns. du is written in the same pass.
+template <typename T>
+__global__ void dora_grad_kernel(DoraGradParams p) {
+  using A = typename Acc<T>::type;
+  const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* u = static_cast<const T*>(p.u);
+  T* du = static_cast<T*>(p.du);
+  A acc = 0;
+  if (j < p.out) {
+    const A gj = static_cast<const A*>(p.g)[j];
+    for (int64_t t = threadIdx.y; t < p.tokens; t += blockDim.y) {
+      const A d = to_acc(dy[t * p.out + j]);
+      du[t * p.out + j] = from_acc<T>(d * gj);
+      acc += d * to_acc(u[t * p.out + j]);
+    }
+  }
+  __shared__ A part[8][33];
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < p.out) {
+    for (int r = 1; r < blockDim.y; ++r) acc += part[r][threadIdx.x];
+    static_cast<A*>(p.dm)[j] = acc / static_cast<const A*>(p.norm)[j];
+  }
+}
+
+template <typename F>
+int dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat64: f(double{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace
+
+int launch_dora_norm(const DoraNormParams& p, void* stream) {
+  if (p.out == 0) return 0;
+  return dispatch(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dora_norm_kernel<T><<<(unsigned)p.out, kNormThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  });
+}
+
+int launch_dora_epilogue(const DoraEpilogueParams& p, void* stream) {
+  const int64_t n = p.tokens * p.out;
+  if (n == 0) return 0;
+  const int64_t blocks = (n + 255) / 256 < 65535 * 8 ? (n + 255) / 256 : 65535 * 8;
+  return dispatch(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dora_epilogue_kernel<T><<<(unsigned)blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  });
+}
+
+int launch_dora_grad(const DoraGradParams& p, void* stream) {
+  if (p.out == 0) return 0;
+  const dim3 block(32, 8);
+  return dispatch(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dora_grad_kernel<T><<<(unsigned)((p.out + 31) / 32), block, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  });
+}
+
+const char* error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+}  // namespace lorabench::cuda

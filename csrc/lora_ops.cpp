@@ -1,0 +1,190 @@
+// Torch binding of the fused LoRA linear (arXiv 2106.09685) and DoRA linear (arXiv 2402.09353) ops.
+//
+// Schemas and fakes: lorabench/ops/lora.py. One op body per op serves CPU and CUDA: the GEMMs go to
+// BLAS / cuBLAS through ATen, arranged so the low-rank path adds no temporary and no extra pass:
+//   forward   xa = x_d A^T (tokens, r; saved)   y = addmm(b, x, W^T)   y += s xa B^T (beta = 1)
+//   backward  dxa = s dy B   dB = s dy^T xa   dA = dxa^T x_d   dx = dy W, then dx += dxa A (beta = 1)
+// W + s B A is never formed. DoRA's row norms, epilogue and gradient prologue are one-pass kernels:
+// csrc/cpu/lora_linear.cpp and csrc/cuda/lora.cu.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "cpu/lora_linear.h"
+
+#ifdef LORABENCH_WITH_CUDA
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include "cuda/lora.h"
+#endif
+
+namespace lorabench {
+namespace {
+
+using at::Tensor;
+using c10::optional;
+
+#define CHECK_FLOAT(t) TORCH_CHECK(at::isFloatingType((t).scalar_type()), #t " must be a floating tensor, got ", (t).scalar_type())
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+Tensor drop(const Tensor& x, const optional<Tensor>& mask) { return mask.has_value() ? x * *mask : x; }
+
+#ifdef LORABENCH_WITH_CUDA
+cuda::DType cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::DType::kFloat32;
+    case at::kDouble: return cuda::DType::kFloat64;
+    case at::kHalf: return cuda::DType::kFloat16;
+    case at::kBFloat16: return cuda::DType::kBFloat16;
+    default: TORCH_CHECK(false, "lorabench: unsupported dtype ", t, "; use float32, bfloat16, float16 or float64");
+  }
+}
+void check_launch(int code, const char* what) {
+  TORCH_CHECK(code == 0, "lorabench::", what, " CUDA launch failed: ", cuda::error_string(code));
+}
+void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
+// ||W + s B A||_c per row, without forming W + s B A (acc dtype).
+Tensor dora_norm(const Tensor& weight, const Tensor& A, const Tensor& B, double scale) {
+  const auto acc = acc_dtype(weight.scalar_type());
+  const Tensor wa = at::mm(weight, A.t()).to(acc).contiguous();  // (out, r) = W A^T
+  const Tensor a = A.to(acc), b = B.to(acc).contiguous();
+  const Tensor bg = at::mm(b, at::mm(a, a.t())).contiguous();     // (out, r) = B (A A^T)
+  Tensor norm = at::empty({weight.size(0)}, weight.options().dtype(acc));
+#ifdef LORABENCH_WITH_CUDA
+  if (weight.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(weight.device());
+    const Tensor w = weight.contiguous();
+    cuda::DoraNormParams p{w.data_ptr(), wa.data_ptr(), bg.data_ptr(), b.data_ptr(), norm.data_ptr(),
+                           w.size(0), w.size(1), b.size(1), scale, cuda_dtype(w.scalar_type())};
+    check_launch(cuda::launch_dora_norm(p, stream()), "dora_linear (norm)");
+    return norm;
+  }
+#endif
+  cpu::dora_norm(weight, wa, bg, b, scale, norm);
+  return norm;
+}
+
+void dora_epilogue(Tensor& y, const Tensor& u, const Tensor& g, const optional<Tensor>& bias, bool accumulate) {
+#ifdef LORABENCH_WITH_CUDA
+  if (y.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(y.device());
+    const optional<Tensor> b = bias.has_value() ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
+    cuda::DoraEpilogueParams p{y.data_ptr(), u.data_ptr(), g.data_ptr(), b.has_value() ? b->data_ptr() : nullptr,
+                               u.size(0), u.size(1), accumulate, cuda_dtype(u.scalar_type())};
+    check_launch(cuda::launch_dora_epilogue(p, stream()), "dora_linear (epilogue)");
+    return;
+  }
+#endif
+  const optional<Tensor> b = bias.has_value() ? optional<Tensor>(bias->contiguous()) : c10::nullopt;
+  cpu::dora_epilogue(y, u, g, b, accumulate);
+}
+
+void dora_grad(const Tensor& dy, const Tensor& u, const Tensor& g, const Tensor& norm, Tensor& du, Tensor& dm) {
+#ifdef LORABENCH_WITH_CUDA
+  if (dy.is_cuda()) {
+    const c10::cuda::CUDAGuard guard(dy.device());
+    cuda::DoraGradParams p{dy.data_ptr(), u.data_ptr(), g.data_ptr(), norm.data_ptr(), du.data_ptr(), dm.data_ptr(),
+                           dy.size(0), dy.size(1), cuda_dtype(dy.scalar_type())};
+    check_launch(cuda::launch_dora_grad(p, stream()), "dora_linear_backward");
+    return;
+  }
+#endif
+  cpu::dora_grad(dy, u, g, norm, du, dm);
+}
+
+// --- lora_linear ------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> lora_linear(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                                       const Tensor& A, const Tensor& B, double scale,
+                                       const optional<Tensor>& mask) {
+  CHECK_FLOAT(x);
+  const Tensor xa = at::mm(drop(x, mask), A.t());  // (tokens, r), saved for the backward
+  Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());  // (tokens, out)
+  y.addmm_(xa, B.t(), /*beta=*/1.0, /*alpha=*/scale);  // eq. (3) of LoRA, accumulated in place
+  return {y, xa};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lora_linear_backward(const Tensor& dy, const Tensor& x, const Tensor& weight,
+                                                        const Tensor& A, const Tensor& B, const Tensor& xa,
+                                                        double scale, const optional<Tensor>& mask, bool need_dx) {
+  const Tensor dxa = at::mm(dy, B).mul_(scale);         // (tokens, r)
+  const Tensor dB = at::mm(dy.t(), xa).mul_(scale);     // (out, r)
+  const Tensor dA = at::mm(dxa.t(), drop(x, mask));     // (r, in)
+  if (!need_dx) return {at::empty({0}, x.options()), dA, dB};
+  Tensor dx = at::mm(dy, weight);                       // (tokens, in)
+  if (mask.has_value()) dx.addcmul_(at::mm(dxa, A), *mask);  // dropout's gradient is its mask
+  else dx.addmm_(dxa, A);
+  return {dx, dA, dB};
+}
+
+// --- dora_linear ------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear(const Tensor& x, const Tensor& weight,
+                                                       const optional<Tensor>& bias, const Tensor& A,
+                                                       const Tensor& B, const Tensor& magnitude, double scale,
+                                                       const optional<Tensor>& mask) {
+  CHECK_FLOAT(x);
+  const Tensor norm = dora_norm(weight, A, B, scale);    // (out,), acc dtype, detached (sec. 4.3)
+  const Tensor g = magnitude.to(norm.scalar_type()) / norm;  // eq. (5): m / ||W + s B A||_c
+  const Tensor xd = drop(x, mask);
+  const Tensor xa = at::mm(xd, A.t());                   // (tokens, r)
+  Tensor u = at::mm(xd, weight.t());                     // (tokens, out)
+  Tensor y;
+  if (mask.has_value()) {  // PEFT: the base path sees x, the DoRA path x_d: y = W x + b - W x_d + g u
+    y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+    y.sub_(u);
+  } else {
+    y = at::empty_like(u);
+  }
+  u.addmm_(xa, B.t(), 1.0, scale);                       // u = x_d W^T + s xa B^T
+  dora_epilogue(y, u, g, mask.has_value() ? c10::nullopt : bias, /*accumulate=*/mask.has_value());
+  return {y, xa, u, norm};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
+    const Tensor& dy_in, const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B,
+    const Tensor& magnitude, const Tensor& xa, const Tensor& u, const Tensor& norm, double scale,
+    const optional<Tensor>& mask, bool need_dx) {
+  const Tensor dy = dy_in.contiguous();
+  const Tensor g = magnitude.to(norm.scalar_type()) / norm;
+  Tensor du = at::empty_like(dy);
+  Tensor dm = at::empty_like(norm);
+  dora_grad(dy, u.contiguous(), g, norm, du, dm);        // du = dy g, dm = sum_t dy u / n
+  const Tensor dxa = at::mm(du, B).mul_(scale);          // (tokens, r)
+  const Tensor dB = at::mm(du.t(), xa).mul_(scale);      // (out, r)
+  const Tensor xd = drop(x, mask);
+  const Tensor dA = at::mm(dxa.t(), xd);                 // (r, in)
+  const Tensor dmag = dm.to(magnitude.scalar_type());
+  if (!need_dx) return {at::empty({0}, x.options()), dA, dB, dmag};
+  Tensor dx;
+  if (mask.has_value()) {  // dx = dy W + ((du - dy) W + dxa A) * mask
+    dx = at::mm(dy, weight);
+    dx.addcmul_(at::mm(du - dy, weight).addmm_(dxa, A), *mask);
+  } else {
+    dx = at::mm(du, weight);
+    dx.addmm_(dxa, A);
+  }
+  return {dx, dA, dB, dmag};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorabench, CPU, m) {
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("dora_linear", &dora_linear);
+  m.impl("dora_linear_backward", &dora_linear_backward);
+}
+
+#ifdef LORABENCH_WITH_CUDA
+TORCH_LIBRARY_IMPL(lorabench, CUDA, m) {
+  m.impl("lora_linear", &lora_linear);
+  m.impl("lora_linear_backward", &lora_linear_backward);
+  m.impl("dora_linear", &dora_linear);
+  m.impl("dora_linear_backward", &dora_linear_backward);
+}
+#endif
+
+}  // namespace lorabench
