@@ -9,7 +9,7 @@ Sources and licences of every asset: docs/assets.md. Cache: $LORABENCH_HOME
 (default ~/.cache/lorabench) with archives/, models/, datasets/, locks/.
 """
 from .datasets import load_dataset
-from .fetch import archive_path, fetch, is_cached, list_assets, verify
+from .download import archive_path, fetch, is_cached, list_assets, verify
 from .models import LoadedModel, load_model, load_tokenizer
 from .specs import ASSETS, AssetError, AssetSpec, home
 from . import synthetic

@@ -20,7 +20,7 @@ import tarfile
 import zipfile
 
 from . import synthetic
-from .fetch import fetch, file_lock
+from .download import fetch, file_lock
 from .specs import AssetError, home, spec
 
 # Bump when a parser's output changes: cached JSON of an older version is then re-parsed.

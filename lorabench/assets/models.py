@@ -22,7 +22,7 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from .fetch import fetch, file_lock, sha256_file
+from .download import fetch, file_lock, sha256_file
 from .specs import ASSETS, AssetError, home, spec
 
 HEADS = ("seq-cls", "causal-lm")
@@ -218,6 +218,7 @@ def load_model(name_or_path: str, head: str, num_labels: int | None = None, dtyp
                               lambda: auto.from_pretrained(where, dtype=dtype, **kwargs))
             source, sha = "hf", _hub_sha256(where)
 
+    model.eval()  # as from_pretrained leaves it, whatever the source: training calls .train()
     if model.config.pad_token_id is None:
         # Sequence classification on a decoder reads the last non-pad token: it must know pad.
         model.config.pad_token_id = tokenizer.pad_token_id
