@@ -12,6 +12,20 @@ METHODS.register_lazy("full", "lorabench.methods.baselines:FullFineTuning")
 METHODS.register_lazy("head", "lorabench.methods.baselines:HeadOnly")
 # LoRA (arXiv 2106.09685)
 METHODS.register_lazy("lora", "lorabench.methods.lora:LoRA")
+# Methods II (issue 8): breaking the low-rank bottleneck
+METHODS.register_lazy("relora", "lorabench.methods.bottleneck.relora:ReLoRA")
+METHODS.register_lazy("cola", "lorabench.methods.bottleneck.cola:CoLA")
+METHODS.register_lazy("delta-lora", "lorabench.methods.bottleneck.delta_lora:DeltaLoRA")
+METHODS.register_lazy("flora", "lorabench.methods.bottleneck.flora:FLoRA")
+METHODS.register_lazy("melora", "lorabench.methods.bottleneck.melora:MELoRA")
+METHODS.register_lazy("mora", "lorabench.methods.bottleneck.mora:MoRA")
+# Methods I (issue 6): the core LoRA family
+METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
+METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")
+METHODS.register_lazy("pissa", "lorabench.methods.pissa:PiSSA")
+METHODS.register_lazy("milora", "lorabench.methods.pissa:MiLoRA")
+METHODS.register_lazy("lora-fa", "lorabench.methods.lora_fa:LoRAFA")
+METHODS.register_lazy("lora-plus", "lorabench.methods.lora_plus:LoRAPlus")
 
 
 def get_method(name: str):

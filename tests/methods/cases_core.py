@@ -1,0 +1,116 @@
+"""Methods-table rows of Methods I (issue 6): the core LoRA family, each with its paper's equations."""
+import math
+
+import torch
+
+from tests.methods.tester import Case
+
+
+def first_layer(model, cls=None):
+    from lorabench.methods.lora import LoraLinear
+    cls = cls or LoraLinear
+    return next(m for m in model.modules() if isinstance(m, cls))
+
+
+def randomize_(*tensors, std=0.3):
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(torch.randn_like(t) * std)
+
+
+def lora_out(layer, x, scale):
+    return x @ layer.base.weight.T + layer.base.bias + scale * (x @ layer.lora_A.T @ layer.lora_B.T)
+
+
+def rslora_equations(model, method):
+    """Theorem 3.2 of rsLoRA: gamma_r = alpha / sqrt(r)."""
+    layer = first_layer(model)
+    c = method.config
+    assert layer.scale == c.alpha / math.sqrt(c.rank)
+    randomize_(layer.lora_B)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), lora_out(layer, x, c.alpha / math.sqrt(c.rank)), atol=1e-5, rtol=1e-5)
+
+
+def init_b_equations(model, method):
+    """Init[B] of arXiv 2406.08447: A = 0 and B random, so B A = 0 at init; then eq. (3) of LoRA."""
+    layer = first_layer(model)
+    assert torch.count_nonzero(layer.lora_A) == 0 and torch.count_nonzero(layer.lora_B) > 0
+    randomize_(layer.lora_A)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), lora_out(layer, x, layer.scale), atol=1e-5, rtol=1e-5)
+
+
+def dora_equations(model, method):
+    """DoRA eq. (2): m = ||W0||_c at init; eq. (5): W' = m (W0 + sBA) / ||W0 + sBA||_c."""
+    layer = first_layer(model)
+    W0 = layer.base.weight.detach().clone()
+    torch.testing.assert_close(layer.lora_magnitude.detach(), W0.norm(dim=1))
+    randomize_(layer.lora_B)
+    with torch.no_grad():
+        layer.lora_magnitude.mul_(1 + 0.2 * torch.rand_like(layer.lora_magnitude))
+        V = W0 + layer.scale * layer.lora_B @ layer.lora_A
+        W = layer.lora_magnitude[:, None] * V / V.norm(dim=1, keepdim=True)
+        x = torch.randn(3, layer.in_features)
+        torch.testing.assert_close(layer(x), x @ W.T + layer.base.bias, atol=1e-5, rtol=1e-5)
+        layer.merge()
+        torch.testing.assert_close(layer.base.weight, W, atol=1e-5, rtol=1e-5)
+
+
+def svd_equations(minor):
+    def check(model, method):
+        """PiSSA eqs. (2)-(4) / MiLoRA sec. 3: s B A = U_r S_r V_r^T of the r principal (minor) components
+        and W_res = W - s B A, so W_res + s B A = W."""
+        from tests.methods.tester import tiny_model
+        layer = first_layer(model)
+        name = next(n for n, m in model.named_modules() if m is layer)
+        original, _ = tiny_model("bert" if "bert" in name else "llama")
+        W = original.get_submodule(name).weight.detach()
+        r = layer.rank
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        sl = slice(-r, None) if minor else slice(0, r)
+        expected = U[:, sl] @ torch.diag(S[sl]) @ Vh[sl]
+        with torch.no_grad():
+            torch.testing.assert_close(layer.delta_weight(), expected, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(layer.base.weight + layer.delta_weight(), W, atol=1e-5, rtol=1e-4)
+            # the residual keeps the other singular values
+            rest = torch.linalg.svdvals(layer.base.weight)
+            kept = S[:-r] if minor else S[r:]
+            torch.testing.assert_close(rest[: kept.numel()], kept, atol=1e-4, rtol=1e-4)
+    return check
+
+
+def lora_fa_equations(model, method):
+    """LoRA-FA sec. 3: A frozen (random), B trainable and zero at init."""
+    layer = first_layer(model)
+    assert not layer.lora_A.requires_grad and layer.lora_B.requires_grad
+    assert torch.count_nonzero(layer.lora_A) > 0 and torch.count_nonzero(layer.lora_B) == 0
+    names = {n for n, _ in method.trainable_parameters(model)}
+    assert not any(n.endswith("lora_A") for n in names)
+
+
+def lora_plus_equations(model, method):
+    """LoRA+ sec. 4: eta_B = lambda eta_A; every other trained tensor keeps eta_A."""
+    groups = method.param_groups(model, 1e-3, 0.0)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for n, p in method.trainable_parameters(model):
+        want = 1e-3 * method.config.lr_ratio if n.endswith("lora_B") else 1e-3
+        assert lr_of[id(p)] == want, (n, lr_of[id(p)], want)
+
+
+CASES = [
+    Case("rslora", {"rank": 4, "alpha": 8}, equations=rslora_equations),
+    Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
+         equations=init_b_equations),
+    Case("dora", {"rank": 4, "alpha": 8}, equations=dora_equations),
+    Case("dora", {"rank": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "v_proj"]},
+         id="dora-dropout", models=("bert", "llama")),
+    Case("pissa", {"rank": 4, "alpha": 4}, equations=svd_equations(minor=False)),
+    Case("pissa", {"rank": 2, "alpha": 8, "svd": "lowrank", "target_modules": ["value", "v_proj"]},
+         id="pissa-lowrank", models=("llama",)),
+    Case("milora", {"rank": 4, "alpha": 4}, equations=svd_equations(minor=True)),
+    Case("lora-fa", {"rank": 4, "alpha": 8}, equations=lora_fa_equations),
+    Case("lora-plus", {"rank": 4, "alpha": 8, "lr_ratio": 16}, models=("bert",), equations=lora_plus_equations),
+]
