@@ -1,0 +1,162 @@
+"""Our methods against HF peft (0.21) on the same tiny models and the same weights.
+
+For each method peft implements: build the tiny model twice (same seed), apply peft's method to one
+and ours to the other, copy peft's adapter tensors into ours (after moving them away from their
+identity init), then compare forward logits and merged weights (fp32, atol 1e-5). Where the method
+fixes its init from the weights (PiSSA) the inits are compared directly; where peft draws it at
+random, its statistics.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from lorabench.methods import get_method  # noqa: E402
+from tests.methods.tester import batch_for, logits, tiny_model  # noqa: E402
+
+TARGETS = ["query", "value", "q_proj", "v_proj", "down_proj", "output.dense"]
+KINDS = ("bert", "llama")
+
+
+def build(kind, peft_config, method_name, options):
+    from peft import get_peft_model
+    base_p, _ = tiny_model(kind)
+    base_o, ctx = tiny_model(kind)
+    torch.manual_seed(0)
+    pm = get_peft_model(base_p, peft_config).eval()
+    torch.manual_seed(0)
+    method = get_method(method_name).from_options(options)
+    ours = method.apply(base_o, ctx).eval()
+    return pm, ours, method
+
+
+def peft_tensors(pm, adapter="default"):
+    """peft name -> (our module path, our tensor name), for LoRA-shaped adapters."""
+    out = {}
+    for n, p in pm.named_parameters():
+        if f".{adapter}" not in n:
+            continue
+        path = n.removeprefix("base_model.model.")
+        for peft_key, ours in (("lora_A", "lora_A"), ("lora_B", "lora_B"), ("lora_magnitude_vector", "lora_magnitude"),
+                               ("vera_lambda_b", "vera_lambda_b"), ("vera_lambda_d", "vera_lambda_d")):
+            marker = f".{peft_key}.{adapter}"
+            if marker in path:
+                out[n] = (path.split(marker)[0], ours, p)
+    assert out, "peft created no adapter tensors"
+    return out
+
+
+def copy_peft_into_ours(pm, ours, perturb=True):
+    g = torch.Generator().manual_seed(7)
+    n_copied = 0
+    with torch.no_grad():
+        for _, (mod, tname, p) in peft_tensors(pm).items():
+            if perturb:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            getattr(ours.get_submodule(mod), tname).copy_(p)
+            n_copied += 1
+    return n_copied
+
+
+def base_weights(model, prefix=""):
+    """Every base nn.Linear weight by its path in the plain model."""
+    out = {}
+    for n, p in model.named_parameters():
+        n = n.removeprefix(prefix).replace(".base_layer.", ".").replace(".base.", ".")
+        if n.endswith(".weight") and p.dim() == 2 and ".lora_" not in n and ".vera_" not in n:
+            out[n] = p.detach().clone()
+    return out
+
+
+def assert_same_forward_and_merge(pm, ours, method, kind, atol=1e-5):
+    b = batch_for(kind)
+    lp, lo = logits(pm, b), logits(ours, b)
+    torch.testing.assert_close(lo, lp, atol=atol, rtol=1e-5)
+    merged_p = pm.merge_and_unload()
+    method.merge(ours)
+    wp, wo = base_weights(merged_p), base_weights(ours)
+    assert wp.keys() <= wo.keys() or wo.keys() <= wp.keys()
+    common = wp.keys() & wo.keys()
+    assert len(common) > 4
+    for k in common:
+        torch.testing.assert_close(wo[k], wp[k], atol=atol, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+    torch.testing.assert_close(logits(ours, b), lp, atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name,rslora", [("lora", False), ("rslora", True)])
+def test_lora_and_rslora_equal_peft(kind, name, rslora):
+    from peft import LoraConfig
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_rslora=rslora, lora_dropout=0.0)
+    pm, ours, method = build(kind, cfg, name, {"rank": 4, "alpha": 8, "target_modules": TARGETS})
+    layer = next(m for m in ours.modules() if hasattr(m, "lora_A"))
+    assert layer.scale == pytest.approx(8 / (math.sqrt(4) if rslora else 4))
+    assert copy_peft_into_ours(pm, ours) > 4
+    assert_same_forward_and_merge(pm, ours, method, kind)
+
+
+def test_lora_init_statistics_match_peft():
+    """peft draws A at random (kaiming-uniform a=sqrt(5)), B = 0: same distribution as ours."""
+    from peft import LoraConfig
+    cfg = LoraConfig(r=16, lora_alpha=16, target_modules=TARGETS)
+    pm, ours, _ = build("llama", cfg, "lora", {"rank": 16, "alpha": 16, "target_modules": TARGETS})
+    a_p = torch.cat([p.flatten() for n, p in pm.named_parameters() if "lora_A" in n])
+    a_o = torch.cat([p.flatten() for n, p in ours.named_parameters() if n.endswith("lora_A")])
+    assert a_p.numel() == a_o.numel()
+    assert a_p.abs().max() <= 1 / math.sqrt(32) + 1e-6 and a_o.abs().max() <= 1 / math.sqrt(32) + 1e-6
+    assert a_o.std().item() == pytest.approx(a_p.std().item(), rel=0.05)
+    assert not torch.equal(a_o, torch.zeros_like(a_o))
+    assert all(torch.count_nonzero(p) == 0 for n, p in pm.named_parameters() if "lora_B" in n)
+    assert all(torch.count_nonzero(p) == 0 for n, p in ours.named_parameters() if n.endswith("lora_B"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dora_equals_peft(kind):
+    from peft import LoraConfig
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True)
+    pm, ours, method = build(kind, cfg, "dora", {"rank": 4, "alpha": 8, "target_modules": TARGETS})
+    # The magnitude init m = ||W0||_c is deterministic: equal before any copying.
+    mags_p = {n.removeprefix("base_model.model.").split(".lora_magnitude_vector")[0]: p
+              for n, p in pm.named_parameters() if "lora_magnitude_vector" in n}
+    for mod, m in mags_p.items():
+        torch.testing.assert_close(ours.get_submodule(mod).lora_magnitude, m, atol=1e-6, rtol=1e-6)
+    copy_peft_into_ours(pm, ours)
+    assert_same_forward_and_merge(pm, ours, method, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pissa_init_and_forward_equal_peft(kind):
+    """PiSSA's init is a deterministic SVD: A, B and the residual base weights equal peft's without copying."""
+    from peft import LoraConfig
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa")
+    pm, ours, method = build(kind, cfg, "pissa", {"rank": 4, "alpha": 8, "target_modules": TARGETS})
+    for _, (mod, tname, p) in peft_tensors(pm).items():
+        torch.testing.assert_close(getattr(ours.get_submodule(mod), tname), p, atol=1e-5, rtol=1e-4)
+    wp, wo = base_weights(pm, "base_model.model."), base_weights(ours)
+    for k in wp:
+        torch.testing.assert_close(wo[k], wp[k], atol=1e-5, rtol=1e-4)
+    copy_peft_into_ours(pm, ours)  # after a (simulated) training step, still equal
+    assert_same_forward_and_merge(pm, ours, method, kind)
+
+
+def test_lora_plus_groups_equal_peft():
+    """LoRA+'s optimizer groups: the same learning rate per tensor as peft's create_loraplus_optimizer."""
+    from peft import LoraConfig
+    from peft.optimizers import create_loraplus_optimizer
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS)
+    pm, ours, method = build("llama", cfg, "lora-plus", {"rank": 4, "alpha": 8, "target_modules": TARGETS,
+                                                         "lr_ratio": 16})
+    opt = create_loraplus_optimizer(pm, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16)
+    lr_p = {}
+    names_p = {id(p): n.removeprefix("base_model.model.").replace(".default.weight", "") for n, p in pm.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            lr_p[names_p[id(p)]] = g["lr"]
+    names_o = {id(p): n for n, p in ours.named_parameters()}
+    lr_o = {names_o[id(p)]: g["lr"] for g in method.param_groups(ours, 1e-3, 0.0) for p in g["params"]}
+    assert lr_o == lr_p
+    assert {v for v in lr_o.values()} == {1e-3, 16e-3}
