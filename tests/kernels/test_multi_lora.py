@@ -59,24 +59,26 @@ def make_slots(n_slots, max_rank, n_in, n_out, ranks, dtype, g, device="cpu"):
     return (A.to(dtype).to(**to), B.to(dtype).to(**to), torch.tensor(ranks, dtype=torch.int64, **to), scales.to(**to))
 
 
+def _gathered(W, idx, ranks, rank_dim):
+    """W[idx[i]] per token with everything past the rank (and tokens without adapter) set to 0."""
+    l = idx.clamp(min=0)
+    Wt = W[l]  # (T, ...)
+    keep = (torch.arange(W.shape[rank_dim], device=W.device)[None, :] < ranks[l][:, None]) & (idx[:, None] >= 0)
+    shape = [keep.shape[0]] + [1] * (Wt.dim() - 1)
+    shape[rank_dim] = keep.shape[1]
+    return torch.where(keep.view(shape), Wt, torch.zeros((), dtype=W.dtype, device=W.device))
+
+
 def truth_shrink(x, A, idx, ranks, scales, compute=torch.float64):
-    """Per-token math in `compute` precision: y[i, :r] = s x[i] A[l, :r]^T (the check's own oracle)."""
-    y = torch.zeros(x.shape[0], A.shape[1], dtype=compute, device=x.device)
-    for i, l in enumerate(idx.tolist()):
-        if l >= 0:
-            r = int(ranks[l])
-            part = (x[i].to(compute) @ A[l, :r].to(compute).T)
-            y[i, :r] = (scales[l].to(compute) * part) if compute != torch.float64 else scales[l].double() * part
-    return y
+    """y[i, :r] = s x[i] A[l, :r]^T computed in `compute` (fp64: the truth; the input dtype: PyTorch's own)."""
+    Al = _gathered(A, idx, ranks, 1).to(compute)  # (T, R, in)
+    s = scales[idx.clamp(min=0)]
+    return torch.einsum("ti,tri->tr", x.to(compute), Al) * (s.double() if compute == torch.float64 else s)[:, None]
 
 
 def truth_expand(out, y, B, idx, ranks, compute=torch.float64):
-    res = out.to(compute).clone()
-    for i, l in enumerate(idx.tolist()):
-        if l >= 0:
-            r = int(ranks[l])
-            res[i] += y[i, :r].to(compute) @ B[l, :, :r].to(compute).T
-    return res
+    Bl = _gathered(B, idx, ranks, 2).to(compute)  # (T, out, R)
+    return out.to(compute) + torch.einsum("tr,tor->to", y.to(compute), Bl)
 
 
 def assert_within_twice_native(got, truth, native, what):
@@ -130,7 +132,7 @@ def _build(case, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=bgmv_cases())
 @example(case=dict(n_tokens=0, n_slots=1, max_rank=1, n_in=1, n_out=1, dtype=torch.float32, mix="uniform",
                    noncontig=False, seed=0))
@@ -141,7 +143,7 @@ def test_bgmv_matches_truth(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=bgmv_cases(), cuts=st.lists(st.integers(0, 40), max_size=6))
 def test_sgmv_is_bgmv_after_repeat_interleave(backend, case, cuts):
     x, A, B, _, ranks, scales, out0 = _build(case, _device(backend))
@@ -185,8 +187,7 @@ def test_ranks(backend, rank):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mix", MIXES)
+@pytest.mark.parametrize("mix,dtype", [(m, DTYPES[i % 3]) for i, m in enumerate(MIXES)] + [("uniform", torch.float32)])
 def test_heterogeneous_ranks_1_to_256_in_one_batch(backend, dtype, mix):
     ranks = [1, 2, 3, 7, 8, 15, 16, 17, 31, 64, 100, 128, 129, 200, 255, 256]
     _sweep(backend, 512, 384, ranks=ranks, max_rank=256, mix=mix, dtype=dtype, n_tokens=48)
