@@ -26,6 +26,7 @@ METHODS.register_lazy("pissa", "lorabench.methods.pissa:PiSSA")
 METHODS.register_lazy("milora", "lorabench.methods.pissa:MiLoRA")
 METHODS.register_lazy("lora-fa", "lorabench.methods.lora_fa:LoRAFA")
 METHODS.register_lazy("lora-plus", "lorabench.methods.lora_plus:LoRAPlus")
+METHODS.register_lazy("vera", "lorabench.methods.vera:VeRA")
 
 
 def get_method(name: str):

@@ -100,6 +100,24 @@ def lora_plus_equations(model, method):
         assert lr_of[id(p)] == want, (n, lr_of[id(p)], want)
 
 
+def vera_equations(model, method):
+    """VeRA eq. (1): h = W0 x + Λ_b B Λ_d A x, with A, B shared by every layer, b = 0 and d = d_initial at init."""
+    from lorabench.methods.vera import VeraLinear
+    layers = [m for m in model.modules() if isinstance(m, VeraLinear)]
+    assert len(layers) > 2
+    a0 = layers[0].vera_A
+    assert all(m.vera_A.data_ptr() == a0.data_ptr() for m in layers), "A is not shared"
+    assert not any(n.endswith(("vera_A", "vera_B")) for n, _ in method.trainable_parameters(model))
+    layer = layers[0]
+    assert torch.count_nonzero(layer.vera_lambda_b) == 0
+    assert torch.all(layer.vera_lambda_d == method.config.d_initial)
+    randomize_(layer.vera_lambda_b, layer.vera_lambda_d)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        dW = torch.diag(layer.vera_lambda_b) @ layer.vera_B @ torch.diag(layer.vera_lambda_d) @ layer.vera_A
+        torch.testing.assert_close(layer(x), x @ (layer.base.weight + dW).T + layer.base.bias, atol=1e-5, rtol=1e-5)
+
+
 CASES = [
     Case("rslora", {"rank": 4, "alpha": 8}, equations=rslora_equations),
     Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
@@ -113,4 +131,5 @@ CASES = [
     Case("milora", {"rank": 4, "alpha": 4}, equations=svd_equations(minor=True)),
     Case("lora-fa", {"rank": 4, "alpha": 8}, equations=lora_fa_equations),
     Case("lora-plus", {"rank": 4, "alpha": 8, "lr_ratio": 16}, models=("bert",), equations=lora_plus_equations),
+    Case("vera", {"rank": 16}, equations=vera_equations),
 ]

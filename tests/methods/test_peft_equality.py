@@ -160,3 +160,21 @@ def test_lora_plus_groups_equal_peft():
     lr_o = {names_o[id(p)]: g["lr"] for g in method.param_groups(ours, 1e-3, 0.0) for p in g["params"]}
     assert lr_o == lr_p
     assert {v for v in lr_o.values()} == {1e-3, 16e-3}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vera_equals_peft(kind):
+    """Same key -> the same shared A, B bit for bit; then equal forward and merged weights."""
+    from peft import VeraConfig
+    cfg = VeraConfig(r=16, target_modules=TARGETS, projection_prng_key=0, d_initial=0.1)
+    pm, ours, method = build(kind, cfg, "vera", {"rank": 16, "target_modules": TARGETS, "d_initial": 0.1})
+    from lorabench.methods.vera import VeraLinear
+    for mod, m in pm.named_modules():
+        if hasattr(m, "vera_lambda_d") and "default" in getattr(m, "vera_lambda_d", {}):
+            o = ours.get_submodule(mod.removeprefix("base_model.model."))
+            assert isinstance(o, VeraLinear)
+            assert torch.equal(o.vera_A, m.vera_A["default"][:, : o.in_features])
+            assert torch.equal(o.vera_B, m.vera_B["default"][: o.out_features])
+            assert torch.equal(o.vera_lambda_d, m.vera_lambda_d["default"])
+    copy_peft_into_ours(pm, ours)
+    assert_same_forward_and_merge(pm, ours, method, kind)
