@@ -1,4 +1,4 @@
-"""Command line: `python -m lorabench {run,list,assets,env,bench,report} ...`."""
+"""Command line: `python -m lorabench {run,list,assets,env,bench,report,eval,export} ...`."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,37 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _task_options(pairs: list[str]) -> dict:
+    import yaml
+    out = {}
+    for kv in pairs:
+        if "=" not in kv:
+            raise UserError(f"--task-option {kv!r} is not KEY=VALUE (e.g. n_eval=50; keys: n_train, n_eval, max_length)")
+        k, _, v = kv.partition("=")
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def cmd_eval(args) -> int:
+    from lorabench.lmeval.run import eval_command
+    return eval_command(args.lm_eval.split(","), args.model, adapter=args.adapter, tasks_dir=args.tasks_dir,
+                        task_options=_task_options(args.task_option), batch_size=args.batch_size,
+                        limit=args.limit, num_fewshot=args.num_fewshot, apply_chat_template=args.apply_chat_template,
+                        max_length=args.max_length, output=args.output)
+
+
+def cmd_export(args) -> int:
+    from lorabench.lmeval.export import export_tasks
+    tokenizer = None
+    if args.model:
+        from lorabench import assets
+        tokenizer = assets.load_tokenizer(args.model)
+    names = args.tasks.split(",") if args.tasks else None
+    for name, path in export_tasks(names, args.dir, tokenizer=tokenizer, options=_task_options(args.task_option)).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,6 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", choices=["kernels", "serving"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+
+    ev = sub.add_parser("eval", help="score a model (+ adapter) with lm-evaluation-harness, offline")
+    ev.add_argument("--lm-eval", required=True, metavar="TASKS",
+                    help="comma-separated tasks: lorabench decoder tasks (quartz, socialiqa, arith, shakespeare-lm) "
+                         "or lm-eval tasks defined in --tasks-dir")
+    ev.add_argument("--model", required=True, help="model asset (smollm2-135m, tiny-llama), local directory or hub id")
+    ev.add_argument("--adapter", help="a lorabench adapter (.safetensors from Method.save_adapter) to apply")
+    ev.add_argument("--tasks-dir", help="read tasks from this exported folder instead of exporting them afresh")
+    ev.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="lorabench task option for the export, e.g. n_eval=50 (repeatable)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--limit", type=int, help="lm-eval's limit: only the first N documents of each task")
+    ev.add_argument("--num-fewshot", type=int, help="few-shot examples from the task's train split (default 0)")
+    ev.add_argument("--apply-chat-template", action="store_true",
+                    help="render prompts with the tokenizer's chat template (lorabench's own evaluator does not)")
+    ev.add_argument("--max-length", type=int, help="longest sequence fed to the model (default: its context length)")
+    ev.add_argument("--output", help="also write lm-eval's results (JSON) here")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="export lorabench's decoder tasks as lm-eval task YAML over local JSONL")
+    ex.add_argument("what", choices=["lm-eval-tasks"])
+    ex.add_argument("dir", help="output folder (one subfolder per task)")
+    ex.add_argument("--tasks", help="comma-separated task names (default: every decoder task)")
+    ex.add_argument("--model", help="tokenizer for the shakespeare-lm windows (default: the task's default model)")
+    ex.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="lorabench task option, e.g. n_eval=50 (repeatable)")
+    ex.set_defaults(func=cmd_export)
 
     rp = sub.add_parser("report", help="leaderboard from records files")
     rp.add_argument("records", nargs="+")
