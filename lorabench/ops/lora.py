@@ -237,7 +237,7 @@ def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = 
     return torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep)
 
 
-def _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, op):
+def _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, op, magnitude=None):
     if kernel not in KERNELS:
         raise ValueError(f"{op}: unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
     if not 0.0 <= dropout_p < 1.0:
@@ -249,6 +249,10 @@ def _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, gener
         raise ValueError(f"{op}: kernel='fused' treats the base layer as frozen, but {' and '.join(frozen)} "
                          "requires grad; freeze it (requires_grad_(False)) or use kernel='reference'")
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+    try:  # the compiled kernels trust their inputs: check here, once, with the fake's messages
+        _check(x2, weight, bias, lora_A, lora_B, None, magnitude, op=op)
+    except RuntimeError as e:
+        raise ValueError(str(e)) from None
     mask = dropout_mask(x2, dropout_p, generator) if training and dropout_p > 0 else None
     return x2, mask
 
@@ -282,7 +286,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale: float, dropou
     (sec. 4.3). With dropout the base path sees x and the DoRA path dropout(x), as in PEFT's
     DoraLinearLayer. magnitude: (out,). Gradients for x, lora_A, lora_B and magnitude.
     """
-    x2, mask = _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, "dora_linear")
+    x2, mask = _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, "dora_linear",
+                       magnitude)
     if kernel == "reference":
         y = reference.dora_linear(x2, weight, bias, lora_A, lora_B, magnitude, scale, mask)
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (x2, lora_A, lora_B, magnitude)):

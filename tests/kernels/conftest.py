@@ -1,0 +1,42 @@
+"""Shared helpers of the kernel tests (any kernel test file may import them).
+
+Tolerance rule (DESIGN "Kernels", after flash-attention's tests): a backend's error against an fp64
+(or fp32) truth is at most twice the error of the PyTorch reference computed in the same low
+precision, plus a small epsilon that covers summation-order noise when the reference is exact.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.ops import available_backends
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Real hidden sizes and MLP widths: SmolLM2-135M (576, 1536), BERT-large-ish (1024), Llama-7B (4096, 11008).
+REAL_SIZES = [(576, 576), (576, 1536), (1536, 576), (1024, 1024), (4096, 4096), (4096, 11008), (11008, 4096)]
+
+
+def backend_params(names=("reference", "cpu", "cuda")):
+    """pytest params for kernel backends, skipped (never failed) where a backend is unavailable."""
+    avail = available_backends()
+    return [pytest.param(b, marks=pytest.mark.skipif(not avail[b][0], reason=avail[b][1])) for b in names]
+
+
+def device_of(backend: str) -> str:
+    return "cuda" if backend == "cuda" else "cpu"
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_within_rule(name: str, got: torch.Tensor, ref_lowp: torch.Tensor, truth: torch.Tensor,
+                       eps_rel: float = 1e-5) -> None:
+    """|got - truth| <= 2 |ref_lowp - truth| + eps, with eps = eps_rel * (1 + max |truth|)."""
+    assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} != {tuple(truth.shape)}"
+    assert got.dtype == ref_lowp.dtype, f"{name}: dtype {got.dtype} != {ref_lowp.dtype}"
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    scale = truth.abs().max().item() if truth.numel() else 0.0
+    err, ref_err = max_err(got, truth), max_err(ref_lowp, truth)
+    bound = 2 * ref_err + eps_rel * (1 + scale)
+    assert err <= bound, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + eps (bound {bound:.3g})"
