@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import time
 import zipfile
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -125,6 +127,24 @@ def test_fetch_failure_names_package_and_command(tmp_home, tmp_path, monkeypatch
     msg = str(e.value)
     assert "evals==3.0.1.post1" in msg and f"{FETCH_CMD} quartz" in msg
     assert not (tmp_home / "archives" / assets.ASSETS["quartz"].archive).exists()
+
+
+def test_parallel_fetches_download_once(tmp_home, monkeypatch):
+    """Trials run in parallel processes; the file lock makes one of them download."""
+    source = _copy_archive("rotten-tomatoes", tmp_home.parent / "source")
+    calls = []
+
+    def fake_pip_download(s, name, dest, progress):  # what pip would write, without a network
+        calls.append(name)
+        time.sleep(0.2)  # long enough for the other threads to be waiting on the lock
+        shutil.copyfile(source, dest / s.archive)
+
+    monkeypatch.setattr(download, "_pip_download", fake_pip_download)
+    with ThreadPoolExecutor(4) as pool:  # flock also excludes threads: one open() each
+        paths = list(pool.map(lambda n: assets.fetch(n, progress=False),
+                              ["rotten-tomatoes", "imdb", "rotten-tomatoes", "imdb"]))
+    assert len(calls) == 1 and len(set(paths)) == 1
+    assert download.sha256_file(paths[0]) == assets.ASSETS["imdb"].sha256
 
 
 def test_generated_assets_have_nothing_to_fetch():
@@ -390,6 +410,13 @@ def test_minilm_is_the_pretrained_encoder():
     mask = batch["attention_mask"].unsqueeze(-1).float()
     emb = torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
     assert emb[0] @ emb[1] > emb[0] @ emb[2] + 0.2
+
+
+def test_pretrained_model_head_is_seeded():
+    heads = [assets.load_model("minilm-l6", "seq-cls", num_labels=2, seed=s).model.classifier
+             for s in (0, 0, 1)]
+    assert torch.equal(heads[0].weight, heads[1].weight)
+    assert not torch.equal(heads[0].weight, heads[2].weight)
 
 
 def test_smollm2_converts_once_and_answers():
