@@ -11,12 +11,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "cpu/int4.h"
 #include "cpu/nf4.h"
 #include "cpu/nf4_int4_gemv.h"
 #ifdef LORABENCH_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "cuda/nf4_int4.h"
@@ -265,3 +268,151 @@ TORCH_LIBRARY_IMPL(lorabench, CPU, m) {
   m.impl("int4_dequantize", &int4_dequantize_cpu);
   m.impl("int4_linear", &int4_linear_cpu);
 }
+
+#ifdef LORABENCH_WITH_CUDA
+// --- CUDA -----------------------------------------------------------------------------------------
+namespace {
+
+namespace lc = lorabench::cuda;
+
+lc::Q4DType cuda_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return lc::Q4DType::kFloat32;
+    case at::kBFloat16: return lc::Q4DType::kBFloat16;
+    case at::kHalf: return lc::Q4DType::kFloat16;
+    default: TORCH_CHECK(false, "CUDA 4-bit kernels support float32, bfloat16 and float16, got ", t);
+  }
+}
+
+// The launch parameters of an NF4 state; `keep` holds the contiguous tensors the pointers refer to.
+lc::Q4Params nf4_params(const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& absmax2,
+                        const OptTensor& code2, const OptTensor& offset, int64_t N, int64_t K, int64_t blocksize,
+                        std::vector<at::Tensor>& keep) {
+  check_nf4_state(packed, absmax, N * K, blocksize);
+  lc::Q4Params p;
+  keep.push_back(packed.contiguous());
+  p.packed = keep.back().data_ptr<uint8_t>();
+  p.N = N;
+  p.K = K;
+  p.group = blocksize;
+  if (absmax.scalar_type() == at::kByte) {
+    TORCH_CHECK(absmax2 && code2 && offset, "uint8 absmax (double quantization) needs absmax2, code2 and offset");
+    TORCH_CHECK(absmax2->scalar_type() == at::kFloat && absmax2->numel() == ceil_div(absmax.numel(), kNestedBlock),
+                "absmax2 must be float32 with ", ceil_div(absmax.numel(), kNestedBlock), " values");
+    TORCH_CHECK(code2->scalar_type() == at::kFloat && code2->numel() == 256, "code2 must be float32 (256,)");
+    TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1, "offset must be a float32 scalar");
+    keep.push_back(absmax.contiguous());
+    p.scale_q8 = keep.back().data_ptr<uint8_t>();
+    keep.push_back(absmax2->contiguous());
+    p.scale2 = keep.back().data_ptr<float>();
+    keep.push_back(code2->contiguous());
+    p.code2 = keep.back().data_ptr<float>();
+    keep.push_back(offset->contiguous());
+    p.offset = keep.back().data_ptr<float>();
+  } else {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32 or uint8, got ", absmax.scalar_type());
+    keep.push_back(absmax.contiguous());
+    p.scale = keep.back().data_ptr<float>();
+  }
+  for (const auto& t : keep) TORCH_CHECK(t.is_cuda() && t.device() == packed.device(), "all state tensors must be on ", packed.device());
+  p.stream = c10::cuda::getCurrentCUDAStream().stream();
+  return p;
+}
+
+lc::Q4Params int4_params(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros, int64_t group,
+                         std::vector<at::Tensor>& keep) {
+  check_int4(packed, scales, zeros, group);
+  lc::Q4Params p;
+  keep.push_back(packed.contiguous());
+  p.packed = keep.back().data_ptr<uint8_t>();
+  p.N = packed.size(0);
+  p.K = packed.size(1) * 2;
+  p.group = group;
+  keep.push_back(scales.contiguous());
+  p.scale = keep.back().data_ptr<float>();
+  keep.push_back(zeros.contiguous());
+  p.zero = keep.back().data_ptr<float>();
+  p.int_codes = true;
+  for (const auto& t : keep) TORCH_CHECK(t.is_cuda() && t.device() == packed.device(), "all state tensors must be on ", packed.device());
+  p.stream = c10::cuda::getCurrentCUDAStream().stream();
+  return p;
+}
+
+at::Tensor q4_dequantize_cuda(const lc::Q4Params& p, const at::TensorOptions& opts, at::ScalarType dtype) {
+  const auto kernel_dtype = dtype == at::kDouble ? at::kFloat : dtype;
+  auto out = at::empty({p.N, p.K}, opts.dtype(kernel_dtype));
+  if (out.numel() > 0) {
+    lc::q4_dequantize_cuda(p, out.data_ptr(), cuda_dtype(kernel_dtype));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out.to(dtype);
+}
+
+// y = x W^T: the GEMV kernel for small batches, else dequantize to x's dtype and cuBLAS.
+at::Tensor q4_matmul_cuda(const at::Tensor& x, const lc::Q4Params& p) {
+  const int64_t B = x.size(0);
+  const bool aligned = reinterpret_cast<uintptr_t>(p.packed) % 16 == 0;
+  if (B <= lc::kMaxGemvBatch && p.K % 32 == 0 && aligned && x.scalar_type() != at::kDouble) {
+    auto xc = x.contiguous();
+    auto y = at::empty({B, p.N}, x.options().dtype(at::kFloat));
+    if (B > 0 && p.N > 0) {
+      lc::q4_gemv_cuda(p, xc.data_ptr(), p.K, cuda_dtype(x.scalar_type()), B, y.data_ptr<float>(), p.N);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return y;
+  }
+  return at::mm(x, q4_dequantize_cuda(p, x.options(), x.scalar_type()).t());
+}
+
+at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& absmax2,
+                               const OptTensor& code2, const OptTensor& offset, at::IntArrayRef shape,
+                               int64_t blocksize, at::ScalarType dtype) {
+  c10::cuda::CUDAGuard guard(packed.device());
+  int64_t n = 1;
+  for (auto s : shape) n *= s;
+  std::vector<at::Tensor> keep;
+  auto p = nf4_params(packed, absmax, absmax2, code2, offset, 1, n, blocksize, keep);
+  return q4_dequantize_cuda(p, packed.options(), dtype).view(shape);
+}
+
+at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const OptTensor& absmax2, const OptTensor& code2, const OptTensor& offset,
+                           int64_t out_features, int64_t blocksize, const OptTensor& bias, const OptTensor& lora_A,
+                           const OptTensor& lora_B, double scale) {
+  c10::cuda::CUDAGuard guard(x.device());
+  const int64_t K = x.size(1), N = out_features;
+  check_x(x, K, N, bias);
+  std::vector<at::Tensor> keep;
+  auto p = nf4_params(packed, absmax, absmax2, code2, offset, N, K, blocksize, keep);
+  return finish(q4_matmul_cuda(x, p), x, bias, lora_A, lora_B, scale, 1);
+}
+
+at::Tensor int4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& scales, const at::Tensor& zeros,
+                                int64_t group, at::ScalarType dtype) {
+  c10::cuda::CUDAGuard guard(packed.device());
+  std::vector<at::Tensor> keep;
+  auto p = int4_params(packed, scales, zeros, group, keep);
+  return q4_dequantize_cuda(p, packed.options(), dtype);
+}
+
+at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                            const at::Tensor& zeros, int64_t group, const OptTensor& bias, const OptTensor& lora_A,
+                            const OptTensor& lora_B, double scale) {
+  c10::cuda::CUDAGuard guard(x.device());
+  std::vector<at::Tensor> keep;
+  auto p = int4_params(packed, scales, zeros, group, keep);
+  check_x(x, p.K, p.N, bias);
+  const int64_t pool = lora_A && lora_A->dim() == 2 && lora_A->size(1) == p.K / group ? group : 1;
+  return finish(q4_matmul_cuda(x, p), x, bias, lora_A, lora_B, scale, pool);
+}
+
+}  // namespace
+
+// Quantization has no CUDA kernel: the reference (CompositeExplicitAutograd) runs it on the GPU.
+TORCH_LIBRARY_IMPL(lorabench, CUDA, m) {
+  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("nf4_linear", &nf4_linear_cuda);
+  m.impl("int4_dequantize", &int4_dequantize_cuda);
+  m.impl("int4_linear", &int4_linear_cuda);
+}
+#endif  // LORABENCH_WITH_CUDA
