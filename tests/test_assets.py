@@ -484,8 +484,9 @@ def test_unknown_model_gives_a_clear_error(monkeypatch):
     msg = str(e.value)
     assert "unknown model asset 'no-such-model'" in msg and "not a lorabench asset" in msg
     assert "minilm-l6" in msg and "not a local directory" in msg and "Hugging Face" in msg
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with pytest.raises(assets.AssetError, match="Did you mean: minilm-l6"):
-        assets.load_model("minilm", "seq-cls", num_labels=2)
+        assets.load_model("minilm", "seq-cls", num_labels=2)  # a typo: fails before the hub
     with pytest.raises(assets.AssetError, match="not an existing directory"):
         assets.load_model("./no/such/dir", "seq-cls", num_labels=2)
 

