@@ -12,13 +12,18 @@ METHODS.register_lazy("full", "lorabench.methods.baselines:FullFineTuning")
 METHODS.register_lazy("head", "lorabench.methods.baselines:HeadOnly")
 # LoRA (arXiv 2106.09685)
 METHODS.register_lazy("lora", "lorabench.methods.lora:LoRA")
-# Methods II (issue 8): breaking the low-rank bottleneck
+# Methods II (issue 8): the rest of the survey's single-task methods
 METHODS.register_lazy("relora", "lorabench.methods.bottleneck.relora:ReLoRA")
 METHODS.register_lazy("cola", "lorabench.methods.bottleneck.cola:CoLA")
 METHODS.register_lazy("delta-lora", "lorabench.methods.bottleneck.delta_lora:DeltaLoRA")
 METHODS.register_lazy("flora", "lorabench.methods.bottleneck.flora:FLoRA")
 METHODS.register_lazy("melora", "lorabench.methods.bottleneck.melora:MELoRA")
 METHODS.register_lazy("mora", "lorabench.methods.bottleneck.mora:MoRA")
+METHODS.register_lazy("lora-dropout", "lorabench.methods.procedure.lora_dropout:LoraDropout")
+METHODS.register_lazy("sibo", "lorabench.methods.procedure.sibo:SIBO")
+METHODS.register_lazy("lora-sp", "lorabench.methods.reduction.lora_sp:LoraSP")
+METHODS.register_lazy("aflora", "lorabench.methods.reduction.aflora:AFLoRA")
+METHODS.register_lazy("dropbp", "lorabench.methods.reduction.dropbp:DropBP")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")
@@ -27,6 +32,9 @@ METHODS.register_lazy("milora", "lorabench.methods.pissa:MiLoRA")
 METHODS.register_lazy("lora-fa", "lorabench.methods.lora_fa:LoRAFA")
 METHODS.register_lazy("lora-plus", "lorabench.methods.lora_plus:LoRAPlus")
 METHODS.register_lazy("vera", "lorabench.methods.vera:VeRA")
+METHODS.register_lazy("qlora", "lorabench.methods.quantized:QLoRA")
+METHODS.register_lazy("loftq", "lorabench.methods.quantized:LoftQ")
+METHODS.register_lazy("qa-lora", "lorabench.methods.quantized:QALoRA")
 
 
 def get_method(name: str):

@@ -118,6 +118,60 @@ def vera_equations(model, method):
         torch.testing.assert_close(layer(x), x @ (layer.base.weight + dW).T + layer.base.bias, atol=1e-5, rtol=1e-5)
 
 
+def original_weight(model, layer):
+    from tests.methods.tester import tiny_model
+    name = next(n for n, m in model.named_modules() if m is layer)
+    original, _ = tiny_model("bert" if "bert" in name else "llama")
+    return original.get_submodule(name).weight.detach()
+
+
+def qlora_equations(model, method):
+    """QLoRA eq. (5): Y = X dequant(W_NF4) + s X A^T B^T; NF4 error within half the widest code gap x absmax."""
+    from lorabench.methods.quantized.base import NF4Base
+    layer = first_layer(model)
+    assert isinstance(layer.base, NF4Base)
+    W = original_weight(model, layer)
+    Wq = layer.base.dequantize()
+    absmax = W.reshape(-1, method.config.blocksize).abs().amax(1).repeat_interleave(method.config.blocksize)
+    err = (W.reshape(-1) - Wq.reshape(-1)).abs()
+    # widest NF4 gap: -0.6962 - (-1); 5% slack for the double-quantized absmax
+    assert torch.all(err <= absmax * (1 - 0.6961928009986877) / 2 * 1.05)
+    assert err.max() > 0
+    randomize_(layer.lora_B)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        expected = x @ Wq.T + layer.base.bias + layer.scale * (x @ layer.lora_A.T @ layer.lora_B.T)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def loftq_equations(model, method):
+    """LoftQ Algorithm 1: after T alternating steps ||W - Q - s B A||_F is below QLoRA's initial error ||W - q_N(W)||_F."""
+    from lorabench.methods.quantized.base import NF4Base
+    layer = first_layer(model)
+    W = original_weight(model, layer)
+    with torch.no_grad():
+        loftq_err = torch.linalg.norm(W - layer.base.dequantize() - layer.delta_weight())
+        qlora_err = torch.linalg.norm(W - NF4Base(torch.nn.Linear(W.shape[1], W.shape[0]), weight=W).dequantize())
+    assert loftq_err < 0.95 * qlora_err, (loftq_err, qlora_err)
+
+
+def qa_lora_equations(model, method):
+    """QA-LoRA sec. 3.3: y = W_int4 x + s B A pool(x), A: (r, in/g); merging moves only the zero points."""
+    layer = first_layer(model)
+    g = method.config.group_size
+    assert layer.lora_A.shape == (method.config.rank, layer.in_features // g)
+    randomize_(layer.lora_B)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        pooled = x.reshape(3, -1, g).mean(-1)
+        expected = x @ layer.base.dequantize().T + layer.base.bias + layer.scale * (pooled @ layer.lora_A.T @ layer.lora_B.T)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+        packed, scales = layer.base.packed.clone(), layer.base.scales.clone()
+        layer.merge()
+        assert torch.equal(layer.base.packed, packed) and torch.equal(layer.base.scales, scales)
+        torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
+
+
 CASES = [
     Case("rslora", {"rank": 4, "alpha": 8}, equations=rslora_equations),
     Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
@@ -132,4 +186,8 @@ CASES = [
     Case("lora-fa", {"rank": 4, "alpha": 8}, equations=lora_fa_equations),
     Case("lora-plus", {"rank": 4, "alpha": 8, "lr_ratio": 16}, models=("bert",), equations=lora_plus_equations),
     Case("vera", {"rank": 16}, equations=vera_equations),
+    Case("qlora", {"rank": 4, "alpha": 8}, identity_at_init=False, equations=qlora_equations),
+    Case("loftq", {"rank": 4, "alpha": 8, "iterations": 3}, identity_at_init=False, models=("llama",),
+         equations=loftq_equations),
+    Case("qa-lora", {"rank": 4, "alpha": 8, "group_size": 32}, identity_at_init=False, equations=qa_lora_equations),
 ]

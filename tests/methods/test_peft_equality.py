@@ -178,3 +178,24 @@ def test_vera_equals_peft(kind):
             assert torch.equal(o.vera_lambda_d, m.vera_lambda_d["default"])
     copy_peft_into_ours(pm, ours)
     assert_same_forward_and_merge(pm, ours, method, kind)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_base_equals_bitsandbytes_nf4(double_quant):
+    """peft's QLoRA runs LoRA over bitsandbytes' Linear4bit: our NF4 base dequantizes to bitsandbytes' weight
+    (bit-exact without double quantization; with it bitsandbytes' CPU search picks the farther 8-bit code for a
+    few absmax within a hair of a midpoint, see lorabench/ops/nf4.py, so allow a small relative error)."""
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    import torch.nn as nn
+
+    from lorabench.methods.quantized.base import NF4Base
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96)
+    ours = NF4Base(lin, blocksize=64, double_quant=double_quant).dequantize()
+    q, state = bnb_f.quantize_4bit(lin.weight.detach(), blocksize=64, compress_statistics=double_quant,
+                                   quant_type="nf4")
+    theirs = bnb_f.dequantize_4bit(q, state)
+    if double_quant:
+        torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-2)
+    else:
+        assert torch.equal(ours, theirs)
