@@ -13,14 +13,13 @@ import csv
 import functools
 import io
 import json
-import os
 import pathlib
 import re
 import tarfile
 import zipfile
 
 from . import synthetic
-from .download import fetch, file_lock
+from .download import atomic_write, fetch, file_lock
 from .specs import AssetError, home, spec
 
 # Bump when a parser's output changes: cached JSON of an older version is then re-parsed.
@@ -53,9 +52,7 @@ def _rows(name: str) -> list[dict]:
         if rows is None:
             rows = _PARSERS[name](fetch(name))
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**stamp, "rows": rows}))
-            os.replace(tmp, cache)
+            atomic_write(cache, json.dumps({**stamp, "rows": rows}))
     return rows
 
 

@@ -92,13 +92,16 @@ def verify(name: str, path: pathlib.Path | None = None) -> pathlib.Path:
             f"sha256 mismatch for {path} ({s.package}, asset {name!r}): expected {s.sha256}, "
             f"got {actual}. The file is corrupt or not the one lorabench was written against: "
             f"delete it and run `{_fetch_command(name)}`")
-    _atomic_write(marker, json.dumps({**key, "sha256": actual}))
+    atomic_write(marker, json.dumps({**key, "sha256": actual}))
     return path
 
 
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
+def atomic_write(path: pathlib.Path, text: str) -> None:
+    """Write via a uniquely named temporary file and a rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes it private; a cache may be shared
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     os.replace(tmp, path)
 
 
