@@ -237,6 +237,17 @@ def dropout_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = 
     return torch.empty_like(x).bernoulli_(keep, generator=generator).div_(keep)
 
 
+def _inputs_ok(x, weight, bias, lora_A, lora_B, magnitude) -> bool:
+    """The checks of _check as one fast expression (per-call overhead matters at a few tokens)."""
+    if not (x.dim() == weight.dim() == lora_A.dim() == lora_B.dim() == 2 and x.dtype in _DTYPES):
+        return False
+    (out_f, in_f), (r, a_in), (b_out, b_r) = weight.shape, lora_A.shape, lora_B.shape
+    tensors = [t for t in (weight, bias, lora_A, lora_B, magnitude) if t is not None]
+    return (x.shape[1] == in_f == a_in and out_f == b_out and r == b_r >= 1
+            and (bias is None or bias.shape == (out_f,)) and (magnitude is None or magnitude.shape == (out_f,))
+            and all(t.dtype == x.dtype and t.device == x.device for t in tensors))
+
+
 def _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, op, magnitude=None):
     if kernel not in KERNELS:
         raise ValueError(f"{op}: unknown kernel {kernel!r}; valid: {', '.join(KERNELS)}")
@@ -249,10 +260,11 @@ def _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, gener
         raise ValueError(f"{op}: kernel='fused' treats the base layer as frozen, but {' and '.join(frozen)} "
                          "requires grad; freeze it (requires_grad_(False)) or use kernel='reference'")
     x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
-    try:  # the compiled kernels trust their inputs: check here, once, with the fake's messages
-        _check(x2, weight, bias, lora_A, lora_B, None, magnitude, op=op)
-    except RuntimeError as e:
-        raise ValueError(str(e)) from None
+    if not _inputs_ok(x2, weight, bias, lora_A, lora_B, magnitude):  # the compiled kernels trust their
+        try:                                                          # inputs: explain with the fake's checks
+            _check(x2, weight, bias, lora_A, lora_B, None, magnitude, op=op)
+        except RuntimeError as e:
+            raise ValueError(str(e)) from None
     mask = dropout_mask(x2, dropout_p, generator) if training and dropout_p > 0 else None
     return x2, mask
 
