@@ -93,14 +93,29 @@ def cmd_bench(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from lorabench.report.leaderboard import render
+    """Markdown/CSV/HTML/PNG report from records files (lorabench/report/build.py); without --out, the
+    Markdown report is printed."""
+    import tempfile
+
+    from lorabench.report.build import parse_formats, write_report
     from lorabench.runner.records import read_records
+    formats = parse_formats(args.format)
     records = []
     for p in args.records:
-        if not Path(p).exists():
-            raise UserError(f"records file {p} does not exist")
+        if not Path(p).is_file():
+            raise UserError(f"records file {p} does not exist (give the JSONL written by `python -m lorabench run`)")
         records.extend(read_records(p))
-    print(render(records))
+    if not records:
+        raise UserError(f"no records in {', '.join(args.records)}")
+    if args.out is None:
+        if formats != ["md"] and args.format:
+            raise UserError(f"--format {','.join(formats)} writes files: give --out DIR (only md can go to stdout)")
+        with tempfile.TemporaryDirectory() as d:
+            (path,) = write_report(records, d, ["md"])
+            print(path.read_text(encoding="utf-8"), end="")
+        return 0
+    for path in write_report(records, args.out, formats):
+        print(path)
     return 0
 
 
@@ -191,8 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lorabench task option, e.g. n_eval=50 (repeatable)")
     ex.set_defaults(func=cmd_export)
 
-    rp = sub.add_parser("report", help="leaderboard from records files")
-    rp.add_argument("records", nargs="+")
+    rp = sub.add_parser("report", help="leaderboard report (Markdown, CSV, HTML, PNG plots) from records files")
+    rp.add_argument("records", nargs="+", help="JSONL records files")
+    rp.add_argument("--format", action="append", metavar="md|csv|html|png",
+                    help="output format(s): repeat the flag or give a comma list (default: all four with --out, "
+                         "md to stdout without)")
+    rp.add_argument("--out", default=None, help="directory to write LEADERBOARD.md, *.csv, leaderboard.html, plots/")
     rp.set_defaults(func=cmd_report)
     return p
 

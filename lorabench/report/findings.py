@@ -1,0 +1,146 @@
+"""The survey's headline claims (arXiv 2407.11046), checked against the records.
+
+Every verdict is computed from paired differences over seeds (same task, same seed, same training
+budget) with a 95% Student-t interval; nothing here is written by hand. A claim whose methods have
+no records is reported as "not yet measured", one whose interval is too wide as "inconclusive",
+and one the numbers contradict as "does not hold".
+
+Tests used:
+- "matches" / "approaches" (non-inferiority): holds when the lower end of the 95% CI of
+  (method - reference) is above -margin; does not hold when its upper end is below -margin.
+- "beats" (superiority): holds when the CI's lower end is above 0; does not hold when its upper
+  end is below 0 (the reference is better).
+- "converges faster early": the mean training loss over the first quarter of the loss curve,
+  paired over seeds; holds when the method's early loss is lower with the CI excluding 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+from lorabench.report.stats import paired
+
+MARGIN_ABSOLUTE = 0.01     # one accuracy point for metrics in [0, 1]
+BOUNDED_METRICS = {"accuracy", "exact_match"}
+MARGIN_RELATIVE = 0.01     # otherwise 1% of the reference's mean
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    text: str
+    methods: tuple[str, ...]       # registry names that implement the claim's method (first found is used)
+    reference: str
+    test: str                      # "noninferior" | "superior" | "early-loss"
+    source: str                    # where the claim is made
+
+
+CLAIMS = (
+    Claim("qlora", "QLoRA matches 16-bit LoRA", ("qlora",), "lora", "noninferior",
+          "QLoRA, arXiv 2305.14314, section 5; survey section 7.3"),
+    Claim("full", "LoRA approaches full fine-tuning", ("lora",), "full", "noninferior",
+          "LoRA, arXiv 2106.09685, section 5; survey section 2"),
+    Claim("dora", "DoRA beats LoRA at equal rank", ("dora",), "lora", "superior",
+          "DoRA, arXiv 2402.09353, section 5; survey section 4.1"),
+    Claim("vera", "VeRA matches LoRA with far fewer trainable parameters", ("vera",), "lora", "noninferior",
+          "VeRA, arXiv 2310.11454, section 4; survey section 7.2"),
+    Claim("pissa", "PiSSA converges faster than LoRA early in training", ("pissa",), "lora", "early-loss",
+          "PiSSA, arXiv 2404.02948, section 5.1; survey section 4.3"),
+    Claim("loraplus", "LoRA+ speeds up convergence", ("loraplus", "lora-plus", "lora_plus", "lora+"), "lora",
+          "early-loss", "LoRA+, arXiv 2402.12354, section 4; survey section 4.3"),
+)
+
+
+def margin(metric: str, reference_mean: float) -> float:
+    return MARGIN_ABSOLUTE if metric in BOUNDED_METRICS else MARGIN_RELATIVE * abs(reference_mean)
+
+
+def early_loss(curve: list[float]) -> float:
+    """Mean training loss over the first quarter of the recorded loss curve (at least one window)."""
+    if not curve:
+        return float("nan")
+    k = max(1, math.ceil(len(curve) / 4))
+    return math.fsum(curve[:k]) / k
+
+
+def _verdict(test: str, low: float, high: float, n: int, m: float) -> str:
+    if n < 2 or math.isnan(low):
+        return "inconclusive (fewer than 2 paired seeds)"
+    floor = -m if test == "noninferior" else 0.0
+    if low > floor:
+        return "holds"
+    if high < floor:
+        return "does not hold"
+    return "inconclusive"
+
+
+def _pairs(trials: pd.DataFrame, method: str, reference: str, task: str) -> pd.DataFrame:
+    ok = trials[(trials["status"] == "ok") & (trials["task"] == task)]
+    a = ok[ok["label"] == method]
+    b = ok[ok["label"] == reference]
+    return a.merge(b, on=["seed", "steps", "batch_size"], suffixes=("", "_ref"))
+
+
+def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per (claim, task) measured, or one 'not yet measured' row per claim."""
+    rows = []
+    ok = trials[trials["status"] == "ok"] if len(trials) else trials
+    labels = set(ok["label"]) if len(ok) else set()
+    for c in CLAIMS:
+        method = next((m for m in c.methods if m in labels), None)
+        base = {"claim": c.text, "source": c.source, "method": method or c.methods[0], "reference": c.reference}
+        if method is None or c.reference not in labels:
+            absent = [x for x in (c.methods[0] if method is None else None, None if c.reference in labels else c.reference) if x]
+            rows.append(base | {"task": "", "n_pairs": 0, "quantity": "", "diff": float("nan"),
+                                "diff_ci95": float("nan"), "margin": float("nan"), "extra": "",
+                                "verdict": "not yet measured",
+                                "why": f"no successful trials of {' and '.join(absent)} in these records"})
+            continue
+        tasks = sorted(set(ok[ok["label"] == method]["task"]) & set(ok[ok["label"] == c.reference]["task"]))
+        if not tasks:
+            rows.append(base | {"task": "", "n_pairs": 0, "quantity": "", "diff": float("nan"),
+                                "diff_ci95": float("nan"), "margin": float("nan"), "extra": "",
+                                "verdict": "not yet measured",
+                                "why": f"{method} and {c.reference} never ran on the same task"})
+            continue
+        for task in tasks:
+            m = _pairs(trials, method, c.reference, task)
+            extra, why = "", ""
+            if c.test == "early-loss":
+                diff = m["loss_curve_ref"].map(early_loss) - m["loss_curve"].map(early_loss)  # positive = faster
+                quantity, mg = "early training loss (reference - method, first quarter of the curve)", 0.0
+                if not len(m) or not all(len(x) for x in m["loss_curve"]):
+                    why = "no loss curve recorded"
+            else:
+                higher = bool(m["higher_is_better"].iloc[0]) if len(m) else True
+                sign = 1.0 if higher else -1.0
+                diff = sign * (m["score"] - m["score_ref"])
+                metric = str(m["metric"].iloc[0]) if len(m) else ""
+                quantity = f"{metric} (method - reference)"
+                mg = margin(metric, float(m["score_ref"].mean())) if c.test == "noninferior" and len(m) else 0.0
+            if c.key == "vera" and len(m):
+                ratio = float(m["trainable_params"].mean() / m["trainable_params_ref"].mean())
+                extra = f"trainable parameters {ratio:.3g}x of LoRA's"
+            if c.key == "dora" and len(m) and (m["rank"].astype(str) != m["rank_ref"].astype(str)).any():
+                why = "ranks differ between DoRA and LoRA; not an equal-rank comparison"
+            p = paired(diff.astype(float))
+            verdict = _verdict("noninferior" if c.test == "noninferior" else "superior", p.low, p.high, p.n, mg)
+            if why:
+                verdict = "inconclusive"
+            rows.append(base | {"task": task, "n_pairs": p.n, "quantity": quantity, "diff": p.mean,
+                                "diff_ci95": p.ci95, "margin": mg if c.test == "noninferior" else float("nan"),
+                                "extra": extra, "verdict": verdict, "why": why})
+    return pd.DataFrame(rows)
+
+
+def overall(rows: pd.DataFrame, claim: str) -> str:
+    g = rows[rows["claim"] == claim]
+    if (g["verdict"] == "not yet measured").all():
+        return "not yet measured"
+    counts = g["verdict"].map(lambda v: v.split(" (")[0]).value_counts()
+    n = len(g)
+    parts = [f"{verdict} on {counts[verdict]} of {n} task{'s' if n > 1 else ''}"
+             for verdict in ("holds", "does not hold", "inconclusive") if verdict in counts]
+    return "; ".join(parts)
