@@ -1,0 +1,176 @@
+"""Methods-table rows of Methods II (issue 8), each with a check of its paper's defining equations."""
+import math
+
+import torch
+
+from lorabench.methods.base import TrainState
+from tests.methods.tester import Case
+
+
+def adapted_layers(model):
+    from lorabench.methods.lora import LoraLinear
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def randomize_(*tensors, std=0.3):
+    with torch.no_grad():
+        for t in tensors:
+            t.copy_(torch.randn_like(t) * std)
+
+
+def stepped_state(model, method, total_steps=10, step=0):
+    """A TrainState whose AdamW has taken one step on the method's parameters (so it has moments)."""
+    params = [p for _, p in method.trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return TrainState(model=model, optimizer=opt, scheduler=None, step=step, total_steps=total_steps)
+
+
+# -- breaking the low-rank bottleneck --------------------------------------------------------------
+
+def restart_keeps_function(model, method, do_restart):
+    """Merge-and-restart (ReLoRA Algorithm 1, CoLA's knot): W <- W + s B A, then B = 0 and a fresh A:
+    the layer's function is unchanged and ΔW_acc holds exactly the merged product."""
+    layer = adapted_layers(model)[0]
+    state = stepped_state(model, method)
+    randomize_(layer.lora_B)
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():
+        before = layer(x)
+        merged = layer.scale * layer.lora_B @ layer.lora_A
+    a_old = layer.lora_A.detach().clone()
+    do_restart(state)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.weight_delta, merged)
+    assert torch.count_nonzero(layer.lora_B) == 0
+    assert not torch.equal(layer.lora_A, a_old), "A was not re-initialised"
+    return state, layer
+
+
+def relora_equations(model, method):
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    state, layer = restart_keeps_function(model, method, lambda s: method.restart(s, 0.9))
+    for key in ("exp_avg", "exp_avg_sq"):  # 90% of each moment pruned by magnitude
+        t = state.optimizer.state[layer.lora_A][key]
+        assert int((t == 0).sum()) >= round(0.9 * t.numel())
+    # the restart fires after every `restart_every` steps, never after the last one
+    n = method.config.restart_every
+    count = method.restarts
+    method.on_step_end(TrainState(model, state.optimizer, None, n - 1, 10 * n))
+    assert method.restarts == count + 1
+    method.on_step_end(TrainState(model, state.optimizer, None, n * 10 - 1, 10 * n))
+    assert method.restarts == count + 1
+    # jagged schedule: the learning rate re-warms linearly after a restart
+    g = state.optimizer.param_groups[0]
+    g["lr"] = 1.0
+    method.on_step_begin(TrainState(model, state.optimizer, None, method.last_restart, 10 * n))
+    assert g["lr"] == 1.0 / (method.config.restart_warmup_steps + 1)
+
+
+def cola_equations(model, method):
+    from lorabench.methods.bottleneck.cola import knot_steps
+    assert knot_steps(9, 3) == {3, 6} and knot_steps(10, 1) == set()
+    method.on_train_begin(TrainState(model, None, None, 0, 9))
+
+    def tie(state):
+        state.step = 2  # the third step ends the first of three phases of 9 steps
+        method.on_step_end(state)
+    state, layer = restart_keeps_function(model, method, tie)
+    assert method.tied == 1
+    assert not torch.any(state.optimizer.state[layer.lora_A]["exp_avg"]), "a new link starts a fresh optimizer state"
+
+
+def delta_lora_equations(model, method):
+    """Eq. (8) of Delta-LoRA: W <- W + lambda * s * (B' A' - B A) after the optimizer step."""
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    layer = adapted_layers(model)[0]
+    randomize_(layer.lora_B)
+    state = TrainState(model, None, None, method.start, 10)
+    method.on_after_backward(state)
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    randomize_(layer.lora_A, layer.lora_B)  # stands in for the optimizer's step
+    method.on_step_end(state)
+    expected = method.config.delta_lambda * layer.scale * (layer.lora_B @ layer.lora_A - b @ a)
+    torch.testing.assert_close(layer.weight_delta, expected)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():  # h = (W0 + ΔW_acc) x + b + s B A x
+        want = x @ (layer.base.weight + expected).T + layer.base.bias + layer.scale * x @ layer.lora_A.T @ layer.lora_B.T
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def flora_equations(model, method):
+    """Sec. 3 of FLoRA: with A frozen, dL/dB = s G A^T where G = dL/dW; resampling merges s B A,
+    draws a new A and carries the momentum over as M A_old A_new^T (Algorithm 2)."""
+    layer = adapted_layers(model)[0]
+    assert not isinstance(layer.lora_A, torch.nn.Parameter) and layer.lora_B.requires_grad
+    randomize_(layer.lora_B)
+    x = torch.randn(6, layer.in_features)
+    layer(x).pow(2).sum().backward()
+    w = (layer.base.weight + layer.weight_delta + layer.scale * layer.lora_B @ layer.lora_A).detach().requires_grad_()
+    torch.nn.functional.linear(x, w, layer.base.bias).pow(2).sum().backward()
+    torch.testing.assert_close(layer.lora_B.grad, layer.scale * w.grad @ layer.lora_A.T, atol=1e-4, rtol=1e-4)
+    layer.lora_B.grad = None
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    state = stepped_state(model, method)
+    a_old, b_old = layer.lora_A.clone(), layer.lora_B.detach().clone()
+    m_old = state.optimizer.state[layer.lora_B]["exp_avg"].clone()
+    method.resample(state)
+    torch.testing.assert_close(layer.weight_delta, layer.scale * b_old @ a_old)
+    assert torch.count_nonzero(layer.lora_B) == 0 and not torch.equal(layer.lora_A, a_old)
+    torch.testing.assert_close(state.optimizer.state[layer.lora_B]["exp_avg"], m_old @ a_old @ layer.lora_A.T)
+    # E[A^T A] = I_k for A ~ N(0, 1/r): the compressed update G A^T A is unbiased
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g) / math.sqrt(4000)
+    torch.testing.assert_close(a.T @ a, torch.eye(3), atol=0.1, rtol=0)
+
+
+def melora_equations(model, method):
+    """Eq. (5) of MELoRA: ΔW = diag(B_1 A_1, ..., B_n A_n), rank up to n r with r (d + k) parameters."""
+    layer = adapted_layers(model)[0]
+    n, r = method.config.n_mini, method.config.rank
+    assert sum(p.numel() for p in (layer.lora_A, layer.lora_B)) == r * (layer.in_features + layer.out_features)
+    randomize_(layer.lora_B)
+    dw = layer.delta_weight()
+    d, k = layer.out_features // n, layer.in_features // n
+    for i in range(n):
+        for j in range(n):
+            block = dw[i * d:(i + 1) * d, j * k:(j + 1) * k]
+            want = layer.scale * layer.lora_B[i] @ layer.lora_A[i] if i == j else torch.zeros_like(block)
+            torch.testing.assert_close(block, want)
+    assert torch.linalg.matrix_rank(dw) == min(n * r, layer.out_features, layer.in_features)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
+
+
+def mora_equations(model, method):
+    """Eq. (2) of MoRA with the sharing operators: r_hat = round(sqrt((d + k) r)); ΔW x = repeat(M sum_g x_g)."""
+    layer = adapted_layers(model)[0]
+    d, k, r = layer.out_features, layer.in_features, method.config.rank
+    rh = int(math.sqrt((d + k) * r) + 0.5)
+    assert layer.mora_M.shape == (rh, rh)
+    randomize_(layer.mora_M)
+    x = torch.randn(3, k)
+    padded = torch.cat([x, x], dim=-1)[:, : math.ceil(k / rh) * rh]
+    comp = sum(padded[:, g * rh:(g + 1) * rh] for g in range(math.ceil(k / rh)))
+    out = comp @ layer.mora_M.T
+    delta = torch.cat([out] * math.ceil(d / rh), dim=-1)[:, :d]
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + delta, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x @ layer.delta_weight().T, delta, atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(layer.delta_weight()) > r  # high rank: beyond a rank-r LoRA
+
+
+CASES = [
+    Case("relora", {"rank": 4, "restart_every": 1, "restart_warmup_steps": 2}, equations=relora_equations),
+    Case("cola", {"rank": 4, "chain_length": 3}, equations=cola_equations),
+    Case("delta-lora", {"rank": 4, "update_start_ratio": 0.0}, equations=delta_lora_equations),
+    Case("flora", {"rank": 4, "resample_every": 1}, equations=flora_equations),
+    Case("melora", {"rank": 2, "n_mini": 4}, equations=melora_equations),
+    Case("mora", {"rank": 4}, equations=mora_equations),
+]
+
