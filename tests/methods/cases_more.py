@@ -174,3 +174,133 @@ CASES = [
     Case("mora", {"rank": 4}, equations=mora_equations),
 ]
 
+
+# -- learning procedure ----------------------------------------------------------------------------
+
+def lora_dropout_equations(model, method):
+    """Sec. 3.1 of LoRA Dropout: h = W0 x + s (m_B ⊙ B)(A ⊙ m_A) x, one inverted mask pair per pass."""
+    from lorabench.methods.procedure.lora_dropout import column_mask
+    layer = adapted_layers(model)[0]
+    randomize_(layer.lora_B)
+    x = torch.randn(7, layer.in_features)
+    layer.train()
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = layer(x)
+        torch.manual_seed(3)
+        m_a = column_mask(layer.in_features, method.config.p_in, x)
+        m_b = column_mask(layer.out_features, method.config.p_out, x)
+        want = layer.base(x) + layer.scale * x @ (layer.lora_A * m_a).T @ (layer.lora_B * m_b[:, None]).T
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+        assert (m_a == 0).any() and (m_b == 0).any(), "p is large enough in this case to drop something"
+        layer.eval()  # evaluation: the expected update s B A
+        torch.testing.assert_close(layer(x), layer.base(x) + layer.scale * x @ layer.lora_A.T @ layer.lora_B.T,
+                                   atol=1e-5, rtol=1e-5)
+
+
+def sibo_equations(model, method):
+    """LoRA-SIBO: h = W0 x + s B A ((1 - lambda) x + lambda h0), h0 the input embedding of the token."""
+    from lorabench.methods.procedure.sibo import SiboVariant
+    layers = adapted_layers(model)
+    hidden = model.get_input_embeddings().embedding_dim
+    assert all(not isinstance(m.variant, SiboVariant) for m in layers if m.in_features != hidden)
+    assert any(m.in_features != hidden for m in layers), "the MLP's down projection stays plain LoRA"
+    layer = layers[0]
+    assert isinstance(layer.variant, SiboVariant)
+    randomize_(layer.lora_B)
+    seen = {}
+    layer.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0], y=out))
+    ids = torch.randint(1, 90, (2, 6))
+    with torch.no_grad():
+        model(input_ids=ids)
+        h0 = method.holder.h0
+        lam = method.config.lam
+        want = layer.base(seen["x"]) + layer.scale * ((1 - lam) * seen["x"] + lam * h0) @ layer.lora_A.T @ layer.lora_B.T
+        torch.testing.assert_close(seen["y"], want, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(seen["y"], layer.base(seen["x"]) + layer.scale * seen["x"] @ layer.lora_A.T @ layer.lora_B.T)
+
+
+# -- parameter reduction ---------------------------------------------------------------------------
+
+def lora_sp_equations(model, method):
+    """LoRA-SP: a fixed random half of A's and B's entries never changes, even under weight decay."""
+    state = TrainState(model, None, None, 0, 10)
+    method.on_train_begin(state)
+    assert abs(state.metrics["updated_params"] / state.metrics["adapter_params"] - 0.5) < 0.1
+    params = list(method.masks)
+    opt = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    method.on_after_backward(state)
+    opt.step()
+    method.on_step_end(state)
+    for p, b in zip(params, before):
+        m = method.masks[p]
+        assert torch.equal(p[~m], b[~m]), "a frozen entry moved"
+        assert not torch.equal(p[m], b[m]), "no selected entry moved"
+
+
+def aflora_equations(model, method):
+    """AFLoRA: ΔW = s diag(b) B diag(d) A (eq. (1)); sensitivity EMA (eqs. (2)-(4)); cubic freezing (eq. (5))."""
+    from lorabench.methods.reduction.aflora import frozen_fraction
+    layer = adapted_layers(model)[0]
+    randomize_(layer.lora_b, layer.lora_d)
+    x = torch.randn(3, layer.in_features)
+    dw = layer.scale * torch.diag(layer.lora_b) @ layer.lora_B @ torch.diag(layer.lora_d) @ layer.lora_A
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
+    assert frozen_fraction(5, 100, 10, 30) == 0.0 and frozen_fraction(70, 100, 10, 30) == 1.0
+    assert abs(frozen_fraction(40, 100, 10, 30) - (1 - 0.5 ** 3)) < 1e-9
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    proj = method.projections(model)
+    for p in proj:
+        p.grad = torch.randn_like(p)
+    method.on_after_backward(TrainState(model, None, None, 0, 10))
+    b1, b2 = method.config.beta1, method.config.beta2
+    i = (proj[0] * proj[0].grad).abs()
+    torch.testing.assert_close(method.ibar[proj[0]], (1 - b1) * i)
+    torch.testing.assert_close(method.ubar[proj[0]], (1 - b2) * (i - (1 - b1) * i).abs())
+    # after 40 of 100 steps the lowest-score projections freeze, as many as the cubic schedule says
+    c = method.config
+    method.on_step_end(TrainState(model, None, None, 39, 100))
+    frozen = [p for p in proj if not p.requires_grad]
+    want = math.floor(frozen_fraction(40, 100, round(100 * c.warmup_ratio), round(100 * c.final_ratio)) * len(proj))
+    assert 0 < len(frozen) == want < len(proj)
+    assert max(method.score[p] for p in frozen) <= min(method.score[p] for p in proj if p.requires_grad)
+
+
+def dropbp_equations(model, method):
+    """Eq. (2) of DropBP: y = x + f(x).detach() for a dropped sublayer: the forward is unchanged and
+    only the dropped sublayer's parameters get no gradient."""
+    model.train()
+    ids = torch.randint(1, 90, (2, 6))
+
+    def run(dropped):
+        method.dropped = dropped
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout masks in both passes
+        out = model(input_ids=ids).logits
+        out.pow(2).mean().backward()
+        return out.detach()
+    inside = [{id(p) for p in m.parameters() if p.requires_grad} for m in method.sublayers]
+    full = run(set())
+    dropped = run({0})
+    torch.testing.assert_close(dropped, full)
+    trained = {id(p): p for p in model.parameters() if p.requires_grad}
+    assert all(trained[i].grad is None for i in inside[0]), "a dropped sublayer got gradients"
+    assert all(trained[i].grad is not None for i in inside[1]), "a kept sublayer lost its gradients"
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    for _ in range(200):
+        method.on_step_begin(TrainState(model, None, None, 0, 10))
+        assert len(method.dropped) < len(method.sublayers)
+    assert abs(method.n_dropped / method.n_total - method.config.drop_rate) < 0.1
+
+
+CASES += [
+    Case("lora-dropout", {"rank": 4, "p_in": 0.3, "p_out": 0.3}, equations=lora_dropout_equations),
+    Case("sibo", {"rank": 4, "lam": 0.3}, equations=sibo_equations),
+    Case("lora-sp", {"rank": 4}, equations=lora_sp_equations),
+    Case("aflora", {"rank": 4, "warmup_ratio": 0.0, "final_ratio": 0.0}, equations=aflora_equations),
+    Case("dropbp", {"rank": 4, "drop_rate": 0.5}, equations=dropbp_equations),
+]
