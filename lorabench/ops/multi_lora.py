@@ -25,10 +25,12 @@ CUDA). These are inference ops (no autograd): serving never trains the adapters.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from lorabench.ops import reference
-from lorabench.ops._backend import available_backends, require_extension
+from lorabench.ops._backend import available_backends
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -126,12 +128,19 @@ def _sgmv_expand_fake(out, y, B, seg_starts, seg_idx, ranks):
 
 
 BACKENDS = ("reference", "cpu", "cuda")
+_FAKES = {"bgmv_shrink": _bgmv_shrink_fake, "bgmv_expand": _bgmv_expand_fake,
+          "sgmv_shrink": _sgmv_shrink_fake, "sgmv_expand": _sgmv_expand_fake}
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """`None`/"auto": the compiled kernel for the tensors' device when built, else the reference."""
+    return _resolve_backend(backend, device.type)
+
+
+@functools.lru_cache(maxsize=None)  # per call it would cost more than a decode-sized kernel
+def _resolve_backend(backend: str | None, device_type: str) -> str:
     if backend in (None, "auto"):
-        name = "cuda" if device.type == "cuda" else "cpu"
+        name = "cuda" if device_type == "cuda" else "cpu"
         return name if available_backends()[name][0] else "reference"
     if backend not in BACKENDS:
         raise ValueError(f"Unknown backend {backend!r}; valid: {', '.join(BACKENDS)} or 'auto'")
@@ -139,40 +148,36 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         ok, why = available_backends()[backend]
         if not ok:
             raise RuntimeError(f"backend {backend!r} is not available: {why}")
-        if device.type != backend:
-            raise ValueError(f"backend {backend!r} needs tensors on {backend}, got {device}")
+        if device_type != backend:
+            raise ValueError(f"backend {backend!r} needs tensors on {backend}, got {device_type}")
     return backend
 
 
 def _run(op: str, backend: str | None, device: torch.device, *args):
     be = resolve_backend(backend, device)
     if be == "reference":
+        _FAKES[op](*args)  # the schema checks that the compiled kernels make at their binding
         return getattr(reference, op)(*args)
-    require_extension()
     return getattr(torch.ops.lorabench, op)(*args)
 
 
 def bgmv_shrink(x, A, idx, ranks, scales, *, backend: str | None = None) -> torch.Tensor:
     """y[i, :r] = scales[l] * x[i] @ A[l, :r].T with l = idx[i], r = ranks[l]; y[i, r:] = 0; fp32."""
-    _bgmv_shrink_fake(x, A, idx, ranks, scales)
     return _run("bgmv_shrink", backend, x.device, x, A, idx, ranks, scales)
 
 
 def bgmv_expand(out, y, B, idx, ranks, *, backend: str | None = None) -> torch.Tensor:
     """out[i] += y[i, :r] @ B[l, :, :r].T with l = idx[i] (in place; returns out)."""
-    _bgmv_expand_fake(out, y, B, idx, ranks)
     _run("bgmv_expand", backend, out.device, out, y, B, idx, ranks)
     return out
 
 
 def sgmv_shrink(x, A, seg_starts, seg_idx, ranks, scales, *, backend: str | None = None) -> torch.Tensor:
     """bgmv_shrink with one slot per segment of tokens seg_starts[s]:seg_starts[s+1]."""
-    _sgmv_shrink_fake(x, A, seg_starts, seg_idx, ranks, scales)
     return _run("sgmv_shrink", backend, x.device, x, A, seg_starts, seg_idx, ranks, scales)
 
 
 def sgmv_expand(out, y, B, seg_starts, seg_idx, ranks, *, backend: str | None = None) -> torch.Tensor:
     """bgmv_expand with one slot per segment of tokens (in place; returns out)."""
-    _sgmv_expand_fake(out, y, B, seg_starts, seg_idx, ranks)
     _run("sgmv_expand", backend, out.device, out, y, B, seg_starts, seg_idx, ranks)
     return out

@@ -216,7 +216,7 @@ def test_bad_input_is_named(backend):
     with pytest.raises(Exception, match="x has in = 7"):
         multi_lora.bgmv_shrink(x[:, :7], A, torch.zeros(3, dtype=torch.int64, device=device), ranks, scales,
                                backend=backend)
-    with pytest.raises(Exception, match="x is torch.float16 but A is torch.float32"):
+    with pytest.raises(Exception, match="x is .*(Half|float16).* but A is"):
         multi_lora.bgmv_shrink(x.half(), A, torch.zeros(3, dtype=torch.int64, device=device), ranks, scales,
                                backend=backend)
     if device == "cpu":  # index values are checked where reading them costs no device sync
