@@ -33,6 +33,7 @@ class TrialSpec:
     model: str | None = None   # None = the task's default model
     seed: int = 0
     train: dict = field(default_factory=dict)
+    lm_eval: bool = False      # also score the trained model on its task through lm-evaluation-harness
 
 
 HEAD_NAMES = ("classifier", "score", "pre_classifier")
@@ -114,6 +115,9 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
         "rss_after_load_mb": round(rss_loaded, 1),
         "trial_seconds": round(time.perf_counter() - t_start, 3),
     }
+    if spec.lm_eval:  # the same trained model, scored by lm-eval on the exported task (lorabench.lmeval)
+        from lorabench.lmeval.run import score_in_trial
+        out["lm_eval"] = score_in_trial(model, tokenizer, task, train_cfg.eval_batch_size)
     cuda = cuda_peak_mb()
     if cuda:
         out.update({k: round(v, 1) for k, v in cuda.items()})

@@ -10,6 +10,7 @@ train: {steps: 150, batch_size: 32}          # TrainConfig options (lorabench/ha
 tasks:
   - rt-sentiment
   - {name: quartz, options: {n_eval: 200}, train: {steps: 50}}
+  - {name: socialiqa, lm_eval: true}     # also scored by lm-evaluation-harness (record key lm_eval)
 methods:
   - head
   - {name: lora, label: lora-r8, options: {rank: 8}, train: {lr: 1.0e-3}}
@@ -36,7 +37,7 @@ from lorabench.harness.trial import TrialSpec
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods"}
-TASK_KEYS = {"name", "model", "options", "train"}
+TASK_KEYS = {"name", "model", "options", "train", "lm_eval"}
 METHOD_KEYS = {"name", "label", "options", "train"}
 
 
@@ -81,6 +82,7 @@ class TaskEntry:
     model: str | None
     options: dict
     train: dict
+    lm_eval: bool = False  # decoder tasks only: also score through lm-eval (lorabench.lmeval)
 
 
 @dataclass
@@ -104,12 +106,15 @@ class Suite:
                     out.append(TrialSpec(suite=self.name, suite_version=self.version, label=method.label,
                                          method=method.name, method_options=method.options, task=task.name,
                                          task_options=task.options, model=task.model or self.model,
-                                         seed=seed, train=train))
+                                         seed=seed, train=train, lm_eval=task.lm_eval))
         return out
 
 
 def trial_id(spec: TrialSpec) -> str:
-    blob = json.dumps(asdict(spec), sort_keys=True, separators=(",", ":"))
+    d = asdict(spec)
+    if not d["lm_eval"]:
+        del d["lm_eval"]  # trials without lm-eval keep the ids they had before the option existed
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -211,7 +216,20 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         where = _where(path, lines, k)
         TASKS.get(e["name"]).from_options(e.get("options"), where=f"{where}: task {e['name']} options")
         from_dict(TrainConfig, merge(base_train, e.get("train") or {}), f"{where}: train")
-        tasks.append(TaskEntry(e["name"], e.get("model"), dict(e.get("options") or {}), dict(e.get("train") or {})))
+        lm_eval = e.get("lm_eval", False)
+        if not isinstance(lm_eval, bool):
+            raise UserError(f"{_where(path, lines, k + ('lm_eval',))}: lm_eval must be true or false, got {lm_eval!r}")
+        if lm_eval:
+            from lorabench.lmeval.export import get_decoder_task
+            try:
+                get_decoder_task(e["name"])  # an encoder task gets the reason it has no lm-eval export
+            except UserError as err:
+                raise UserError(f"{where}: lm_eval: {err}") from None
+            import importlib.util
+            if importlib.util.find_spec("lm_eval") is None:
+                raise UserError(f"{where}: lm_eval: true needs lm-evaluation-harness: pip install lm-eval")
+        tasks.append(TaskEntry(e["name"], e.get("model"), dict(e.get("options") or {}), dict(e.get("train") or {}),
+                               lm_eval))
     methods, labels = [], set()
     for e, k in entries("methods", METHOD_KEYS, METHODS):
         where = _where(path, lines, k)
