@@ -304,3 +304,38 @@ CASES += [
     Case("aflora", {"rank": 4, "warmup_ratio": 0.0, "final_ratio": 0.0}, equations=aflora_equations),
     Case("dropbp", {"rank": 4, "drop_rate": 0.5}, equations=dropbp_equations),
 ]
+
+
+def lte_equations(model, method):
+    """LTE: training step t uses head t mod N; evaluation uses W + (s/N) sum_n B_n A_n, which the
+    periodic merge (eq. (4)) folds into W without changing the evaluated function."""
+    layer = adapted_layers(model)[0]
+    n = method.config.heads
+    randomize_(layer.lora_B)
+    x = torch.randn(3, layer.in_features)
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    with torch.no_grad():
+        for step in range(2 * n):
+            method.on_step_begin(TrainState(model, None, None, step, 10))
+            i = step % n
+            layer.train()
+            torch.testing.assert_close(layer(x), layer.base(x) + layer.scale * x @ layer.lora_A[i].T @ layer.lora_B[i].T,
+                                       atol=1e-5, rtol=1e-5)
+        layer.eval()
+        mean = sum(layer.lora_B[j] @ layer.lora_A[j] for j in range(n)) / n
+        evaluated = layer(x)
+        torch.testing.assert_close(evaluated, layer.base(x) + layer.scale * x @ mean.T, atol=1e-5, rtol=1e-5)
+    state = stepped_state(model, method, total_steps=100, step=method.config.merge_every - 1)
+    with torch.no_grad():
+        mean = layer.scale * sum(layer.lora_B[j] @ layer.lora_A[j] for j in range(n)) / n
+        evaluated = layer(x)
+    method.on_step_end(state)
+    assert method.merges == 1 and torch.count_nonzero(layer.lora_B) == 0
+    torch.testing.assert_close(layer.weight_delta, mean)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), evaluated, atol=1e-5, rtol=1e-5)
+
+
+CASES += [
+    Case("lte", {"rank": 2, "heads": 2, "merge_every": 2}, equations=lte_equations),
+]
