@@ -88,7 +88,7 @@ at::Tensor finish(at::Tensor y, const at::Tensor& x, const OptTensor& bias, cons
   if (lora_A) {
     TORCH_CHECK(lora_B, "give both lora_A and lora_B or neither");
     at::Tensor xa = x.to(acc);
-    if (pool > 1) xa = xa.view({x.size(0), -1, pool}).mean(-1);
+    if (pool > 1) xa = xa.view({x.size(0), x.size(1) / pool, pool}).mean(-1);
     TORCH_CHECK(lora_A->dim() == 2 && lora_A->size(1) == xa.size(1), "lora_A must be (r, ", xa.size(1), "), got ",
                 lora_A->sizes());
     TORCH_CHECK(lora_B->dim() == 2 && lora_B->size(0) == y.size(1) && lora_B->size(1) == lora_A->size(0),

@@ -220,7 +220,7 @@ class QuantLinearFunction(torch.autograd.Function):
         if need_x:
             dx = grad_y @ ctx.dequantize(grad_y.dtype)  # (tokens, in)
         if lora_A is not None:
-            xp = x if ctx.pool == 1 else x.reshape(x.shape[0], -1, ctx.pool).mean(-1)  # (tokens, in/pool)
+            xp = x if ctx.pool == 1 else x.reshape(x.shape[0], x.shape[1] // ctx.pool, ctx.pool).mean(-1)  # (tokens, in/pool)
             dxa = ctx.scale * (grad_y @ lora_B)  # (tokens, r)
             if need_bb:
                 d_b = ctx.scale * (grad_y.T @ (xp @ lora_A.T))  # (out, r)

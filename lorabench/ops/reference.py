@@ -199,7 +199,7 @@ def quantized_lora_linear(x, weight, bias, lora_A, lora_B, scale, lora_pool: int
     (int4, P = average pooling over groups of `lora_pool` inputs, A: (r, in / group), sec. 3.3)."""
     y = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
     if lora_A is not None:
-        xp = x if lora_pool == 1 else x.reshape(*x.shape[:-1], -1, lora_pool).mean(-1)  # (tokens, in/g)
+        xp = x if lora_pool == 1 else x.reshape(*x.shape[:-1], x.shape[-1] // lora_pool, lora_pool).mean(-1)  # (tokens, in/g)
         y = y + scale * (xp @ lora_A.T) @ lora_B.T
     return y
 
