@@ -25,6 +25,7 @@ METHODS.register_lazy("lora-sp", "lorabench.methods.reduction.lora_sp:LoraSP")
 METHODS.register_lazy("aflora", "lorabench.methods.reduction.aflora:AFLoRA")
 METHODS.register_lazy("dropbp", "lorabench.methods.reduction.dropbp:DropBP")
 METHODS.register_lazy("lte", "lorabench.methods.bottleneck.lte:LTE")
+METHODS.register_lazy("reslora", "lorabench.methods.procedure.reslora:ResLoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")

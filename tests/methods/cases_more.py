@@ -339,3 +339,33 @@ def lte_equations(model, method):
 CASES += [
     Case("lte", {"rank": 2, "heads": 2, "merge_every": 2}, equations=lte_equations),
 ]
+
+
+def reslora_equations(model, method):
+    """Input-shortcut ResLoRA (sec. 3.1): h_l = W0 x_l + s B_l A_l (x_l + x_{l-1}) while training; merged
+    form s (1 + alpha_l) B_l A_l with alpha_l the running ||x_{l-1}|| / ||x_l|| (sec. 3.2)."""
+    layers = [m for m in adapted_layers(model) if m.variant.prev is not None]
+    upper = layers[0]
+    lower = upper.variant.prev
+    assert lower is not upper and lower.in_features == upper.in_features
+    randomize_(upper.lora_B, lower.lora_B)
+    seen = {}
+    lower.register_forward_hook(lambda mod, inp, out: seen.update(x0=inp[0]))
+    upper.register_forward_hook(lambda mod, inp, out: seen.update(x1=inp[0], y=out))
+    model.train()
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, 90, (2, 6)))
+        x0, x1 = seen["x0"], seen["x1"]
+        want = upper.base(x1) + upper.scale * (x1 + x0) @ upper.lora_A.T @ upper.lora_B.T
+        torch.testing.assert_close(seen["y"], want, atol=1e-5, rtol=1e-5)
+        ratio = (x0.norm(dim=-1) / x1.norm(dim=-1)).mean()
+        torch.testing.assert_close(upper.reslora_alpha, (1 - method.config.alpha_momentum) * ratio)
+        model.eval()
+        x = torch.randn(3, upper.in_features)
+        merged = upper.base(x) + upper.scale * (1 + upper.reslora_alpha) * x @ upper.lora_A.T @ upper.lora_B.T
+        torch.testing.assert_close(upper(x), merged, atol=1e-5, rtol=1e-5)
+
+
+CASES += [
+    Case("reslora", {"rank": 4, "alpha_momentum": 0.5}, equations=reslora_equations),
+]
