@@ -14,7 +14,7 @@ namespace lorabench::cpu {
 void int4_quantize(const float* w, int64_t N, int64_t K, int64_t group, uint8_t* packed, float* scales,
                    float* zeros) {
   const int64_t G = K / group;
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t g = 0; g < G; ++g) {
         const float* src = w + n * K + g * group;
@@ -41,7 +41,7 @@ void int4_quantize(const float* w, int64_t N, int64_t K, int64_t group, uint8_t*
 void int4_dequantize(const uint8_t* packed, const float* scales, const float* zeros, int64_t N, int64_t K,
                      int64_t group, float* out) {
   const int64_t G = K / group;
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, N, std::max<int64_t>(1, 32768 / K), [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t k = 0; k < K; ++k) {
         const uint8_t byte = packed[n * (K / 2) + k / 2];

@@ -31,7 +31,7 @@ void nf4_quantize(const float* x, int64_t n, int64_t blocksize, uint8_t* packed,
   const int64_t blocks = (n + blocksize - 1) / blocksize;
   const int64_t full = n / blocksize;
   // blocksize is even, so a block never shares a byte with the next one.
-  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / blocksize), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * blocksize, i1 = std::min(n, i0 + blocksize);
       float am = 0.f;
@@ -62,7 +62,7 @@ void nf4_decode_absmax(const uint8_t* q, const float* absmax2, const float* code
 
 void nf4_dequantize(const uint8_t* packed, const float* absmax, int64_t n, int64_t blocksize, float* out) {
   const int64_t blocks = (n + blocksize - 1) / blocksize;
-  at::parallel_for(0, blocks, 64, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 32768 / blocksize), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float s = absmax[b];
       const int64_t i0 = b * blocksize, i1 = std::min(n, i0 + blocksize);

@@ -27,7 +27,8 @@ alignas(32) const float kNF4Code[16] = {
 namespace {
 constexpr int64_t kChunk = 64;  // weights per 32-byte load
 
-inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)); }
+// Rows per task: at least ~32k weights, so small layers stay on one thread (waking the pool costs more).
+inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
 
 // Element of the chunk held by nibble j of lane l (see the header): 8l + (j ^ 1).
 inline int chunk_elem(int j, int l) { return 8 * l + (j ^ 1); }
@@ -160,7 +161,7 @@ void gemv_dispatch(const Q4Weight& w, const float* xp, const float* xsum, int64_
 }  // namespace
 
 void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, float* x_perm) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < K; c += kChunk)
         for (int j = 0; j < 8; ++j)
