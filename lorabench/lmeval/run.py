@@ -37,7 +37,7 @@ def _data_files(cfg: dict) -> list[str]:
     return out
 
 
-def resolve_tasks(names: list[str], task_manager, tasks_dir: Path) -> list[str]:
+def resolve_tasks(names: list[str], task_manager, tasks_dir: Path | None) -> list[str]:
     """lm-eval task names for `names`, with one clear error for an unknown name or a missing data file."""
     known = set(task_manager.all_tasks)
     out = []
@@ -47,10 +47,11 @@ def resolve_tasks(names: list[str], task_manager, tasks_dir: Path) -> list[str]:
             valid = sorted(set(decoder_task_names()) | known)
             close = difflib.get_close_matches(name, valid, n=3)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise UserError(f"unknown lm-eval task {name!r}.{hint} Valid here: lorabench tasks "
-                            f"{', '.join(decoder_task_names())}, or a task defined in {tasks_dir} "
-                            f"({', '.join(sorted(known)) or 'none'}). lm-eval's own catalogue is not loaded: "
-                            f"its tasks download from the hub; export them to local JSONL first.")
+            where = (f"a task defined in {tasks_dir} ({', '.join(sorted(known)) or 'none'})" if tasks_dir
+                     else "an lm-eval task in a folder given with --tasks-dir")
+            raise UserError(f"unknown lm-eval task {name!r}.{hint} Valid: lorabench tasks "
+                            f"{', '.join(decoder_task_names())}, or {where}. lm-eval's own catalogue is not "
+                            f"loaded: its tasks download from the hub; put them on local JSONL first.")
         entry = task_manager.task_index[lm_name]
         for f in _data_files(entry.cfg or {}):
             if "://" not in f and not any(c in f for c in "*?[") and not Path(f).exists():
@@ -70,22 +71,40 @@ def evaluate(lm, names: list[str], tasks_dir: str | Path | None = None, task_opt
     from `tasks_dir` as they are.
     """
     go_offline()
-    if not names:
-        raise UserError(f"no tasks given; lorabench tasks with an lm-eval export: {', '.join(decoder_task_names())}")
+    check_names(names, tasks_dir, task_options)
     if tasks_dir is not None:
-        tasks_dir = Path(tasks_dir)
-        if not tasks_dir.is_dir():
-            raise UserError(f"tasks folder {tasks_dir} does not exist; write it with "
-                            f"python -m lorabench export lm-eval-tasks {tasks_dir}")
-        return _evaluate_in(lm, names, tasks_dir, limit, num_fewshot, apply_chat_template)
-    from lorabench.tasks import TASKS
-    for n in names:  # a lorabench encoder task gets the reason it cannot run, before any work
-        if n in TASKS:
-            get_decoder_task(n, task_options)
+        return _evaluate_in(lm, names, Path(tasks_dir), limit, num_fewshot, apply_chat_template)
     ours = [n for n in names if n in decoder_task_names()]
     with tempfile.TemporaryDirectory(prefix="lorabench-lm-eval-") as d:
         export_tasks(ours, d, tokenizer=tokenizer, options=task_options)
         return _evaluate_in(lm, names, Path(d), limit, num_fewshot, apply_chat_template)
+
+
+def check_names(names: list[str], tasks_dir: str | Path | None, task_options: dict | None = None) -> None:
+    """Every name is a lorabench decoder task (with valid options) or, with tasks_dir, a task defined there."""
+    from lorabench.tasks import TASKS
+    if not names:
+        raise UserError(f"no tasks given; lorabench tasks with an lm-eval export: {', '.join(decoder_task_names())}")
+    for n in names:
+        if n in TASKS:
+            get_decoder_task(n, task_options)
+    if tasks_dir is None:
+        tm = _EmptyIndex()
+    else:
+        if not Path(tasks_dir).is_dir():
+            raise UserError(f"tasks folder {tasks_dir} does not exist; write it with "
+                            f"python -m lorabench export lm-eval-tasks {tasks_dir}")
+        from lm_eval.tasks import TaskManager
+        tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        resolve_tasks(unknown, tm, tasks_dir)
+
+
+class _EmptyIndex:
+    """What `resolve_tasks` sees when no tasks folder is given: no lm-eval tasks beyond lorabench's."""
+    all_tasks: list[str] = []
+    task_index: dict = {}
 
 
 def _evaluate_in(lm, names, tasks_dir: Path, limit, num_fewshot, apply_chat_template) -> dict:
@@ -118,7 +137,10 @@ def score_in_trial(model, tokenizer, task, batch_size: int) -> dict:
     """The suite option `lm_eval: true`: score a trained trial's model on its own task through lm-eval."""
     from lorabench.lmeval.model import LorabenchLM
 
-    lm = LorabenchLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_length=task.max_length)
+    # Multiple choice and generation truncate like the task; perplexity documents are whole windows
+    # re-tokenised from text, which may come out a few tokens longer: the model's own context then.
+    max_length = None if task.kind == "perplexity" else task.max_length
+    lm = LorabenchLM(model=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     go_offline()
     with tempfile.TemporaryDirectory(prefix="lorabench-lm-eval-") as d:
         from lorabench.lmeval.export import export_task
@@ -139,6 +161,7 @@ def eval_command(names: list[str], model: str, adapter: str | None = None, tasks
     from lorabench.lmeval.model import LorabenchLM, load_for_eval
 
     names = [n.strip() for n in names if n.strip()]
+    check_names(names, tasks_dir, task_options)  # before the model is loaded: a typo fails in a second
     if adapter is not None and not Path(adapter).is_file():
         raise UserError(f"adapter file {adapter} does not exist")
     t0 = time.perf_counter()
