@@ -1,0 +1,322 @@
+"""Reports: statistics, tables, findings, the CLI, byte-for-byte reproducibility, and the standard
+suite's coverage of the registry. Records are synthetic (built below) except where the committed
+`results/` records are regenerated."""
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lorabench.cli import main
+from lorabench.report import findings, leaderboard, stats, tables
+from lorabench.report.build import FORMATS, parse_formats, write_report
+from lorabench.report.plots import pareto_front
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+FAMILY = {"full": "baseline", "head": "baseline", "lora": "lora", "dora": "low-rank-bottleneck",
+          "vera": "efficiency-freezing-sharing", "pissa": "learning-procedure"}
+PARAMS = {"full": 22_000_000, "head": 770, "lora": 150_000, "dora": 160_000, "vera": 9_000, "pissa": 150_000}
+
+
+def record(task, label, seed, score=None, status="ok", curve_start=0.7, **extra):
+    r = {"record_version": 1, "trial_id": f"{task}-{label}-{seed}", "suite": "synthetic", "suite_version": 1,
+         "label": label, "method": label, "task": task, "seed": seed, "status": status}
+    if status == "ok":
+        r.update(metric="accuracy", higher_is_better=True, score=score, family=FAMILY[label],
+                 peak_rss_mb=900.0 + seed, train_tokens_per_s=3000.0 + 10 * seed, trainable_params=PARAMS[label],
+                 adapter_bytes=4 * PARAMS[label], train={"steps": 100, "batch_size": 16, "loss_curve_every": 5},
+                 loss_curve=[round(curve_start - 0.02 * i, 4) for i in range(8)], method_config={"rank": 8})
+    else:
+        r["error"] = "RuntimeError: CUDA out of memory | second part\nand a second line"
+    r.update(extra)
+    return r
+
+
+def standard_like(missing_seed=True, failed=True, unknown=True) -> list[dict]:
+    """Two tasks, five methods, three seeds; optionally one failure, one missing seed, one unknown field."""
+    rng = random.Random(0)
+    means = {"full": 0.86, "head": 0.70, "lora": 0.84, "dora": 0.85, "vera": 0.835}
+    out = []
+    for task in ("rt-sentiment", "sarcasm"):
+        for label, m in means.items():
+            for seed in range(3):
+                if missing_seed and task == "sarcasm" and label == "vera" and seed == 2:
+                    continue
+                if failed and task == "sarcasm" and label == "dora" and seed == 1:
+                    out.append(record(task, label, seed, status="failed"))
+                    continue
+                extra = {"mystery_field": 1} if unknown and label == "head" and seed == 0 and task == "sarcasm" else {}
+                out.append(record(task, label, seed, round(m + rng.gauss(0, 0.004), 4), **extra))
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+def test_mean_ci95_is_the_student_t_interval():
+    xs = [0.81, 0.84, 0.83]
+    mean, hw, n = stats.mean_ci95(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / 2)
+    assert n == 3 and mean == pytest.approx(sum(xs) / 3)
+    assert hw == pytest.approx(4.303 * sd / math.sqrt(3))
+    assert math.isnan(stats.mean_ci95([0.5])[1]) and stats.mean_ci95([])[2] == 0
+    assert stats.mean_ci95([1.0, float("nan"), None, 3.0])[:2] == pytest.approx((2.0, 12.706 * math.sqrt(2) / math.sqrt(2)))
+
+
+def test_t_quantiles_are_conservative_between_table_rows():
+    assert stats.t975(2) == 4.303 and stats.t975(22) == stats.t975(20) and stats.t975(1000) == 1.96
+    with pytest.raises(ValueError, match="at least 1 degree"):
+        stats.t975(0)
+
+
+def test_sign_test_is_exact():
+    assert stats.sign_test_p(5, 0) == pytest.approx(2 / 32)
+    assert stats.sign_test_p(3, 3) == 1.0 and stats.sign_test_p(0, 0) == 1.0
+    assert stats.sign_test_p(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+@pytest.mark.parametrize("diffs,verdict", [
+    ([0.02, 0.03, 0.025], "win"), ([-0.02, -0.03, -0.025], "loss"), ([0.02, -0.03, 0.01], "tie"),
+    ([0.05], "untested"), ([0.01, 0.01, 0.01], "win"), ([0.0, 0.0], "tie"),
+])
+def test_paired_verdicts(diffs, verdict):
+    assert stats.paired(diffs).verdict() == verdict
+
+
+def test_pareto_front():
+    # x lower is better, y higher is better: (1, .5) and (3, .9) are the front; (2, .4) and (4, .8) are dominated.
+    assert pareto_front([1, 2, 3, 4], [0.5, 0.4, 0.9, 0.8], True, True) == [True, False, True, False]
+    # throughput: x higher is better
+    assert pareto_front([10, 20], [0.9, 0.8], False, True) == [True, True]
+    assert pareto_front([10, 20], [0.9, 0.95], False, True) == [False, True]
+
+
+# --- tables ----------------------------------------------------------------------------------
+
+def test_summary_ranks_cis_and_notes_with_a_failure_a_missing_seed_and_an_unknown_field():
+    recs = standard_like()
+    rep = tables.build(recs)
+    s = rep.summary.set_index(["task", "label"])
+    # means and CIs are the Student-t ones over the ok seeds
+    lora = [r["score"] for r in recs if r["task"] == "rt-sentiment" and r["label"] == "lora"]
+    assert s.loc[("rt-sentiment", "lora"), "score"] == pytest.approx(sum(lora) / 3)
+    assert s.loc[("rt-sentiment", "lora"), "score_ci95"] == pytest.approx(stats.mean_ci95(lora)[1])
+    # ranks follow the means, best first
+    rt = rep.summary[rep.summary["task"] == "rt-sentiment"]
+    assert list(rt["label"]) == ["full", "dora", "lora", "vera", "head"]
+    assert list(rt["rank"]) == [1, 2, 3, 4, 5]
+    # the failed seed is counted as failed, not averaged in, and listed with its reason
+    assert s.loc[("sarcasm", "dora"), "n_seeds"] == 2 and s.loc[("sarcasm", "dora"), "n_failed"] == 1
+    assert list(rep.failures["label"]) == ["dora"] and "out of memory" in rep.failures["error"].iloc[0]
+    notes = "\n".join(rep.notes)
+    assert "vera on sarcasm: no record for seed(s) 2" in notes
+    assert "mystery_field (1 record)" in notes
+    assert "1 trial(s) failed" in notes
+    # average rank: over the tasks each method ran; grouped by survey family (baselines first)
+    ar = rep.average_rank
+    assert list(ar["family"])[:2] == ["baseline", "baseline"]
+    assert ar.set_index("label").loc["full", "average_rank"] == 1.0
+
+
+def test_paired_comparison_against_lora():
+    recs = [record("t", "lora", s, 0.80 + 0.01 * s) for s in range(3)]
+    recs += [record("t", "dora", s, 0.85 + 0.01 * s + 0.001 * (s == 1)) for s in range(3)]  # +0.05 on every seed
+    recs += [record("t", "vera", s, 0.80 + 0.01 * s + (0.02, -0.02, 0.001)[s]) for s in range(3)]
+    recs += [record("t", "head", s, 0.50) for s in range(3)]
+    recs += [record("t", "full", 0, 0.9)]  # one seed: untested
+    rep = tables.build(recs)
+    v = rep.paired_detail.set_index("label")["verdict"].to_dict()
+    assert v == {"dora": "win", "vera": "tie", "head": "loss", "full": "untested"}
+    summ = rep.paired_summary.set_index("label")
+    assert summ.loc["dora", ["wins", "ties", "losses"]].tolist() == [1, 0, 0]
+    assert rep.paired_detail.set_index("label").loc["dora", "diff"] == pytest.approx(0.05 + 0.001 / 3)
+
+
+def test_lower_is_better_metrics_are_ranked_and_compared_the_right_way():
+    recs = []
+    for s in range(3):
+        for label, ppl in (("lora", 20.0), ("dora", 18.0), ("full", 25.0)):
+            recs.append(record("lm", label, s, ppl + 0.1 * s, metric="perplexity", higher_is_better=False))
+    rep = tables.build(recs)
+    assert list(rep.summary["label"]) == ["dora", "lora", "full"]
+    v = rep.paired_detail.set_index("label")["verdict"].to_dict()
+    assert v == {"dora": "win", "full": "loss"}
+
+
+def test_malformed_records_get_notes_not_crashes():
+    recs = [record("t", "lora", 0, 0.8), record("t", "lora", 1, 0.81),
+            {"status": "ok", "score": 0.5},                                   # no task/label/method/seed
+            record("t", "dora", 0, None),                                      # ok without a score
+            record("t", "dora", 1, 0.9, status="weird"),                       # unknown status
+            record("t", "lora", 1, 0.82)]                                      # duplicate (task, label, seed)
+    rep = tables.build(recs)
+    notes = "\n".join(rep.notes)
+    assert "Record 3 lacks task, label, method, seed" in notes
+    assert "repeat a (task, method label, seed)" in notes
+    assert set(rep.failures["label"]) == {"dora"}
+    assert any("not a finite number" in e for e in rep.failures["error"])
+    assert any("status 'weird'" in e for e in rep.failures["error"])
+    assert rep.summary.set_index("label").loc["lora", "score"] == pytest.approx((0.8 + 0.82) / 2)
+
+
+def test_a_method_whose_every_trial_failed_is_shown_as_failed():
+    recs = [record("t", "lora", s, 0.8) for s in range(2)] + [record("t", "dora", s, status="failed") for s in range(2)]
+    rep = tables.build(recs)
+    row = rep.summary.set_index("label").loc["dora"]
+    assert row["n_seeds"] == 0 and row["n_failed"] == 2 and math.isnan(row["rank"])
+    assert "FAILED dora (seed 0)" in leaderboard.render(recs)
+    from lorabench.report.display import leaderboard_tables
+    (t,) = leaderboard_tables(rep)
+    dora = next(row for row in t.rows if row[1][0] == "dora")
+    assert dora[0][0] == "failed" and dora[4][0] == "0 (2 failed)"
+
+
+# --- findings --------------------------------------------------------------------------------
+
+def test_findings_verdicts_are_computed_and_unmeasured_claims_say_so():
+    recs = []
+    for s in range(3):
+        recs += [record("t", "lora", s, 0.80 + 0.01 * s, curve_start=0.70),
+                 record("t", "full", s, 0.95 + 0.01 * s),                      # LoRA 15 points behind: does not hold
+                 record("t", "dora", s, 0.85 + 0.01 * s + 0.001 * s),          # +5 points every seed: holds
+                 record("t", "vera", s, 0.80 + 0.01 * s + (0.03, -0.03, 0.0)[s]),  # too noisy: inconclusive
+                 record("t", "pissa", s, 0.80, curve_start=0.50 + 0.01 * s)]  # lower early loss: holds
+    rows = findings.evaluate(tables.build(recs).trials)
+    by = rows.set_index("claim")["verdict"].to_dict()
+    assert by["LoRA approaches full fine-tuning"] == "does not hold"
+    assert by["DoRA beats LoRA at equal rank"] == "holds"
+    assert by["VeRA matches LoRA with far fewer trainable parameters"] == "inconclusive"
+    assert by["PiSSA converges faster than LoRA early in training"] == "holds"
+    assert by["QLoRA matches 16-bit LoRA"] == "not yet measured"
+    assert by["LoRA+ speeds up convergence"] == "not yet measured"
+    vera = rows.set_index("claim").loc["VeRA matches LoRA with far fewer trainable parameters"]
+    assert "0.06x" in vera["extra"]
+    assert findings.overall(rows, "DoRA beats LoRA at equal rank") == "holds on 1 of 1 task"
+
+
+def test_findings_flag_unequal_ranks_for_dora():
+    recs = []
+    for s in range(3):
+        recs += [record("t", "lora", s, 0.80), record("t", "dora", s, 0.90 + 0.001 * s, method_config={"rank": 16})]
+    rows = findings.evaluate(tables.build(recs).trials).set_index("claim")
+    assert rows.loc["DoRA beats LoRA at equal rank", "verdict"] == "inconclusive"
+    assert "ranks differ" in rows.loc["DoRA beats LoRA at equal rank", "why"]
+
+
+# --- outputs and the CLI ---------------------------------------------------------------------
+
+def test_cli_writes_every_format_and_the_outputs_say_what_happened(tmp_path, capsys):
+    recs = standard_like()
+    src = write_jsonl(tmp_path / "records.jsonl", recs)
+    out = tmp_path / "out"
+    assert main(["report", str(src), "--format", "md,csv", "--format", "html", "--format", "png", "--out", str(out)]) == 0
+    names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert set(names) == {"LEADERBOARD.md", "average_rank.csv", "failures.csv", "findings.csv", "leaderboard.csv",
+                          "leaderboard.html", "paired.csv", "plots/average.png", "plots/rt-sentiment.png",
+                          "plots/sarcasm.png"}
+    md = (out / "LEADERBOARD.md").read_text()
+    assert "| sarcasm | dora | 1 | RuntimeError: CUDA out of memory \\| second part and a second line |" in md
+    assert "vera on sarcasm: no record for seed(s) 2" in md and "mystery_field" in md
+    assert "QLoRA matches 16-bit LoRA" in md and "not yet measured" in md
+    assert "paired t-test" in md
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert set(csv["label"]) == {"full", "head", "lora", "dora", "vera"}
+    assert (pd.read_csv(out / "failures.csv")["label"] == "dora").all()
+    html = (out / "leaderboard.html").read_text()
+    assert "data:image/png;base64," in html and "<script" in html
+    assert "http://" not in html and "https://" not in html and "src=\"http" not in html  # self-contained
+    for png in (out / "plots").iterdir():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # md to stdout without --out
+    capsys.readouterr()
+    assert main(["report", str(src)]) == 0
+    assert capsys.readouterr().out.startswith("# lorabench leaderboard")
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "r.jsonl", [record("t", "lora", 0, 0.8)])
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["report", str(src), "--format", "pdf", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown report format 'pdf'; valid: md, csv, html, png" in capsys.readouterr().err
+    assert main(["report", str(src), "--format", "csv"]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    assert parse_formats(None) == list(FORMATS) and parse_formats(["png,md", "md"]) == ["png", "md"]
+
+
+def test_two_runs_write_identical_bytes_including_png(tmp_path):
+    recs = standard_like()
+    a = write_report(recs, tmp_path / "a", list(FORMATS))
+    b = write_report(recs, tmp_path / "b", list(FORMATS))
+    assert [p.relative_to(tmp_path / "a") for p in a] == [p.relative_to(tmp_path / "b") for p in b]
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), f"{pa.name} differs between two runs"
+    assert any(p.suffix == ".png" for p in a)
+    assert b"Software" not in (tmp_path / "a" / "plots" / "sarcasm.png").read_bytes()
+
+
+def test_record_order_does_not_change_the_tables(tmp_path):
+    recs = standard_like(unknown=False)
+    a = write_report(recs, tmp_path / "a", ["md", "csv"])
+    b = write_report(list(reversed(recs)), tmp_path / "b", ["md", "csv"])
+    for pa, pb in zip(a, b):
+        assert pa.read_bytes() == pb.read_bytes(), f"{pa.name} depends on the order of the records"
+
+
+# --- the published leaderboard ---------------------------------------------------------------
+
+def published_records() -> list[Path]:
+    return sorted(RESULTS.glob("*/records.jsonl"))
+
+
+@pytest.mark.skipif(not published_records(), reason="no committed records under results/ yet")
+def test_published_leaderboard_regenerates_byte_for_byte(tmp_path):
+    """The documented command (docs/leaderboard.md) reproduces results/ from the committed records."""
+    import matplotlib
+    files = published_records()
+    out = tmp_path / "results"
+    assert main(["report", *map(str, files), "--out", str(out)]) == 0
+    md = (RESULTS / "LEADERBOARD.md").read_text()
+    same_matplotlib = f"matplotlib {matplotlib.__version__} " in md
+    hint = (f"results/ is stale: run `python -m lorabench report {' '.join(str(f.relative_to(ROOT)) for f in files)} "
+            f"--out results` and commit the result")
+    for p in sorted(out.rglob("*")):
+        if not p.is_file():
+            continue
+        rel = p.relative_to(out)
+        if p.suffix in (".png", ".html") and not same_matplotlib:
+            continue  # PNG bytes (also embedded in the HTML) depend on the matplotlib version
+        committed = RESULTS / rel
+        assert committed.exists(), f"{rel} is generated but not committed; {hint}"
+        assert committed.read_bytes() == p.read_bytes(), f"{rel} differs; {hint}"
+
+
+# --- the standard suite ----------------------------------------------------------------------
+
+def test_standard_suite_covers_every_registered_method():
+    from lorabench.methods import METHODS
+    from lorabench.runner.suite import load_suite
+    suite = load_suite("standard")
+    listed = {m.name for m in suite.methods}
+    missing = sorted(set(METHODS.names()) - listed)
+    assert not missing, (f"suites/standard.yaml lacks registered method(s): {', '.join(missing)}; add one line each "
+                         f"under 'methods:' (and re-run the standard suite for them)")
+    assert {t.name for t in suite.tasks} >= {"rt-sentiment", "sarcasm", "quartz"}
+    assert suite.seeds == [0, 1, 2]
+    models = {t.name: t.model for t in suite.tasks}
+    assert models["rt-sentiment"] == models["sarcasm"] == "minilm-l6" and models["quartz"] == "smollm2-135m"
+
+
+def test_leaderboard_render_still_prints_one_block_per_task():
+    text = leaderboard.render(standard_like())
+    assert "== rt-sentiment ==" in text and "== sarcasm ==" in text and "FAILED dora (seed 1)" in text
+    assert leaderboard.render([]) == "no records"
