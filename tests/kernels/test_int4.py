@@ -123,3 +123,24 @@ def test_bad_input_is_named():
         I.int4_linear(torch.randn(2, 32), s)
     with pytest.raises(RuntimeError, match="lora_A"):
         I.int4_linear(torch.randn(2, 64), s, None, torch.randn(2, 3), torch.randn(4, 2))
+
+
+def test_int4_linear_module_roundtrip_and_merge():
+    """Int4Linear: from_linear, forward, forward_lora (QA-LoRA pooled A), merge_lora, state_dict."""
+    from lorabench.ops.modules import Int4Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 24)
+    mod = Int4Linear.from_linear(lin, group_size=32)
+    W = mod.dequantize()
+    assert W.shape == (24, 128)
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(mod(x), x @ W.T + lin.bias, rtol=1e-5, atol=1e-5)
+    A, B = torch.randn(4, 128 // 32), torch.randn(24, 4) * 0.1
+    unmerged = mod.forward_lora(x, A, B, 2.0)
+    fresh = Int4Linear(128, 24, bias=True, group_size=32)
+    fresh.load_state_dict(mod.state_dict())
+    assert torch.equal(fresh(x), mod(x))
+    mod.merge_lora(A, B, 2.0)
+    torch.testing.assert_close(mod(x), unmerged, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Linear.from_linear(torch.nn.Linear(100, 4), group_size=64)

@@ -229,3 +229,26 @@ def test_cuda_gemv_matches_cpu_for_real_sizes():
             got = N.nf4_linear(x.cuda(), _on(state, "cuda")).cpu()
             assert_within_rule("nf4 cuda", got, _linear("reference", x, state, None, None, None, 1.0),
                                _linear("reference", x.double(), state, None, None, None, 1.0))
+
+
+def test_nf4_linear_module_roundtrip():
+    """NF4Linear: from_linear, forward, forward_lora, dequantize, state_dict save/load of the packed weight."""
+    from lorabench.ops.modules import NF4Linear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 24)
+    mod = NF4Linear.from_linear(lin, blocksize=64, double_quant=True)
+    assert (mod.in_features, mod.out_features) == (128, 24)
+    W = mod.dequantize()
+    assert W.shape == (24, 128) and (W - lin.weight).abs().mean() < 0.1 * lin.weight.abs().mean()
+    x = torch.randn(5, 128)
+    torch.testing.assert_close(mod(x), x @ W.T + lin.bias, rtol=1e-5, atol=1e-5)
+    A, B = torch.randn(4, 128) * 0.1, torch.randn(24, 4) * 0.1
+    torch.testing.assert_close(mod.forward_lora(x, A, B, 2.0), x @ W.T + lin.bias + 2.0 * (x @ A.T) @ B.T,
+                               rtol=1e-5, atol=1e-5)
+    sd = mod.state_dict()
+    assert sd["packed"].dtype == torch.uint8 and sd["absmax"].dtype == torch.uint8
+    fresh = NF4Linear(128, 24, bias=True, blocksize=64, double_quant=True)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(x), mod(x))
+    half = NF4Linear.from_linear(lin, double_quant=False, compute_dtype=torch.bfloat16)
+    assert half(x).dtype == torch.bfloat16 and half.absmax.dtype == torch.float32
