@@ -72,9 +72,11 @@ setup(
         "numpy",
         "gguf",       # reads the SmolLM2 GGUF file once, to convert it to safetensors
         "accelerate",
+        "matplotlib",  # the report's PNG plots (python -m lorabench report)
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
+                 "selenium"],  # drives Debian's chromium in tests/test_report_browser.py
         "lm-eval": ["lm-eval"],
     },
     entry_points={"console_scripts": ["lorabench=lorabench.cli:main"]},
