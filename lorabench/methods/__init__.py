@@ -26,6 +26,7 @@ METHODS.register_lazy("aflora", "lorabench.methods.reduction.aflora:AFLoRA")
 METHODS.register_lazy("dropbp", "lorabench.methods.reduction.dropbp:DropBP")
 METHODS.register_lazy("lte", "lorabench.methods.bottleneck.lte:LTE")
 METHODS.register_lazy("reslora", "lorabench.methods.procedure.reslora:ResLoRA")
+METHODS.register_lazy("laplace-lora", "lorabench.methods.procedure.laplace_lora:LaplaceLoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")

@@ -369,3 +369,61 @@ def reslora_equations(model, method):
 CASES += [
     Case("reslora", {"rank": 4, "alpha_momentum": 0.5}, equations=reslora_equations),
 ]
+
+
+def laplace_lora_equations(model, method):
+    """Laplace-LoRA: P = F + λ I with F = Σ_i g_i² (diagonal empirical Fisher); λ maximises the Laplace
+    evidence; the predictive averages softmax over θ ~ N(θ*, P^-1); ECE/NLL computed as defined."""
+    from lorabench.methods.procedure.laplace_lora import LaplaceLoRA, calibration
+    # calibration: two predictions at confidence 0.9 (one right) and one at 0.6 (right) in 15 bins
+    logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]]))
+    c = calibration(logits, torch.tensor([0, 1, 1]))
+    assert abs(c["ece"] - (2 / 3 * abs(0.5 - 0.9) + 1 / 3 * abs(1 - 0.6))) < 1e-6
+    assert abs(c["nll"] - (-(math.log(0.9) + math.log(0.1) + math.log(0.6)) / 3)) < 1e-6
+    # the evidence's maximiser: for F >> λ it is d / ||θ||² (d/dλ: -||θ||²/2 + d/(2λ) - Σ 1/(2(F_i + λ)) = 0)
+    theta = torch.full((100,), 0.1)
+    lam = LaplaceLoRA.prior_precision(theta, torch.full((100,), 1e6))
+    assert abs(math.log10(lam) - math.log10(100 / 1.0)) <= 0.05 + 1e-9
+    # Fisher on per-example gradients, scaled to the examples trained on
+    from tests.methods.tester import batch_for
+    kind = "bert" if hasattr(model, "bert") else "llama"
+    batch = batch_for(kind, n=3)
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    method.recent, method.n_trained = [batch], 6
+    factors = method.factors(model)
+    randomize_(*[p for p, _ in factors], std=0.1)
+    fisher = method.fisher(model, factors)
+    want = [torch.zeros_like(p) for p, _ in factors]
+    model.eval()
+    for i in range(3):
+        model.zero_grad(set_to_none=True)
+        model(**{k: v[i:i + 1] for k, v in batch.items()}).loss.backward()
+        for w, (p, _) in zip(want, factors):
+            w += p.grad ** 2
+    model.zero_grad(set_to_none=True)
+    for f, w in zip(fisher, want):
+        torch.testing.assert_close(f, w * 2.0)  # 6 examples trained, 3 used
+    # predictive: with P = F + λ, the eval forward is the Monte Carlo average of softmax over samples
+    with torch.no_grad():
+        for (_, prec), f in zip(factors, fisher):
+            prec.copy_(f + 50.0)
+    ids = batch["input_ids"][:2]
+    method.generator.manual_seed(7)
+    out = model(input_ids=ids).logits
+    method.generator.manual_seed(7)
+    means = [p.detach().clone() for p, _ in factors]
+    probs = 0
+    with torch.no_grad():
+        for _ in range(method.config.samples):
+            for (p, prec), mu in zip(factors, means):
+                p.copy_(mu + torch.randn(p.shape, generator=method.generator) * prec.rsqrt())
+            probs = probs + model.forward.__wrapped_plain__(input_ids=ids).logits.softmax(-1)
+            for (p, _), mu in zip(factors, means):
+                p.copy_(mu)
+    torch.testing.assert_close(out, (probs / method.config.samples).log(), atol=1e-5, rtol=1e-4)
+
+
+CASES += [
+    Case("laplace-lora", {"rank": 4, "samples": 3, "fisher_examples": 4, "holdout_every": 2},
+         equations=laplace_lora_equations),
+]
