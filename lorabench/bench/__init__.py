@@ -1,0 +1,1 @@
+"""Benchmarks behind `python -m lorabench bench ...`: each module exposes `main(argv) -> int`."""
