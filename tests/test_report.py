@@ -320,3 +320,19 @@ def test_leaderboard_render_still_prints_one_block_per_task():
     text = leaderboard.render(standard_like())
     assert "== rt-sentiment ==" in text and "== sarcasm ==" in text and "FAILED dora (seed 1)" in text
     assert leaderboard.render([]) == "no records"
+
+
+def test_coverage_says_which_part_of_the_suite_was_run_and_flags_budget_overrides():
+    from lorabench.report.build import coverage
+    from lorabench.runner.suite import load_suite, trial_id
+    specs = load_suite("standard").trials()
+    recs = []
+    for spec in specs[:2]:
+        recs.append(record(spec.task, spec.label, spec.seed, 0.8, trial_id=trial_id(spec), suite="standard",
+                           overrides=["tasks=rt-sentiment", "seeds=0,1,2"]))
+    (line,) = coverage(tables.build(recs))
+    assert f"that is 2 of the {len(specs)} trials its suite file defines now" in line
+    assert "Not yet run: tasks quartz, sarcasm" in line and "overrides" not in line
+    recs[0]["overrides"] = ["train.steps=3"]
+    (line,) = coverage(tables.build(recs))
+    assert "run with overrides train.steps=3 (not the suite's own budget)" in line

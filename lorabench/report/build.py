@@ -58,6 +58,11 @@ def coverage(rep: tables.Report) -> list[str]:
         what = (f"suite {suite} v{version}: {len(g)} trial(s) recorded ({int((g['status'] == 'ok').sum())} ok), "
                 f"tasks {', '.join(sorted(set(g['task'])))}, seeds {', '.join(map(str, sorted(set(g['seed']))))}, "
                 f"{len(set(g['label']))} method(s)")
+        sel = ("tasks=", "methods=", "seeds=")  # subset selectors keep trial ids; anything else changes the budget
+        budget = sorted({o for r in rep.records if r.get("suite") == suite and r.get("suite_version") == version
+                         for o in (r.get("overrides") or []) if isinstance(o, str) and not o.startswith(sel)})
+        if budget:
+            what += f", run with overrides {' '.join(budget)} (not the suite's own budget)"
         try:
             s = load_suite(str(suite))
         except Exception as e:  # a foreign or since-renamed suite: say so, the records are still reported
