@@ -172,6 +172,41 @@ def qa_lora_equations(model, method):
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def adalora_equations(model, method):
+    """AdaLoRA eq. (3): ΔW = P Λ Q scaled by alpha/r; eq. (4) regulariser; eqs. (7), (12): pruning to the budget."""
+    from lorabench.methods.adalora import SVDLinear, budget_schedule
+    from lorabench.methods.base import TrainState
+    layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
+    layer = layers[0]
+    assert torch.count_nonzero(layer.lora_E) == 0
+    randomize_(layer.lora_E)
+    x = torch.randn(3, layer.in_features)
+    c = method.config
+    with torch.no_grad():
+        dW = layer.lora_B @ torch.diag(layer.lora_E.view(-1)) @ layer.lora_A * (c.alpha / c.init_rank)
+        torch.testing.assert_close(layer(x), x @ (layer.base.weight + dW).T + layer.base.bias, atol=1e-5, rtol=1e-4)
+    state = TrainState(model=model, optimizer=None, scheduler=None, step=0, total_steps=100)
+    reg = method.extra_loss(state)
+    eye = torch.eye(c.init_rank)
+    want = torch.stack([torch.linalg.norm(t, "fro") for m in layers for t in
+                        (m.lora_A @ m.lora_A.T - eye, m.lora_B.T @ m.lora_B - eye)]).mean() * c.orth_reg_weight
+    torch.testing.assert_close(reg, want)
+    # the schedule: full budget during warm-up, cubic decrease, target budget at the end
+    assert budget_schedule(5, 100, 10, 20, 120, 80, 1) == (120, False)
+    assert budget_schedule(10 + 35, 100, 10, 20, 120, 80, 5)[0] == int(40 * (1 - 35 / 70) ** 3 + 80)
+    assert budget_schedule(90, 100, 10, 20, 120, 80, 7) == (80, True)
+    # pruning keeps exactly the budget of triplets with the highest scores
+    method.on_train_begin(state)
+    for m in layers:
+        for p in (m.lora_A, m.lora_E, m.lora_B):
+            p.grad = torch.randn_like(p)
+    randomize_(*[m.lora_E for m in layers])
+    method.update_importance(layers)
+    budget = method.init_bgt - 5
+    method.mask_to_budget(layers, budget)
+    assert sum(int(torch.count_nonzero(m.lora_E)) for m in layers) == budget
+
+
 CASES = [
     Case("rslora", {"rank": 4, "alpha": 8}, equations=rslora_equations),
     Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
@@ -190,4 +225,6 @@ CASES = [
     Case("loftq", {"rank": 4, "alpha": 8, "iterations": 3}, identity_at_init=False, models=("llama",),
          equations=loftq_equations),
     Case("qa-lora", {"rank": 4, "alpha": 8, "group_size": 32}, identity_at_init=False, equations=qa_lora_equations),
+    Case("adalora", {"init_rank": 6, "target_rank": 3, "tinit": 0.0, "tfinal": 0.0, "delta_t": 1},
+         equations=adalora_equations),
 ]

@@ -199,3 +199,69 @@ def test_qlora_base_equals_bitsandbytes_nf4(double_quant):
         torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-2)
     else:
         assert torch.equal(ours, theirs)
+
+
+def adalora_pair(kind, total_step=20):
+    from peft import AdaLoraConfig
+    cfg = AdaLoraConfig(init_r=6, target_r=3, lora_alpha=8, target_modules=TARGETS, tinit=2, tfinal=4, deltaT=3,
+                        beta1=0.85, beta2=0.85, orth_reg_weight=0.1, total_step=total_step)
+    return build(kind, cfg, "adalora", {"init_rank": 6, "target_rank": 3, "alpha": 8, "target_modules": TARGETS,
+                                        "tinit": 2 / total_step, "tfinal": 4 / total_step, "delta_t": 3,
+                                        "orth_reg_weight": 0.1})
+
+
+def copy_adalora(pm, ours, perturb=True):
+    g = torch.Generator().manual_seed(3)
+    pairs = []
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            for key in ("lora_A", "lora_E", "lora_B"):
+                marker = f".{key}.default"
+                if marker in n:
+                    mod = n.removeprefix("base_model.model.").split(marker)[0]
+                    if perturb:
+                        p.add_(0.1 * torch.randn(p.shape, generator=g))
+                    o = getattr(ours.get_submodule(mod), key)
+                    o.copy_(p)
+                    pairs.append((p, o))
+    assert pairs
+    return pairs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adalora_forward_and_merge_equal_peft(kind):
+    pm, ours, method = adalora_pair(kind)
+    copy_adalora(pm, ours)
+    assert_same_forward_and_merge(pm, ours, method, kind)
+
+
+def test_adalora_budget_allocation_equals_peft():
+    """Same weights and gradients at every step -> peft's RankAllocator and our hooks zero the same λ, and the
+    orthogonality regulariser equals peft's."""
+    from lorabench.methods.base import TrainState
+    total = 20
+    pm, ours, method = adalora_pair("llama", total)
+    pairs = copy_adalora(pm, ours)
+    b = batch_for("llama")
+    pm.train()
+    loss_p = pm(**b).loss
+    ours.train()
+    state = TrainState(model=ours, optimizer=None, scheduler=None, step=0, total_steps=total)
+    reg_o = method.extra_loss(state)
+    method.on_train_begin(state)
+    g = torch.Generator().manual_seed(11)
+    n_masked_steps = 0
+    for step in range(total):
+        for p, o in pairs:
+            grad = torch.randn(p.shape, generator=g)
+            p.grad, o.grad = grad.clone(), grad.clone()
+        pm.base_model.update_and_allocate(step)
+        state.step = step
+        method.on_step_end(state)
+        for p, o in pairs:
+            assert torch.equal(p, o), f"step {step}: peft and ours differ"
+        n_masked_steps += int(any(torch.count_nonzero(o) < o.numel() for p, o in pairs))
+    assert n_masked_steps > 0, "the allocator never pruned anything"
+    # the final allocation keeps exactly the target budget (a λ zeroed earlier stays zero without an optimizer)
+    assert sum(int(k.sum()) for k in method.rank_mask.values()) == method.target_bgt
+    assert reg_o is not None and torch.isfinite(loss_p)
