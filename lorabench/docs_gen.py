@@ -1,0 +1,187 @@
+"""Generate docs/methods.md from the method registry and the survey's paper list.
+
+The survey "A Survey on LoRA of Large Language Models" (arXiv 2407.11046) keeps its paper list in
+an awesome-list README. `extract` turns that Markdown into `docs/survey-papers.tsv` (section,
+title, venue, link: facts only, one row per entry, commented-out examples skipped); `render` joins
+that table with the registry: an entry is *implemented* when a registered method cites its arXiv id
+(or has its title), otherwise *planned*, or *out of scope* with the reason of its section.
+
+    python -m lorabench.docs_gen                       # rewrite docs/methods.md
+    python -m lorabench.docs_gen --check               # exit 1 if docs/methods.md is stale
+    python -m lorabench.docs_gen --extract LIST.md     # refresh docs/survey-papers.tsv from the list
+
+tests/test_docs_methods.py checks that the committed docs/methods.md equals `render()`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PAPERS_TSV = ROOT / "docs" / "survey-papers.tsv"
+METHODS_MD = ROOT / "docs" / "methods.md"
+
+# Sections whose entries lorabench does not implement, and why (matched on the section path).
+OUT_OF_SCOPE = [
+    ("Theoretical Analysis", "analysis of LoRA, not a method to run"),
+    ("Parallel LoRA Computing Frameworks", "a multi-GPU training/serving system; lorabench implements the kernels "
+                                           "such systems use (BGMV/SGMV), not the systems"),
+    ("LoRA for Federated Learning", "needs a federated simulation of many clients, outside the one-task protocol"),
+    ("Vision Tasks", "vision models and image data are not available from the registries lorabench can reach"),
+    ("Multimodal Tasks", "multimodal models and data are not available from the registries lorabench can reach"),
+    ("Applications of LoRA", "an application of LoRA to a domain, not a new adaptation method"),
+]
+
+ENTRY = re.compile(r"^\s*\d+\.\s+\*\*(?P<title>.+?)\*\*\s*(?:`(?P<venue>[^`]*)`)?")
+LINK = re.compile(r"\[\[PDF\]\((?P<url>[^)]+)\)\]")
+ARXIV = re.compile(r"(\d{4}\.\d{4,5})")
+
+
+def extract(list_md: str) -> list[dict]:
+    """Entries of the awesome list: section path, title, venue, PDF link (HTML comments skipped)."""
+    text = re.sub(r"<!--.*?-->", "", list_md, flags=re.S)
+    lines = text.splitlines()
+    heads: dict[int, str] = {}
+    rows = []
+    started = False
+    for i, line in enumerate(lines):
+        h = re.match(r"^(#{2,4})\s+(.*)$", line)
+        if h:
+            level = len(h.group(1))
+            name = re.sub(r"<img[^>]*>", "", h.group(2)).strip()
+            if name in ("Contribution", "Citations"):
+                started = False
+                continue
+            if level == 2:
+                started = name not in ("LoRA of LLMs", "Contents")
+            heads = {k: v for k, v in heads.items() if k < level}
+            heads[level] = name
+            continue
+        m = ENTRY.match(line)
+        if not (started and m):
+            continue
+        nxt = " ".join(lines[i:i + 3])
+        link = LINK.search(nxt)
+        rows.append({"section": " / ".join(heads[k] for k in sorted(heads)),
+                     "title": m.group("title").strip().rstrip("."),
+                     "venue": (m.group("venue") or "").strip(),
+                     "url": link.group("url") if link else ""})
+    return rows
+
+
+def read_papers(path: Path = PAPERS_TSV) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def write_papers(rows: list[dict], path: Path = PAPERS_TSV) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, ["section", "title", "venue", "url"], delimiter="\t", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _norm(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", title.lower()).strip()
+
+
+def registered_methods() -> list:
+    from lorabench.methods import METHODS, get_method
+    return [get_method(n) for n in sorted(METHODS.names())]
+
+
+def status_of(row: dict, by_arxiv: dict, by_title: dict) -> tuple[str, list]:
+    m = ARXIV.search(row["url"]) if "arxiv" in row["url"] else None
+    hits = by_arxiv.get(m.group(1), []) if m else []
+    if not m:  # no arXiv link in the list: match the title, or its short name before the colon
+        hits = by_title.get(_norm(row["title"]), []) or by_title.get(_norm(row["title"].split(":")[0]), [])
+    if hits:
+        return "implemented", hits
+    for key, reason in OUT_OF_SCOPE:
+        if key in row["section"]:
+            return "out of scope", reason
+    return "planned", ""
+
+
+def render() -> str:
+    from lorabench.config import fields_help
+    from lorabench.methods.base import FAMILIES
+    methods = [c for c in registered_methods()]
+    by_arxiv: dict[str, list] = {}
+    by_title: dict[str, list] = {}
+    for c in methods:
+        if c.paper:
+            by_arxiv.setdefault(c.paper, []).append(c)
+        by_title.setdefault(_norm(c.title.split(":")[0]), []).append(c)
+        by_title.setdefault(_norm(c.title), []).append(c)
+    papers = read_papers()
+    counts: dict[str, int] = {}
+    out = ["# Methods", "",
+           "<!-- generated by `python -m lorabench.docs_gen` from the method registry and docs/survey-papers.tsv;"
+           " do not edit by hand -->", "",
+           "Every method registered in lorabench, then every entry of the paper list of the survey "
+           "\"A Survey on LoRA of Large Language Models\" (arXiv 2407.11046) with its status.", "",
+           "## Registered methods", "",
+           "| name | method | paper | survey family | mergeable | default lr |",
+           "|---|---|---|---|---|---|"]
+    for c in methods:
+        paper = f"[{c.paper}](https://arxiv.org/abs/{c.paper})" if c.paper else "-"
+        out.append(f"| `{c.name}` | {c.title} | {paper} | {FAMILIES.get(c.family, c.family)} | "
+                   f"{'yes' if c.mergeable else 'no'} | {c.default_lr:g} |")
+    out += ["", "### Options", ""]
+    for c in methods:
+        out += [f"#### `{c.name}`", ""]
+        rows = fields_help(c.config_cls)
+        if not rows:
+            out += ["No options.", ""]
+            continue
+        out += ["| option | type | default | help |", "|---|---|---|---|"]
+        for name, tp, default, help_ in rows:
+            out.append(f"| `{name}` | {tp.replace('|', 'or')} | `{default!r}` | {help_.replace('|', '/')} |")
+        out.append("")
+    out += ["## The survey's paper list", ""]
+    table, listed = [], set()
+    for row in papers:
+        status, note = status_of(row, by_arxiv, by_title)
+        if status == "implemented":
+            listed |= {c.name for c in note}
+            note = ", ".join(f"`{c.name}`" for c in note)
+        counts[status] = counts.get(status, 0) + 1
+        link = f"[{row['title']}]({row['url']})" if row["url"] else row["title"]
+        table.append(f"| {row['section']} | {link} | {row['venue']} | {status} | {note} |")
+    out.append(", ".join(f"{k}: {counts.get(k, 0)}" for k in ("implemented", "planned", "out of scope"))
+               + f" (of {len(papers)} entries).")
+    out += ["", "| section | paper | venue | status | methods / reason |", "|---|---|---|---|---|"] + table
+    extra = [c for c in methods if c.paper and c.name not in listed]
+    if extra:
+        out += ["", "## Implemented methods beyond the survey's list", "",
+                "| name | paper |", "|---|---|"]
+        out += [f"| `{c.name}` | [{c.paper}](https://arxiv.org/abs/{c.paper}) {c.title} |" for c in extra]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lorabench.docs_gen", description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if docs/methods.md differs from the generated text")
+    ap.add_argument("--extract", metavar="LIST_MD", help="refresh docs/survey-papers.tsv from the survey's list")
+    args = ap.parse_args(argv)
+    if args.extract:
+        rows = extract(Path(args.extract).read_text(encoding="utf-8"))
+        write_papers(rows)
+        print(f"wrote {len(rows)} entries to {PAPERS_TSV}")
+    text = render()
+    if args.check:
+        same = METHODS_MD.exists() and METHODS_MD.read_text(encoding="utf-8") == text
+        if not same:
+            print(f"{METHODS_MD} is stale: run `python -m lorabench.docs_gen`", file=sys.stderr)
+        return 0 if same else 1
+    METHODS_MD.write_text(text, encoding="utf-8")
+    print(f"wrote {METHODS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
