@@ -427,3 +427,39 @@ CASES += [
     Case("laplace-lora", {"rank": 4, "samples": 3, "fisher_examples": 4, "holdout_every": 2},
          equations=laplace_lora_equations),
 ]
+
+
+def hiddenkey_equations(model, method):
+    """HiddenKey: column-wise dropout of the attention logits (a dropped key is hidden from every query
+    of a head, never a query's own key) and the bidirectional KL (KL(p1||p2) + KL(p2||p1)) / 2."""
+    from lorabench.methods.procedure.hiddenkey import hiddenkey_attention, symmetric_kl
+    attn = next(m for m in model.modules() if hasattr(m, "hiddenkey_p"))
+    assert attn.hiddenkey_p == method.config.p_column
+    attn.train()
+    q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    attn.hiddenkey_p = 1.0  # every other key dropped: each query sees only itself
+    out, w = hiddenkey_attention(attn, q, k, v, None, 0.5)
+    torch.testing.assert_close(out, v.transpose(1, 2))
+    attn.hiddenkey_p = 0.5
+    torch.manual_seed(5)
+    out, w = hiddenkey_attention(attn, q, k, v, None, 0.5)
+    torch.manual_seed(5)
+    drop = (torch.rand(2, 2, 1, 5) < 0.5) & ~torch.eye(5, dtype=torch.bool)
+    logits = (q @ k.transpose(2, 3) * 0.5).masked_fill(drop, torch.finfo(torch.float32).min)
+    torch.testing.assert_close(w, logits.softmax(-1))
+    assert ((w == 0) == drop).all() and drop.any(), "dropped columns get exactly zero weight"
+    a, b = torch.randn(3, 4, 7), torch.randn(3, 4, 7)
+    pa, pb = a.softmax(-1), b.softmax(-1)
+    want = 0.5 * ((pa * (pa.log() - pb.log())).sum(-1) + (pb * (pb.log() - pa.log())).sum(-1)).mean()
+    torch.testing.assert_close(symmetric_kl(a, b, None), want)
+    assert float(symmetric_kl(a, a, None)) == 0.0
+    # the second pass of extra_loss samples new masks: the consistency loss is positive while training
+    model.train()
+    batch = {"input_ids": torch.randint(1, 90, (2, 6))}
+    model(**batch)
+    assert method.extra_loss(TrainState(model, None, None, 0, 1, batch=batch)).item() > 0
+
+
+CASES += [
+    Case("hiddenkey", {"rank": 4, "p_column": 0.3, "p_hidden": 0.2}, equations=hiddenkey_equations),
+]
