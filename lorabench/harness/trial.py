@@ -36,11 +36,14 @@ class TrialSpec:
     lm_eval: bool = False      # also score the trained model on its task through lm-evaluation-harness
 
 
-HEAD_NAMES = ("classifier", "score", "pre_classifier")
+# The classification head of transformers' sequence-classification models. BERT's pooler is part
+# of it (pooler -> dropout -> classifier): sentence-embedding checkpoints such as all-MiniLM-L6-v2
+# were trained with mean pooling, so their [CLS] pooler is not adapted to any task.
+HEAD_NAMES = ("classifier", "score", "pre_classifier", "bert.pooler")
 
 
 def head_modules(model: torch.nn.Module, head: str) -> list[str]:
-    """Task-head modules trained by every method (PEFT's modules_to_save for sequence classification)."""
+    """Task-head modules trained by every method (PEFT's modules_to_save, plus BERT's pooler)."""
     if head != "seq-cls":
         return []
     names = {n for n, _ in model.named_modules()}

@@ -1,4 +1,4 @@
-"""Run a suite: every trial in its own subprocess, records appended to JSONL, resumable.
+"""Run a suite: every trial in its own process, records appended to JSONL, resumable.
 
 A crash, OOM or NaN in one trial becomes a failed record with its reason and the suite goes on.
 Trials already recorded (by trial id, ok or failed) are skipped, so a killed suite resumes.
@@ -6,9 +6,9 @@ Trials already recorded (by trial id, ok or failed) are skipped, so a killed sui
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,68 +17,80 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorabench.measure.provenance import environment
+from lorabench.runner import worker
 from lorabench.runner.records import RECORD_VERSION, append_record, read_records
 from lorabench.runner.suite import Suite, trial_id
-
-
-def _die_with_parent() -> None:
-    """Child side: get SIGKILL when the runner dies, so a killed suite leaves no orphan trial."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+_CONTEXT = None
+
+
+def _context():
+    """A forkserver context with torch and transformers preloaded (see worker.py)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(worker.PRELOAD)
+    return _CONTEXT
+
+
 def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
-    """Run one trial in a subprocess; returns the worker's result (or a failure describing the crash)."""
+    """Run one trial in its own process; returns its result, or a failure describing the crash."""
     with tempfile.TemporaryDirectory(prefix="lorabench-trial-") as d:
-        spec_path, result_path = os.path.join(d, "spec.json"), os.path.join(d, "result.json")
-        with open(spec_path, "w") as f:
-            json.dump(asdict(spec) | {"_progress": progress}, f)
-        cmd = [sys.executable, "-m", "lorabench.runner.worker", spec_path, result_path]
+        result_path, log_path = os.path.join(d, "result.json"), os.path.join(d, "stderr.log")
+        open(log_path, "wb").close()
+        proc = _context().Process(target=worker.trial_main, args=(asdict(spec), result_path, log_path, progress),
+                                  name=f"trial-{spec.label}-{spec.task}-{spec.seed}")
         tail = bytearray()
-        proc = subprocess.Popen(cmd, stdout=sys.stdout, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         timed_out = False
-        try:
-            while True:
-                chunk = proc.stderr.read1(4096) if proc.stderr else b""
+        with open(log_path, "rb") as log:
+            def pump() -> None:
+                chunk = log.read()
                 if chunk:
                     sys.stderr.buffer.write(chunk)
                     sys.stderr.flush()
                     tail.extend(chunk)
                     del tail[:-8000]
-                elif proc.poll() is not None:
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    proc.kill()
-                    timed_out = True
-                    break
-        except KeyboardInterrupt:
-            proc.kill()
-            raise
-        proc.wait()
-        if os.path.exists(result_path):
+            proc.start()
+            try:
+                while proc.is_alive():
+                    proc.join(0.2)
+                    pump()
+                    if deadline is not None and time.monotonic() > deadline:
+                        proc.kill()
+                        proc.join()
+                        timed_out = True
+                        break
+            except KeyboardInterrupt:
+                proc.kill()
+                raise
+            pump()
+        if os.path.exists(result_path) and not timed_out:
             with open(result_path) as f:
                 return json.load(f)
         last = tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-15:]
+        code = proc.exitcode
         if timed_out:
             reason = f"timed out after {timeout_s:.0f} s"
-        elif proc.returncode < 0:
-            sig = signal.Signals(-proc.returncode).name
+        elif code is not None and code < 0:
+            sig = signal.Signals(-code).name
             reason = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
         else:
-            reason = f"exited with code {proc.returncode}"
+            reason = f"exited with code {code} without a result"
         return {"status": "failed", "error": f"trial process {reason}", "traceback": "\n".join(last)}
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)  # flushed: progress must show when stdout is a pipe or a file
+
+
 def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s: float | None = None,
-              progress: bool = True, log=print) -> list[str]:
+              progress: bool = True, log=_log) -> list[str]:
     """Run every trial of `suite` not yet in `records_path`. Returns the trial ids of the suite."""
     trials = suite.trials()
     done = {r.get("trial_id") for r in read_records(records_path)}

@@ -1,0 +1,115 @@
+"""The runner end to end, as a user runs it: the smoke suite, resume after SIGKILL, failures, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorabench.runner.records import read_records
+from lorabench.runner.suite import load_suite, trial_id
+from tests.conftest import REPO, run_cli
+
+TINY = """suite: {name}
+version: 1
+seeds: [0, 1]
+train: {{steps: 2, batch_size: 4, eval_batch_size: 16, warmup_steps_for_throughput: 0}}
+tasks:
+  - {{name: rt-sentiment, model: tiny-bert, options: {{n_train: 16, n_eval: 16}}}}
+methods:
+{methods}
+"""
+
+
+def tiny_suite(tmp_path: Path, methods: str = "  - head\n  - lora\n  - full", name: str = "tiny") -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(TINY.format(name=name, methods=methods))
+    return p
+
+
+def test_smoke_suite_runs_every_method_end_to_end(tmp_path):
+    records = tmp_path / "smoke.jsonl"
+    proc = run_cli("run", "smoke", "--records", str(records), "--no-progress", timeout=1800)
+    recs = read_records(records)
+    failed = [(r["label"], r["task"], r.get("error")) for r in recs if r["status"] != "ok"]
+    assert not failed, failed
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    suite = load_suite("smoke")
+    assert sorted(r["trial_id"] for r in recs) == sorted(trial_id(t) for t in suite.trials())
+    from lorabench.methods import METHODS
+    assert {m.name for m in suite.methods} == set(METHODS.names()), "smoke must run every registered method"
+    for r in recs:
+        assert r["adapter_bytes"] > 0 and r["trainable_params"] >= 0 and len(r["split_hash"]) == 16
+        assert r["peak_rss_mb"] > 0 and r["git_commit"] and r["versions"]["torch"]
+    assert "Leaderboard: suite smoke" in proc.stdout
+
+
+def test_suite_killed_mid_run_resumes_with_every_trial_once(tmp_path):
+    suite = tiny_suite(tmp_path)
+    records = tmp_path / "r.jsonl"
+    cmd = [sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records), "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while len(read_records(records, warn=False)) < 1 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n_before = len(read_records(records, warn=False))
+    assert 1 <= n_before < 6, "the kill should land mid-suite"
+    again = run_cli("run", str(suite), "--records", str(records), "--no-progress")
+    assert again.returncode == 0, again.stderr[-2000:]
+    ids = [r["trial_id"] for r in read_records(records)]
+    expected = sorted(trial_id(t) for t in load_suite(str(suite)).trials())
+    assert sorted(ids) == expected, "every trial recorded exactly once"
+    assert f"{n_before} already recorded" in again.stdout
+
+
+def test_failed_trial_is_recorded_and_the_suite_goes_on(tmp_path):
+    suite = tiny_suite(tmp_path, "  - {name: lora, label: broken, options: {target_modules: [no_such_layer]}}\n  - head",
+                       name="fails")
+    records = tmp_path / "r.jsonl"
+    proc = run_cli("run", str(suite), "--records", str(records), "--no-progress", "seeds=0")
+    assert proc.returncode == 1  # not every trial succeeded
+    by_label = {r["label"]: r for r in read_records(records)}
+    assert by_label["broken"]["status"] == "failed"
+    assert "no_such_layer" in by_label["broken"]["error"] and "matches no module" in by_label["broken"]["error"]
+    assert by_label["head"]["status"] == "ok"
+    assert "FAILED broken" in proc.stdout
+
+
+def test_a_trial_that_dies_is_recorded_with_the_reason(tmp_path):
+    suite = tiny_suite(tmp_path, "  - head", name="slow")
+    records = tmp_path / "r.jsonl"
+    proc = run_cli("run", str(suite), "--records", str(records), "--no-progress", "seeds=0",
+                   "train.steps=100000", "--timeout", "3")
+    (rec,) = read_records(records)
+    assert rec["status"] == "failed" and "timed out after 3 s" in rec["error"]
+    assert proc.returncode == 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "{suite}", "methods=haed"], "haed not in suite"),
+    (["run", "{suite}", "lora.rnak=4"], "unknown key 'rnak'. Did you mean: rank?"),
+    (["run", "{suite}", "train.steps=lots"], "expected an integer, got 'lots'"),
+    (["run", "{suite}", "trian.steps=3"], "unknown override key 'trian.steps'"),
+    (["run", "{bad}"], "Unknown method 'lroa'. Did you mean: lora"),
+    (["run", "{malformed}"], "malformed YAML"),
+    (["run", "quik"], "Unknown suite 'quik'. Did you mean: quick?"),
+])
+def test_bad_input_gets_one_clear_error_and_loses_no_record(tmp_path, args, message):
+    suite = tiny_suite(tmp_path)
+    bad = tiny_suite(tmp_path, "  - lroa", name="bad")
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text(TINY.format(name="malformed", methods="  - {name: lora").replace("seeds: [0, 1]", "seeds: [0, 1"))
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"trial_id": "kept", "status": "ok"}) + "\n")
+    argv = [a.format(suite=suite, bad=bad, malformed=malformed) for a in args]
+    proc = run_cli(*argv, "--records", str(records))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert records.read_text() == json.dumps({"trial_id": "kept", "status": "ok"}) + "\n"
