@@ -61,9 +61,14 @@ def seed_everything(seed: int) -> None:
 
 
 def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
+    import transformers
+
     from lorabench import assets
 
     t_start = time.perf_counter()
+    # The trial prints its own progress; transformers' load reports and weight-loading bars are noise here.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     train_cfg = from_dict(TrainConfig, spec.train, "train")
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
