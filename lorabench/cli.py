@@ -52,8 +52,10 @@ def cmd_list(args) -> int:
 def cmd_assets(args) -> int:
     from lorabench import assets
     if args.action == "list":
+        print(f"{'name':16s} {'kind':8s} {'package':28s} {'size':>9s} {'cached':6s}  description")
         for row in assets.list_assets():
-            print("  ".join(f"{k}={v}" if k != "name" else f"{v:16s}" for k, v in row.items()))
+            print(f"{row['name']:16s} {row['kind']:8s} {row['package'] or '-':28s} {row['size'] or '-':>9s} "
+                  f"{row['cached']!s:6s}  {row['description']}")
         return 0
     if not args.names:
         raise UserError(f"assets fetch needs asset names; valid: {', '.join(sorted(assets.ASSETS))}")
@@ -61,8 +63,10 @@ def cmd_assets(args) -> int:
         if name not in assets.ASSETS:
             raise UserError(f"unknown asset {name!r}; valid: {', '.join(sorted(assets.ASSETS))}")
     for name in args.names:
-        path = assets.fetch(name)
-        print(f"{name}: {path}")
+        if assets.ASSETS[name].package is None:
+            print(f"{name}: built locally, nothing to fetch")
+            continue
+        print(f"{name}: {assets.fetch(name)}")
     return 0
 
 
