@@ -28,6 +28,7 @@ METHODS.register_lazy("lte", "lorabench.methods.bottleneck.lte:LTE")
 METHODS.register_lazy("reslora", "lorabench.methods.procedure.reslora:ResLoRA")
 METHODS.register_lazy("laplace-lora", "lorabench.methods.procedure.laplace_lora:LaplaceLoRA")
 METHODS.register_lazy("hiddenkey", "lorabench.methods.procedure.hiddenkey:HiddenKey")
+METHODS.register_lazy("lora-drop", "lorabench.methods.reduction.lora_drop:LoraDrop")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")
@@ -40,6 +41,8 @@ METHODS.register_lazy("qlora", "lorabench.methods.quantized:QLoRA")
 METHODS.register_lazy("loftq", "lorabench.methods.quantized:LoftQ")
 METHODS.register_lazy("qa-lora", "lorabench.methods.quantized:QALoRA")
 METHODS.register_lazy("adalora", "lorabench.methods.adalora:AdaLoRA")
+METHODS.register_lazy("fourierft", "lorabench.methods.fourierft:FourierFT")
+METHODS.register_lazy("vb-lora", "lorabench.methods.vb_lora:VBLoRA")
 
 
 def get_method(name: str):

@@ -207,6 +207,49 @@ def adalora_equations(model, method):
     assert sum(int(torch.count_nonzero(m.lora_E)) for m in layers) == budget
 
 
+def fourierft_equations(model, method):
+    """FourierFT eqs. (2)-(4): ΔW = alpha Re(IDFT2(F)), F zero except the n coefficients at the seeded entries E."""
+    from lorabench.methods.fourierft import FourierLinear
+    layers = [m for m in model.modules() if isinstance(m, FourierLinear)]
+    layer = layers[0]
+    assert layer.fourierft_spectrum.numel() == min(method.config.n_frequency, layer.in_features * layer.out_features)
+    same_shape = [m for m in layers if (m.in_features, m.out_features) == (layer.in_features, layer.out_features)]
+    assert all(torch.equal(m.indices, layer.indices) for m in same_shape)  # one E for the model
+    d, k = layer.out_features, layer.in_features
+    Fm = torch.zeros(d, k, dtype=torch.complex64)
+    Fm[layer.indices[0], layer.indices[1]] = layer.fourierft_spectrum.detach().to(torch.complex64)
+    # the inverse DFT written out: ΔW[p,q] = 1/(dk) Σ_uv F[u,v] exp(2πi (up/d + vq/k))
+    p_, u = torch.arange(d), torch.arange(d)
+    q_, v = torch.arange(k), torch.arange(k)
+    Ed = torch.exp(2j * torch.pi * torch.outer(p_, u).double() / d)
+    Ek = torch.exp(2j * torch.pi * torch.outer(v, q_).double() / k)
+    dW = (Ed @ Fm.to(torch.complex128) @ Ek).real / (d * k) * method.config.scaling
+    torch.testing.assert_close(layer.delta_weight().double(), dW, atol=1e-4, rtol=1e-4)
+    x = torch.randn(3, k)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ (layer.base.weight + dW.float()).T + layer.base.bias, atol=1e-4, rtol=1e-4)
+
+
+def vb_lora_equations(model, method):
+    """VB-LoRA eq. (3): each sub-vector of A and B = softmax(top-k logits) · chosen bank vectors; one bank per model."""
+    from lorabench.methods.vb_lora import VBLoraLinear
+    layers = [m for m in model.modules() if isinstance(m, VBLoraLinear)]
+    assert all(m.bank is layers[0].bank for m in layers)
+    assert sum(1 for n, _ in method.trainable_parameters(model) if n.endswith(".bank")) == 1
+    layer, c = layers[0], method.config
+    A, B = layer.factors()
+    la = layer.vblora_logits_A.detach()
+    i, j = 1, 0  # sub-vector j of row i of A
+    top, idx = la[i, j].topk(c.topk)
+    w = torch.softmax(top, 0)
+    want = sum(w[t] * layer.bank[idx[t]] for t in range(c.topk))
+    b = c.vector_length
+    torch.testing.assert_close(A[i, j * b:(j + 1) * b], want)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ (layer.base.weight + B @ A).T + layer.base.bias, atol=1e-5, rtol=1e-5)
+
+
 CASES = [
     Case("rslora", {"rank": 4, "alpha": 8}, equations=rslora_equations),
     Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
@@ -225,6 +268,10 @@ CASES = [
     Case("loftq", {"rank": 4, "alpha": 8, "iterations": 3}, identity_at_init=False, models=("llama",),
          equations=loftq_equations),
     Case("qa-lora", {"rank": 4, "alpha": 8, "group_size": 32}, identity_at_init=False, equations=qa_lora_equations),
+    Case("fourierft", {"n_frequency": 64, "scaling": 10.0}, identity_at_init=False, equations=fourierft_equations),
+    Case("fourierft", {"n_frequency": 32, "init_zero": True}, id="fourierft-zero-init", models=("llama",)),
+    Case("vb-lora", {"rank": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, identity_at_init=False,
+         equations=vb_lora_equations),
     Case("adalora", {"init_rank": 6, "target_rank": 3, "tinit": 0.0, "tfinal": 0.0, "delta_t": 1},
          equations=adalora_equations),
 ]

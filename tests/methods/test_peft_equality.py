@@ -265,3 +265,42 @@ def test_adalora_budget_allocation_equals_peft():
     # the final allocation keeps exactly the target budget (a λ zeroed earlier stays zero without an optimizer)
     assert sum(int(k.sum()) for k in method.rank_mask.values()) == method.target_bgt
     assert reg_o is not None and torch.isfinite(loss_p)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fourierft_equals_peft(kind):
+    """Same seed -> the same spectral entries; with peft's coefficients copied in, equal forward and merge."""
+    from peft import FourierFTConfig
+    cfg = FourierFTConfig(n_frequency=64, scaling=10.0, random_loc_seed=777, target_modules=TARGETS)
+    pm, ours, method = build(kind, cfg, "fourierft", {"n_frequency": 64, "scaling": 10.0, "entry_seed": 777,
+                                                      "target_modules": TARGETS})
+    n = 0
+    with torch.no_grad():
+        for mod, m in pm.named_modules():
+            if hasattr(m, "fourierft_spectrum") and "default" in m.fourierft_spectrum:
+                o = ours.get_submodule(mod.removeprefix("base_model.model."))
+                assert torch.equal(o.indices, m.indices["default"])
+                o.fourierft_spectrum.copy_(m.fourierft_spectrum["default"])
+                n += 1
+    assert n > 4
+    assert_same_forward_and_merge(pm, ours, method, kind, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vb_lora_equals_peft(kind):
+    from peft import VBLoRAConfig
+    cfg = VBLoRAConfig(r=2, num_vectors=16, vector_length=8, topk=2, target_modules=TARGETS)
+    pm, ours, method = build(kind, cfg, "vb-lora", {"rank": 2, "num_vectors": 16, "vector_length": 8, "topk": 2,
+                                                    "target_modules": TARGETS})
+    n = 0
+    with torch.no_grad():
+        bank_p = pm.base_model.vblora_vector_bank["default"]
+        for mod, m in pm.named_modules():
+            if hasattr(m, "vblora_logits_A") and "default" in m.vblora_logits_A:
+                o = ours.get_submodule(mod.removeprefix("base_model.model."))
+                o.vblora_logits_A.copy_(m.vblora_logits_A["default"])
+                o.vblora_logits_B.copy_(m.vblora_logits_B["default"])
+                o.bank.copy_(bank_p)
+                n += 1
+    assert n > 4
+    assert_same_forward_and_merge(pm, ours, method, kind)
