@@ -1,0 +1,62 @@
+"""Every task: a fixed split with a stable hash, a training batch the model accepts, an evaluation
+with the metric in range — run end to end on a tiny model through the real runner."""
+import math
+
+import pytest
+
+from lorabench.runner.records import read_records
+from lorabench.tasks import TASKS, get_task
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize("name", TASKS.names())
+def test_split_is_fixed_and_disjoint(name):
+    task = get_task(name)()
+    a, b = task.split(), get_task(name)().split()
+    assert a.hash == b.hash and len(a.hash) == 16
+    assert a.train and a.eval
+    if task.kind != "perplexity":
+        key = "text" if "text" in a.eval[0] else "question"
+        assert not {e[key] for e in a.eval} & {e[key] for e in a.train} or task.name in ("sarcasm", "rt-sentiment")
+
+
+def test_n_train_and_n_eval_take_prefixes_and_change_the_hash():
+    full = get_task("quartz")()
+    small = get_task("quartz").from_options({"n_train": 10, "n_eval": 5})
+    assert small.split().train == full.split().train[:10] and small.split().eval == full.split().eval[:5]
+    assert small.split().hash != full.split().hash
+
+
+def test_arith_eval_questions_never_appear_in_training():
+    s = get_task("arith")().split()
+    assert len(s.eval) == 500
+    assert not {e["question"] for e in s.eval} & {e["question"] for e in s.train}
+
+
+SUITE = """suite: kinds
+version: 1
+seeds: [0]
+train: {steps: 2, batch_size: 4, eval_batch_size: 8, warmup_steps_for_throughput: 0}
+tasks:
+  - {name: arith, model: tiny-llama, options: {n_train: 16, n_eval: 4}}
+  - {name: shakespeare-lm, model: tiny-llama, options: {n_train: 16, n_eval: 4, max_length: 32}}
+  - {name: socialiqa, model: tiny-llama, options: {n_train: 16, n_eval: 4}}
+  - {name: sarcasm, model: tiny-bert, options: {n_train: 16, n_eval: 8}}
+methods:
+  - lora
+"""
+
+
+def test_every_task_kind_runs_end_to_end(tmp_path):
+    suite = tmp_path / "kinds.yaml"
+    suite.write_text(SUITE)
+    records = tmp_path / "r.jsonl"
+    proc = run_cli("run", str(suite), "--records", str(records), "--no-progress")
+    recs = {r["task"]: r for r in read_records(records)}
+    assert proc.returncode == 0, [(t, r.get("error")) for t, r in recs.items()]
+    assert 0 <= recs["arith"]["score"] <= 1 and recs["arith"]["metric"] == "exact_match"
+    ppl = recs["shakespeare-lm"]["score"]
+    # A random 49k-vocabulary model is close to uniform: perplexity near the vocabulary size.
+    assert recs["shakespeare-lm"]["higher_is_better"] is False and 1 < ppl < 10 * 49152 and math.isfinite(ppl)
+    assert 0 <= recs["socialiqa"]["metrics"]["accuracy_norm"] <= 1
+    assert recs["sarcasm"]["n_eval"] == 8
