@@ -463,3 +463,50 @@ def hiddenkey_equations(model, method):
 CASES += [
     Case("hiddenkey", {"rank": 4, "p_column": 0.3, "p_hidden": 0.2}, equations=hiddenkey_equations),
 ]
+
+
+def lora_drop_equations(model, method):
+    """LoRA-Drop: importance I_i = mean ||ΔW_i x||² (eq. (2)), normalised; the most important layers up to
+    the cumulative keep_ratio keep their LoRA, the others share one per shape (eq. (3))."""
+    from lorabench.methods.lora import LoraLinear
+    layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear))
+    first = next(iter(layers.values()))
+    randomize_(first.lora_B)
+    first.train()
+    x = torch.randn(2, 3, first.in_features)
+    with torch.no_grad():
+        first(x)
+        want = (first.scale * x @ first.lora_A.T @ first.lora_B.T).pow(2).sum(-1)
+    assert abs(first.importance_sum - float(want.sum())) < 1e-3 * max(1.0, float(want.sum()))
+    assert first.importance_count == 6
+    # crafted importances: layer i gets 2^-i, so the first few layers carry most of the total
+    names = list(layers)
+    for i, n in enumerate(names):
+        layers[n].importance_sum, layers[n].importance_count = 2.0 ** -i, 1
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    metrics = {}
+    method.prune(model, metrics)
+    total = sum(2.0 ** -i for i in range(len(names)))
+    n_keep, cum = 0, 0.0
+    while cum < method.config.keep_ratio:
+        cum += 2.0 ** -n_keep / total
+        n_keep += 1
+    assert metrics["kept_layer_fraction"] == round(n_keep / len(names), 4)
+    pruned = [layers[n] for n in names[n_keep:]]
+    tied = {id(m) for _, ms in method.ties for m in ms}
+    for owner, members in method.ties:
+        assert owner in pruned and all(m in pruned for m in members)
+        for m in members:
+            assert (m.in_features, m.out_features) == (owner.in_features, owner.out_features)
+            assert torch.equal(m.lora_A, owner.lora_A) and torch.equal(m.lora_B, owner.lora_B)
+    assert tied, "with these importances some pruned layers share a LoRA"
+    owner, members = method.ties[0]
+    for p in (owner.lora_A, members[0].lora_A):
+        p.grad = torch.ones_like(p)
+    method.on_after_backward(TrainState(model, None, None, 1, 10))
+    assert torch.equal(owner.lora_A.grad, torch.full_like(owner.lora_A, 2.0)) and members[0].lora_A.grad is None
+
+
+CASES += [
+    Case("lora-drop", {"rank": 4, "keep_ratio": 0.5}, equations=lora_drop_equations),
+]
