@@ -105,7 +105,7 @@ at::Tensor q4_matmul_cpu(const at::Tensor& x, const lorabench::cpu::Q4Weight& w)
   auto y = at::empty({B, w.N}, xf.options());
   if (B == 0 || w.N == 0) return y;
   auto xp = at::empty_like(xf);
-  lorabench::cpu::permute_input(xf.data_ptr<float>(), B, K, K, xp.data_ptr<float>());
+  lorabench::cpu::permute_input(xf.data_ptr<float>(), B, K, K, w.int_codes, xp.data_ptr<float>());
   if (B < kTileBatch) {
     at::Tensor xsum;
     if (w.int_codes) xsum = xf.view({B, K / w.group, w.group}).sum(-1).contiguous();  // (B, G)

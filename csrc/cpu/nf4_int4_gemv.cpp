@@ -30,20 +30,34 @@ constexpr int64_t kChunk = 64;  // weights per 32-byte load
 // Rows per task: at least ~32k weights, so small layers stay on one thread (waking the pool costs more).
 inline int64_t grain_rows(int64_t K) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)); }
 
-// Element of the chunk held by nibble j of lane l (see the header): 8l + (j ^ 1).
-inline int chunk_elem(int j, int l) { return 8 * l + (j ^ 1); }
+// Element of the chunk held by slot (j, e), e the float lane of the j-th decoded vector (see decode_chunk).
+//  int4 (nibble planes): vector j holds nibble j of the 8 int32 lanes, element 8e + (j ^ 1).
+//  NF4 (byte tables): vectors 0-3 hold the high nibbles, 4-7 the low ones, of bytes 16 (e / 4) + 4 (j % 4) + e % 4.
+inline int chunk_elem(bool int_codes, int j, int e) {
+  if (int_codes) return 8 * e + (j ^ 1);
+  const int byte = 16 * (e / 4) + 4 * (j % 4) + e % 4;
+  return 2 * byte + (j >= 4);
+}
 
-// Scale of each of the 8 lanes of chunk c of row n: one value for group >= 64, two for group 32.
-inline void chunk_scales(const Q4Weight& w, int64_t n, int64_t c, float s[2], float z[2]) {
-  const int64_t G = w.K / w.group;
-  const int64_t g0 = n * G + (c * kChunk) / w.group;
+// log2 of the group size (a power of two): the per-chunk group index is a shift, not a division.
+inline int group_shift(int64_t group) { return __builtin_ctzll(static_cast<unsigned long long>(group)); }
+
+// Scale of the chunk's lanes: one value for group >= 64; for group 32, lanes 0-3 hold the first 32
+// weights and lanes 4-7 the next 32 in both orders.
+inline void chunk_scales(const Q4Weight& w, int64_t n, int64_t c, int gshift, float s[2], float z[2]) {
+  const int64_t G = w.K >> gshift;
+  const int64_t g0 = n * G + ((c * kChunk) >> gshift);
   s[0] = w.group_scale(g0);
   s[1] = w.group == 32 ? w.group_scale(g0 + 1) : s[0];
   z[0] = w.zero ? w.zero[g0] : 0.f;
   z[1] = w.zero ? (w.group == 32 ? w.zero[g0 + 1] : z[0]) : 0.f;
 }
 
-inline float lut_value(const Q4Weight& w, unsigned q) { return w.int_codes ? float(q) : kNF4Code[q]; }
+inline float code_of(const Q4Weight& w, const uint8_t* chunk, int elem) {
+  const uint8_t b = chunk[elem >> 1];
+  const unsigned q = (elem & 1) ? (b & 15u) : (b >> 4);
+  return w.int_codes ? float(q) : kNF4Code[q];
+}
 
 #ifdef LB_Q4_AVX2
 inline float hsum(__m256 v) {
@@ -53,26 +67,54 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The 8 weights of nibble j of the chunk v (kernel order), before scaling.
+// The four byte planes of the NF4 table: table[i] holds byte i of the 16 fp32 values, in both lanes.
+struct NF4Tables {
+  __m256i t[4];
+  NF4Tables() {
+    alignas(32) uint8_t b[4][32];
+    for (int q = 0; q < 16; ++q) {
+      uint32_t bits;
+      std::memcpy(&bits, &kNF4Code[q], 4);
+      for (int i = 0; i < 4; ++i) b[i][q] = b[i][q + 16] = static_cast<uint8_t>(bits >> (8 * i));
+    }
+    for (int i = 0; i < 4; ++i) t[i] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b[i]));
+  }
+};
+
+// 32 nibble indices (one per byte) -> 32 exact fp32 NF4 values in 4 vectors, with in-lane shuffles only:
+// four byte look-ups (pshufb) and two rounds of interleaving assemble each value's 4 bytes.
+inline void expand_nf4(__m256i idx, const NF4Tables& T, __m256* f) {
+  const __m256i b0 = _mm256_shuffle_epi8(T.t[0], idx), b1 = _mm256_shuffle_epi8(T.t[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(T.t[2], idx), b3 = _mm256_shuffle_epi8(T.t[3], idx);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+// The 64 weights of a chunk, unscaled, as 8 vectors in kernel order (chunk_elem).
 template <bool INT>
-inline __m256 decode(__m256i v, int j, __m256 lut_lo, __m256 lut_hi) {
-  const __m256i idx = _mm256_and_si256(_mm256_srli_epi32(v, 4 * j), _mm256_set1_epi32(15));
-  if constexpr (INT) {
-    return _mm256_cvtepi32_ps(idx);
-  } else {  // 16-entry table = two 8-entry permutes, blended on bit 3 of the index
-    const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-    const __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
-    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+inline void decode_chunk(__m256i v, const NF4Tables& T, __m256 q[8]) {
+  if constexpr (INT) {  // nibble planes: shift, mask, int -> float
+    for (int j = 0; j < 8; ++j)
+      q[j] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * j), _mm256_set1_epi32(15)));
+  } else {
+    const __m256i m = _mm256_set1_epi8(15);
+    expand_nf4(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), T, q);  // high nibbles: even elements
+    expand_nf4(_mm256_and_si256(v, m), T, q + 4);                     // low nibbles: odd elements
   }
 }
 
 // NB batch rows at once over rows [n0, n1): the weights are decoded once per NB inputs.
-// Per chunk: acc_b += sum_j decode_j * x_b,j (unscaled), then row_acc_b += acc_b * scale.
+// Per chunk: acc_b += sum_j q_j * x_b,j (unscaled), then row_acc_b += acc_b * scale.
 template <bool INT, int NB>
 void gemv_rows(const Q4Weight& w, const float* xp, const float* xsum, float* out, int64_t ldo, int64_t n0,
                int64_t n1) {
   const int64_t K = w.K, chunks = K / kChunk, G = K / w.group;
-  const __m256 lut_lo = _mm256_loadu_ps(kNF4Code), lut_hi = _mm256_loadu_ps(kNF4Code + 8);
+  const int gshift = group_shift(w.group);
+  const NF4Tables T;
   constexpr int NA = NB == 1 ? 4 : (NB == 2 ? 2 : 1);  // independent FMA chains per input row
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * (K / 2);
@@ -80,20 +122,18 @@ void gemv_rows(const Q4Weight& w, const float* xp, const float* xsum, float* out
     for (int b = 0; b < NB; ++b) racc[b] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
       float s[2], z[2];
-      chunk_scales(w, n, c, s, z);
-      const __m256 sv = _mm256_setr_ps(s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1]);
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * (kChunk / 2)));
+      chunk_scales(w, n, c, gshift, s, z);
+      const __m256 sv = w.group == 32 ? _mm256_setr_ps(s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1])
+                                      : _mm256_set1_ps(s[0]);
+      __m256 q[8];
+      decode_chunk<INT>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * (kChunk / 2))), T, q);
       __m256 acc[NB][NA];
       for (int b = 0; b < NB; ++b)
         for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) {
-        const __m256 q = decode<INT>(v, j, lut_lo, lut_hi);
-        for (int b = 0; b < NB; ++b) {
-          const __m256 xv = _mm256_loadu_ps(xp + b * K + c * kChunk + j * 8);
-          acc[b][j % NA] = _mm256_fmadd_ps(q, xv, acc[b][j % NA]);
-        }
-      }
+      for (int j = 0; j < 8; ++j)
+        for (int b = 0; b < NB; ++b)
+          acc[b][j % NA] = _mm256_fmadd_ps(q[j], _mm256_loadu_ps(xp + b * K + c * kChunk + j * 8), acc[b][j % NA]);
       for (int b = 0; b < NB; ++b) {
         __m256 t = acc[b][0];
         for (int a = 1; a < NA; ++a) t = _mm256_add_ps(t, acc[b][a]);
@@ -114,10 +154,10 @@ void gemv_rows(const Q4Weight& w, const float* xp, const float* xsum, float* out
 #endif
 
 // Portable fallback, same kernel order and accumulation structure.
-template <bool INT>
 void gemv_rows_scalar(const Q4Weight& w, const float* xp, const float* xsum, int64_t B, float* out, int64_t ldo,
                       int64_t n0, int64_t n1) {
   const int64_t K = w.K, chunks = K / kChunk, G = K / w.group;
+  const int gshift = group_shift(w.group);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * (K / 2);
     for (int64_t b = 0; b < B; ++b) {
@@ -125,16 +165,14 @@ void gemv_rows_scalar(const Q4Weight& w, const float* xp, const float* xsum, int
       float r = 0.f;
       for (int64_t c = 0; c < chunks; ++c) {
         float s[2], z[2];
-        chunk_scales(w, n, c, s, z);
+        chunk_scales(w, n, c, gshift, s, z);
         float part[2] = {0.f, 0.f};
-        for (int l = 0; l < 8; ++l) {
-          uint32_t v;
-          std::memcpy(&v, row + c * (kChunk / 2) + 4 * l, 4);
-          for (int j = 0; j < 8; ++j) part[l >= 4] += lut_value(w, (v >> (4 * j)) & 15u) * x[c * kChunk + j * 8 + l];
-        }
+        for (int j = 0; j < 8; ++j)
+          for (int e = 0; e < 8; ++e)
+            part[e >= 4] += code_of(w, row + c * (kChunk / 2), chunk_elem(w.int_codes, j, e)) * x[c * kChunk + j * 8 + e];
         r += part[0] * s[0] + part[1] * s[1];
       }
-      if (INT)
+      if (w.int_codes)
         for (int64_t g = 0; g < G; ++g) r += w.zero[n * G + g] * xsum[b * G + g];
       out[b * ldo + n] = r;
     }
@@ -155,17 +193,17 @@ void gemv_dispatch(const Q4Weight& w, const float* xp, const float* xsum, int64_
     for (; b < B; ++b) gemv_rows<INT, 1>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1);
   }
 #else
-  gemv_rows_scalar<INT>(w, xp, xsum, B, out, ldo, n0, n1);
+  gemv_rows_scalar(w, xp, xsum, B, out, ldo, n0, n1);
 #endif
 }
 }  // namespace
 
-void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, float* x_perm) {
+void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, bool int_codes, float* x_perm) {
   at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < K; c += kChunk)
         for (int j = 0; j < 8; ++j)
-          for (int l = 0; l < 8; ++l) x_perm[b * K + c + j * 8 + l] = x[b * ldx + c + chunk_elem(j, l)];
+          for (int e = 0; e < 8; ++e) x_perm[b * K + c + j * 8 + e] = x[b * ldx + c + chunk_elem(int_codes, j, e)];
   });
 }
 
@@ -180,34 +218,35 @@ void q4_gemv(const Q4Weight& w, const float* x_perm, const float* xsum, int64_t 
 
 void q4_dequantize_rows(const Q4Weight& w, int64_t n0, int64_t n1, float* buf) {
   const int64_t K = w.K, chunks = K / kChunk;
+  const int gshift = group_shift(w.group);
   at::parallel_for(n0, n1, grain_rows(K), [&](int64_t r0, int64_t r1) {
 #ifdef LB_Q4_AVX2
-    const __m256 lut_lo = _mm256_loadu_ps(kNF4Code), lut_hi = _mm256_loadu_ps(kNF4Code + 8);
+    const NF4Tables T;
 #endif
     for (int64_t n = r0; n < r1; ++n) {
       const uint8_t* row = w.packed + n * (K / 2);
       float* dst = buf + (n - n0) * K;
       for (int64_t c = 0; c < chunks; ++c) {
         float s[2], z[2];
-        chunk_scales(w, n, c, s, z);
+        chunk_scales(w, n, c, gshift, s, z);
 #ifdef LB_Q4_AVX2
         const __m256 sv = _mm256_setr_ps(s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1]);
         const __m256 zv = _mm256_setr_ps(z[0], z[0], z[0], z[0], z[1], z[1], z[1], z[1]);
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * (kChunk / 2)));
-        for (int j = 0; j < 8; ++j) {
-          const __m256 q = w.int_codes ? decode<true>(v, j, lut_lo, lut_hi) : decode<false>(v, j, lut_lo, lut_hi);
-          // q * s + z with two roundings, as the int4 reference (no FMA contraction)
-          _mm256_storeu_ps(dst + c * kChunk + j * 8, _mm256_add_ps(_mm256_mul_ps(q, sv), zv));
-        }
+        __m256 q[8];
+        if (w.int_codes)
+          decode_chunk<true>(v, T, q);
+        else
+          decode_chunk<false>(v, T, q);
+        // q * s + z with two roundings, as the int4 reference (no FMA contraction)
+        for (int j = 0; j < 8; ++j)
+          _mm256_storeu_ps(dst + c * kChunk + j * 8, _mm256_add_ps(_mm256_mul_ps(q[j], sv), zv));
 #else
-        for (int l = 0; l < 8; ++l) {
-          uint32_t v;
-          std::memcpy(&v, row + c * (kChunk / 2) + 4 * l, 4);
-          for (int j = 0; j < 8; ++j) {
-            const float p = lut_value(w, (v >> (4 * j)) & 15u) * s[l >= 4];
-            dst[c * kChunk + j * 8 + l] = p + z[l >= 4];
+        for (int j = 0; j < 8; ++j)
+          for (int e = 0; e < 8; ++e) {
+            const float p = code_of(w, row + c * (kChunk / 2), chunk_elem(w.int_codes, j, e)) * s[e >= 4];
+            dst[c * kChunk + j * 8 + e] = p + z[e >= 4];
           }
-        }
 #endif
       }
     }

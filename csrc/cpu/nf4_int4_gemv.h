@@ -2,10 +2,11 @@
 // arXiv 2309.14717): both store two 4-bit codes per byte (element 2i in the high nibble) and dequantize
 // as w = lut[q] * scale(group) + zero(group); NF4: lut = the NF4 code book, zero = 0; int4: lut[q] = q.
 //
-// Kernel order. One 32-byte load holds 64 consecutive weights of a row; read as 8 int32 lanes, nibble j
-// (bits 4j..4j+3) of lane l is element 8l + (j ^ 1) of the chunk. Rather than shuffling the weights back
-// into order, the input is permuted once per call (permute_input) into that order, so the inner loop is
-// shift, mask, table look-up (or int->float), FMA: the packed weights are read once, never unpacked to
+// Kernel order. One 32-byte load holds 64 consecutive weights of a row and is decoded into 8 vectors of
+// 8 floats without putting the weights back in order: int4 reads nibble j of the 8 int32 lanes (shift,
+// mask, int->float); NF4 looks up the 4 bytes of each fp32 code with in-lane byte shuffles (pshufb) and
+// interleaves them (lane-crossing permutes were the bottleneck). The input is permuted once per call
+// (permute_input) into the matching order, so the packed weights are streamed once and never unpacked to
 // memory. Inputs are validated by the binding (csrc/quant_ops.cpp).
 #pragma once
 #include <cstdint>
@@ -17,7 +18,7 @@ extern const float kNF4Code[16];
 struct Q4Weight {
   const uint8_t* packed = nullptr;  // (N, K/2) row-major
   int64_t N = 0, K = 0;             // K % 64 == 0
-  int64_t group = 64;               // elements per scale along a row: a multiple of 32 dividing K
+  int64_t group = 64;               // elements per scale along a row: a power of two >= 32 dividing K
   const float* scale = nullptr;     // (N * K / group) fp32, or nullptr with double quantization:
   const uint8_t* scale_q8 = nullptr;  //   8-bit codes, scale = code2[q] * scale2[i / 256] + offset
   const float* scale2 = nullptr;
@@ -33,8 +34,8 @@ struct Q4Weight {
   }
 };
 
-// x (B, K) fp32 with row stride ldx -> x_perm (B, K) contiguous in kernel order.
-void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, float* x_perm);
+// x (B, K) fp32 with row stride ldx -> x_perm (B, K) contiguous in the kernel order of the format.
+void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, bool int_codes, float* x_perm);
 
 // out[b, n] = sum_k x[b, k] w[n, k] for b < B (any B; best for B <= 16), n < N; x_perm from permute_input,
 // xsum (B, K/group) the per-group sums of x (int4 only, else nullptr); out (B, N) with row stride ldo.
