@@ -7,7 +7,9 @@
 // W + s B A is never formed. DoRA's row norms, epilogue and gradient prologue are one-pass kernels:
 // csrc/cpu/lora_linear.cpp and csrc/cuda/lora.cu.
 #include <torch/library.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include "cpu/lora_linear.h"
 
@@ -45,24 +47,41 @@ void check_launch(int code, const char* what) {
 void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
 
-// ||W + s B A||_c per row, without forming W + s B A (acc dtype).
+// ||W + s B A||_c per row, without forming W + s B A (acc dtype):
+//   ||W_j||^2 + 2 s <W_j, (BA)_j> + s^2 ||(BA)_j||^2,  <W_j, (BA)_j> = (W A^T)_j . B_j,  ||(BA)_j||^2 = B_j (A A^T) B_j^T
+// W A^T is accumulated in the acc dtype (low-precision W is converted in row chunks: no full copy). Rows
+// where the expansion cancels (the sum under half of its positive terms) are recomputed from the
+// formed row W_j + s B_j A, in the kernels.
+constexpr int64_t kNormChunkRows = 256;
+constexpr double kCancellation = 0.5;
+
 Tensor dora_norm(const Tensor& weight, const Tensor& A, const Tensor& B, double scale) {
   const auto acc = acc_dtype(weight.scalar_type());
-  const Tensor wa = at::mm(weight, A.t()).to(acc).contiguous();  // (out, r) = W A^T
-  const Tensor a = A.to(acc), b = B.to(acc).contiguous();
-  const Tensor bg = at::mm(b, at::mm(a, a.t())).contiguous();     // (out, r) = B (A A^T)
+  const Tensor a = A.to(acc).contiguous(), b = B.to(acc).contiguous();
+  Tensor wa;  // (out, r) = W A^T
+  if (weight.scalar_type() == acc) {
+    wa = at::mm(weight, a.t()).contiguous();
+  } else {
+    wa = at::empty({weight.size(0), a.size(0)}, weight.options().dtype(acc));
+    for (int64_t j = 0; j < weight.size(0); j += kNormChunkRows) {
+      const int64_t n = std::min(kNormChunkRows, weight.size(0) - j);
+      Tensor rows = wa.narrow(0, j, n);
+      at::mm_out(rows, weight.narrow(0, j, n).to(acc), a.t());
+    }
+  }
+  const Tensor bg = at::mm(b, at::mm(a, a.t())).contiguous();  // (out, r) = B (A A^T)
   Tensor norm = at::empty({weight.size(0)}, weight.options().dtype(acc));
 #ifdef LORABENCH_WITH_CUDA
   if (weight.is_cuda()) {
     const c10::cuda::CUDAGuard guard(weight.device());
     const Tensor w = weight.contiguous();
-    cuda::DoraNormParams p{w.data_ptr(), wa.data_ptr(), bg.data_ptr(), b.data_ptr(), norm.data_ptr(),
-                           w.size(0), w.size(1), b.size(1), scale, cuda_dtype(w.scalar_type())};
+    cuda::DoraNormParams p{w.data_ptr(), a.data_ptr(), wa.data_ptr(), bg.data_ptr(), b.data_ptr(), norm.data_ptr(),
+                           w.size(0), w.size(1), b.size(1), scale, kCancellation, cuda_dtype(w.scalar_type())};
     check_launch(cuda::launch_dora_norm(p, stream()), "dora_linear (norm)");
     return norm;
   }
 #endif
-  cpu::dora_norm(weight, wa, bg, b, scale, norm);
+  cpu::dora_norm(weight, a, wa, bg, b, scale, kCancellation, norm);
   return norm;
 }
 
@@ -169,7 +188,88 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_backward(
   return {dx, dA, dB, dmag};
 }
 
+// --- autograd (in C++: a Python autograd.Function costs more than the whole op at a few tokens) ---
+// The Autograd kernels redispatch below autograd to whatever kernel the device has: the compiled
+// ones above, or the reference registered from Python. lorabench/ops/lora.py has the same
+// Functions in Python for when this extension is not built.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor or_undefined(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+optional<Tensor> to_optional(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : c10::nullopt; }
+
+struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const optional<Tensor>& bias, const Tensor& A, const Tensor& B, double scale,
+                               const optional<Tensor>& mask) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::lora_linear", "")
+                         .typed<decltype(lora_linear)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, xa] = op.call(x, weight, bias, A, B, scale, mask);
+    ctx->save_for_backward({x, weight, A, B, xa, or_undefined(mask)});
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({xa});
+    return {y, xa};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::lora_linear_backward", "")
+                         .typed<decltype(lora_linear_backward)>();
+    const auto v = ctx->get_saved_variables();
+    const bool need_dx = ctx->needs_input_grad(0);
+    if (!grads[0].defined()) return variable_list(7);
+    auto [dx, dA, dB] = op.call(grads[0], v[0], v[1], v[2], v[3], v[4], ctx->saved_data["scale"].toDouble(),
+                                to_optional(v[5]), need_dx);
+    return {need_dx ? dx : Tensor(), Tensor(), Tensor(), dA, dB, Tensor(), Tensor()};
+  }
+};
+
+struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                               const optional<Tensor>& bias, const Tensor& A, const Tensor& B,
+                               const Tensor& magnitude, double scale, const optional<Tensor>& mask) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::dora_linear", "")
+                         .typed<decltype(dora_linear)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, xa, u, norm] = op.call(x, weight, bias, A, B, magnitude, scale, mask);
+    ctx->save_for_backward({x, weight, A, B, magnitude, xa, u, norm, or_undefined(mask)});
+    ctx->saved_data["scale"] = scale;
+    ctx->mark_non_differentiable({xa, u, norm});  // the norm is a constant: sec. 4.3 of DoRA
+    return {y, xa, u, norm};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::dora_linear_backward", "")
+                         .typed<decltype(dora_linear_backward)>();
+    const auto v = ctx->get_saved_variables();
+    const bool need_dx = ctx->needs_input_grad(0);
+    if (!grads[0].defined()) return variable_list(8);
+    auto [dx, dA, dB, dm] = op.call(grads[0], v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7],
+                                    ctx->saved_data["scale"].toDouble(), to_optional(v[8]), need_dx);
+    return {need_dx ? dx : Tensor(), Tensor(), Tensor(), dA, dB, dm, Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> lora_linear_autograd(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias,
+                                                const Tensor& A, const Tensor& B, double scale,
+                                                const optional<Tensor>& mask) {
+  auto out = LoraLinearFunction::apply(x, weight, bias, A, B, scale, mask);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear_autograd(const Tensor& x, const Tensor& weight,
+                                                                const optional<Tensor>& bias, const Tensor& A,
+                                                                const Tensor& B, const Tensor& magnitude,
+                                                                double scale, const optional<Tensor>& mask) {
+  auto out = DoraLinearFunction::apply(x, weight, bias, A, B, magnitude, scale, mask);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(lorabench, Autograd, m) {
+  m.impl("lora_linear", &lora_linear_autograd);
+  m.impl("dora_linear", &dora_linear_autograd);
+}
 
 TORCH_LIBRARY_IMPL(lorabench, CPU, m) {
   m.impl("lora_linear", &lora_linear);

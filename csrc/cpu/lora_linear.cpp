@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace lorabench::cpu {
 namespace {
@@ -29,13 +30,14 @@ acc_t sum_squares(const scalar_t* w, int64_t n) {
 
 }  // namespace
 
-void dora_norm(const at::Tensor& weight, const at::Tensor& wa, const at::Tensor& bg, const at::Tensor& b,
-               double scale, at::Tensor& norm) {
+void dora_norm(const at::Tensor& weight, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& bg,
+               const at::Tensor& b, double scale, double cancellation, at::Tensor& norm) {
   const at::Tensor w = weight.contiguous();  // the frozen weight: normally contiguous already
   const int64_t out = w.size(0), in = w.size(1), r = b.size(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "dora_norm_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pw = w.data_ptr<scalar_t>();
+    const acc_t* pa = a.data_ptr<acc_t>();
     const acc_t* pwa = wa.data_ptr<acc_t>();
     const acc_t* pbg = bg.data_ptr<acc_t>();
     const acc_t* pb = b.data_ptr<acc_t>();
@@ -43,10 +45,23 @@ void dora_norm(const at::Tensor& weight, const at::Tensor& wa, const at::Tensor&
     const acc_t s = static_cast<acc_t>(scale);
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(in, 1));
     at::parallel_for(0, out, grain, [&](int64_t j0, int64_t j1) {
+      std::vector<acc_t> row;
       for (int64_t j = j0; j < j1; ++j) {
-        acc_t sq = sum_squares<scalar_t, acc_t>(pw + j * in, in);  // ||W_j||^2
-        for (int64_t k = 0; k < r; ++k)  // 2 s <W_j, (BA)_j> + s^2 ||(BA)_j||^2
-          sq += pb[j * r + k] * (2 * s * pwa[j * r + k] + s * s * pbg[j * r + k]);
+        const acc_t w_sq = sum_squares<scalar_t, acc_t>(pw + j * in, in);  // ||W_j||^2
+        acc_t cross = 0, ba_sq = 0;
+        for (int64_t k = 0; k < r; ++k) {
+          cross += pb[j * r + k] * pwa[j * r + k];  // <W_j, (BA)_j>
+          ba_sq += pb[j * r + k] * pbg[j * r + k];  // ||(BA)_j||^2
+        }
+        acc_t sq = w_sq + 2 * s * cross + s * s * ba_sq;
+        if (sq < static_cast<acc_t>(cancellation) * (w_sq + s * s * ba_sq)) {  // recompute from the row
+          row.assign(pw + j * in, pw + (j + 1) * in);
+          for (int64_t k = 0; k < r; ++k) {
+            const acc_t c = s * pb[j * r + k];
+            for (int64_t i = 0; i < in; ++i) row[i] += c * pa[k * in + i];
+          }
+          sq = sum_squares<acc_t, acc_t>(row.data(), in);
+        }
         pn[j] = std::sqrt(std::max(sq, acc_t(0)));
       }
     });

@@ -12,9 +12,11 @@
 namespace lorabench::cpu {
 
 // norm[j] = sqrt(||W_j||^2 + sum_k B_jk (2 s WA_jk + s^2 BG_jk)) = ||W_j + s (BA)_j||  (DoRA eq. (5))
-// weight (out, in) any float dtype; wa = W A^T, bg = B (A A^T), b = B: (out, r) in the accumulation dtype.
-void dora_norm(const at::Tensor& weight, const at::Tensor& wa, const at::Tensor& bg, const at::Tensor& b,
-               double scale, at::Tensor& norm);
+// weight (out, in) any float dtype; a = A (r, in), wa = W A^T, bg = B (A A^T), b = B (out, r): acc dtype.
+// A row whose sum falls under `cancellation` x (||W_j||^2 + s^2 ||(BA)_j||^2) lost digits to
+// cancellation: it is recomputed from the formed row W_j + s B_j A (that row only).
+void dora_norm(const at::Tensor& weight, const at::Tensor& a, const at::Tensor& wa, const at::Tensor& bg,
+               const at::Tensor& b, double scale, double cancellation, at::Tensor& norm);
 
 // y[t, j] = (accumulate ? y[t, j] : 0) + g[j] * u[t, j] + bias[j]; y and u contiguous (tokens, out).
 void dora_epilogue(at::Tensor& y, const at::Tensor& u, const at::Tensor& g,

@@ -25,32 +25,55 @@ template <typename A> __device__ __forceinline__ A warp_sum(A v) {
   return v;
 }
 
-// One block per output row j: ||W_j||^2 by a block reduction, then the rank-r correction.
+// Sum of v over the block (blockDim.x == kNormThreads); every thread gets the total.
 constexpr int kNormThreads = 256;
+template <typename A>
+__device__ A block_sum(A v, A* scratch) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = v;
+  __syncthreads();
+  A total = 0;
+  for (int w = 0; w < kNormThreads / 32; ++w) total += scratch[w];
+  __syncthreads();  // scratch is reused by the next call
+  return total;
+}
+
+// One block per output row j: ||W_j||^2 by a block reduction, then the rank-r terms; a row where the
+// expansion cancels is recomputed from the formed row W_j + s B_j A (that row only).
 template <typename T>
 __global__ void dora_norm_kernel(DoraNormParams p) {
   using A = typename Acc<T>::type;
+  __shared__ A scratch[kNormThreads / 32];
   const int64_t j = blockIdx.x;
   const T* w = static_cast<const T*>(p.weight) + j * p.in;
+  const A* a = static_cast<const A*>(p.a);
   const A* wa = static_cast<const A*>(p.wa) + j * p.rank;
   const A* bg = static_cast<const A*>(p.bg) + j * p.rank;
   const A* b = static_cast<const A*>(p.b) + j * p.rank;
   const A s = static_cast<A>(p.scale);
-  A sq = 0;
+  A w_sq = 0, cross = 0, ba_sq = 0;
   for (int64_t i = threadIdx.x; i < p.in; i += blockDim.x) {
     const A v = to_acc(w[i]);
-    sq += v * v;
+    w_sq += v * v;
   }
-  for (int64_t k = threadIdx.x; k < p.rank; k += blockDim.x) sq += b[k] * (2 * s * wa[k] + s * s * bg[k]);
-  __shared__ A partial[kNormThreads / 32];
-  sq = warp_sum(sq);
-  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = sq;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    sq = threadIdx.x < kNormThreads / 32 ? partial[threadIdx.x] : A(0);
-    sq = warp_sum(sq);
-    if (threadIdx.x == 0) static_cast<A*>(p.norm)[j] = sqrt(sq > A(0) ? sq : A(0));
+  for (int64_t k = threadIdx.x; k < p.rank; k += blockDim.x) {
+    cross += b[k] * wa[k];
+    ba_sq += b[k] * bg[k];
   }
+  w_sq = block_sum(w_sq, scratch);
+  cross = block_sum(cross, scratch);
+  ba_sq = block_sum(ba_sq, scratch);
+  A sq = w_sq + 2 * s * cross + s * s * ba_sq;
+  if (sq < static_cast<A>(p.cancellation) * (w_sq + s * s * ba_sq)) {  // uniform across the block
+    A exact = 0;
+    for (int64_t i = threadIdx.x; i < p.in; i += blockDim.x) {
+      A v = to_acc(w[i]);
+      for (int64_t k = 0; k < p.rank; ++k) v += s * b[k] * a[k * p.in + i];
+      exact += v * v;
+    }
+    sq = block_sum(exact, scratch);
+  }
+  if (threadIdx.x == 0) static_cast<A*>(p.norm)[j] = sqrt(sq > A(0) ? sq : A(0));
 }
 
 template <typename T>

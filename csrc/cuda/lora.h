@@ -14,15 +14,19 @@ namespace lorabench::cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// norm[j] = sqrt(||W_j||^2 + sum_k B_jk (2 s WA_jk + s^2 BG_jk)); wa, bg, b, norm are acc-typed.
+// norm[j] = sqrt(||W_j||^2 + sum_k B_jk (2 s WA_jk + s^2 BG_jk)); a, wa, bg, b, norm are acc-typed.
+// Rows where that sum is under cancellation x (||W_j||^2 + s^2 ||(BA)_j||^2) are recomputed from the
+// formed row W_j + s B_j A.
 struct DoraNormParams {
   const void* weight;  // (out, in), dtype
+  const void* a;       // (r, in) = A
   const void* wa;      // (out, r) = W A^T
   const void* bg;      // (out, r) = B (A A^T)
   const void* b;       // (out, r) = B
   void* norm;          // (out,)
   int64_t out, in, rank;
   double scale;
+  double cancellation;
   DType dtype;
 };
 

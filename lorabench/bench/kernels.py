@@ -5,9 +5,9 @@ lora_linear / dora_linear: the LoRA overhead, t(LoRA linear) / t(base linear) - 
          modules (DoRA: PEFT's DoraLinearLayer arithmetic, norm of the formed W + s B A),
   ours   lorabench.ops.lora_linear / dora_linear with kernel="fused",
 forward and forward+backward (gradients for x, A, B as in training; W frozen), over tokens x
-(in, out) x rank. Every round times base, eager and ours back to back (torch.utils.benchmark,
-median of blocked_autorange); the reported time is the median over rounds, so drift on a shared
-machine hits all three alike. The limit is zero overhead (DESIGN "Measurement protocol").
+(in, out) x rank. Every round times base, eager and ours back to back (torch.utils.benchmark
+Timer; calls batched into ~10 ms samples; the order rotates); the reported time is the median over
+rounds, so drift on a shared machine hits all three alike. The limit is zero overhead (DESIGN "Measurement protocol").
 
 Other op families register their own benchmark here (lazily, "module:function" or a callable):
     OP_BENCHES["nf4_linear"] = "lorabench.bench.nf4:bench"
@@ -48,9 +48,12 @@ class Config:
     bias: bool = True
     dropout_p: float = 0.0    # PEFT's default; eager then uses nn.Identity, as PEFT does
     scale: float = 2.0        # lora_alpha / r with PEFT's alpha = 2 r
-    rounds: int = 3           # interleaved rounds; the median over rounds is reported
-    min_run_time_s: float = 0.05  # per variant per round (blocked_autorange); large shapes run >= 1 rep
+    rounds: int = 15          # interleaved rounds (fewer when over round_budget_s); median reported
+    sample_s: float = 0.01    # one sample = enough calls to last this long (at least one call)
+    round_budget_s: float = 30.0  # per (shape, rank, mode): cap on rounds x samples, but >= 3 rounds
     threads: int = 0          # 0: torch's default
+    clock: str = "wall"       # "cpu": CPU time of the calling thread (needs threads=1); on an oversubscribed
+                              # machine it leaves out the time the thread waits preempted, wall time does not
     max_gflop: float = 0.0    # skip (tokens, in, out) whose base GEMM exceeds this (0: no limit); a 2-core
                               # CPU needs minutes per 4096 x 4096 x 11008 GEMM with backward
     options: tuple[tuple[str, str], ...] = ()  # op-specific key=value settings for registered benches
@@ -60,6 +63,10 @@ class Config:
             raise ValueError(f"dtype {self.dtype!r}: valid are float32, bfloat16, float16")
         if not set(self.modes) <= {"fwd", "fwd+bwd"}:
             raise ValueError(f"modes {self.modes}: valid are fwd, fwd+bwd")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock {self.clock!r}: valid are wall, cpu")
+        if self.clock == "cpu" and (self.threads != 1 or self.device != "cpu"):
+            raise ValueError("clock 'cpu' measures one thread: it needs --threads 1 and --device cpu")
         if self.rounds < 1:
             raise ValueError("rounds must be >= 1")
 
@@ -121,7 +128,7 @@ def _variants(cfg: Config, op: str, base, lin_a, lin_b, m):
     return {"base": (base, ()), "eager": (eager, params), "ours": (ours, params)}
 
 
-def _timer(fn, x, params, mode):
+def _timer(fn, x, params, mode, clock="wall"):
     if mode == "fwd":
         def step():
             with torch.no_grad():
@@ -135,7 +142,26 @@ def _timer(fn, x, params, mode):
             torch.autograd.grad(y, (xg, *params), gy.expand_as(y))
     if x.device.type == "cuda":
         torch.cuda.synchronize()
-    return tb.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    kw = {"timer": time.thread_time} if clock == "cpu" else {}
+    return tb.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads(), **kw)
+
+
+def _interleaved(timers: dict, cfg: Config) -> dict[str, list[float]]:
+    """Seconds per call of each timer, one sample per timer per round, rounds interleaved (the order
+    rotates every round): on a shared machine, load changes hit every variant alike."""
+    numbers, one_round = {}, 0.0
+    for k, t in timers.items():
+        t.timeit(1)  # warm-up: allocator, BLAS threads, autograd graph
+        one = min(t.timeit(1).mean for _ in range(2))
+        numbers[k] = max(1, int(cfg.sample_s / one))
+        one_round += numbers[k] * one
+    rounds = max(3, min(cfg.rounds, int(cfg.round_budget_s / one_round)))
+    names = list(timers)
+    per_round = {k: [] for k in names}
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            per_round[k].append(timers[k].timeit(numbers[k]).mean)
+    return per_round
 
 
 def bench_lora(cfg: Config, log=print) -> list[Result]:
@@ -150,13 +176,7 @@ def bench_lora(cfg: Config, log=print) -> list[Result]:
                 base, lin_a, lin_b, x, m = _lora_inputs(cfg, tokens, n_in, n_out, rank, op == "dora_linear")
                 variants = _variants(cfg, op, base, lin_a, lin_b, m)
                 for mode in cfg.modes:
-                    timers = {k: _timer(f, x, ps, mode) for k, (f, ps) in variants.items()}
-                    for t in timers.values():  # warm-up (allocator, BLAS threads, autograd graph)
-                        t.timeit(1)
-                    per_round = {k: [] for k in timers}
-                    for _ in range(cfg.rounds):
-                        for k, t in timers.items():
-                            per_round[k].append(t.blocked_autorange(min_run_time=cfg.min_run_time_s).median)
+                    per_round = _interleaved({k: _timer(f, x, ps, mode, cfg.clock) for k, (f, ps) in variants.items()}, cfg)
                     med = {k: statistics.median(v) for k, v in per_round.items()}
                     ratios = [o / e for o, e in zip(per_round["ours"], per_round["eager"])]
                     eo, oo = med["eager"] / med["base"] - 1, med["ours"] / med["base"] - 1
@@ -192,6 +212,7 @@ OP_BENCHES: dict[str, Callable | str] = {
     "dora_linear": bench_lora,
 }
 SUMMARIES: dict[str, Callable] = {"lora_linear": summarize_lora, "dora_linear": summarize_lora}
+import lorabench.bench.quant  # noqa: E402,F401  registers nf4_linear and int4_linear (4-bit kernels)
 
 
 def resolve(name: str) -> Callable:
@@ -252,8 +273,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--no-bias", action="store_true", help="base linear without bias")
     p.add_argument("--dropout", type=float, default=d.dropout_p, help="LoRA dropout p (training mode)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="interleaved rounds (median reported)")
-    p.add_argument("--min-run-time", type=float, default=d.min_run_time_s, help="seconds per variant per round")
+    p.add_argument("--sample", type=float, default=d.sample_s, help="seconds per sample (calls are batched)")
+    p.add_argument("--round-budget", type=float, default=d.round_budget_s,
+                   help="seconds of samples per (shape, rank, mode) before fewer rounds are run (>= 3)")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: default)")
+    p.add_argument("--clock", default=d.clock, help="wall, or cpu (thread CPU time; needs --threads 1)")
     p.add_argument("--max-gflop", type=float, default=d.max_gflop,
                    help="skip shapes whose base GEMM exceeds this many GFLOP (0: no limit)")
     p.add_argument("--option", action="append", default=[], help="op-specific KEY=VALUE (repeatable)")
@@ -262,7 +286,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = Config(op=a.op, tokens=a.tokens, shapes=a.shapes, ranks=a.ranks, modes=tuple(a.modes.split(",")),
                      dtype=a.dtype, device=a.device, bias=not a.no_bias, dropout_p=a.dropout, rounds=a.rounds,
-                     min_run_time_s=a.min_run_time, threads=a.threads, max_gflop=a.max_gflop,
+                     sample_s=a.sample, round_budget_s=a.round_budget, threads=a.threads, clock=a.clock, max_gflop=a.max_gflop,
                      options=tuple(tuple(o.split("=", 1)) for o in a.option))  # type: ignore[misc]
         bench = resolve(cfg.op)
     except ValueError as e:

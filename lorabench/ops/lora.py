@@ -142,27 +142,31 @@ def _lora_linear_backward_ref(grad_y, x, weight, lora_A, lora_B, xa, scale, drop
     return dx, d_a, d_b
 
 
-def _dora_norm(weight, lora_A, lora_B, scale):
-    """||W + s B A||_c per row without materialising W + s B A (fp32):
+def _dora_norm(weight, lora_A, lora_B, scale, cancellation=0.5):
+    """||W + s B A||_c per row without materialising W + s B A (acc dtype):
     ||W_j||^2 + 2 s <W_j, (BA)_j> + s^2 ||(BA)_j||^2, with <W_j, (BA)_j> = sum_k (W A^T)_jk B_jk
-    and ||(BA)_j||^2 = B_j (A A^T) B_j^T."""
+    and ||(BA)_j||^2 = B_j (A A^T) B_j^T. Rows where the sum cancels (under `cancellation` x its
+    positive terms) are recomputed from the formed rows W_j + s B_j A (those rows only)."""
     acc = _acc_dtype(weight.dtype)
+    a, b = lora_A.to(acc), lora_B.to(acc)
     w_sq = torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()  # (out,)
-    wa = (weight @ lora_A.T).to(acc)  # (out, r)
-    b32, a32 = lora_B.to(acc), lora_A.to(acc)
-    bg = b32 @ (a32 @ a32.T)  # (out, r)
-    sq = w_sq + (b32 * (2 * scale * wa + scale * scale * bg)).sum(1)
+    wa = weight.to(acc) @ a.T  # (out, r); the fallback converts W whole, the kernels by row chunks
+    ba_sq = (b * (b @ (a @ a.T))).sum(1)  # (out,)
+    sq = w_sq + 2 * scale * (b * wa).sum(1) + scale * scale * ba_sq
+    bad = sq < cancellation * (w_sq + scale * scale * ba_sq)
+    if bad.any():
+        sq[bad] = torch.linalg.vector_norm(weight[bad].to(acc) + scale * b[bad] @ a, dim=1).square()
     return sq.clamp_min(0).sqrt()
 
 
 @torch.library.impl(_lib, "dora_linear", "CompositeExplicitAutograd")
 def _dora_linear_ref(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout_mask):
     norm = _dora_norm(weight, lora_A, lora_B, scale)  # (out,) fp32
-    g = (magnitude.to(norm.dtype) / norm).to(x.dtype)  # eq. (5) of DoRA: m / ||W + s B A||_c
+    g = magnitude.to(norm.dtype) / norm  # eq. (5) of DoRA: m / ||W + s B A||_c, in the acc dtype
     x_drop = _drop(x, dropout_mask)
     xa = x_drop @ lora_A.T  # (tokens, r)
     u = (x_drop @ weight.T).addmm_(xa, lora_B.T, alpha=scale)  # (tokens, out)
-    y = g * u
+    y = (g * u.to(g.dtype)).to(x.dtype)  # one rounding, as the kernels' epilogue
     if dropout_mask is not None:  # base path without dropout, as in PEFT
         y += x @ weight.T - x_drop @ weight.T
     if bias is not None:
@@ -174,9 +178,9 @@ def _dora_linear_ref(x, weight, bias, lora_A, lora_B, magnitude, scale, dropout_
 def _dora_linear_backward_ref(grad_y, x, weight, lora_A, lora_B, magnitude, xa, u, weight_norm, scale,
                               dropout_mask, need_dx):
     acc = weight_norm.dtype
-    g = (magnitude.to(acc) / weight_norm).to(grad_y.dtype)
+    g = magnitude.to(acc) / weight_norm
     d_m = ((grad_y.to(acc) * u.to(acc)).sum(0) / weight_norm).to(magnitude.dtype)  # d y / d m = u / n
-    du = grad_y * g  # (tokens, out)
+    du = (grad_y.to(acc) * g).to(grad_y.dtype)  # (tokens, out)
     dxa = scale * (du @ lora_B)  # (tokens, r)
     d_b = scale * (du.T @ xa)
     d_a = dxa.T @ _drop(x, dropout_mask)
@@ -190,6 +194,13 @@ def _dora_linear_backward_ref(grad_y, x, weight, lora_A, lora_B, magnitude, xa, 
 
 
 # --- autograd ---------------------------------------------------------------------------------
+# With the extension built, the ops carry C++ autograd kernels (csrc/lora_ops.cpp, the same math):
+# a Python autograd.Function costs more than the whole op at a few tokens. These Python Functions
+# are the autograd of the reference fallback, when the extension is not built.
+
+def _python_autograd() -> bool:
+    return extension() is None
+
 
 class LoraLinearFunction(torch.autograd.Function):
     """Gradients for x, lora_A, lora_B; weight and bias are frozen (the public function checks)."""
@@ -259,7 +270,7 @@ def _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, gener
     if kernel == "fused" and frozen and torch.is_grad_enabled():
         raise ValueError(f"{op}: kernel='fused' treats the base layer as frozen, but {' and '.join(frozen)} "
                          "requires grad; freeze it (requires_grad_(False)) or use kernel='reference'")
-    x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (tokens, in); a view costs an autograd node
     if not _inputs_ok(x2, weight, bias, lora_A, lora_B, magnitude):  # the compiled kernels trust their
         try:                                                          # inputs: explain with the fake's checks
             _check(x2, weight, bias, lora_A, lora_B, None, magnitude, op=op)
@@ -282,11 +293,12 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float 
     x2, mask = _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, "lora_linear")
     if kernel == "reference":
         y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scale, mask)
-    elif torch.is_grad_enabled() and (x2.requires_grad or lora_A.requires_grad or lora_B.requires_grad):
+    elif _python_autograd() and torch.is_grad_enabled() and (x2.requires_grad or lora_A.requires_grad
+                                                             or lora_B.requires_grad):
         y = LoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, float(scale), mask)
-    else:  # inference: no autograd bookkeeping
+    else:  # the op (with the extension, its autograd kernel is the C++ twin of LoraLinearFunction)
         y = torch.ops.lorabench.lora_linear(x2, weight, bias, lora_A, lora_B, float(scale), mask)[0]
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale: float, dropout_p: float = 0.0,
@@ -302,11 +314,12 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale: float, dropou
                        magnitude)
     if kernel == "reference":
         y = reference.dora_linear(x2, weight, bias, lora_A, lora_B, magnitude, scale, mask)
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (x2, lora_A, lora_B, magnitude)):
+    elif _python_autograd() and torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x2, lora_A, lora_B, magnitude)):
         y = DoraLinearFunction.apply(x2, weight, bias, lora_A, lora_B, magnitude, float(scale), mask)
     else:
         y = torch.ops.lorabench.dora_linear(x2, weight, bias, lora_A, lora_B, magnitude, float(scale), mask)[0]
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 extension()  # load lorabench._C when it is built: it registers the compiled CPU/CUDA kernels
