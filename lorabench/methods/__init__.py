@@ -29,6 +29,8 @@ METHODS.register_lazy("reslora", "lorabench.methods.procedure.reslora:ResLoRA")
 METHODS.register_lazy("laplace-lora", "lorabench.methods.procedure.laplace_lora:LaplaceLoRA")
 METHODS.register_lazy("hiddenkey", "lorabench.methods.procedure.hiddenkey:HiddenKey")
 METHODS.register_lazy("lora-drop", "lorabench.methods.reduction.lora_drop:LoraDrop")
+METHODS.register_lazy("bilora", "lorabench.methods.procedure.bilora:BiLoRA")
+METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")
@@ -43,6 +45,10 @@ METHODS.register_lazy("qa-lora", "lorabench.methods.quantized:QALoRA")
 METHODS.register_lazy("adalora", "lorabench.methods.adalora:AdaLoRA")
 METHODS.register_lazy("fourierft", "lorabench.methods.fourierft:FourierFT")
 METHODS.register_lazy("vb-lora", "lorabench.methods.vb_lora:VBLoRA")
+METHODS.register_lazy("riemannian", "lorabench.methods.riemannian:RiemannianLoRA")
+METHODS.register_lazy("lora-xs", "lorabench.methods.lora_xs:LoRAXS")
+METHODS.register_lazy("sora", "lorabench.methods.sora:SoRA")
+METHODS.register_lazy("dylora", "lorabench.methods.dylora:DyLoRA")
 
 
 def get_method(name: str):

@@ -250,6 +250,84 @@ def vb_lora_equations(model, method):
         torch.testing.assert_close(layer(x), x @ (layer.base.weight + B @ A).T + layer.base.bias, atol=1e-5, rtol=1e-5)
 
 
+def riemannian_equations(model, method):
+    """Riemannian preconditioned LoRA eq. (4): ∇A <- (BᵀB + δI)⁻¹ ∇A, ∇B <- ∇B (AAᵀ + δI)⁻¹."""
+    from lorabench.methods.riemannian import precondition_
+    layer = first_layer(model)
+    randomize_(layer.lora_B)
+    A, B = layer.lora_A, layer.lora_B
+    gA, gB = torch.randn_like(A), torch.randn_like(B)
+    A.grad, B.grad = gA.clone(), gB.clone()
+    d = method.config.delta
+    precondition_(A, B, d)
+    eye = torch.eye(A.shape[0])
+    with torch.no_grad():
+        torch.testing.assert_close(A.grad, torch.linalg.inv(B.T @ B + d * eye) @ gA, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(B.grad, gB @ torch.linalg.inv(A @ A.T + d * eye), atol=1e-4, rtol=1e-4)
+
+
+def lora_xs_equations(model, method):
+    """LoRA-XS eq. (2): h = W0 x + s B R A x with B = U_r Σ_r, A = V_r^T frozen, only R (r x r) trained."""
+    layer = first_layer(model)
+    W = layer.base.weight.detach()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    r = layer.rank
+    torch.testing.assert_close((layer.lora_B @ layer.lora_A).detach(), U[:, :r] @ torch.diag(S[:r]) @ Vh[:r],
+                               atol=1e-5, rtol=1e-4)
+    trained = {n.rsplit(".", 1)[-1] for n, _ in method.trainable_parameters(model) if "lora_" in n}
+    assert trained == {"lora_R"}
+    assert set(k.rsplit(".", 1)[-1] for k in method.adapter_state_dict(model) if "lora_" in k) == {"lora_R"}
+    randomize_(layer.lora_R)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        want = x @ W.T + layer.base.bias + layer.scale * x @ (layer.lora_B @ layer.lora_R @ layer.lora_A).T
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+
+
+def sora_equations(model, method):
+    """SoRA eq. (4): h = W0 x + s B diag(g) A x; eq. (6): g <- sign(g) max(|g| - ηλ, 0)."""
+    from lorabench.methods.sora import soft_threshold_
+    layer = first_layer(model)
+    assert torch.all(layer.lora_gate == 1)
+    randomize_(layer.lora_B, layer.lora_gate)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        want = x @ layer.base.weight.T + layer.base.bias + layer.scale * x @ (
+            layer.lora_B @ torch.diag(layer.lora_gate) @ layer.lora_A).T
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    g = torch.tensor([0.5, -0.05, 0.02, -0.9])
+    soft_threshold_(g, 0.1)
+    torch.testing.assert_close(g, torch.tensor([0.4, 0.0, 0.0, -0.8]))
+
+
+def dylora_equations(model, method):
+    """DyLoRA eq. (3): at sampled rank b, h = W0 x + (alpha/b) B_{:,1:b} A_{1:b} x; eqs. (5)-(6): only row b learns."""
+    from lorabench.methods.base import TrainState
+    layer = first_layer(model)
+    assert layer.active_rank == method.config.rank
+    randomize_(layer.lora_B)
+    x = torch.randn(3, layer.in_features)
+    state = TrainState(model=model, optimizer=None, scheduler=None, step=0, total_steps=10)
+    seen = set()
+    for _ in range(12):
+        method.on_step_begin(state)
+        b = method.sampled
+        seen.add(b)
+        assert 1 <= b <= method.config.rank and layer.active_rank == b
+        with torch.no_grad():
+            want = x @ layer.base.weight.T + layer.base.bias + (method.config.alpha / b) * (
+                x @ layer.lora_A[:b].T @ layer.lora_B[:, :b].T)
+            torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    assert len(seen) > 1, "the rank is not sampled"
+    layer.lora_A.grad, layer.lora_B.grad = torch.ones_like(layer.lora_A), torch.ones_like(layer.lora_B)
+    method.on_after_backward(state)
+    b = method.sampled
+    rows = layer.lora_A.grad.abs().sum(1)
+    assert torch.all(rows[: b - 1] == 0) and torch.all(rows[b - 1:] > 0)
+    method.on_train_end(state)
+    assert layer.active_rank == method.config.rank
+
+
 CASES = [
     Case("rslora", {"rank": 4, "alpha": 8}, equations=rslora_equations),
     Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
@@ -272,6 +350,12 @@ CASES = [
     Case("fourierft", {"n_frequency": 32, "init_zero": True}, id="fourierft-zero-init", models=("llama",)),
     Case("vb-lora", {"rank": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, identity_at_init=False,
          equations=vb_lora_equations),
+    Case("riemannian", {"rank": 4, "alpha": 8}, equations=riemannian_equations),
+    Case("lora-xs", {"rank": 4, "alpha": 4}, equations=lora_xs_equations),
+    Case("sora", {"rank": 4, "alpha": 8, "sparse_lambda": 0.5}, equations=sora_equations),
+    Case("dylora", {"rank": 4, "alpha": 8}, equations=dylora_equations),
+    Case("dylora", {"rank": 4, "alpha": 8, "eval_rank": 2, "update_all_ranks": True}, id="dylora-eval-rank-2",
+         models=("llama",)),
     Case("adalora", {"init_rank": 6, "target_rank": 3, "tinit": 0.0, "tfinal": 0.0, "delta_t": 1},
          equations=adalora_equations),
 ]
