@@ -25,7 +25,8 @@ from lorabench.methods.base import ApplyContext, Method, MethodConfig, replace_m
 class VBLoraConfig(MethodConfig):
     rank: int = option(4, "rank r of the composed factors (VB-LoRA: 4)", low=1, high=4096)
     num_vectors: int = option(256, "h, vectors in the shared bank", low=1)
-    vector_length: int = option(256, "b, length of each bank vector; must divide every adapted in/out size", low=1)
+    vector_length: int = option(64, "b, length of each bank vector; must divide every adapted in/out size (the paper's "
+                                    "256 suits Llama's 4096; 64 divides MiniLM's 384/1536 and SmolLM2's 576/1536)", low=1)
     topk: int = option(2, "k of the top-k mixture (eq. (3); VB-LoRA: 2)", low=1)
     init_bank_bound: float = option(0.02, "the bank starts uniform in [-bound, bound]", low=0.0)
     init_logits_std: float = option(0.1, "the logits start as N(0, std)", low=0.0)
