@@ -510,3 +510,68 @@ def lora_drop_equations(model, method):
 CASES += [
     Case("lora-drop", {"rank": 4, "keep_ratio": 0.5}, equations=lora_drop_equations),
 ]
+
+
+def bilevel_split_check(model, method, upper_ids):
+    """Each batch trains exactly one level: upper-level tensors on every upper_every-th step, the rest otherwise."""
+    trainable = [p for _, p in method.trainable_parameters(model)]
+    k = method.config.upper_every
+    for step in (k - 1, k):
+        for p in trainable:
+            p.grad = torch.ones_like(p)
+        method.on_after_backward(TrainState(model, None, None, step, 100))
+        upper_step = step == k - 1
+        for p in trainable:
+            assert (p.grad is not None) == ((id(p) in upper_ids) == upper_step)
+
+
+def bilora_equations(model, method):
+    """BiLoRA: ΔW = s P diag(Λ) Q (eq. (1)), R = ||PᵀP - I||² + ||QQᵀ - I||² (eq. (2)), Λ on validation steps."""
+    from lorabench.methods.procedure.bilora import orthogonality
+    layer = adapted_layers(model)[0]
+    assert torch.count_nonzero(layer.lora_E) == 0 and torch.count_nonzero(layer.lora_B) > 0
+    randomize_(layer.lora_E)
+    x = torch.randn(3, layer.in_features)
+    dw = layer.scale * layer.lora_B @ torch.diag(layer.lora_E) @ layer.lora_A
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.delta_weight(), dw)
+    eye = torch.eye(layer.rank)
+    want = ((layer.lora_B.T @ layer.lora_B - eye) ** 2).sum() + ((layer.lora_A @ layer.lora_A.T - eye) ** 2).sum()
+    torch.testing.assert_close(orthogonality(layer), want)
+    with torch.no_grad():  # orthonormal P and Q: no penalty
+        q = torch.linalg.qr(torch.randn(layer.in_features, layer.rank))[0]
+        p = torch.linalg.qr(torch.randn(layer.out_features, layer.rank))[0]
+        layer.lora_A.copy_(q.T), layer.lora_B.copy_(p)
+    assert orthogonality(layer).item() < 1e-8
+    reg = method.extra_loss(TrainState(model, None, None, 0, 100))
+    assert reg is not None and method.extra_loss(TrainState(model, None, None, method.config.upper_every - 1, 100)) is None
+    bilevel_split_check(model, method, {id(m.lora_E) for m in adapted_layers(model)})
+
+
+def autolora_equations(model, method):
+    """AutoLoRA: ΔW = s B diag(softmax(logits)) A (eq. (1)); α learns on validation steps during the search;
+    afterwards components with α_j < threshold are removed and α is frozen."""
+    layer = adapted_layers(model)[0]
+    randomize_(layer.lora_B, layer.lora_alpha_logits)
+    x = torch.randn(3, layer.in_features)
+    a = layer.lora_alpha_logits.softmax(-1)
+    dw = layer.scale * layer.lora_B @ torch.diag(a) @ layer.lora_A
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
+    method.on_train_begin(TrainState(model, None, None, 0, 100))
+    bilevel_split_check(model, method, {id(m.lora_alpha_logits) for m in adapted_layers(model)})
+    metrics = {}
+    method.fix_ranks(model, metrics)
+    keep = a >= 1.0 / layer.rank
+    assert torch.equal(layer.rank_mask.bool(), keep) and not layer.lora_alpha_logits.requires_grad
+    assert metrics["rank_min"] >= 1 and metrics["rank_max"] <= layer.rank
+    dw = layer.scale * layer.lora_B @ torch.diag(a * keep) @ layer.lora_A
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
+
+
+CASES += [
+    Case("bilora", {"rank": 4, "upper_every": 2}, equations=bilora_equations),
+    Case("autolora", {"rank": 4, "upper_every": 2, "search_ratio": 0.7}, equations=autolora_equations),
+]
