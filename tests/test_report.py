@@ -157,11 +157,13 @@ def test_malformed_records_get_notes_not_crashes():
             {"status": "ok", "score": 0.5},                                   # no task/label/method/seed
             record("t", "dora", 0, None),                                      # ok without a score
             record("t", "dora", 1, 0.9, status="weird"),                       # unknown status
-            record("t", "lora", 1, 0.82)]                                      # duplicate (task, label, seed)
+            record("t", "lora", 1, 0.82),                                      # duplicate (task, label, seed)
+            {**record("t", "lora", 0, 0.9), "seed": "two"}]                    # a seed that is not a number
     rep = tables.build(recs)
     notes = "\n".join(rep.notes)
     assert "Record 3 lacks task, label, method, seed" in notes
     assert "repeat a (task, method label, seed)" in notes
+    assert "Record 7 has seed 'two', not an integer" in notes
     assert set(rep.failures["label"]) == {"dora"}
     assert any("not a finite number" in e for e in rep.failures["error"])
     assert any("status 'weird'" in e for e in rep.failures["error"])

@@ -83,7 +83,7 @@ class Report:
 
 def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
     unknown: dict[str, int] = {}
-    rows, dropped = [], 0
+    rows = []
     families = {r["method"]: r["family"] for r in records
                 if isinstance(r.get("method"), str) and isinstance(r.get("family"), str)}
     for i, r in enumerate(records):
@@ -92,8 +92,12 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
                 unknown[k] = unknown.get(k, 0) + 1
         missing = [k for k in REQUIRED if r.get(k) is None]
         if missing:
-            dropped += 1
             notes.append(f"Record {i + 1} lacks {', '.join(missing)}; it cannot be placed in a table and is left out.")
+            continue
+        try:
+            seed = int(r["seed"])
+        except (TypeError, ValueError):
+            notes.append(f"Record {i + 1} has seed {r['seed']!r}, not an integer; it is left out.")
             continue
         status = r.get("status") if r.get("status") in ("ok", "failed") else "failed"
         error = r.get("error")
@@ -108,7 +112,7 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
         curve = r.get("loss_curve") if isinstance(r.get("loss_curve"), list) else []
         rows.append({
             "task": str(r["task"]), "label": str(r["label"]), "method": str(r["method"]),
-            "family": _family_of(str(r["method"]), families), "seed": int(r["seed"]), "status": status,
+            "family": _family_of(str(r["method"]), families), "seed": seed, "status": status,
             "error": None if status == "ok" else str(error or "no reason recorded"),
             "suite": r.get("suite"), "suite_version": r.get("suite_version"), "trial_id": r.get("trial_id"),
             "metric": r.get("metric"), "higher_is_better": r.get("higher_is_better"),
