@@ -37,10 +37,8 @@ constexpr int64_t kNestedBlock = 256;         // double quantization block
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The fp32 absmax of an NF4 state: decoded when double-quantized (uint8 codes).
-at::Tensor nf4_absmax_fp32(const at::Tensor& absmax, const OptTensor& absmax2, const OptTensor& code2,
-                           const OptTensor& offset) {
-  if (absmax.scalar_type() == at::kFloat) return absmax.contiguous();
+// Double quantization: uint8 absmax codes with their second-level state.
+void check_nested(const at::Tensor& absmax, const OptTensor& absmax2, const OptTensor& code2, const OptTensor& offset) {
   TORCH_CHECK(absmax.scalar_type() == at::kByte, "absmax must be float32 or uint8 (double quantization), got ",
               absmax.scalar_type());
   TORCH_CHECK(absmax2 && code2 && offset, "uint8 absmax (double quantization) needs absmax2, code2 and offset");
@@ -49,6 +47,14 @@ at::Tensor nf4_absmax_fp32(const at::Tensor& absmax, const OptTensor& absmax2, c
               "absmax2 must be float32 with ", ceil_div(n, kNestedBlock), " values, got ", absmax2->sizes());
   TORCH_CHECK(code2->scalar_type() == at::kFloat && code2->numel() == 256, "code2 must be float32 (256,)");
   TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1, "offset must be a float32 scalar");
+}
+
+// The fp32 absmax of an NF4 state: decoded when double-quantized (uint8 codes).
+at::Tensor nf4_absmax_fp32(const at::Tensor& absmax, const OptTensor& absmax2, const OptTensor& code2,
+                           const OptTensor& offset) {
+  if (absmax.scalar_type() == at::kFloat) return absmax.contiguous();
+  check_nested(absmax, absmax2, code2, offset);
+  const int64_t n = absmax.numel();
   auto out = at::empty({n}, absmax.options().dtype(at::kFloat));
   auto q = absmax.contiguous();
   auto a2 = absmax2->contiguous();
@@ -172,7 +178,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
     w.group = blocksize;
     at::Tensor am, q8, a2, c2;  // keep the storage alive
     if (absmax.scalar_type() == at::kByte) {
-      nf4_absmax_fp32(absmax, absmax2, code2, offset);  // validates the nested state
+      check_nested(absmax, absmax2, code2, offset);
       q8 = absmax.contiguous();
       a2 = absmax2->contiguous();
       c2 = code2->contiguous();

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -42,15 +43,22 @@ inline int chunk_elem(bool int_codes, int j, int e) {
 // log2 of the group size (a power of two): the per-chunk group index is a shift, not a division.
 inline int group_shift(int64_t group) { return __builtin_ctzll(static_cast<unsigned long long>(group)); }
 
-// Scale of the chunk's lanes: one value for group >= 64; for group 32, lanes 0-3 hold the first 32
-// weights and lanes 4-7 the next 32 in both orders.
-inline void chunk_scales(const Q4Weight& w, int64_t n, int64_t c, int gshift, float s[2], float z[2]) {
-  const int64_t G = w.K >> gshift;
-  const int64_t g0 = n * G + ((c * kChunk) >> gshift);
-  s[0] = w.group_scale(g0);
-  s[1] = w.group == 32 ? w.group_scale(g0 + 1) : s[0];
-  z[0] = w.zero ? w.zero[g0] : 0.f;
-  z[1] = w.zero ? (w.group == 32 ? w.zero[g0 + 1] : z[0]) : 0.f;
+// The scales of row n, decoded once per row when double-quantized (into buf, G floats).
+inline const float* row_scales(const Q4Weight& w, int64_t n, int64_t G, float* buf) {
+  if (w.scale_q8 == nullptr) return w.scale + n * G;
+  for (int64_t g = 0; g < G; ++g) buf[g] = w.group_scale(n * G + g);
+  return buf;
+}
+
+// Scale (and zero) of the chunk's lanes from the row's arrays: one value for group >= 64; for group 32,
+// lanes 0-3 hold the first 32 weights and lanes 4-7 the next 32 (in both kernel orders).
+inline void chunk_scales(const Q4Weight& w, const float* srow, const float* zrow, int64_t c, int gshift, float s[2],
+                         float z[2]) {
+  const int64_t g0 = (c * kChunk) >> gshift;
+  s[0] = srow[g0];
+  s[1] = w.group == 32 ? srow[g0 + 1] : s[0];
+  z[0] = zrow ? zrow[g0] : 0.f;
+  z[1] = zrow ? (w.group == 32 ? zrow[g0 + 1] : z[0]) : 0.f;
 }
 
 inline float code_of(const Q4Weight& w, const uint8_t* chunk, int elem) {
@@ -116,13 +124,16 @@ void gemv_rows(const Q4Weight& w, const float* xp, const float* xsum, float* out
   const int gshift = group_shift(w.group);
   const NF4Tables T;
   constexpr int NA = NB == 1 ? 4 : (NB == 2 ? 2 : 1);  // independent FMA chains per input row
+  std::vector<float> sbuf(G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * (K / 2);
+    const float* srow = row_scales(w, n, G, sbuf.data());
+    const float* zrow = w.zero ? w.zero + n * G : nullptr;
     __m256 racc[NB];
     for (int b = 0; b < NB; ++b) racc[b] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
       float s[2], z[2];
-      chunk_scales(w, n, c, gshift, s, z);
+      chunk_scales(w, srow, zrow, c, gshift, s, z);
       const __m256 sv = w.group == 32 ? _mm256_setr_ps(s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1])
                                       : _mm256_set1_ps(s[0]);
       __m256 q[8];
@@ -158,14 +169,17 @@ void gemv_rows_scalar(const Q4Weight& w, const float* xp, const float* xsum, int
                       int64_t n0, int64_t n1) {
   const int64_t K = w.K, chunks = K / kChunk, G = K / w.group;
   const int gshift = group_shift(w.group);
+  std::vector<float> sbuf(G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * (K / 2);
+    const float* srow = row_scales(w, n, G, sbuf.data());
+    const float* zrow = w.zero ? w.zero + n * G : nullptr;
     for (int64_t b = 0; b < B; ++b) {
       const float* x = xp + b * K;
       float r = 0.f;
       for (int64_t c = 0; c < chunks; ++c) {
         float s[2], z[2];
-        chunk_scales(w, n, c, gshift, s, z);
+        chunk_scales(w, srow, zrow, c, gshift, s, z);
         float part[2] = {0.f, 0.f};
         for (int j = 0; j < 8; ++j)
           for (int e = 0; e < 8; ++e)
@@ -223,12 +237,16 @@ void q4_dequantize_rows(const Q4Weight& w, int64_t n0, int64_t n1, float* buf) {
 #ifdef LB_Q4_AVX2
     const NF4Tables T;
 #endif
+    const int64_t G = K >> gshift;
+    std::vector<float> sbuf(G);
     for (int64_t n = r0; n < r1; ++n) {
       const uint8_t* row = w.packed + n * (K / 2);
+      const float* srow = row_scales(w, n, G, sbuf.data());
+      const float* zrow = w.zero ? w.zero + n * G : nullptr;
       float* dst = buf + (n - n0) * K;
       for (int64_t c = 0; c < chunks; ++c) {
         float s[2], z[2];
-        chunk_scales(w, n, c, gshift, s, z);
+        chunk_scales(w, srow, zrow, c, gshift, s, z);
 #ifdef LB_Q4_AVX2
         const __m256 sv = _mm256_setr_ps(s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1]);
         const __m256 zv = _mm256_setr_ps(z[0], z[0], z[0], z[0], z[1], z[1], z[1], z[1]);
