@@ -31,6 +31,7 @@ METHODS.register_lazy("hiddenkey", "lorabench.methods.procedure.hiddenkey:Hidden
 METHODS.register_lazy("lora-drop", "lorabench.methods.reduction.lora_drop:LoraDrop")
 METHODS.register_lazy("bilora", "lorabench.methods.procedure.bilora:BiLoRA")
 METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA")
+METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")

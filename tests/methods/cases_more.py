@@ -575,3 +575,45 @@ CASES += [
     Case("bilora", {"rank": 4, "upper_every": 2}, equations=bilora_equations),
     Case("autolora", {"rank": 4, "upper_every": 2, "search_ratio": 0.7}, equations=autolora_equations),
 ]
+
+
+def salora_equations(model, method):
+    """SaLoRA: ΔW = s B diag(g) A with hard-concrete gates g; expected density
+    sigmoid(log_alpha - beta log(-gamma/zeta)); Lagrangian lambda1 (d - t) + lambda2 (d - t)^2 with
+    multipliers ascended (their gradients negated)."""
+    from lorabench.methods.dynamic_rank.salora import BETA, GAMMA, ZETA
+    layer = adapted_layers(model)[0]
+    randomize_(layer.lora_B)
+    with torch.no_grad():
+        layer.lora_gate.copy_(torch.linspace(-3, 3, layer.rank))
+    la = layer.lora_gate.detach()
+    g_eval = (torch.sigmoid(la) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    x = torch.randn(3, layer.in_features)
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + layer.scale * x @ (layer.lora_B * g_eval @ layer.lora_A).T,
+                                   atol=1e-5, rtol=1e-5)
+        layer.train()
+        torch.manual_seed(11)
+        y = layer(x)
+        torch.manual_seed(11)
+        u = torch.rand(layer.rank).clamp(1e-6, 1 - 1e-6)
+        g = (torch.sigmoid((u.log() - (1 - u).log() + la) / BETA) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+        torch.testing.assert_close(y, layer.base(x) + layer.scale * x @ (layer.lora_B * g @ layer.lora_A).T,
+                                   atol=1e-5, rtol=1e-5)
+    from lorabench.methods.dynamic_rank.salora import expected_density
+    torch.testing.assert_close(expected_density(la), torch.sigmoid(la - BETA * math.log(-GAMMA / ZETA)).mean())
+    state = TrainState(model, None, None, 0, 10)
+    with torch.no_grad():
+        method.multipliers.copy_(torch.tensor([0.5, 2.0]))
+    method.multipliers.grad = None
+    loss = method.extra_loss(state)
+    loss.backward()
+    gap = method.density(model).item() - method.config.target_density
+    method.on_after_backward(state)
+    torch.testing.assert_close(method.multipliers.grad, -torch.tensor([gap, gap ** 2]), atol=1e-6, rtol=1e-5)
+
+
+CASES += [
+    Case("salora", {"rank": 4, "target_density": 0.5}, equations=salora_equations),
+]
