@@ -210,19 +210,26 @@ def summarize_lora(rows: list[Result]) -> dict:
 OP_BENCHES: dict[str, Callable | str] = {
     "lora_linear": bench_lora,
     "dora_linear": bench_lora,
+    "lora_e2e": "lorabench.bench.lora_e2e:bench",  # SmolLM2-135M LoRA fine-tuning, lorabench vs peft
 }
-SUMMARIES: dict[str, Callable] = {"lora_linear": summarize_lora, "dora_linear": summarize_lora}
+# Optional: op -> rows -> dict of headline numbers (the targets), printed and saved.
+SUMMARIES: dict[str, Callable | str] = {"lora_linear": summarize_lora, "dora_linear": summarize_lora,
+                                        "lora_e2e": "lorabench.bench.lora_e2e:summarize"}
 import lorabench.bench.quant  # noqa: E402,F401  registers nf4_linear and int4_linear (4-bit kernels)
+
+
+def _lazy(table: dict, name: str) -> Callable:
+    fn = table[name]
+    if isinstance(fn, str):  # "module:function", imported on first use
+        module, attr = fn.split(":")
+        fn = table[name] = getattr(importlib.import_module(module), attr)
+    return fn
 
 
 def resolve(name: str) -> Callable:
     if name not in OP_BENCHES:
         raise ValueError(f"unknown op {name!r}; valid: {', '.join(sorted(OP_BENCHES))}")
-    fn = OP_BENCHES[name]
-    if isinstance(fn, str):  # lazy "module:function"
-        module, attr = fn.split(":")
-        fn = OP_BENCHES[name] = getattr(importlib.import_module(module), attr)
-    return fn
+    return _lazy(OP_BENCHES, name)
 
 
 def format_row(row) -> str:
@@ -299,7 +306,7 @@ def main(argv: list[str]) -> int:
           + ", ".join(f"{k}={'yes' if ok else 'no'}" for k, (ok, _) in available_backends().items()))
     start = time.time()
     rows = bench(cfg)
-    summary = SUMMARIES.get(cfg.op, lambda rows: {})(rows)
+    summary = _lazy(SUMMARIES, cfg.op)(rows) if cfg.op in SUMMARIES else {}
     print()
     print(table(rows))
     for k, v in summary.items():
