@@ -10,16 +10,12 @@ import math
 
 import pandas as pd
 
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+from lorabench.report.stats import mean_ci95
 
 
 def ci95(values: pd.Series) -> float:
     """Half-width of the 95% Student-t confidence interval of the mean (NaN for one value)."""
-    n = values.count()
-    if n < 2:
-        return float("nan")
-    t = T95.get(n - 1, 1.96 + 2.5 / (n - 1))  # close to the t quantile beyond 10 degrees of freedom
-    return float(t * values.std(ddof=1) / math.sqrt(n))
+    return mean_ci95(values.dropna())[1]
 
 
 def records_frame(records: list[dict]) -> pd.DataFrame:
