@@ -55,7 +55,16 @@ class TaskConfig:
 
 
 def seeded_split(items: list[dict], n_eval: int) -> Split:
-    """Shuffle with the fixed split seed, take the first n_eval as eval and the rest as train."""
+    """Drop exact duplicates (first kept), shuffle with the fixed split seed, take the first n_eval
+    as eval and the rest as train: no example is both trained on and evaluated."""
+    seen: set[str] = set()
+    unique = []
+    for item in items:
+        key = json.dumps(item, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            unique.append(item)
+    items = unique
     order = list(range(len(items)))
     random.Random(SPLIT_SEED).shuffle(order)
     return Split(train=[items[i] for i in order[n_eval:]], eval=[items[i] for i in order[:n_eval]])

@@ -59,5 +59,5 @@ class Sarcasm(ClassificationTask):
     dataset = "sarcasm"
     description = "News headlines, sarcastic (The Onion) or not (HuffPost) (Misra 2018, via OpenAI evals)"
     eval_size = 2000
-    sizes = "train 26,614 / eval 2,000 (of 28,614)"
+    sizes = "train 26,498 / eval 2,000 (of 28,614; 116 exact duplicates dropped)"
     default_max_length = 48

@@ -26,7 +26,7 @@ class Arith(Task):
     metric = EXACT
     description = ("Synthetic arithmetic word problems (+, -, two steps), generated from a seed: exact, "
                    "unlimited and free of contamination")
-    sizes = "eval 500 / train the rest of 5,000 minus any question also in eval"
+    sizes = "train 4,137 / eval 500 (of 5,000: duplicates and every question also in eval dropped from train)"
     default_max_length = 64
     max_new_tokens = 8
 

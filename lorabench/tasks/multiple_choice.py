@@ -82,5 +82,5 @@ class SocialIQA(MultipleChoiceTask):
     dataset = "socialiqa"
     description = "Social IQa commonsense questions about people, 3 options (Sap et al. 2019, via OpenAI evals)"
     eval_size = 500
-    sizes = "train 1,724 / eval 500 (of 2,224)"
+    sizes = "train 1,703 / eval 500 (of 2,224; 21 exact duplicates dropped)"
     default_max_length = 128
