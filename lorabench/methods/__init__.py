@@ -32,6 +32,7 @@ METHODS.register_lazy("lora-drop", "lorabench.methods.reduction.lora_drop:LoraDr
 METHODS.register_lazy("bilora", "lorabench.methods.procedure.bilora:BiLoRA")
 METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA")
 METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA")
+METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:IncreLoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")

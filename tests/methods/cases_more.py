@@ -617,3 +617,42 @@ def salora_equations(model, method):
 CASES += [
     Case("salora", {"rank": 4, "target_density": 0.5}, equations=salora_equations),
 ]
+
+
+def increlora_equations(model, method):
+    """IncreLoRA: ΔW = s P diag(λ ⊙ m) Q (eq. (3)); growth activates the next component of the
+    highest-scoring layers with λ = 0, so the function does not change; budget spent over the events."""
+    layers = adapted_layers(model)
+    layer = layers[0]
+    c = method.config
+    assert int(layer.rank_mask.sum()) == c.init_rank and layer.lora_A.shape[0] == c.rank
+    randomize_(layer.lora_E)
+    x = torch.randn(3, layer.in_features)
+    dw = layer.scale * layer.lora_B @ torch.diag(layer.lora_E * layer.rank_mask) @ layer.lora_A
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer.base(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
+    method.on_train_begin(TrainState(model, None, None, 0, 100))
+    assert sum(method.per_event) == round((c.target_rank - c.init_rank) * len(layers))
+    for i, m in enumerate(layers):
+        method.score[id(m)] = float(i)      # the last layers score highest
+    with torch.no_grad():
+        before = layer(x)
+    chosen = method.grow(model, 2)
+    assert chosen == layers[::-1][:2]
+    assert all(int(m.rank_mask.sum()) == c.init_rank + 1 for m in chosen)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), before)
+    # the sensitivity EMA (eqs. (4)-(6)) after one backward
+    for m in layers:
+        for p in (m.lora_A, m.lora_B, m.lora_E):
+            p.grad = torch.randn_like(p)
+    method.ibar, method.ubar = {}, {}
+    method.on_after_backward(TrainState(model, None, None, 0, 100))
+    i = (layer.lora_A * layer.lora_A.grad).abs()
+    torch.testing.assert_close(method.ibar[layer.lora_A], (1 - c.beta1) * i)
+
+
+CASES += [
+    Case("increlora", {"rank": 6, "init_rank": 2, "target_rank": 3, "grow_every": 1, "warmup_ratio": 0.0,
+                       "final_ratio": 0.0}, equations=increlora_equations),
+]
