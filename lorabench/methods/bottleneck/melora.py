@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
+from lorabench.methods.base import TrainState
+from lorabench.methods.bottleneck.layer import update_rank
 from lorabench.methods.lora import LoRA, LoraConfig
 from lorabench.methods.lora.layer import LoraLinear, LoraVariant
 
@@ -66,3 +68,7 @@ class MELoRA(LoRA):
 
     def variant(self) -> LoraVariant:
         return MeloraVariant(self.config.n_mini)
+
+    def on_train_end(self, state: TrainState) -> None:
+        ranks = [update_rank(m) for m in self.lora_layers(state.model)]
+        state.metrics["update_rank_mean"] = round(sum(ranks) / max(1, len(ranks)), 2)  # up to n r, not r

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import MethodConfig
+from lorabench.methods.base import MethodConfig, TrainState
+from lorabench.methods.bottleneck.layer import update_rank
 from lorabench.methods.lora import LoRA
 from lorabench.methods.lora.layer import LoraLinear, LoraVariant
 
@@ -77,3 +78,7 @@ class MoRA(LoRA):
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
         return LoraLinear(base, 1, 1.0, variant=MoraVariant(self.config.rank))
+
+    def on_train_end(self, state: TrainState) -> None:
+        ranks = [update_rank(m) for m in self.lora_layers(state.model)]
+        state.metrics["update_rank_mean"] = round(sum(ranks) / max(1, len(ranks)), 2)  # up to r_hat, not r

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import ApplyContext
+from lorabench.methods.base import ApplyContext, TrainState
 from lorabench.methods.lora import LoRA, LoraConfig
 from lorabench.methods.lora.layer import LoraLinear, LoraVariant
 
@@ -86,6 +86,10 @@ class ResLoRA(LoRA):
             for (_, lower), (_, upper) in zip(chain, chain[1:]):
                 upper.variant.prev = lower  # x_{l-1}: the input of the same module one block below
         return model
+
+    def on_train_end(self, state: TrainState) -> None:
+        alphas = [float(m.reslora_alpha) for m in self.lora_layers(state.model) if m.variant.prev is not None]
+        state.metrics["merge_alpha_mean"] = round(sum(alphas) / max(1, len(alphas)), 4)
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().adapter_state_dict(model)
