@@ -1,0 +1,82 @@
+"""Adapters exported by lorabench.methods.export load with peft.PeftModel.from_pretrained and compute the same outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from lorabench.methods import get_method  # noqa: E402
+from lorabench.methods.export import export_peft  # noqa: E402
+from tests.methods.tester import batch_for, logits, tiny_model  # noqa: E402
+
+TARGETS = ["query", "value", "q_proj", "v_proj", "down_proj"]
+CASES = [
+    ("lora", {"rank": 4, "alpha": 8}, "bert"),
+    ("rslora", {"rank": 4, "alpha": 8}, "llama"),
+    ("dora", {"rank": 4, "alpha": 8}, "bert"),
+    ("dora", {"rank": 2, "alpha": 4}, "llama"),
+    ("lora-fa", {"rank": 4, "alpha": 8}, "llama"),
+    ("riemannian", {"rank": 4, "alpha": 8}, "bert"),
+    ("dylora", {"rank": 4, "alpha": 8, "eval_rank": 3}, "llama"),
+    ("sora", {"rank": 4, "alpha": 8}, "bert"),
+    ("lora-xs", {"rank": 4, "alpha": 4}, "llama"),
+    ("vera", {"rank": 16}, "bert"),
+    ("fourierft", {"n_frequency": 64, "scaling": 10.0}, "llama"),
+]
+
+
+@pytest.mark.parametrize("name,options,kind", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+def test_export_loads_in_peft_with_equal_outputs(name, options, kind, tmp_path):
+    from peft import PeftModel
+    base, ctx = tiny_model(kind)
+    torch.manual_seed(0)
+    method = get_method(name).from_options({**options, "target_modules": TARGETS})
+    model = method.apply(base, ctx)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, p in method.trainable_parameters(model):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+        if name == "sora":  # a pruned rank: exercised by the export's folding of the gate
+            next(m for m in model.modules() if hasattr(m, "lora_gate")).lora_gate[1] = 0.0
+    b = batch_for(kind)
+    expected = logits(model, b)
+    cfg = export_peft(method, model, str(tmp_path))
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    fresh, _ = tiny_model(kind)
+    pm = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    torch.testing.assert_close(logits(pm, b), expected, atol=1e-5, rtol=1e-5)
+    if kind == "bert":
+        assert cfg["modules_to_save"] == ["classifier"]
+
+
+def test_qlora_export_loads_onto_the_dequantized_base(tmp_path):
+    """QLoRA's adapter is plain LoRA: on the NF4-dequantized base, peft computes what our QLoRA model computes."""
+    from peft import PeftModel
+
+    from lorabench.methods.quantized.base import NF4Base
+    base, ctx = tiny_model("llama")
+    torch.manual_seed(0)
+    method = get_method("qlora").from_options({"rank": 4, "alpha": 8, "target_modules": TARGETS})
+    model = method.apply(base, ctx)
+    with torch.no_grad():
+        for _, p in method.trainable_parameters(model):
+            p.add_(0.05 * torch.randn_like(p))
+    b = batch_for("llama")
+    expected = logits(model, b)
+    export_peft(method, model, str(tmp_path))
+    fresh, _ = tiny_model("llama")
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, NF4Base):
+                fresh.get_submodule(n.removesuffix(".base")).weight.copy_(m.dequantize())
+    pm = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    torch.testing.assert_close(logits(pm, b), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["pissa", "qa-lora", "adalora"])
+def test_unexportable_methods_say_why(name, tmp_path):
+    base, ctx = tiny_model("llama")
+    method = get_method(name)()
+    with pytest.raises(ValueError, match="cannot be exported"):
+        export_peft(method, base, str(tmp_path))
