@@ -33,6 +33,7 @@ METHODS.register_lazy("bilora", "lorabench.methods.procedure.bilora:BiLoRA")
 METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA")
 METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA")
 METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:IncreLoRA")
+METHODS.register_lazy("loraprune", "lorabench.methods.reduction.loraprune:LoraPrune")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")

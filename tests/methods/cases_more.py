@@ -656,3 +656,46 @@ CASES += [
     Case("increlora", {"rank": 6, "init_rank": 2, "target_rank": 3, "grow_every": 1, "warmup_ratio": 0.0,
                        "final_ratio": 0.0}, equations=increlora_equations),
 ]
+
+
+def loraprune_equations(model, method):
+    """LoRAPrune: importance |(W + s B A) ⊙ s (∇B A + B ∇A)| summed per channel (eq. (8)) with an EMA
+    (eq. (9)); the lowest channels are masked to a cubic sparsity schedule; masked channels output 0."""
+    from lorabench.methods.reduction.loraprune import cubic_sparsity
+    assert cubic_sparsity(5, 10, 70, 0.2) == 0.0 and cubic_sparsity(80, 10, 70, 0.2) == 0.2
+    assert abs(cubic_sparsity(40, 10, 70, 0.2) - 0.2 * (1 - 0.5 ** 3)) < 1e-12
+    group = method.groups[0]
+    m = group[0]
+    randomize_(m.lora_B)
+    method.on_train_begin(TrainState(model, None, None, 0, 10))
+    for layers in method.groups:
+        for layer in layers:
+            layer.lora_A.grad, layer.lora_B.grad = torch.randn_like(layer.lora_A), torch.randn_like(layer.lora_B)
+    method.on_after_backward(TrainState(model, None, None, 0, 10))
+    want = 0
+    for layer in group:
+        w = layer.base.weight + layer.scale * layer.lora_B @ layer.lora_A
+        g = layer.scale * (layer.lora_B.grad @ layer.lora_A + layer.lora_B @ layer.lora_A.grad)
+        want = want + (w * g).abs().sum(1)
+    torch.testing.assert_close(method.importance[0], want)
+    first = method.importance[0].clone()
+    method.on_after_backward(TrainState(model, None, None, 1, 10))   # same gradients: the EMA is a fixed point
+    torch.testing.assert_close(method.importance[0], first)
+    # crafted importances: channel c of group g scores g * 1000 + c; 25% sparsity masks the lowest quarter
+    for g, layers in enumerate(method.groups):
+        method.importance[g] = torch.arange(layers[0].out_features, dtype=torch.float32) + 1000.0 * g
+    method.prune_to(0.25)
+    flat = torch.cat([layers[0].channel_mask for layers in method.groups])
+    assert int((flat == 0).sum()) == int(0.25 * flat.numel())
+    assert flat[: int(0.25 * flat.numel())].eq(0).all(), "the lowest-importance channels go first"
+    assert all(torch.equal(layer.channel_mask, layers[0].channel_mask) for layers in method.groups for layer in layers)
+    x = torch.randn(3, m.in_features)
+    with torch.no_grad():
+        full = m.base(x) + m.scale * x @ m.lora_A.T @ m.lora_B.T
+        torch.testing.assert_close(m(x), full * m.channel_mask, atol=1e-5, rtol=1e-5)
+
+
+CASES += [
+    Case("loraprune", {"rank": 4, "sparsity": 0.5, "prune_start_ratio": 0.0, "prune_end_ratio": 0.5},
+         equations=loraprune_equations),
+]
