@@ -198,3 +198,17 @@ def test_bad_magnitude_gets_a_clear_error():
     x, W, b, A, B, m, _, _ = make_dora_inputs(4, 8, 6, 2, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"magnitude must be \(out=6,\)"):
         dora_linear(x, W, b, A, B, m[:5], 1.0)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_python_autograd_function(dropout):
+    """DoraLinearFunction (the autograd without the extension): gradcheck for x and m, A and B against
+    autograd through the reference (the detached norm, see test_gradcheck_float64_x_and_magnitude)."""
+    x, W, b, A, B, m, mask, dy = make_dora_inputs(6, 5, 4, 3, torch.float64, "cpu", dropout=dropout)
+    x.requires_grad_(), m.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, m: L.DoraLinearFunction.apply(x, W, b, A, B, m, 0.7, mask), (x, m))
+    A_, B_ = A.clone().requires_grad_(), B.clone().requires_grad_()
+    got = torch.autograd.grad(L.DoraLinearFunction.apply(x, W, b, A_, B_, m, 0.7, mask), (A_, B_), dy)
+    want = reference_with_grads(x, W, b, A, B, m, 0.7, mask, dy, torch.float64)[2:4]
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10)

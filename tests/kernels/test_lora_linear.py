@@ -237,3 +237,11 @@ def test_fused_works_without_the_extension():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_python_autograd_function_gradcheck(dropout):
+    """LoraLinearFunction: the autograd used when the extension is not built (the C++ twin is above)."""
+    x, W, b, A, B, mask, _ = make_inputs(6, 5, 4, 3, torch.float64, "cpu", dropout=dropout)
+    x.requires_grad_(), A.requires_grad_(), B.requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, A, B: L.LoraLinearFunction.apply(x, W, b, A, B, 0.7, mask), (x, A, B))
