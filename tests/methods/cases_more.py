@@ -397,7 +397,9 @@ def laplace_lora_equations(model, method):
     model.eval()
     for i in range(3):
         model.zero_grad(set_to_none=True)
-        model(**{k: v[i:i + 1] for k, v in batch.items()}).loss.backward()
+        ex = {k: v[i:i + 1] for k, v in batch.items()}
+        n_obs = 1 if ex["labels"].dim() == 1 else int((ex["labels"][:, 1:] != -100).sum())
+        (model(**ex).loss * n_obs).backward()
         for w, (p, _) in zip(want, factors):
             w += p.grad ** 2
     model.zero_grad(set_to_none=True)

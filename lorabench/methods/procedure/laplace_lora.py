@@ -5,8 +5,9 @@ posterior over the LoRA weights, N(θ*, P^-1) with P = F + λ I (sec. 3: Fisher 
 loss plus the Gaussian prior's precision λ), gives a predictive distribution that averages over
 plausible adapters: p(y|x) = E_θ[softmax f_θ(x)], here by Monte Carlo over `samples` draws
 (the paper linearises f and also samples). Differences to the paper, for a CPU budget: F is the
-diagonal empirical Fisher Σ_i g_i² over per-example gradients of the last training batches (the
-paper uses Kronecker-factored blocks), scaled to the number of training examples; λ maximises
+diagonal empirical Fisher Σ_i g_i² over per-example gradients of the total log-likelihood of the
+last training batches' examples (the paper uses Kronecker-factored blocks), scaled to the number
+of training examples; λ maximises
 the Laplace marginal likelihood over a log grid (the paper's post-hoc prior-precision tuning):
 log p(D|λ) = const - λ/2 ||θ*||² + d/2 log λ - 1/2 Σ log(F_i + λ).
 
@@ -61,6 +62,15 @@ def flat_predictions(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     logits, labels = logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
     keep = labels != -100
     return logits[keep], labels[keep]
+
+
+def observations(example: dict) -> int:
+    """Labels in one example: 1 for classification, its predicted tokens for a causal LM (the task loss
+    is their mean; the Fisher needs the gradient of their sum)."""
+    labels = example["labels"]
+    if labels.dim() < 2:
+        return int(labels.numel())
+    return max(1, int((labels[:, 1:] != -100).sum()))
 
 
 @dataclass
@@ -173,7 +183,7 @@ class LaplaceLoRA(LoRA):
             if count >= self.config.fisher_examples:
                 break
             model.zero_grad(set_to_none=True)
-            model(**ex).loss.backward()
+            (model(**ex).loss * observations(ex)).backward()  # the example's total log-likelihood
             for a, (p, _) in zip(acc, factors):
                 if p.grad is not None:
                     a += p.grad.detach() ** 2
