@@ -13,6 +13,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <vector>
 
 namespace lorabench::cpu {
 namespace {
@@ -63,6 +64,9 @@ void shrink_kernel(const at::Tensor& x, const at::Tensor& A, const TokenGroups& 
   });
 }
 
+// Expand reads B[l, o, :r] (rows of length r, often 8..32): a dot product per output would be all
+// reduction overhead. Instead a block of OUT_BLOCK outputs is transposed once into fp32 Bt (r, block)
+// and each token of the block adds sum_j y[t, j] Bt[j, :], vectorised over the outputs.
 template <typename T>
 void expand_kernel(at::Tensor& out, const at::Tensor& y, const at::Tensor& B, const TokenGroups& gr,
                    const int64_t* ranks) {
@@ -75,18 +79,28 @@ void expand_kernel(at::Tensor& out, const at::Tensor& y, const at::Tensor& B, co
     return ranks[gr.slot[g]] == 0 ? 0 : (gr.begin[g + 1] - gr.begin[g] + TB - 1) / TB * n_oblk;
   });
   at::parallel_for(0, off[G], 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> bt(R * OUT_BLOCK);  // Bt[j, o - o0], j < r
+    float acc[OUT_BLOCK];
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t g = group_of(off, item), l = gr.slot[g], r = ranks[l];
       const int64_t k = item - off[g], blk = k / n_oblk, ob = k % n_oblk;
-      const int64_t o0 = ob * OUT_BLOCK, o1 = std::min(o0 + OUT_BLOCK, n_out);
+      const int64_t o0 = ob * OUT_BLOCK, n = std::min(OUT_BLOCK, n_out - o0);
+      for (int64_t o = 0; o < n; ++o) {
+        const T* brow = Bp + (l * n_out + o0 + o) * R;  // B[l, o0 + o, :r]
+        for (int64_t j = 0; j < r; ++j) bt[j * OUT_BLOCK + o] = static_cast<float>(brow[j]);
+      }
       const int64_t t0 = gr.begin[g] + blk * TB, t1 = std::min(t0 + TB, gr.begin[g + 1]);
-      for (int64_t o = o0; o < o1; ++o) {
-        const T* brow = Bp + (l * n_out + o) * R;  // B[l, o, :r]
-        for (int64_t p = t0; p < t1; ++p) {
-          const int64_t t = gr.order[p];
-          T& dst = op[t * os + o];
-          dst = static_cast<T>(static_cast<float>(dst) + dot(yp + t * R, brow, r));
+      for (int64_t p = t0; p < t1; ++p) {
+        const int64_t t = gr.order[p];
+        for (int64_t o = 0; o < OUT_BLOCK; ++o) acc[o] = 0.f;
+        for (int64_t j = 0; j < r; ++j) {
+          const float yj = yp[t * R + j];
+          const float* bj = bt.data() + j * OUT_BLOCK;
+#pragma omp simd
+          for (int64_t o = 0; o < OUT_BLOCK; ++o) acc[o] += yj * bj[o];
         }
+        T* dst = op + t * os + o0;
+        for (int64_t o = 0; o < n; ++o) dst[o] = static_cast<T>(static_cast<float>(dst[o]) + acc[o]);
       }
     }
   });

@@ -7,7 +7,7 @@ Llama-shaped model with random weights, for N adapters in {1, 8, 64, 256, 1024},
   ours     lorabench.serving.MultiLoraModel: base GEMM once + BGMV (decode) / SGMV (prefill),
            adapters paged between host memory and `capacity` fast-memory slots (LRU),
   peft     PEFT's mixed-batch forward, `model(input_ids, adapter_names=[...])`,
-  loop     a Python loop over the batch's adapters: PEFT `set_adapter(name)` + a forward per group.
+  loop     a Python loop over the batch's adapters: one PEFT forward per adapter, over its requests.
 Every configuration is timed once per round, rounds interleaved (DESIGN: ratios measured in one run);
 the result is the median over rounds. A batch draws its requests' adapters from the N loaded
 ones: all distinct when N >= batch, else each adapter batch/N times; a fresh draw every round (the
@@ -51,7 +51,7 @@ class Config:
     n_adapters: tuple[int, ...] = (1, 8, 64, 256, 1024)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # PEFT's default for Llama
     decode_batch: int = 64
-    prefill_batch: int = 16
+    prefill_batch: int = 8
     prefill_len: int = 32
     capacity: int = 128        # fast-memory slots of the adapter store
     rounds: int = 5
@@ -93,14 +93,18 @@ def _build_models(cfg: Config):
             for p in shapes:
                 merged.get_submodule(p).weight += adapters[0].delta(p).to(dtype)
         models["merged"] = merged
-    if "ours" in cfg.methods:
-        ours = MultiLoraModel(copy.deepcopy(base), target_modules=cfg.target_modules, capacity=cfg.capacity,
-                              max_rank=max(RANKS))
-        for a in adapters:
-            ours.add_adapter(a)
-        models["ours"] = ours
-    if "peft" in cfg.methods or "loop" in cfg.methods:
-        models["peft"] = _peft_model(copy.deepcopy(base), adapters, shapes, cfg)
+    # One multi-adapter model and one PEFT model per N, holding exactly N adapters: a model shared by
+    # all N would let the N=1024 batches evict the N=8 adapters between interleaved runs, and would
+    # charge PEFT at N=1 for walking 1024 loaded adapters.
+    for n in cfg.n_adapters:
+        if "ours" in cfg.methods:
+            ours = MultiLoraModel(copy.deepcopy(base), target_modules=cfg.target_modules, capacity=cfg.capacity,
+                                  max_rank=max(RANKS))
+            for a in adapters[:n]:
+                ours.add_adapter(a)
+            models[("ours", n)] = ours
+        if "peft" in cfg.methods or "loop" in cfg.methods:
+            models[("peft", n)] = _peft_model(copy.deepcopy(base), adapters[:n], shapes, cfg)
     return models, adapters
 
 
@@ -151,19 +155,20 @@ def _draw(n: int, batch: int, g: torch.Generator) -> list[str]:
     return [f"a{i}" for i in chosen]
 
 
-def _forward(method: str, models: dict, ids: torch.Tensor, names: list[str]) -> None:
+def _forward(method: str, n: int | None, models: dict, ids: torch.Tensor, names: list[str]) -> None:
     if method in ("base", "merged"):
         models[method](ids)
     elif method == "ours":
-        models["ours"](ids, adapter_names=names)
+        models[("ours", n)](ids, adapter_names=names)
     elif method == "peft":
-        models["peft"](ids, adapter_names=names)
-    elif method == "loop":
-        peft_model = models["peft"]
+        models[("peft", n)](ids, adapter_names=names)
+    elif method == "loop":  # one forward per adapter of the batch, over that adapter's requests
+        peft_model = models[("peft", n)]
         for name in dict.fromkeys(names):
             rows = [i for i, n in enumerate(names) if n == name]
-            peft_model.set_adapter(name)
-            peft_model(ids[rows])
+            # adapter_names=[name] * k rather than set_adapter(name): set_adapter touches every loaded
+            # adapter of every layer (requires_grad_), which would charge the loop for the 1024 loaded
+            peft_model(ids[rows], adapter_names=[name] * len(rows))
     else:
         raise AssertionError(method)
 
@@ -188,7 +193,7 @@ def run(cfg: Config, log=print) -> dict:
             for method, n in configs:
                 with torch.inference_mode():
                     start = time.perf_counter()
-                    _forward(method, models, ids, draws[n] if n else [])
+                    _forward(method, n, models, ids, draws[n] if n else [])
                     if cfg.device == "cuda":
                         torch.cuda.synchronize()
                     elapsed = time.perf_counter() - start
@@ -198,25 +203,25 @@ def run(cfg: Config, log=print) -> dict:
         for (method, n), ts in times.items():
             med = statistics.median(ts)
             results.append(Result(phase, method, n, batch * seq, med, batch * seq / med, ts))
-    store = models["ours"].store if "ours" in models else None
+    stores = {n: models[("ours", n)].store for n in cfg.n_adapters if ("ours", n) in models}
     return {"config": asdict(cfg), "model": PRESETS[cfg.preset], "ranks": list(RANKS),
             "results": [asdict(r) for r in results], "ratios": _ratios(results, cfg), "agreement": check,
-            "store": {"loads": store.loads, "hits": store.hits, "evictions": store.evictions,
-                      "fast_mib": store.fast_bytes() / 2**20} if store else None,
+            "store": {str(n): {"loads": st.loads, "hits": st.hits, "evictions": st.evictions,
+                               "fast_mib": round(st.fast_bytes() / 2**20, 1)} for n, st in stores.items()},
             "environment": _environment(), "wall_s": time.perf_counter() - t0}
 
 
 def _check_agreement(models: dict, cfg: Config) -> dict:
     """Before timing: every method computes the same logits for one mixed batch (else the race is void)."""
-    n = min(max(cfg.n_adapters), 8)
-    names = [f"a{i % n}" for i in range(8)]
+    n = max(cfg.n_adapters)
+    names = [f"a{(i * 7) % n}" for i in range(8)]
     ids = torch.randint(0, PRESETS[cfg.preset]["vocab_size"], (8, 4), generator=torch.Generator().manual_seed(1))
     ids = ids.to(cfg.device)
     with torch.inference_mode():
-        ref = models["ours"](ids, adapter_names=names).logits.float() if "ours" in models else None
+        ref = models[("ours", n)](ids, adapter_names=names).logits.float() if ("ours", n) in models else None
         diffs = {}
-        if ref is not None and "peft" in models:
-            diffs["peft_mixed"] = (models["peft"](ids, adapter_names=names).logits.float() - ref).abs().max().item()
+        if ref is not None and ("peft", n) in models:
+            diffs["peft_mixed"] = (models[("peft", n)](ids, adapter_names=names).logits.float() - ref).abs().max().item()
         if ref is not None and "merged" in models:
             diffs["merged_a0"] = (models["merged"](ids[:1]).logits.float() - ref[:1]).abs().max().item()
     tol = 1e-3 if cfg.dtype == "float32" else 5e-2

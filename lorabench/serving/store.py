@@ -32,8 +32,12 @@ class AdapterStore:
         z = dict(device=self.device)
         self.A = {p: torch.zeros(capacity, max_rank, i, dtype=dtype, **z) for p, (i, o) in modules.items()}
         self.B = {p: torch.zeros(capacity, o, max_rank, dtype=dtype, **z) for p, (i, o) in modules.items()}
-        self.ranks = {p: torch.zeros(capacity, dtype=torch.int64, **z) for p in modules}
-        self.scales = {p: torch.zeros(capacity, dtype=torch.float32, **z) for p in modules}
+        # one (modules, capacity) table each, so that bringing an adapter in sets all its modules' ranks
+        # and scales in one copy; ranks[p] / scales[p] are row views of it
+        self._ranks = torch.zeros(len(modules), capacity, dtype=torch.int64, **z)
+        self._scales = torch.zeros(len(modules), capacity, dtype=torch.float32, **z)
+        self.ranks = {p: self._ranks[i] for i, p in enumerate(modules)}
+        self.scales = {p: self._scales[i] for i, p in enumerate(modules)}
         self._host: dict[str, LoraAdapter] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._free = list(range(capacity - 1, -1, -1))
@@ -110,16 +114,20 @@ class AdapterStore:
             self.evictions += 1
         s = self._free.pop()
         adapter = self._host[name]
+        ranks, scales = [], []
         for p in self.modules:
             if p not in adapter.weights:
-                self.ranks[p][s] = 0  # this adapter leaves module p alone
+                ranks.append(0)  # this adapter leaves module p alone
+                scales.append(0.0)
                 continue
             A, B = adapter.weights[p]
             r = A.shape[0]
             self.A[p][s, :r].copy_(A, non_blocking=True)    # rows past r keep stale data, never read
             self.B[p][s, :, :r].copy_(B, non_blocking=True)
-            self.ranks[p][s] = r
-            self.scales[p][s] = adapter.scales[p]
+            ranks.append(r)
+            scales.append(adapter.scales[p])
+        self._ranks[:, s] = torch.tensor(ranks, dtype=torch.int64)
+        self._scales[:, s] = torch.tensor(scales, dtype=torch.float32)
         self._resident[name] = s
         self.loads += 1
 
