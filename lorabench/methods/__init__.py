@@ -34,6 +34,7 @@ METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA
 METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA")
 METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:IncreLoRA")
 METHODS.register_lazy("loraprune", "lorabench.methods.reduction.loraprune:LoraPrune")
+METHODS.register_lazy("lora-layer-pruning", "lorabench.methods.reduction.layer_pruning:LayerPruningLoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")
@@ -52,6 +53,7 @@ METHODS.register_lazy("riemannian", "lorabench.methods.riemannian:RiemannianLoRA
 METHODS.register_lazy("lora-xs", "lorabench.methods.lora_xs:LoRAXS")
 METHODS.register_lazy("sora", "lorabench.methods.sora:SoRA")
 METHODS.register_lazy("dylora", "lorabench.methods.dylora:DyLoRA")
+METHODS.register_lazy("dora-rank", "lorabench.methods.dora_rank:DoraRank")
 
 
 def get_method(name: str):

@@ -12,7 +12,7 @@ tests/methods/test_peft_export.py):
 |---|---|---|
 | lora, rslora, lora-fa, lora-plus, riemannian | LORA | A, B; lora_alpha = s r (so alpha / r = s) |
 | dylora | LORA | the first b = eval_rank ranks, lora_alpha = alpha |
-| sora | LORA | the gate folded into A: A' = diag(g) A, zero gates dropped |
+| sora, dora-rank | LORA | the gate folded into A: A' = diag(g) A, zero gates dropped |
 | lora-xs | LORA | B' = B R, A |
 | qlora | LORA | the adapter, for a base quantized to NF4 at load time (peft + bitsandbytes) |
 | dora | LORA with use_dora | A, B and the magnitude vector |
@@ -43,7 +43,7 @@ def _lora_factors(method: Method, layer) -> tuple[torch.Tensor, torch.Tensor, fl
     if name == "dylora":
         b = method.eval_rank()
         return A[:b], B[:, :b], method.config.alpha / b
-    if name == "sora":
+    if name in ("sora", "dora-rank"):
         g = layer.lora_gate.detach()
         keep = g != 0
         if not keep.any():  # every rank pruned: keep one zero rank so that the file stays valid
@@ -54,7 +54,8 @@ def _lora_factors(method: Method, layer) -> tuple[torch.Tensor, torch.Tensor, fl
     return A, B, s
 
 
-LORA_LIKE = {"lora", "rslora", "lora-fa", "lora-plus", "riemannian", "dylora", "sora", "lora-xs", "qlora", "dora"}
+LORA_LIKE = {"lora", "rslora", "lora-fa", "lora-plus", "riemannian", "dylora", "sora", "dora-rank", "lora-xs", "qlora",
+             "dora"}
 NOT_EXPORTABLE = {
     "pissa": "its base weights are the SVD residual, not the pretrained ones",
     "milora": "its base weights are the SVD residual, not the pretrained ones",

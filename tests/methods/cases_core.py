@@ -328,6 +328,37 @@ def dylora_equations(model, method):
     assert layer.active_rank == method.config.rank
 
 
+def dora_rank_equations(model, method):
+    """arXiv 2405.17357: ΔW = s Σ c_i b_i a_i with c = 0 at init; importance s_i = ||c_i b_i a_i||_F / ||ΔW||_F; the
+    lowest-scoring components of the whole model are pruned (c_i = 0) on the cubic schedule."""
+    from lorabench.methods.base import TrainState
+    from lorabench.methods.dora_rank import component_scores
+    layers = method.lora_layers(model)
+    layer = layers[0]
+    assert torch.count_nonzero(layer.lora_gate) == 0 and torch.count_nonzero(layer.lora_B) > 0
+    randomize_(*[m.lora_gate for m in layers])
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        dW = sum(layer.lora_gate[i] * torch.outer(layer.lora_B[:, i], layer.lora_A[i]) for i in range(layer.rank))
+        torch.testing.assert_close(layer(x), x @ (layer.base.weight + layer.scale * dW).T + layer.base.bias,
+                                   atol=1e-5, rtol=1e-5)
+        want = torch.stack([(layer.lora_gate[i] * torch.outer(layer.lora_B[:, i], layer.lora_A[i])).norm()
+                            for i in range(layer.rank)]) / dW.norm()
+        torch.testing.assert_close(component_scores(layer, 0.0), want, atol=1e-5, rtol=1e-4)
+    c = method.config
+    state = TrainState(model=model, optimizer=None, scheduler=None, step=0, total_steps=20)
+    method.on_train_begin(state)
+    assert method.extra_loss(state) is not None
+    for step in range(20):
+        state.step = step
+        method.on_step_end(state)
+    n = sum(m.rank for m in layers)
+    alive = sum(int(torch.count_nonzero(m.lora_gate)) for m in layers)
+    assert alive == n - int(n * (c.rank - c.target_rank) / c.rank), (alive, n)
+    state.step = 20
+    assert method.extra_loss(state) is None  # the modulator is off after pruning
+
+
 CASES = [
     Case("rslora", {"rank": 4, "alpha": 8}, equations=rslora_equations),
     Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
@@ -356,6 +387,8 @@ CASES = [
     Case("dylora", {"rank": 4, "alpha": 8}, equations=dylora_equations),
     Case("dylora", {"rank": 4, "alpha": 8, "eval_rank": 2, "update_all_ranks": True}, id="dylora-eval-rank-2",
          models=("llama",)),
+    Case("dora-rank", {"rank": 6, "target_rank": 3, "tinit": 0.0, "tfinal": 0.0, "delta_t": 1},
+         identity_at_init=True, equations=dora_rank_equations),
     Case("adalora", {"init_rank": 6, "target_rank": 3, "tinit": 0.0, "tfinal": 0.0, "delta_t": 1},
          equations=adalora_equations),
 ]

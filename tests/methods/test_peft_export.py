@@ -20,6 +20,7 @@ CASES = [
     ("riemannian", {"rank": 4, "alpha": 8}, "bert"),
     ("dylora", {"rank": 4, "alpha": 8, "eval_rank": 3}, "llama"),
     ("sora", {"rank": 4, "alpha": 8}, "bert"),
+    ("dora-rank", {"rank": 4, "target_rank": 2, "alpha": 8}, "llama"),
     ("lora-xs", {"rank": 4, "alpha": 4}, "llama"),
     ("vera", {"rank": 16}, "bert"),
     ("fourierft", {"n_frequency": 64, "scaling": 10.0}, "llama"),
@@ -37,7 +38,7 @@ def test_export_loads_in_peft_with_equal_outputs(name, options, kind, tmp_path):
     with torch.no_grad():
         for _, p in method.trainable_parameters(model):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-        if name == "sora":  # a pruned rank: exercised by the export's folding of the gate
+        if name in ("sora", "dora-rank"):  # a pruned rank: exercised by the export's folding of the gate
             next(m for m in model.modules() if hasattr(m, "lora_gate")).lora_gate[1] = 0.0
     b = batch_for(kind)
     expected = logits(model, b)
