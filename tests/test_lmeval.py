@@ -191,6 +191,16 @@ def test_generate_until_matches_arith_decoding(tiny):
         assert text == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
 
 
+def test_arith_through_lm_eval_equals_evaluator(tiny):
+    """The exported generate_until task (stop, length, first-integer filter) end to end."""
+    model, tok = tiny
+    task = get_task("arith").from_options({"n_eval": 4})
+    ours = task.evaluate(model, tok, batch_size=4).metrics["exact_match"]
+    lm = LorabenchLM(model=model, tokenizer=tok, batch_size=4, max_length=task.max_length)
+    row = evaluate(lm, ["arith"], task_options={"n_eval": 4})["results"]["lorabench_arith"]
+    assert row["sample_len"] == 4 and row["exact_match,first-integer"] == ours
+
+
 def test_chat_template(tiny):
     model, tok = tiny
     lm = LorabenchLM(model=model, tokenizer=tok)
