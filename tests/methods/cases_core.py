@@ -127,9 +127,9 @@ def original_weight(model, layer):
 
 def qlora_equations(model, method):
     """QLoRA eq. (5): Y = X dequant(W_NF4) + s X A^T B^T; NF4 error within half the widest code gap x absmax."""
-    from lorabench.methods.quantized.base import NF4Base
+    from lorabench.ops.modules import NF4Linear
     layer = first_layer(model)
-    assert isinstance(layer.base, NF4Base)
+    assert isinstance(layer.base, NF4Linear)
     W = original_weight(model, layer)
     Wq = layer.base.dequantize()
     absmax = W.reshape(-1, method.config.blocksize).abs().amax(1).repeat_interleave(method.config.blocksize)
@@ -144,14 +144,21 @@ def qlora_equations(model, method):
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def nf4_of(W):
+    from lorabench.ops.modules import NF4Linear
+    lin = torch.nn.Linear(W.shape[1], W.shape[0])
+    with torch.no_grad():
+        lin.weight.copy_(W)
+    return NF4Linear.from_linear(lin).dequantize()
+
+
 def loftq_equations(model, method):
     """LoftQ Algorithm 1: after T alternating steps ||W - Q - s B A||_F is below QLoRA's initial error ||W - q_N(W)||_F."""
-    from lorabench.methods.quantized.base import NF4Base
     layer = first_layer(model)
     W = original_weight(model, layer)
     with torch.no_grad():
         loftq_err = torch.linalg.norm(W - layer.base.dequantize() - layer.delta_weight())
-        qlora_err = torch.linalg.norm(W - NF4Base(torch.nn.Linear(W.shape[1], W.shape[0]), weight=W).dequantize())
+        qlora_err = torch.linalg.norm(W - nf4_of(W))
     assert loftq_err < 0.95 * qlora_err, (loftq_err, qlora_err)
 
 

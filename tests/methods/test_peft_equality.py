@@ -188,10 +188,10 @@ def test_qlora_base_equals_bitsandbytes_nf4(double_quant):
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     import torch.nn as nn
 
-    from lorabench.methods.quantized.base import NF4Base
+    from lorabench.ops.modules import NF4Linear
     torch.manual_seed(0)
     lin = nn.Linear(256, 96)
-    ours = NF4Base(lin, blocksize=64, double_quant=double_quant).dequantize()
+    ours = NF4Linear.from_linear(lin, blocksize=64, double_quant=double_quant).dequantize()
     q, state = bnb_f.quantize_4bit(lin.weight.detach(), blocksize=64, compress_statistics=double_quant,
                                    quant_type="nf4")
     theirs = bnb_f.dequantize_4bit(q, state)

@@ -55,7 +55,7 @@ def test_qlora_export_loads_onto_the_dequantized_base(tmp_path):
     """QLoRA's adapter is plain LoRA: on the NF4-dequantized base, peft computes what our QLoRA model computes."""
     from peft import PeftModel
 
-    from lorabench.methods.quantized.base import NF4Base
+    from lorabench.ops.modules import NF4Linear
     base, ctx = tiny_model("llama")
     torch.manual_seed(0)
     method = get_method("qlora").from_options({"rank": 4, "alpha": 8, "target_modules": TARGETS})
@@ -69,7 +69,7 @@ def test_qlora_export_loads_onto_the_dequantized_base(tmp_path):
     fresh, _ = tiny_model("llama")
     with torch.no_grad():
         for n, m in model.named_modules():
-            if isinstance(m, NF4Base):
+            if isinstance(m, NF4Linear):
                 fresh.get_submodule(n.removesuffix(".base")).weight.copy_(m.dequantize())
     pm = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
     torch.testing.assert_close(logits(pm, b), expected, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """Quantized LoRA: QLoRA (arXiv 2305.14314), LoftQ (arXiv 2310.08659), QA-LoRA (arXiv 2309.14717).
 
-All three are LoRA variants (`LoraVariant`) over a frozen 4-bit base (`base.py`):
+All three are LoRA variants (`LoraVariant`) over a frozen 4-bit layer of `lorabench.ops.modules`
+(`NF4Linear`, `Int4Linear`):
 
 - QLoRA: the base weight in NF4 with double quantization, LoRA in the compute dtype on top
   (eq. (5) of QLoRA: Y = X doubleDequant(c1, c2, W_NF4) + X L1 L2).

@@ -1,4 +1,8 @@
-"""QLoRA, LoftQ and QA-LoRA as LoRA variants over frozen 4-bit bases (see the package docstring)."""
+"""QLoRA, LoftQ and QA-LoRA as LoRA variants over the frozen 4-bit layers of lorabench.ops.modules.
+
+The quantized tensors are not saved with an adapter: quantization is deterministic, so applying the
+method to the same base model rebuilds them exactly (QA-LoRA's merged zero points excepted: a merged
+model is saved whole)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,9 +13,9 @@ from torch import nn
 
 from lorabench.config import option
 from lorabench.methods.lora import LoRA, LoraConfig, LoraLinear, LoraVariant
-from lorabench.methods.quantized.base import Int4Base, NF4Base
 from lorabench.ops import int4 as int4_ops
 from lorabench.ops import nf4 as nf4_ops
+from lorabench.ops.modules import Int4Linear, NF4Linear
 
 
 @dataclass
@@ -36,11 +40,11 @@ class NF4LoraVariant(LoraVariant):
     """LoRA over an NF4 base: eq. (5) of QLoRA, through the fused nf4_linear op."""
 
     def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-        base: NF4Base = layer.base
+        base: NF4Linear = layer.base
         if layer.dropout_p > 0 and layer.training:
             h = F.dropout(x, layer.dropout_p, True)
             return base(x) + F.linear(F.linear(h, layer.lora_A), layer.lora_B) * layer.scale
-        return nf4_ops.nf4_linear(x, base.state, base.bias, layer.lora_A, layer.lora_B, layer.scale)
+        return base.forward_lora(x, layer.lora_A, layer.lora_B, layer.scale)
 
     def merge(self, layer: LoraLinear) -> None:
         raise NotImplementedError("an NF4 base cannot absorb the adapter without re-quantizing it (lossy)")
@@ -56,12 +60,13 @@ class LoftQVariant(NF4LoraVariant):
 
     @torch.no_grad()
     def init(self, layer: LoraLinear) -> None:
-        base: NF4Base = layer.base
+        base: NF4Linear = layer.base
         W = base.original_weight.float()  # (out, in); kept only during init
         r, s = layer.rank, layer.scale
         lowrank = torch.zeros_like(W)  # s B_0 A_0 = 0
         for _ in range(self.iterations):
-            base.quantize_(W - lowrank, self.double_quant)  # Q_t = q_N(W - s B_{t-1} A_{t-1})
+            # Q_t = q_N(W - s B_{t-1} A_{t-1})
+            base.load_state(nf4_ops.nf4_quantize(W - lowrank, base.blocksize, self.double_quant))
             residual = W - base.dequantize(torch.float32)
             U, S, Vh = torch.linalg.svd(residual, full_matrices=False)  # SVD(W - Q_t)
             sqrt_s = torch.sqrt(S[:r] / s)
@@ -75,12 +80,12 @@ class QALoraVariant(LoraVariant):
     """QA-LoRA sec. 3.3: y = W_int4 x + s B A pool(x), pool = mean over each group of inputs."""
 
     def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
-        base: Int4Base = layer.base
+        base: Int4Linear = layer.base
         if layer.dropout_p > 0 and layer.training:
             h = F.dropout(x, layer.dropout_p, True)
             pooled = h.reshape(*h.shape[:-1], -1, base.group_size).mean(-1)  # (..., in / group)
             return base(x) + F.linear(F.linear(pooled, layer.lora_A), layer.lora_B) * layer.scale
-        return int4_ops.int4_linear(x, base.state, base.bias, layer.lora_A, layer.lora_B, layer.scale)
+        return base.forward_lora(x, layer.lora_A, layer.lora_B, layer.scale)
 
     def delta_weight(self, layer: LoraLinear) -> torch.Tensor:
         g = layer.base.group_size
@@ -88,11 +93,10 @@ class QALoraVariant(LoraVariant):
         return (layer.scale / g) * (layer.lora_B @ layer.lora_A).repeat_interleave(g, dim=1)  # (out, in)
 
     def merge(self, layer: LoraLinear) -> None:
-        base: Int4Base = layer.base
-        base.zeros.copy_(int4_ops.int4_merge_lora(base.state, layer.lora_A, layer.lora_B, layer.scale))
+        layer.base.merge_lora(layer.lora_A, layer.lora_B, layer.scale)  # zero' = zero + s (B A) / g
 
     def unmerge(self, layer: LoraLinear) -> None:
-        base: Int4Base = layer.base
+        base: Int4Linear = layer.base
         base.zeros.sub_((layer.scale / base.group_size) * (layer.lora_B.float() @ layer.lora_A.float()))
 
 
@@ -106,7 +110,8 @@ class QLoRA(LoRA):
     mergeable = False  # merging into NF4 needs re-quantization
 
     def make_base(self, base: nn.Linear) -> nn.Module:
-        return NF4Base(base, self.config.blocksize, self.config.double_quant)
+        return NF4Linear.from_linear(base, self.config.blocksize, self.config.double_quant,
+                                     compute_dtype=base.weight.dtype)
 
     def variant(self) -> LoraVariant:
         return NF4LoraVariant()
@@ -119,7 +124,7 @@ class LoftQ(QLoRA):
     config_cls = LoftQConfig
 
     def make_base(self, base: nn.Linear) -> nn.Module:
-        q = NF4Base(base, self.config.blocksize, self.config.double_quant)
+        q = super().make_base(base)
         q.original_weight = base.weight.detach()  # read once by LoftQVariant.init, then dropped
         return q
 
@@ -140,7 +145,13 @@ class QALoRA(LoRA):
         if base.in_features % self.config.group_size:
             raise ValueError(f"qa-lora: group_size {self.config.group_size} does not divide in_features "
                              f"{base.in_features}; choose one of {int4_ops.GROUP_SIZES} that does")
-        return Int4Base(base, self.config.group_size)
+        q = Int4Linear.from_linear(base, self.config.group_size, compute_dtype=base.weight.dtype)
+        # merging moves the zero points (sec. 3.3): make them a frozen parameter of the model, like
+        # the base weight that a LoRA merge changes, so that they are part of the model's weights
+        zeros = q.zeros
+        del q._buffers["zeros"]
+        q.zeros = nn.Parameter(zeros, requires_grad=False)
+        return q
 
     def make_layer(self, base: nn.Linear) -> nn.Module:
         c = self.config
