@@ -48,9 +48,16 @@ def smollm2():
     return lm.model.eval(), lm.tokenizer
 
 
-def test_registered_under_lorabench():
+def test_registered_under_lorabench(tmp_path):
+    """lm-eval builds the model itself from the registered name and a model_args string."""
     from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
     assert get_model("lorabench") is LorabenchLM
+    export_tasks(["quartz"], tmp_path, options={"n_eval": 3})
+    res = lm_eval.simple_evaluate(model="lorabench", model_args="pretrained=tiny-llama,batch_size=4",
+                                  tasks=["lorabench_quartz"], device="cpu",
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    assert res["results"]["lorabench_quartz"]["sample_len"] == 3
 
 
 # -- agreement with lorabench's own evaluator -------------------------------------------------------

@@ -41,20 +41,23 @@ class LorabenchLM(LM):
 
     Either pass `model` and `tokenizer` objects (a model with a method already applied, e.g.
     right after training), or `pretrained` (a model asset, local directory or hub id) and
-    optionally `adapter` (a safetensors file written by `Method.save_adapter`).
+    optionally `adapter` (a safetensors file written by `Method.save_adapter`), `dtype` and
+    `device` (lm-eval's `max_batch_size` is accepted and unused: batches have a fixed size).
     max_length: the longest sequence fed to the model (context truncated from the left, as
     lorabench's tasks do); default the model's `max_position_embeddings`.
     """
 
     def __init__(self, model=None, tokenizer=None, pretrained: str | None = None, adapter: str | None = None,
                  batch_size: int | str = 16, max_length: int | None = None, dtype: str | None = None,
-                 name: str | None = None):
+                 name: str | None = None, device: str | None = None, max_batch_size: int | None = None):
         super().__init__()
         if model is None:
             if pretrained is None:
                 raise ValueError("LorabenchLM needs a model: pass model= and tokenizer= objects, or "
                                  "pretrained=<asset name, local directory or hub id> [adapter=<file>]")
             model, tokenizer = load_for_eval(pretrained, adapter, dtype)
+            if device is not None:  # lm-eval passes its --device here
+                model = model.to(device)
             name = name or pretrained + (f"+{adapter}" if adapter else "")
         elif adapter is not None:
             raise ValueError("adapter= only goes with pretrained=; with a model object, apply or load the "
