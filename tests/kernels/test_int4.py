@@ -15,7 +15,7 @@ from tests.kernels.conftest import DTYPES, assert_within_rule, backend_params, d
 
 BACKENDS = backend_params()
 COMPILED = backend_params(("cpu", "cuda"))
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _on(s: I.Int4Weight, device) -> I.Int4Weight:

@@ -20,7 +20,7 @@ bnb_F = pytest.importorskip("bitsandbytes.functional")
 
 BACKENDS = backend_params()
 COMPILED = backend_params(("cpu", "cuda"))
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _on(state: N.NF4Weight, device) -> N.NF4Weight:
