@@ -701,3 +701,31 @@ CASES += [
     Case("loraprune", {"rank": 4, "sparsity": 0.5, "prune_start_ratio": 0.0, "prune_end_ratio": 0.5},
          equations=loraprune_equations),
 ]
+
+
+def layer_pruning_equations(model, method):
+    """Layer pruning: the chosen layers are gone, the rest keep their order and weights, re-indexed."""
+    from lorabench.methods.reduction.layer_pruning import layer_stack, layers_to_keep
+    assert layers_to_keep(8, 0.25, "top") == [0, 1, 2, 3, 4, 5]
+    assert layers_to_keep(8, 0.25, "alternate") == [0, 1, 2, 3, 4, 6]
+    assert layers_to_keep(2, 0.95, "top") == [0]
+    from tests.methods.tester import tiny_model
+    kind = "bert" if hasattr(model, "bert") else "llama"
+    original, _ = tiny_model(kind)
+    stack, orig = layer_stack(model), layer_stack(original)
+    keep = layers_to_keep(len(orig), method.config.prune_ratio, method.config.which)
+    assert len(stack) == len(keep) == model.config.num_hidden_layers < len(orig)
+    for new, old in enumerate(keep):
+        w_new = dict(stack[new].named_parameters())
+        for n, p in orig[old].named_parameters():
+            key = n if n in w_new else n.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+            assert torch.equal(w_new[key], p), f"layer {new} is not the original layer {old} ({n})"
+        for m in stack[new].modules():
+            if hasattr(m, "layer_idx"):
+                assert m.layer_idx == new
+
+
+CASES += [
+    Case("lora-layer-pruning", {"rank": 4, "prune_ratio": 0.5}, identity_at_init=False,
+         equations=layer_pruning_equations),
+]
