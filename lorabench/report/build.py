@@ -79,6 +79,13 @@ def coverage(rep: tables.Report) -> list[str]:
         part += f"; methods never run {', '.join(missing_methods) or 'none'}."
         lines.append(what + f"; that is {len(done)} of the {len(specs)} trials its suite file defines now"
                      + ("." if len(done) == len(specs) else "." + part))
+    cpus = sorted({str(r.get("cpu")) for r in rep.records if r.get("cpu")})
+    gpus = sorted({str(r.get("gpu")) for r in rep.records if r.get("gpu")})
+    torch_versions = sorted({str((r.get("versions") or {}).get("torch")) for r in rep.records
+                             if isinstance(r.get("versions"), dict) and r["versions"].get("torch")})
+    if cpus or gpus:
+        lines.append(f"Machine(s): {'; '.join(cpus + gpus)}; torch {', '.join(torch_versions) or 'unknown'}. Memory and "
+                     f"throughput are per-trial measurements on that machine, slower when it was shared with other jobs.")
     return lines
 
 

@@ -48,7 +48,7 @@ CLAIMS = (
           "VeRA, arXiv 2310.11454, section 4; survey section 7.2"),
     Claim("pissa", "PiSSA converges faster than LoRA early in training", ("pissa",), "lora", "early-loss",
           "PiSSA, arXiv 2404.02948, section 5.1; survey section 4.3"),
-    Claim("loraplus", "LoRA+ speeds up convergence", ("loraplus", "lora-plus", "lora_plus", "lora+"), "lora",
+    Claim("loraplus", "LoRA+ speeds up convergence", ("lora-plus",), "lora",
           "early-loss", "LoRA+, arXiv 2402.12354, section 4; survey section 4.3"),
 )
 
