@@ -35,6 +35,7 @@ METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA")
 METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:IncreLoRA")
 METHODS.register_lazy("loraprune", "lorabench.methods.reduction.loraprune:LoraPrune")
 METHODS.register_lazy("lora-layer-pruning", "lorabench.methods.reduction.layer_pruning:LayerPruningLoRA")
+METHODS.register_lazy("alora", "lorabench.methods.dynamic_rank.alora:ALoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")

@@ -729,3 +729,42 @@ CASES += [
     Case("lora-layer-pruning", {"rank": 4, "prune_ratio": 0.5}, identity_at_init=False,
          equations=layer_pruning_equations),
 ]
+
+
+def alora_equations(model, method):
+    """ALoRA: ΔW = s B diag(g) A; a component's ablation score is the first-order loss increase when its
+    gate goes 1 -> 0, -∂L/∂g_j; reallocation prunes the lowest-scoring components and gives as many new
+    ones (B column 0: no jump) to the layers with the most important components, keeping the budget."""
+    layers = adapted_layers(model)
+    layer = layers[0]
+    c = method.config
+    assert int(layer.rank_gate.sum()) == c.init_rank
+    randomize_(layer.lora_B)
+    x = torch.randn(3, layer.in_features)
+    layer.train()
+    method.on_train_begin(TrainState(model, None, None, 0, 100))
+    out = layer(x)
+    loss = out.pow(2).sum()
+    loss.backward()
+    method.on_after_backward(TrainState(model, None, None, 0, 100))
+    g = layer.rank_gate.clone().requires_grad_(True)
+    ref = (layer.base(x) + ((x @ layer.lora_A.T) * g) @ layer.lora_B.T * layer.scale).pow(2).sum()
+    (dg,) = torch.autograd.grad(ref, g)
+    torch.testing.assert_close(method.ablation[id(layer)], -dg.detach())
+    layer.eval()
+    budget = sum(int(m.rank_gate.sum()) for m in layers)
+    for i, m in enumerate(layers):   # layer i's active components score i + j/100
+        method.ablation[id(m)] = torch.tensor([i + j / 100 for j in range(m.rank)])
+    lowest = (0, 0)
+    n = method.reallocate(model)
+    assert n > 0 and sum(int(m.rank_gate.sum()) for m in layers) == budget
+    assert layers[lowest[0]].rank_gate[lowest[1]] == 0 or int(layers[-1].rank_gate.sum()) > c.init_rank
+    assert int(layers[-1].rank_gate.sum()) > c.init_rank, "the most important layer gained a component"
+    newest = int(layers[-1].rank_gate.nonzero()[-1])
+    assert torch.count_nonzero(layers[-1].lora_B[:, newest]) == 0
+
+
+CASES += [
+    Case("alora", {"rank": 6, "init_rank": 4, "realloc_every": 1, "realloc_fraction": 0.25, "final_ratio": 0.0},
+         equations=alora_equations),
+]
