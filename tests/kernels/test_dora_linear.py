@@ -15,11 +15,12 @@ from tests.kernels.test_lora_linear import LAYOUTS, RANKS, eps_for, make_inputs
 
 
 def make_dora_inputs(tokens, n_in, n_out, rank, dtype, device, seed=0, **kw):
-    """LoRA inputs with ||s B A|| a fraction of ||W||, as in a trained adapter. (With ||s B A|| ~ ||W||
-    and one input feature, W_j + s B_j A can cancel: the norm is then ill-conditioned and a bf16
-    reference no yardstick; test_norm_under_cancellation covers that case in fp32.)"""
+    """LoRA inputs with ||s B_j A|| <= ||W_j|| / 2 for every row and s <= 2, as in a trained adapter:
+    then ||W_j + s B_j A|| >= ||W_j|| / 2 (triangle inequality). Where s B_j A can cancel W_j the norm
+    is ill-conditioned and a bf16 reference no yardstick; test_norm_under_cancellation covers it."""
     x, W, b, A, B, mask, dy = make_inputs(tokens, n_in, n_out, rank, dtype, device, seed=seed, **kw)
-    B = B / 4
+    ratio = 2.0 * torch.linalg.norm(B.double() @ A.double(), dim=1) / torch.linalg.norm(W.double(), dim=1)
+    B = (B.double() * (0.5 / ratio.clamp_min(0.5)).unsqueeze(1)).to(dtype)  # rows scaled down where needed
     g = torch.Generator().manual_seed(seed + 1)
     m = (torch.rand(n_out, generator=g) + 0.5).to(dtype=dtype, device=device)
     return x, W, b, A, B, m, mask, dy
