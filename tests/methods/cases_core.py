@@ -378,6 +378,7 @@ CASES = [
     Case("dora", {"rank": 4, "alpha": 8}, equations=dora_equations),
     Case("dora", {"rank": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "v_proj"]},
          id="dora-dropout", models=("bert",)),
+    Case("dora", {"rank": 4, "alpha": 8, "kernel": "fused"}, id="dora-fused", models=("llama",)),
     Case("pissa", {"rank": 4, "alpha": 4}, models=("bert",), equations=svd_equations(minor=False)),
     Case("pissa", {"rank": 2, "alpha": 8, "svd": "lowrank", "target_modules": ["value", "v_proj"]},
          id="pissa-lowrank", models=("llama",)),
