@@ -18,10 +18,11 @@ tests/methods/test_peft_export.py):
 | dora | LORA with use_dora | A, B and the magnitude vector |
 | vera | VERA | the vectors; A, B re-drawn from projection_prng_key |
 | fourierft | FOURIERFT | the coefficients; entries re-drawn from random_loc_seed |
+| adalora | ADALORA | A, E, B at the initial rank (pruned λ are zeros, so no rank pattern is needed) |
 
 Not exportable (a clear error says why): pissa / milora / loftq (their base weights are not the
 pretrained ones; peft converts those only with the initial adapter), qa-lora (peft's QA-LoRA needs
-a GPTQ base), adalora and vb-lora (not mapped yet), and the methods of other issues.
+a GPTQ base), vb-lora (not mapped yet), and the methods of other issues.
 """
 from __future__ import annotations
 
@@ -61,13 +62,15 @@ NOT_EXPORTABLE = {
     "milora": "its base weights are the SVD residual, not the pretrained ones",
     "loftq": "its base is the LoftQ-initialised NF4 weight, not the pretrained one",
     "qa-lora": "peft's QA-LoRA needs a GPTQ-quantized base",
-    "adalora": "not mapped yet (peft's AdaLoRA adapter also needs the rank pattern)",
     "vb-lora": "not mapped yet",
 }
 
 
 def exportable(name: str) -> bool:
-    return name in LORA_LIKE or name in ("vera", "fourierft")
+    return name in LORA_LIKE or name in OTHERS
+
+
+OTHERS = ("vera", "fourierft", "adalora")
 
 
 def _head_tensors(method: Method, model: nn.Module, adapted: set[str]) -> tuple[list[str], dict]:
@@ -89,7 +92,7 @@ def export_peft(method: Method, model: nn.Module, directory: str, base_model_nam
     if not exportable(name):
         why = NOT_EXPORTABLE.get(name, "no peft counterpart")
         raise ValueError(f"method {name!r} cannot be exported to the PEFT format: {why}. "
-                         f"Exportable: {', '.join(sorted(LORA_LIKE | {'vera', 'fourierft'}))}")
+                         f"Exportable: {', '.join(sorted(LORA_LIKE | set(OTHERS)))}")
     tensors: dict[str, torch.Tensor] = {}
     targets: list[str] = []
     cfg: dict = {"base_model_name_or_path": base_model_name_or_path, "task_type": task_type,
@@ -124,6 +127,17 @@ def export_peft(method: Method, model: nn.Module, directory: str, base_model_nam
         cfg.update({"peft_type": "VERA", "r": c.rank, "projection_prng_key": c.projection_seed,
                     "save_projection": False, "vera_dropout": 0.0, "d_initial": c.d_initial, "bias": "none",
                     "fan_in_fan_out": False, "init_weights": True})
+    elif name == "adalora":
+        from lorabench.methods.adalora import SVDLinear
+        for path, layer in model.named_modules():
+            if isinstance(layer, SVDLinear):
+                targets.append(path)
+                for t in ("lora_A", "lora_E", "lora_B"):
+                    tensors[f"{PREFIX}{path}.{t}"] = getattr(layer, t).detach().contiguous()
+        c = method.config
+        cfg.update({"peft_type": "ADALORA", "r": c.init_rank, "init_r": c.init_rank, "target_r": c.target_rank,
+                    "lora_alpha": c.alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+                    "init_lora_weights": True, "total_step": 1, "rank_pattern": None})
     else:  # fourierft
         from lorabench.methods.fourierft import FourierLinear
         ns = set()

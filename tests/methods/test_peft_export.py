@@ -24,6 +24,7 @@ CASES = [
     ("lora-xs", {"rank": 4, "alpha": 4}, "llama"),
     ("vera", {"rank": 16}, "bert"),
     ("fourierft", {"n_frequency": 64, "scaling": 10.0}, "llama"),
+    ("adalora", {"init_rank": 4, "target_rank": 2, "alpha": 8}, "bert"),
 ]
 
 
@@ -40,6 +41,8 @@ def test_export_loads_in_peft_with_equal_outputs(name, options, kind, tmp_path):
             p.add_(0.05 * torch.randn(p.shape, generator=g))
         if name in ("sora", "dora-rank"):  # a pruned rank: exercised by the export's folding of the gate
             next(m for m in model.modules() if hasattr(m, "lora_gate")).lora_gate[1] = 0.0
+        if name == "adalora":  # a pruned singular value
+            next(m for m in model.modules() if hasattr(m, "lora_E")).lora_E[1] = 0.0
     b = batch_for(kind)
     expected = logits(model, b)
     cfg = export_peft(method, model, str(tmp_path))
@@ -75,7 +78,7 @@ def test_qlora_export_loads_onto_the_dequantized_base(tmp_path):
     torch.testing.assert_close(logits(pm, b), expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["pissa", "qa-lora", "adalora"])
+@pytest.mark.parametrize("name", ["pissa", "qa-lora", "vb-lora"])
 def test_unexportable_methods_say_why(name, tmp_path):
     base, ctx = tiny_model("llama")
     method = get_method(name)()
