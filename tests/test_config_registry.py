@@ -12,7 +12,7 @@ from lorabench.tasks import TASKS
 
 
 def test_unknown_method_suggests_the_close_name():
-    with pytest.raises(UserError, match=r"Unknown method 'lorra'\. Did you mean: lora\?"):
+    with pytest.raises(UserError, match=r"Unknown method 'lorra'\. Did you mean: lora\b"):
         get_method("lorra")
 
 
