@@ -252,3 +252,16 @@ def test_nf4_linear_module_roundtrip():
     assert torch.equal(fresh(x), mod(x))
     half = NF4Linear.from_linear(lin, double_quant=False, compute_dtype=torch.bfloat16)
     assert half(x).dtype == torch.bfloat16 and half.absmax.dtype == torch.float32
+
+
+@pytest.mark.parametrize("op", ["nf4_linear", "int4_linear"])
+def test_benchmark_is_registered_and_runs(op):
+    """`python -m lorabench bench kernels --op nf4_linear|int4_linear` on a tiny grid: rows and targets."""
+    from lorabench.bench import kernels as K
+    cfg = K.Config(op=op, tokens=(1, 17), shapes=((128, 64),), rounds=1, sample_s=0.0005,
+                   options=(("bw_gib", "0.01"),))
+    rows = K.resolve(op)(cfg, log=lambda *_: None)
+    assert [(r.tokens, r.n_in, r.n_out) for r in rows] == [(1, 128, 64), (17, 128, 64)]
+    assert all(r.ours_us > 0 and r.gbps > 0 and r.read_bw_gbps > 0 for r in rows)
+    summary = K.SUMMARIES[op](rows)
+    assert summary["read_bw_gbps"] == rows[0].read_bw_gbps
