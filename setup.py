@@ -18,7 +18,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _extensions():
     if os.environ.get("LORABENCH_NO_EXTENSION") == "1":
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        raise SystemExit(
+            "lorabench builds its C++ extension against the installed torch: install torch first "
+            "(pip install torch==2.13.0) and build with `pip install --no-build-isolation -e .`, "
+            "or set LORABENCH_NO_EXTENSION=1 to install without the extension."
+        ) from None
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
