@@ -102,6 +102,28 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+class DeltaLayer(nn.Module):
+    """A layer whose update is an additive ΔW on `self.base.weight`, given by `delta_weight()`:
+    merging adds it to the frozen weight and unmerging subtracts it (exact up to rounding)."""
+
+    merged: bool = False
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+
 class Method:
     """Base class. Subclasses set the class attributes and override what they need."""
 

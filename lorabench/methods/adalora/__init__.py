@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import ApplyContext, Method, MethodConfig, TrainState, replace_module, resolve_targets
+from lorabench.methods.base import ApplyContext, DeltaLayer, Method, MethodConfig, TrainState, replace_module, resolve_targets
 
 
 @dataclass
@@ -48,7 +48,7 @@ class AdaLoraConfig(MethodConfig):
             raise ValueError(f"tinit + tfinal = {self.tinit + self.tfinal} leaves no steps for pruning; keep it below 1")
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(DeltaLayer):
     """h = W0 x + (alpha / r) B diag(E) A x (eq. (3) of AdaLoRA, PEFT's SVDLinear)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
@@ -75,18 +75,6 @@ class SVDLinear(nn.Module):
             return self.base(x)
         h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
         return self.base(x) + (h @ (self.lora_A * self.lora_E).T @ self.lora_B.T) * self.scale
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
 
 
 def budget_schedule(step: int, total: int, tinit: int, tfinal: int, init_bgt: int, target_bgt: int,

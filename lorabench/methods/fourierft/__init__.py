@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import ApplyContext, Method, MethodConfig, replace_module, resolve_targets
+from lorabench.methods.base import ApplyContext, DeltaLayer, Method, MethodConfig, replace_module, resolve_targets
 
 
 @dataclass
@@ -31,7 +31,7 @@ class FourierFTConfig(MethodConfig):
     init_zero: bool = option(False, "start the coefficients at zero (ΔW = 0) instead of N(0, 1) as in the paper")
 
 
-class FourierLinear(nn.Module):
+class FourierLinear(DeltaLayer):
     def __init__(self, base: nn.Linear, n_frequency: int, scaling: float, entry_seed: int, init_zero: bool):
         super().__init__()
         self.base = base
@@ -53,18 +53,6 @@ class FourierLinear(nn.Module):
         if self.merged:
             return self.base(x)
         return self.base(x) + F.linear(x, self.delta_weight().to(x.dtype))  # eq. (4)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
 
 
 class FourierFT(Method):

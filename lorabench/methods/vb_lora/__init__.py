@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import ApplyContext, Method, MethodConfig, replace_module, resolve_targets
+from lorabench.methods.base import ApplyContext, DeltaLayer, Method, MethodConfig, replace_module, resolve_targets
 
 
 @dataclass
@@ -43,7 +43,7 @@ def mix(logits: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
     return (F.softmax(top, dim=-1).unsqueeze(-1) * bank[idx]).sum(-2)
 
 
-class VBLoraLinear(nn.Module):
+class VBLoraLinear(DeltaLayer):
     def __init__(self, base: nn.Linear, bank: nn.Parameter, rank: int, topk: int, logits_std: float, dropout: float):
         super().__init__()
         b = bank.shape[1]
@@ -72,18 +72,6 @@ class VBLoraLinear(nn.Module):
         A, B = self.factors()
         h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
         return self.base(x) + F.linear(F.linear(h, A), B)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
 
 
 class VBLoRA(Method):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import ApplyContext, Method, MethodConfig, replace_module, resolve_targets
+from lorabench.methods.base import ApplyContext, DeltaLayer, Method, MethodConfig, replace_module, resolve_targets
 
 
 @dataclass
@@ -38,7 +38,7 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
-class VeraLinear(nn.Module):
+class VeraLinear(DeltaLayer):
     def __init__(self, base: nn.Linear, shared_A: torch.Tensor, shared_B: torch.Tensor, d_initial: float,
                  dropout: float):
         super().__init__()
@@ -64,18 +64,6 @@ class VeraLinear(nn.Module):
         h = F.dropout(x, self.dropout_p, self.training) if self.dropout_p > 0 else x
         # eq. (1): W0 x + Λ_b B Λ_d A x
         return self.base(x) + self.vera_lambda_b * F.linear(self.vera_lambda_d * F.linear(h, self.vera_A), self.vera_B)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
 
 
 class VeRA(Method):
