@@ -171,11 +171,24 @@ class Method:
     def on_train_end(self, state: TrainState) -> None: ...
 
     # -- merge --------------------------------------------------------------------------------
+    layer_type: ClassVar[type | None] = None  # the layer class `apply` inserts, when it has merge()/unmerge()
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        if self.layer_type is None:
+            raise NotImplementedError(f"method {self.name!r} does not name its layer type")
+        return [m for m in model.modules() if isinstance(m, self.layer_type)]
+
     def merge(self, model: nn.Module) -> None:
-        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base weights")
+        if self.layer_type is None:
+            raise NotImplementedError(f"method {self.name!r} cannot be merged into the base weights")
+        for m in self.layers(model):
+            m.merge()
 
     def unmerge(self, model: nn.Module) -> None:
-        raise NotImplementedError(f"method {self.name!r} cannot be merged into the base weights")
+        if self.layer_type is None:
+            raise NotImplementedError(f"method {self.name!r} cannot be merged into the base weights")
+        for m in self.layers(model):
+            m.unmerge()
 
     # -- saving -------------------------------------------------------------------------------
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:

@@ -96,6 +96,7 @@ class AdaLoRA(Method):
     config_cls = AdaLoraConfig
     default_lr = 1e-3  # AdaLoRA's GLUE runs use 5e-4..1.2e-3
     mergeable = True
+    layer_type = SVDLinear
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         self.freeze_all_but_head(model, ctx)
@@ -103,9 +104,6 @@ class AdaLoRA(Method):
         for name in resolve_targets(model, c.target_modules, ctx):
             replace_module(model, name, SVDLinear(model.get_submodule(name), c.init_rank, c.alpha, c.dropout))
         return model
-
-    def layers(self, model: nn.Module) -> list[SVDLinear]:
-        return [m for m in model.modules() if isinstance(m, SVDLinear)]
 
     # -- training: orthogonality regulariser and budget allocation through the hooks ---------
     def extra_loss(self, state: TrainState) -> torch.Tensor | None:
@@ -182,10 +180,3 @@ class AdaLoRA(Method):
             state.metrics["adalora_ranks"] = [int(k.sum()) for k in self.rank_mask.values()]
 
     # -- merge ------------------------------------------------------------------------------
-    def merge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.unmerge()

@@ -63,6 +63,7 @@ class FourierFT(Method):
     config_cls = FourierFTConfig
     default_lr = 5e-2  # few coefficients: FourierFT's GLUE table uses 5e-2..1e-1
     mergeable = True
+    layer_type = FourierLinear
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         self.freeze_all_but_head(model, ctx)
@@ -72,13 +73,3 @@ class FourierFT(Method):
                                                       c.entry_seed, c.init_zero))
         return model
 
-    def layers(self, model):
-        return [m for m in model.modules() if isinstance(m, FourierLinear)]
-
-    def merge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.unmerge()

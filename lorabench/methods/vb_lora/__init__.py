@@ -82,6 +82,7 @@ class VBLoRA(Method):
     config_cls = VBLoraConfig
     default_lr = 1e-2  # VB-LoRA trains the bank and logits at 1e-3..1e-2 (logits faster in the paper)
     mergeable = True
+    layer_type = VBLoraLinear
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         self.freeze_all_but_head(model, ctx)
@@ -95,13 +96,3 @@ class VBLoRA(Method):
                                                      c.init_logits_std, c.dropout))
         return model
 
-    def layers(self, model):
-        return [m for m in model.modules() if isinstance(m, VBLoraLinear)]
-
-    def merge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.unmerge()

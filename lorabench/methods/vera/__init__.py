@@ -74,6 +74,7 @@ class VeRA(Method):
     config_cls = VeraConfig
     default_lr = 1e-2  # only scaling vectors are trained: VeRA's table 8 uses 1e-2..4e-2 on GLUE
     mergeable = True
+    layer_type = VeraLinear
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         self.freeze_all_but_head(model, ctx)
@@ -90,13 +91,3 @@ class VeRA(Method):
             replace_module(model, n, VeraLinear(m, shared_A, shared_B, self.config.d_initial, self.config.dropout))
         return model
 
-    def layers(self, model: nn.Module) -> list[VeraLinear]:
-        return [m for m in model.modules() if isinstance(m, VeraLinear)]
-
-    def merge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.merge()
-
-    def unmerge(self, model: nn.Module) -> None:
-        for m in self.layers(model):
-            m.unmerge()
