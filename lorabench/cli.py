@@ -16,7 +16,8 @@ def cmd_run(args) -> int:
 
     suite = load_suite(args.suite, args.overrides)  # validates everything before any trial runs
     records_path = Path(args.records or Path("runs") / suite.name / "records.jsonl")
-    ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress)
+    ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
+                    jobs=args.jobs)
     wanted = set(ids)
     latest = {}
     for r in read_records(records_path):
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--records", help="JSONL records file (default runs/SUITE/records.jsonl)")
     r.add_argument("--timeout", type=float, default=None, help="seconds per trial before it is killed and recorded as failed")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--jobs", type=int, default=None,
+                   help="trials run at once, each in its own process (default: the suite's `jobs`, else 1)")
     r.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="list methods, tasks, suites or assets")

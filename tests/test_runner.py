@@ -90,7 +90,26 @@ def test_a_trial_that_dies_is_recorded_with_the_reason(tmp_path):
     assert proc.returncode == 1
 
 
+def test_parallel_jobs_record_every_trial_once(tmp_path):
+    # head and lora in two processes at a time; the suite's task sets jobs: 2, one thread per trial
+    suite = tmp_path / "par.yaml"
+    suite.write_text(TINY.format(name="par", methods="  - head\n  - lora").replace(
+        "n_eval: 16}}", "n_eval: 16}, jobs: 2, train: {threads: 1}}"))
+    records = tmp_path / "r.jsonl"
+    proc = run_cli("run", str(suite), "--records", str(records), "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    recs = read_records(records)
+    assert sorted(r["trial_id"] for r in recs) == sorted(trial_id(t) for t in load_suite(str(suite)).trials())
+    assert all(r["status"] == "ok" and r["jobs"] == 2 and r["threads"] == 1 for r in recs)
+    # --jobs overrides the suite without changing trial ids: everything is already recorded
+    again = run_cli("run", str(suite), "--records", str(records), "--no-progress", "--jobs", "1")
+    assert again.returncode == 0 and "4 already recorded" in again.stdout
+    assert len(read_records(records)) == 4
+
+
 @pytest.mark.parametrize("args,message", [
+    (["run", "{suite}", "--jobs", "0"], "--jobs (trials run at once) must be at least 1, got 0"),
+    (["run", "{badjobs}"], "jobs (trials run at once) must be an integer >= 1, got 'two'"),
     (["run", "{suite}", "methods=haed"], "haed not in suite"),
     (["run", "{suite}", "lora.rnak=4"], "unknown key 'rnak'. Did you mean: rank?"),
     (["run", "{suite}", "train.steps=lots"], "expected an integer, got 'lots'"),
@@ -102,11 +121,13 @@ def test_a_trial_that_dies_is_recorded_with_the_reason(tmp_path):
 def test_bad_input_gets_one_clear_error_and_loses_no_record(tmp_path, args, message):
     suite = tiny_suite(tmp_path)
     bad = tiny_suite(tmp_path, "  - lroa", name="bad")
+    badjobs = tmp_path / "badjobs.yaml"
+    badjobs.write_text("jobs: two\n" + TINY.format(name="badjobs", methods="  - head"))
     malformed = tmp_path / "malformed.yaml"
     malformed.write_text(TINY.format(name="malformed", methods="  - {name: lora").replace("seeds: [0, 1]", "seeds: [0, 1"))
     records = tmp_path / "r.jsonl"
     records.write_text(json.dumps({"trial_id": "kept", "status": "ok"}) + "\n")
-    argv = [a.format(suite=suite, bad=bad, malformed=malformed) for a in args]
+    argv = [a.format(suite=suite, bad=bad, badjobs=badjobs, malformed=malformed) for a in args]
     proc = run_cli(*argv, "--records", str(records))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr

@@ -122,6 +122,7 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_after_load_mb": round(rss_loaded, 1),
         "trial_seconds": round(time.perf_counter() - t_start, 3),
+        "threads": torch.get_num_threads(),  # the trial's own (train.threads), not the runner's
     }
     if spec.lm_eval:  # the same trained model, scored by lm-eval on the exported task (lorabench.lmeval)
         from lorabench.lmeval.run import score_in_trial

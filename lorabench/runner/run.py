@@ -5,6 +5,7 @@ Trials already recorded (by trial id, ok or failed) are skipped, so a killed sui
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import multiprocessing
 import os
@@ -16,6 +17,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lorabench.errors import UserError
 from lorabench.measure.provenance import environment
 from lorabench.runner import worker
 from lorabench.runner.records import RECORD_VERSION, append_record, read_records
@@ -90,39 +92,75 @@ def _log(message: str) -> None:
 
 
 def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s: float | None = None,
-              progress: bool = True, log=_log) -> list[str]:
-    """Run every trial of `suite` not yet in `records_path`. Returns the trial ids of the suite."""
+              progress: bool = True, log=_log, jobs: int | None = None) -> list[str]:
+    """Run every trial of `suite` not yet in `records_path`. Returns the trial ids of the suite.
+
+    `jobs` trials run at once (default: each task's `jobs`, else the suite's, else 1), each in its own
+    process; every record is appended as soon as its trial ends, so a killed run loses only the
+    trials in flight. With jobs > 1 give each trial `train.threads` = cores / jobs, or they fight
+    over the cores (small models gain from it; large ones lose, memory bandwidth being shared).
+    """
+    if jobs is not None and jobs < 1:
+        raise UserError(f"--jobs (trials run at once) must be at least 1, got {jobs}")
     trials = suite.trials()
     done = {r.get("trial_id") for r in read_records(records_path)}
     env = environment()
-    ids = []
     todo = [(trial_id(t), t) for t in trials]
+    ids = [tid for tid, _ in todo]
     n_done = sum(1 for i, _ in todo if i in done)
     log(f"suite {suite.name} v{suite.version}: {len(trials)} trials, {n_done} already recorded in {records_path}")
+    pending = []
     for k, (tid, spec) in enumerate(todo, 1):
-        ids.append(tid)
         name = f"[{k}/{len(todo)}] {spec.label} on {spec.task} (seed {spec.seed})"
         if tid in done:
             log(f"{name}: recorded, skipped")
             continue
+        done.add(tid)  # a trial listed twice (same id) runs once
+        pending.append((name, tid, spec))
+
+    def one(name: str, tid: str, spec, n_jobs: int) -> dict:
         log(f"{name}: running")
         started, t0 = _now(), time.perf_counter()
         result = run_one(spec, timeout_s, progress)
-        record = {
+        return {
             "record_version": RECORD_VERSION, "trial_id": tid, "suite": suite.name,
             "suite_version": suite.version, "label": spec.label, "method": spec.method,
             "method_options": spec.method_options, "task": spec.task, "task_options": spec.task_options,
             "model": spec.model or _default_model(spec.task), "seed": spec.seed, "overrides": overrides,
             "started_at": started, "finished_at": _now(), "wall_s": round(time.perf_counter() - t0, 3),
-            **env, **result,
+            "jobs": n_jobs, **env, **result,
         }
+
+    def finish(name: str, record: dict) -> None:
         append_record(records_path, record)
-        status = record["status"]
-        if status == "ok":
+        if record["status"] == "ok":
             log(f"{name}: {record['metric']} = {record['score']:.4f} ({record['wall_s']:.1f} s)")
         else:
             log(f"{name}: FAILED: {record['error']}")
-        done.add(tid)
+
+    # Consecutive trials with the same number of jobs run together; a task's trials are consecutive.
+    groups: list[tuple[int, list]] = []
+    for p in pending:
+        n = jobs or suite.jobs_for(p[2])
+        if groups and groups[-1][0] == n:
+            groups[-1][1].append(p)
+        else:
+            groups.append((n, [p]))
+    for n_jobs, group in groups:
+        if n_jobs == 1:
+            for name, tid, spec in group:
+                finish(name, one(name, tid, spec, 1))
+            continue
+        # Threads only wait on trial processes; records are appended from this thread alone.
+        with concurrent.futures.ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            futures = {pool.submit(one, *p, n_jobs): p[0] for p in group}
+            try:
+                for fut in concurrent.futures.as_completed(futures):
+                    finish(futures[fut], fut.result())
+            except KeyboardInterrupt:
+                for fut in futures:
+                    fut.cancel()
+                raise
     return ids
 
 

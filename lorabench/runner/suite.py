@@ -11,6 +11,7 @@ tasks:
   - rt-sentiment
   - {name: quartz, options: {n_eval: 200}, train: {steps: 50}}
   - {name: socialiqa, lm_eval: true}     # also scored by lm-evaluation-harness (record key lm_eval)
+  - {name: sarcasm, jobs: 2, train: {threads: 1}}  # two trials at a time (default: the suite's jobs, else 1)
 methods:
   - head
   - {name: lora, label: lora-r8, options: {rank: 8}, train: {lr: 1.0e-3}}
@@ -36,8 +37,8 @@ from lorabench.harness.train import TrainConfig
 from lorabench.harness.trial import TrialSpec
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
-TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods"}
-TASK_KEYS = {"name", "model", "options", "train", "lm_eval"}
+TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs"}
+TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs"}
 METHOD_KEYS = {"name", "label", "options", "train"}
 
 
@@ -83,6 +84,7 @@ class TaskEntry:
     options: dict
     train: dict
     lm_eval: bool = False  # decoder tasks only: also score through lm-eval (lorabench.lmeval)
+    jobs: int | None = None  # trials of this task run at once (None = the suite's jobs); not part of trial ids
 
 
 @dataclass
@@ -96,6 +98,14 @@ class Suite:
     tasks: list[TaskEntry]
     methods: list[MethodEntry]
     path: str
+    jobs: int = 1  # trials run at once (not part of a trial's identity)
+
+    def jobs_for(self, spec: TrialSpec) -> int:
+        """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
+        for task in self.tasks:
+            if task.name == spec.task and task.jobs is not None:
+                return task.jobs
+        return self.jobs
 
     def trials(self) -> list[TrialSpec]:
         out = []
@@ -188,6 +198,12 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         seeds = [seeds]
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise UserError(f"{_where(path, lines, ('seeds',))}: seeds must be a non-empty list of integers, got {seeds!r}")
+    def check_jobs(value, key: tuple):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{_where(path, lines, key)}: jobs (trials run at once) must be an integer >= 1, got {value!r}")
+        return value
+
+    jobs = check_jobs(data.get("jobs", 1), ("jobs",))
     base_train = data.get("train") or {}
     from_dict(TrainConfig, base_train, f"{_where(path, lines, ('train',))}: train")
 
@@ -229,7 +245,7 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
             if importlib.util.find_spec("lm_eval") is None:
                 raise UserError(f"{where}: lm_eval: true needs lm-evaluation-harness: pip install lm-eval")
         tasks.append(TaskEntry(e["name"], e.get("model"), dict(e.get("options") or {}), dict(e.get("train") or {}),
-                               lm_eval))
+                               lm_eval, check_jobs(e.get("jobs"), k + ("jobs",))))
     methods, labels = [], set()
     for e, k in entries("methods", METHOD_KEYS, METHODS):
         where = _where(path, lines, k)
@@ -244,7 +260,8 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
     if model is not None and not isinstance(model, str):
         raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
-                 seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path))
+                 seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
+                 jobs=jobs)
 
 
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
