@@ -36,6 +36,8 @@ METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:Inc
 METHODS.register_lazy("loraprune", "lorabench.methods.reduction.loraprune:LoraPrune")
 METHODS.register_lazy("lora-layer-pruning", "lorabench.methods.reduction.layer_pruning:LayerPruningLoRA")
 METHODS.register_lazy("alora", "lorabench.methods.dynamic_rank.alora:ALoRA")
+METHODS.register_lazy("longlora", "lorabench.methods.longctx:LongLoRA")
+METHODS.register_lazy("sinklora", "lorabench.methods.longctx:SinkLoRA")
 # Methods I (issue 6): the core LoRA family
 METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA")
 METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA")

@@ -8,6 +8,7 @@ TASKS.register_lazy("quartz", "lorabench.tasks.multiple_choice:QuaRTz")
 TASKS.register_lazy("socialiqa", "lorabench.tasks.multiple_choice:SocialIQA")
 TASKS.register_lazy("arith", "lorabench.tasks.generation:Arith")
 TASKS.register_lazy("shakespeare-lm", "lorabench.tasks.lm:ShakespeareLM")
+TASKS.register_lazy("kv-retrieval", "lorabench.tasks.longctx:KVRetrieval")
 
 
 def get_task(name: str):
