@@ -29,6 +29,7 @@ from lorabench.config import from_dict, option
 FAMILIES = {
     "baseline": "Baselines (not LoRA): full fine-tuning and a frozen backbone",
     "lora": "LoRA (the original method)",
+    "beyond-fine-tuning": "Low-rank adaptation beyond fine-tuning: long context",
     "low-rank-bottleneck": "Downstream adaptation: breaking the low-rank bottleneck",
     "dynamic-rank": "Downstream adaptation: dynamic rank allocation",
     "learning-procedure": "Downstream adaptation: optimizing the learning procedure",

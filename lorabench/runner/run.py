@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -87,8 +88,13 @@ def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
         return {"status": "failed", "error": f"trial process {reason}", "traceback": "\n".join(last)}
 
 
+_LOG_LOCK = threading.Lock()
+
+
 def _log(message: str) -> None:
-    print(message, flush=True)  # flushed: progress must show when stdout is a pipe or a file
+    with _LOG_LOCK:  # parallel trials log from several threads: one whole line at a time
+        sys.stdout.write(message + "\n")
+        sys.stdout.flush()  # progress must show when stdout is a pipe or a file
 
 
 def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s: float | None = None,

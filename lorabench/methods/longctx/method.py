@@ -74,7 +74,7 @@ class LongLoRA(LoRA):
     paper = "2309.12307"
     # The survey (arXiv 2407.11046) lists LongLoRA and SinkLoRA in sec. 2 "Low-Rank Adaptation",
     # under "Beyond fine-tuning" (long context); that section's key here is "lora".
-    family = "lora"
+    family = "beyond-fine-tuning"
     config_cls = LongLoRAConfig
     # The paper fine-tunes 7B-70B models at 2e-5 for 1000 steps; lorabench's short fixed budget uses
     # LoRA's default (5e-4) so the comparison with LoRA is at equal learning rate.
