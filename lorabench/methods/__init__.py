@@ -34,6 +34,7 @@ METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA
 METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA")
 METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:IncreLoRA")
 METHODS.register_lazy("loraprune", "lorabench.methods.reduction.loraprune:LoraPrune")
+METHODS.register_lazy("lorashear", "lorabench.methods.reduction.lorashear:LoraShear")
 METHODS.register_lazy("lora-layer-pruning", "lorabench.methods.reduction.layer_pruning:LayerPruningLoRA")
 METHODS.register_lazy("alora", "lorabench.methods.dynamic_rank.alora:ALoRA")
 METHODS.register_lazy("longlora", "lorabench.methods.longctx:LongLoRA")
