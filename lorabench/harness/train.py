@@ -71,7 +71,7 @@ def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainCon
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     state = TrainState(model=model, optimizer=optimizer, scheduler=scheduler, step=0, total_steps=cfg.steps)
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    batches = task.train_batches(tokenizer, cfg.batch_size, seed)
+    batches = method.train_batches(state, task, tokenizer, cfg.batch_size, seed)  # the task's, unless the method chooses
     model.train()
     method.on_train_begin(state)
     rates, window, curve = [], [], []

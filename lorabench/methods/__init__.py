@@ -31,6 +31,7 @@ METHODS.register_lazy("hiddenkey", "lorabench.methods.procedure.hiddenkey:Hidden
 METHODS.register_lazy("lora-drop", "lorabench.methods.reduction.lora_drop:LoraDrop")
 METHODS.register_lazy("bilora", "lorabench.methods.procedure.bilora:BiLoRA")
 METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA")
+METHODS.register_lazy("star", "lorabench.methods.procedure.star:STAR")
 METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA")
 METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:IncreLoRA")
 METHODS.register_lazy("loraprune", "lorabench.methods.reduction.loraprune:LoraPrune")

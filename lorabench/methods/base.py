@@ -164,6 +164,11 @@ class Method:
         params = [p for _, p in self.trainable_parameters(model)]
         return [{"params": params, "lr": lr, "weight_decay": weight_decay}] if params else []
 
+    def train_batches(self, state: TrainState, task, tokenizer, batch_size: int, seed: int):
+        """The training batches: the task's own; a method that chooses the examples it trains on
+        (STAR's active learning over an unlabelled pool) overrides this."""
+        return task.train_batches(tokenizer, batch_size, seed)
+
     def on_train_begin(self, state: TrainState) -> None: ...
     def on_step_begin(self, state: TrainState) -> None: ...
     def extra_loss(self, state: TrainState) -> torch.Tensor | None: return None  # regularisers
