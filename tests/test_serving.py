@@ -173,3 +173,26 @@ def test_store_errors_name_the_problem(setup):
         MultiLoraModel(tiny_llama(), target_modules=("qproj",))
     with pytest.raises(FileNotFoundError, match="no adapter at"):
         load_adapter("/nonexistent/adapter.safetensors")
+
+
+def test_store_fills_free_slots_at_add_and_loads_a_batch_together(setup):
+    base, adapters = setup
+    store = AdapterStore(shapes_of(base, ALL_LINEAR), capacity=3, max_rank=32)
+    for a in adapters:
+        store.add(a)
+    assert store.resident == ["r1", "r8", "r32"] and store.loads == 3  # free slots filled at add
+    store.slots(["r32", "r1"])
+    assert store.loads == 3 and store.hits == 2 and store.resident == ["r8", "r32", "r1"]
+    slots = store.slots(["mixed", "qv", "r1", None])  # two misses in one batch: evict r8, then r32
+    assert store.loads == 5 and store.evictions == 2 and store.resident == ["mixed", "qv", "r1"]
+    for name, slot in zip(["mixed", "qv", "r1"], slots.tolist()):
+        a = next(x for x in adapters if x.name == name)
+        for p in store.modules:
+            if p not in a.weights:
+                assert int(store.ranks[p][slot]) == 0
+                continue
+            A, B = a.weights[p]
+            r = A.shape[0]
+            assert int(store.ranks[p][slot]) == r and float(store.scales[p][slot]) == pytest.approx(a.scales[p])
+            torch.testing.assert_close(store.A[p][slot, :r], A, rtol=0, atol=0)
+            torch.testing.assert_close(store.B[p][slot, :, :r], B, rtol=0, atol=0)

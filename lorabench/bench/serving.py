@@ -53,7 +53,10 @@ class Config:
     decode_batch: int = 64
     prefill_batch: int = 8
     prefill_len: int = 32
-    capacity: int = 128        # fast-memory slots of the adapter store
+    # fast-memory slots of the adapter store; 0: as many as adapters served (N), the CPU default: on CPU
+    # fast and host memory are the same RAM, so paging would copy RAM to RAM for nothing. A capacity
+    # below N (e.g. 128) measures the LRU paging itself (S-LoRA's GPU setting).
+    capacity: int = 0
     rounds: int = 5
     methods: tuple[str, ...] = ("base", "merged", "ours", "peft", "loop")
     device: str = "cpu"
@@ -61,6 +64,9 @@ class Config:
     # One intra-op thread by default: on a shared, oversubscribed CPU a preempted OpenMP thread stalls
     # every parallel region (measured here: a decode step 10x slower and far noisier with 2 threads).
     threads: int = 1
+    # "wall" (perf_counter) or "cpu": the thread's CPU time (time.thread_time, needs threads=1 and a CPU
+    # device), which on a shared, loaded machine leaves out the time the process waits to be scheduled
+    clock: str = "wall"
     seed: int = 0
 
 
@@ -98,8 +104,8 @@ def _build_models(cfg: Config):
     # charge PEFT at N=1 for walking 1024 loaded adapters.
     for n in cfg.n_adapters:
         if "ours" in cfg.methods:
-            ours = MultiLoraModel(copy.deepcopy(base), target_modules=cfg.target_modules, capacity=cfg.capacity,
-                                  max_rank=max(RANKS))
+            ours = MultiLoraModel(copy.deepcopy(base), target_modules=cfg.target_modules,
+                                  capacity=cfg.capacity or n, max_rank=max(RANKS))
             for a in adapters[:n]:
                 ours.add_adapter(a)
             models[("ours", n)] = ours
@@ -184,6 +190,7 @@ def run(cfg: Config, log=print) -> dict:
     configs = [(m, None) for m in cfg.methods if m in ("base", "merged")]
     configs += [(m, n) for n in cfg.n_adapters for m in cfg.methods if m in ("ours", "peft", "loop")]
     results = []
+    now = time.thread_time if cfg.clock == "cpu" else time.perf_counter
     for phase, (batch, seq) in phases.items():
         g = torch.Generator().manual_seed(cfg.seed)
         times = {c: [] for c in configs}
@@ -192,11 +199,11 @@ def run(cfg: Config, log=print) -> dict:
             draws = {n: _draw(n, batch, g) for n in cfg.n_adapters}
             for method, n in configs:
                 with torch.inference_mode():
-                    start = time.perf_counter()
+                    start = now()
                     _forward(method, n, models, ids, draws[n] if n else [])
                     if cfg.device == "cuda":
                         torch.cuda.synchronize()
-                    elapsed = time.perf_counter() - start
+                    elapsed = now() - start
                 if rnd:
                     times[(method, n)].append(elapsed)
             log(f"{phase} round {rnd}/{cfg.rounds} done ({time.perf_counter() - t0:.0f} s)")
@@ -275,7 +282,8 @@ def table(report: dict) -> str:
     for phase in ("decode", "prefill"):
         rows = [r for r in report["results"] if r["phase"] == phase]
         ns = cfg["n_adapters"]
-        lines += [f"**{phase}** (tokens/s, median of {cfg['rounds']} interleaved rounds)", "",
+        clock = cfg.get("clock", "wall")
+        lines += [f"**{phase}** (tokens/s, median of {cfg['rounds']} interleaved rounds, {clock} clock)", "",
                   "| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
         for m in cfg["methods"]:
             cells = []
@@ -332,21 +340,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--decode-batch", type=int, default=d.decode_batch)
     p.add_argument("--prefill-batch", type=int, default=d.prefill_batch)
     p.add_argument("--prefill-len", type=int, default=d.prefill_len)
-    p.add_argument("--capacity", type=int, default=d.capacity, help="fast-memory adapter slots")
+    p.add_argument("--capacity", type=int, default=d.capacity,
+                   help="fast-memory adapter slots; 0 (default): N, every adapter resident (on CPU fast and host "
+                        "memory are the same RAM); below N the store pages adapters in and out (LRU)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="timed rounds (after one warm-up round)")
     p.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
     p.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16", "float16"))
     p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads")
+    p.add_argument("--clock", default=d.clock, choices=("wall", "cpu"),
+                   help="wall, or cpu (the thread's CPU time; needs --threads 1 and --device cpu)")
     p.add_argument("--out", default="results/serving", help="directory for serving.json and the plot")
     a = p.parse_args(argv)
     methods = tuple(m for m in a.methods.split(",") if m)
     bad = [m for m in methods if m not in d.methods]
     if bad:
         p.error(f"unknown methods {bad}; valid: {', '.join(d.methods)}")
+    if a.clock == "cpu" and (a.threads != 1 or a.device != "cpu"):
+        p.error("--clock cpu measures one thread's CPU time: it needs --threads 1 and --device cpu")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no GPU visible to torch")
     cfg = Config(a.preset, a.n_adapters, d.target_modules, a.decode_batch, a.prefill_batch, a.prefill_len,
-                 a.capacity, a.rounds, methods, a.device, a.dtype, a.threads)
+                 a.capacity, a.rounds, methods, a.device, a.dtype, a.threads, a.clock)
     report = run(cfg, log=lambda s: print(s, flush=True))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "serving.json"), "w") as f:
