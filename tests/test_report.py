@@ -327,14 +327,20 @@ def test_leaderboard_render_still_prints_one_block_per_task():
 def test_coverage_says_which_part_of_the_suite_was_run_and_flags_budget_overrides():
     from lorabench.report.build import coverage
     from lorabench.runner.suite import load_suite, trial_id
-    specs = load_suite("standard").trials()
+    suite = load_suite("standard")
+    specs = suite.trials()
     recs = []
     for spec in specs[:2]:
         recs.append(record(spec.task, spec.label, spec.seed, 0.8, trial_id=trial_id(spec), suite="standard",
-                           overrides=["tasks=rt-sentiment", "seeds=0,1,2"]))
+                           suite_version=suite.version, overrides=["tasks=rt-sentiment", "seeds=0,1,2"]))
     (line,) = coverage(tables.build(recs))
     assert f"that is 2 of the {len(specs)} trials its suite file defines now" in line
     assert "Not yet run: tasks quartz, sarcasm" in line and "overrides" not in line
     recs[0]["overrides"] = ["train.steps=3"]
     (line,) = coverage(tables.build(recs))
     assert "run with overrides train.steps=3 (not the suite's own budget)" in line
+    # the machine time of a part: wall times over the trials that ran at once
+    recs[0].update(wall_s=90.0, jobs=2)
+    recs[1].update(wall_s=75.0)  # no `jobs`: one at a time
+    line, busy = coverage(tables.build(recs))
+    assert f"standard v{suite.version} {specs[0].task} 2 min." in busy  # (90 / 2 + 75) s = 2 min

@@ -79,6 +79,17 @@ def coverage(rep: tables.Report) -> list[str]:
         part += f"; methods never run {', '.join(missing_methods) or 'none'}."
         lines.append(what + f"; that is {len(done)} of the {len(specs)} trials its suite file defines now"
                      + ("." if len(done) == len(specs) else "." + part))
+    # The machine time of each part: trial wall times over the trials that ran at once (record `jobs`).
+    busy: dict[tuple, float] = {}
+    for r in rep.records:
+        w, j = r.get("wall_s"), r.get("jobs", 1)
+        if isinstance(w, (int, float)) and isinstance(j, int) and j >= 1 and r.get("task"):
+            key = (str(r.get("suite")), str(r.get("suite_version")), str(r["task"]))
+            busy[key] = busy.get(key, 0.0) + w / j
+    if busy:
+        lines.append("Machine time per part (sum of trial wall times / trials run at once): "
+                     + "; ".join(f"{s} v{v} {task} {sec / 60:.0f} min" for (s, v, task), sec in sorted(busy.items()))
+                     + ".")
     cpus = sorted({str(r.get("cpu")) for r in rep.records if r.get("cpu")})
     gpus = sorted({str(r.get("gpu")) for r in rep.records if r.get("gpu")})
     torch_versions = sorted({str((r.get("versions") or {}).get("torch")) for r in rep.records
