@@ -115,50 +115,70 @@ inline void decode_chunk(__m256i v, const NF4Tables& T, __m256 q[8]) {
   }
 }
 
+// Scale vector of chunk c: one broadcast value for group >= 64; for group 32, lanes 0-3 hold the first
+// group's scale and lanes 4-7 the next one's (both kernel orders put elements 0-31 in lanes 0-3).
+template <bool G32>
+inline __m256 chunk_scale_vec(const float* srow, int64_t c, int cshift) {
+  if constexpr (G32) {
+    return _mm256_blend_ps(_mm256_broadcast_ss(srow + 2 * c), _mm256_broadcast_ss(srow + 2 * c + 1), 0xF0);
+  } else {
+    return _mm256_broadcast_ss(srow + (c >> cshift));
+  }
+}
+
+// sum_g zero(g) * xsum(g) over a row's G groups (int4's zero points): 8 groups per FMA into acc, the
+// remaining G % 8 into the returned scalar.
+inline float zero_dot(const float* zr, const float* xs, int64_t G, __m256& acc) {
+  int64_t g = 0;
+  for (; g + 8 <= G; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(zr + g), _mm256_loadu_ps(xs + g), acc);
+  float tail = 0.f;
+  for (; g < G; ++g) tail += zr[g] * xs[g];
+  return tail;
+}
+
 // NB batch rows at once over rows [n0, n1): the weights are decoded once per NB inputs.
-// Per chunk: acc_b += sum_j q_j * x_b,j (unscaled), then row_acc_b += acc_b * scale.
-template <bool INT, int NB>
+// Per chunk: t_b = sum_j q_j * x_b,j (unscaled, two FMA chains for one input row), then
+// racc_b += t_b * scale; the int4 zero points enter once per row as sum_g zero(g) * xsum_b(g).
+// sbuf: G floats of scratch for the row's decoded scales (double quantization).
+template <bool INT, int NB, bool G32>
 void gemv_rows(const Q4Weight& w, const float* xp, const float* xsum, float* out, int64_t ldo, int64_t n0,
-               int64_t n1) {
+               int64_t n1, float* sbuf) {
   const int64_t K = w.K, chunks = K / kChunk, G = K / w.group;
-  const int gshift = group_shift(w.group);
+  const int cshift = G32 ? 0 : group_shift(w.group) - 6;  // chunk -> group: c >> cshift
   const NF4Tables T;
-  constexpr int NA = NB == 1 ? 4 : (NB == 2 ? 2 : 1);  // independent FMA chains per input row
-  std::vector<float> sbuf(G);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * (K / 2);
-    const float* srow = row_scales(w, n, G, sbuf.data());
-    const float* zrow = w.zero ? w.zero + n * G : nullptr;
+    const float* srow = row_scales(w, n, G, sbuf);
+    if (n + 1 < n1) _mm_prefetch(reinterpret_cast<const char*>(w.packed + (n + 1) * (K / 2)), _MM_HINT_T0);
     __m256 racc[NB];
     for (int b = 0; b < NB; ++b) racc[b] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      float s[2], z[2];
-      chunk_scales(w, srow, zrow, c, gshift, s, z);
-      const __m256 sv = w.group == 32 ? _mm256_setr_ps(s[0], s[0], s[0], s[0], s[1], s[1], s[1], s[1])
-                                      : _mm256_set1_ps(s[0]);
+      const __m256 sv = chunk_scale_vec<G32>(srow, c, cshift);
       __m256 q[8];
       decode_chunk<INT>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * (kChunk / 2))), T, q);
-      __m256 acc[NB][NA];
-      for (int b = 0; b < NB; ++b)
-        for (int a = 0; a < NA; ++a) acc[b][a] = _mm256_setzero_ps();
+      const float* xc = xp + c * kChunk;
+      if constexpr (NB == 1) {
+        __m256 a0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(xc));
+        __m256 a1 = _mm256_mul_ps(q[1], _mm256_loadu_ps(xc + 8));
 #pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j)
-        for (int b = 0; b < NB; ++b)
-          acc[b][j % NA] = _mm256_fmadd_ps(q[j], _mm256_loadu_ps(xp + b * K + c * kChunk + j * 8), acc[b][j % NA]);
-      for (int b = 0; b < NB; ++b) {
-        __m256 t = acc[b][0];
-        for (int a = 1; a < NA; ++a) t = _mm256_add_ps(t, acc[b][a]);
-        racc[b] = _mm256_fmadd_ps(t, sv, racc[b]);
+        for (int j = 2; j < 8; j += 2) {
+          a0 = _mm256_fmadd_ps(q[j], _mm256_loadu_ps(xc + j * 8), a0);
+          a1 = _mm256_fmadd_ps(q[j + 1], _mm256_loadu_ps(xc + j * 8 + 8), a1);
+        }
+        racc[0] = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), sv, racc[0]);
+      } else {
+        __m256 acc[NB];
+        for (int b = 0; b < NB; ++b) acc[b] = _mm256_mul_ps(q[0], _mm256_loadu_ps(xc + b * K));
+#pragma GCC unroll 8
+        for (int j = 1; j < 8; ++j)
+          for (int b = 0; b < NB; ++b) acc[b] = _mm256_fmadd_ps(q[j], _mm256_loadu_ps(xc + b * K + j * 8), acc[b]);
+        for (int b = 0; b < NB; ++b) racc[b] = _mm256_fmadd_ps(acc[b], sv, racc[b]);
       }
     }
     for (int b = 0; b < NB; ++b) {
-      float r = hsum(racc[b]);
-      if (INT) {  // sum_k zero(g) x_k = sum_g zero(g) * xsum(g)
-        const float* zr = w.zero + n * G;
-        const float* xs = xsum + b * G;
-        for (int64_t g = 0; g < G; ++g) r += zr[g] * xs[g];
-      }
-      out[b * ldo + n] = r;
+      __m256 r = racc[b];
+      const float tail = INT ? zero_dot(w.zero + n * G, xsum + b * G, G, r) : 0.f;
+      out[b * ldo + n] = hsum(r) + tail;
     }
   }
 }
@@ -193,19 +213,35 @@ void gemv_rows_scalar(const Q4Weight& w, const float* xp, const float* xsum, int
   }
 }
 
+#ifdef LB_Q4_AVX2
+template <bool INT, bool G32>
+void gemv_tiles(const Q4Weight& w, const float* xp, const float* xsum, int64_t B, float* out, int64_t ldo,
+                int64_t n0, int64_t n1) {
+  const int64_t G = w.K / w.group;
+  std::vector<float> sbuf(G);
+  // Sub-tiles of rows keep the packed rows in L1/L2 while every batch block reads them.
+  const int64_t tile = B == 1 ? n1 - n0 : 32;
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    int64_t b = 0;
+    for (; b + 4 <= B; b += 4)
+      gemv_rows<INT, 4, G32>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1, sbuf.data());
+    for (; b + 2 <= B; b += 2)
+      gemv_rows<INT, 2, G32>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1, sbuf.data());
+    for (; b < B; ++b)
+      gemv_rows<INT, 1, G32>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1, sbuf.data());
+  }
+}
+#endif
+
 template <bool INT>
 void gemv_dispatch(const Q4Weight& w, const float* xp, const float* xsum, int64_t B, float* out, int64_t ldo,
                    int64_t n0, int64_t n1) {
 #ifdef LB_Q4_AVX2
-  const int64_t G = w.K / w.group;
-  // Sub-tiles of rows keep the packed rows in L1/L2 while every batch block reads them.
-  for (int64_t t0 = n0; t0 < n1; t0 += 32) {
-    const int64_t t1 = std::min(n1, t0 + 32);
-    int64_t b = 0;
-    for (; b + 4 <= B; b += 4) gemv_rows<INT, 4>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1);
-    for (; b + 2 <= B; b += 2) gemv_rows<INT, 2>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1);
-    for (; b < B; ++b) gemv_rows<INT, 1>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1);
-  }
+  if (w.group == 32)
+    gemv_tiles<INT, true>(w, xp, xsum, B, out, ldo, n0, n1);
+  else
+    gemv_tiles<INT, false>(w, xp, xsum, B, out, ldo, n0, n1);
 #else
   gemv_rows_scalar(w, xp, xsum, B, out, ldo, n0, n1);
 #endif

@@ -11,8 +11,10 @@ variant per round, the order rotating, medians over rounds):
     dense_bf16  F.linear with bf16 weight and activations
 
 The physical limit: the machine's read bandwidth, measured in the same run as the median time of
-`x.sum()` over a 1 GiB fp32 tensor; `gbps` is (packed weight + its scales) bytes / ours' time, the
-traffic a batch-1 GEMV must read at least once. Without --tokens / --shapes the grid is the issue's:
+`x.sum()` over a 1 GiB fp32 tensor with the run's torch threads (with --threads 1: the single-thread
+read bandwidth, the limit of a one-thread GEMV; --clock cpu times it on the thread's CPU clock too);
+`gbps` is (packed weight + its scales) bytes / ours' time, the traffic a batch-1 GEMV must read at
+least once. Without --tokens / --shapes the grid is the issue's:
 tokens {1, 8, 64, 512} x (in, out) {(4096, 4096), (4096, 11008), (576, 1536)}. Options (--option KEY=VALUE): bw_gib (size of the
 bandwidth probe, default 1), group_size (int4, default 64), blocksize (NF4, default 64),
 double_quant (NF4, default 1).
@@ -114,7 +116,8 @@ def _timer(fn, device, clock):
 
 def bench(cfg: K.Config, log=print) -> list[QuantResult]:
     bw = read_bandwidth_gbps(_opt(cfg, "bw_gib", 1.0), clock=cfg.clock) if cfg.device == "cpu" else float("nan")
-    log(f"measured read bandwidth: {bw:.1f} GB/s (median time of x.sum() over {_opt(cfg, 'bw_gib', 1.0):g} GiB)")
+    log(f"measured read bandwidth: {bw:.1f} GB/s (median time of x.sum() over {_opt(cfg, 'bw_gib', 1.0):g} GiB, "
+        f"{torch.get_num_threads()} thread(s), {cfg.clock} clock)")
     rows = []
     nan = float("nan")
     default_grid = cfg.tokens == K.TOKENS and cfg.shapes == K.SHAPES  # no --tokens / --shapes given
