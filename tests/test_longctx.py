@@ -103,4 +103,4 @@ def test_methods_run_end_to_end_on_kv_retrieval(method, options):
     assert mm["group_size"] == int(0.25 * mm["train_length_max"])
     assert 0 < mm["attn_pairs_fraction"] < 1 and mm["attn_flops_saved"] > 0
     assert mm["n_sink"] == options.get("n_sink", 0)
-    assert rec["family"] == "lora" and rec["paper"] in ("2309.12307", "2406.05678")
+    assert rec["family"] == "beyond-fine-tuning" and rec["paper"] in ("2309.12307", "2406.05678")
