@@ -39,6 +39,19 @@ def pad_pairs(pairs: list[tuple[list[int], list[int]]], pad_id: int, train: bool
     return out
 
 
+def left_padded_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoded prompts, left-padded (input_ids, attention_mask): every row's next token is predicted
+    (or generated) at the same, last position."""
+    encoded = [encode_pair(tokenizer, p, "", max_length)[0] for p in prompts]
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(encoded):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    return ids, mask
+
+
 def continuation_logprobs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of log p(continuation token | prefix) per row: the lm-eval `loglikelihood`."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

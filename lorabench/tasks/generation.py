@@ -7,7 +7,7 @@ import time
 import torch
 
 from lorabench.tasks.base import EvalResult, Metric, Split, Task, seeded_split
-from lorabench.tasks.causal import encode_pair, pad_pairs
+from lorabench.tasks.causal import encode_pair, left_padded_prompts, pad_pairs
 
 EXACT = Metric("exact_match", True, "fraction of eval questions whose greedy answer equals the reference")
 
@@ -51,17 +51,10 @@ class Arith(Task):
         correct, n_tokens, t0 = 0, 0, time.perf_counter()
         for s in range(0, len(examples), batch_size):
             chunk = examples[s:s + batch_size]
-            prompts = [encode_pair(tokenizer, self.prompt(e), "", self.max_length)[0] for e in chunk]
-            width = max(map(len, prompts))
-            # Left padding so that every row's next token is generated at the same position.
-            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, p in enumerate(prompts):
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+            ids, mask = left_padded_prompts(tokenizer, [self.prompt(e) for e in chunk], self.max_length)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            new = out[:, width:]
+            new = out[:, ids.shape[1]:]
             n_tokens += int(mask.sum()) + new.numel()
             for e, row in zip(chunk, new):
                 text = tokenizer.decode(row, skip_special_tokens=True).split("\n")[0]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from lorabench.tasks.causal import continuation_logprobs, encode_pair, pad_pairs
+from lorabench.tasks.causal import continuation_logprobs, encode_pair, left_padded_prompts, pad_pairs
 
 SUPPORTED_KINDS = ("classification", "multiple-choice", "generation")
 
@@ -78,15 +78,8 @@ def predictive_probs(task, model, tokenizer, examples: list[dict], batch_size: i
         return probs
     if kind == "generation":
         for s in range(0, len(examples), batch_size):
-            prompts = [encode_pair(tokenizer, task.prompt(e), "", task.max_length)[0]
-                       for e in examples[s:s + batch_size]]
-            width = max(map(len, prompts))
-            # Left padding: every row's next token is predicted at the last position.
-            ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for r, p in enumerate(prompts):
-                ids[r, width - len(p):] = torch.tensor(p)
-                mask[r, width - len(p):] = 1
+            ids, mask = left_padded_prompts(tokenizer, [task.prompt(e) for e in examples[s:s + batch_size]],
+                                            task.max_length)
             out.append(model(input_ids=ids, attention_mask=mask).logits[:, -1].float().softmax(-1))
         return torch.cat(out)
     raise ValueError(f"no predictive distribution for task kind {kind!r}; "
