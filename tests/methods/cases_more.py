@@ -405,24 +405,36 @@ def laplace_lora_equations(model, method):
     model.zero_grad(set_to_none=True)
     for f, w in zip(fisher, want):
         torch.testing.assert_close(f, w * 2.0)  # 6 examples trained, 3 used
-    # predictive: with P = F + λ, the eval forward is the Monte Carlo average of softmax over samples
+    # predictive: with P = F + λ, the eval forward is the linearised Laplace predictive, the Monte Carlo
+    # average of softmax(f_θ*(x) + J(x) ε) over ε ~ N(0, P^-1)
     with torch.no_grad():
         for (_, prec), f in zip(factors, fisher):
             prec.copy_(f + 50.0)
     ids = batch["input_ids"][:2]
+    plain = model.forward.__wrapped_plain__
     method.generator.manual_seed(7)
     out = model(input_ids=ids).logits
+    # J ε exactly, by the double-backward trick: J ε = d/du <J^T u, ε> (eager attention: SDPA has no double backward)
+    model.set_attn_implementation("eager")
+    params = [p for p, _ in factors]
     method.generator.manual_seed(7)
-    means = [p.detach().clone() for p, _ in factors]
-    probs = 0
-    with torch.no_grad():
-        for _ in range(method.config.samples):
-            for (p, prec), mu in zip(factors, means):
-                p.copy_(mu + torch.randn(p.shape, generator=method.generator) * prec.rsqrt())
-            probs = probs + model.forward.__wrapped_plain__(input_ids=ids).logits.softmax(-1)
-            for (p, _), mu in zip(factors, means):
-                p.copy_(mu)
-    torch.testing.assert_close(out, (probs / method.config.samples).log(), atol=1e-5, rtol=1e-4)
+    eps = [torch.randn(p.shape, generator=method.generator) * prec.rsqrt() for p, prec in factors]
+    with torch.enable_grad():
+        f0 = plain(input_ids=ids).logits
+        u = torch.zeros_like(f0, requires_grad=True)
+        jt_u = torch.autograd.grad(f0, params, u, create_graph=True)
+        jvp = torch.autograd.grad(sum((g * e).sum() for g, e in zip(jt_u, eps)), u)[0]
+    assert jvp.abs().max() > 1e-3  # the posterior moves the logits: the check below is not vacuous
+    first = (f0.detach() + jvp).softmax(-1)
+    probs = [first]
+    for _ in range(method.config.samples - 1):
+        eps = [torch.randn(p.shape, generator=method.generator) * prec.rsqrt() for p, prec in factors]
+        with torch.enable_grad():
+            jt_u = torch.autograd.grad(plain(input_ids=ids).logits, params, u, create_graph=True)
+            jvp = torch.autograd.grad(sum((g * e).sum() for g, e in zip(jt_u, eps)), u)[0]
+        probs.append((f0.detach() + jvp).softmax(-1))
+    want = torch.stack(probs).mean(0).log()
+    torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
 
 
 CASES += [
@@ -439,12 +451,13 @@ def hiddenkey_equations(model, method):
     assert attn.hiddenkey_p == method.config.p_column
     attn.train()
     q, k, v = torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4), torch.randn(2, 2, 5, 4)
+    full = torch.zeros(2, 1, 5, 5)  # an additive mask that masks nothing (no causal default for a decoder)
     attn.hiddenkey_p = 1.0  # every other key dropped: each query sees only itself
-    out, w = hiddenkey_attention(attn, q, k, v, None, 0.5)
+    out, w = hiddenkey_attention(attn, q, k, v, full, 0.5)
     torch.testing.assert_close(out, v.transpose(1, 2))
     attn.hiddenkey_p = 0.5
     torch.manual_seed(5)
-    out, w = hiddenkey_attention(attn, q, k, v, None, 0.5)
+    out, w = hiddenkey_attention(attn, q, k, v, full, 0.5)
     torch.manual_seed(5)
     drop = (torch.rand(2, 2, 1, 5) < 0.5) & ~torch.eye(5, dtype=torch.bool)
     logits = (q @ k.transpose(2, 3) * 0.5).masked_fill(drop, torch.finfo(torch.float32).min)
