@@ -33,8 +33,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lorabench.methods.attention import eager_attention, register
 
 ATTENTION = "lorabench_longctx"
 SPEC_ATTR = "lorabench_longctx"   # the attribute of each attention module holding its LongCtxSpec
@@ -89,40 +90,25 @@ class LongCtxSpec:
         return attention_pattern(T, n_heads, self.group_size(T), self.n_sink, self.wrap, device)
 
 
+def pattern_hook(module: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """While training, mask the logits outside the module's S²-Attn / SF-Attn pattern (attend within the group)."""
+    spec: LongCtxSpec | None = getattr(module, SPEC_ATTR, None)
+    tq, tk = logits.shape[-2:]
+    if spec is not None and module.training and tq == tk:
+        pattern = spec.pattern(tq, logits.shape[1], logits.device)
+        if pattern is not None:
+            logits = logits.masked_fill(~pattern, torch.finfo(logits.dtype).min)
+    return logits
+
+
 def longctx_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       **kwargs):
     """Eager attention (query/key/value: (B, heads, T, hd)) with the grouped pattern while training."""
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    rep = query.shape[1] // key.shape[1]
-    if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    tq, tk = query.shape[-2], key.shape[-2]
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling                     # (B, H, Tq, Tk)
-    low = torch.finfo(logits.dtype).min
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attention_mask[..., :tk], low)
-        else:
-            logits = logits + attention_mask[..., :tk]
-    elif getattr(module, "is_causal", False) and tq > 1:
-        causal = torch.ones(tq, tk, dtype=torch.bool, device=logits.device).tril(tk - tq)
-        logits = logits.masked_fill(~causal, low)
-    spec: LongCtxSpec | None = getattr(module, SPEC_ATTR, None)
-    if spec is not None and module.training and tq == tk:
-        pattern = spec.pattern(tq, query.shape[1], logits.device)
-        if pattern is not None:
-            logits = logits.masked_fill(~pattern, low)   # S²-Attn / SF-Attn: attend within the group only
-    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    return eager_attention(module, query, key, value, attention_mask, scaling, dropout, logits_hook=pattern_hook)
 
 
 def register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    AttentionInterface.register(ATTENTION, longctx_attention)
-    AttentionMaskInterface.register(ATTENTION, eager_mask)  # the additive float mask eager attention expects
+    register(ATTENTION, longctx_attention)
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
+from lorabench.methods.attention import eager_attention, register
 from lorabench.methods.base import ApplyContext, TrainState
 from lorabench.methods.lora import LoRA, LoraConfig
 
@@ -27,14 +28,9 @@ ATTENTION = "lorabench_hiddenkey"
 FFN_INPUT = {"llama": "mlp", "bert": "intermediate"}  # the module whose input is the FFN's hidden input
 
 
-def hiddenkey_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention with column-wise dropout of the logits (query/key/value: (B, heads, T, hd))."""
-    rep = query.shape[1] // key.shape[1]
-    if rep > 1:  # grouped-query attention: each key/value head serves `rep` query heads
-        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling               # (B, H, Tq, Tk)
-    if attention_mask is not None:
-        logits = logits + attention_mask[..., : key.shape[-2]]
+def drop_key_columns(module: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """While training, drop whole key columns of the logits with probability `module.hiddenkey_p` (DropKey,
+    column-wise), never a query's own key."""
     p = getattr(module, "hiddenkey_p", 0.0)
     if module.training and p > 0:
         b, h, tq, tk = logits.shape
@@ -42,16 +38,16 @@ def hiddenkey_attention(module, query, key, value, attention_mask, scaling, drop
         if tq == tk:
             drop = drop & ~torch.eye(tq, dtype=torch.bool, device=logits.device)  # keep each query's own key
         logits = logits.masked_fill(drop, torch.finfo(logits.dtype).min)
-    weights = F.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    return logits
+
+
+def hiddenkey_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with column-wise dropout of the logits (query/key/value: (B, heads, T, hd))."""
+    return eager_attention(module, query, key, value, attention_mask, scaling, dropout, logits_hook=drop_key_columns)
 
 
 def register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    AttentionInterface.register(ATTENTION, hiddenkey_attention)
-    AttentionMaskInterface.register(ATTENTION, eager_mask)  # the additive float mask eager attention expects
+    register(ATTENTION, hiddenkey_attention)
 
 
 def symmetric_kl(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
