@@ -210,6 +210,7 @@ struct LoraLinearFunction : public torch::autograd::Function<LoraLinearFunction>
     ctx->save_for_backward({x, weight, A, B, xa, or_undefined(mask)});
     ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({xa});
+    ctx->set_materialize_grads(false);  // no zero-filled (tokens, r) gradient for xa in every backward
     return {y, xa};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -235,6 +236,7 @@ struct DoraLinearFunction : public torch::autograd::Function<DoraLinearFunction>
     ctx->save_for_backward({x, weight, A, B, magnitude, xa, u, norm, or_undefined(mask)});
     ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({xa, u, norm});  // the norm is a constant: sec. 4.3 of DoRA
+    ctx->set_materialize_grads(false);  // no zero-filled gradients for xa, u (tokens, out) and norm
     return {y, xa, u, norm};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
