@@ -8,6 +8,8 @@
 // fp32 in kernel order and multiplied with at::mm (the GEMM does the heavy lifting, the dequantization
 // is amortised over the batch). x is permuted once into the kernel order (nf4_int4_gemv.h).
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -101,13 +103,14 @@ at::Tensor finish(at::Tensor y, const at::Tensor& x, const OptTensor& bias, cons
                 "lora_B must be (", y.size(1), ", ", lora_A->size(0), "), got ", lora_B->sizes());
     y.addmm_(at::mm(xa, lora_A->to(acc).t()), lora_B->to(acc).t(), 1.0, scale);
   }
-  return y.to(x.scalar_type());
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
 
 // y = x W^T (fp32) for a 4-bit weight, on CPU: GEMV path or tiled GEMM path (see the file comment).
 at::Tensor q4_matmul_cpu(const at::Tensor& x, const lorabench::cpu::Q4Weight& w) {
   const int64_t B = x.size(0), K = w.K;
-  auto xf = x.to(at::kFloat).contiguous();
+  // fp32 contiguous x (the GEMV's common case) is used as is: no dispatch for a no-op conversion
+  const at::Tensor xf = x.scalar_type() == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
   auto y = at::empty({B, w.N}, xf.options());
   if (B == 0 || w.N == 0) return y;
   auto xp = at::empty_like(xf);
@@ -185,7 +188,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
       w.scale_q8 = q8.data_ptr<uint8_t>();
       w.scale2 = a2.data_ptr<float>();
       w.code2 = c2.data_ptr<float>();
-      w.offset = offset->item<float>();
+      w.offset = *offset->data_ptr<float>();  // a CPU float32 scalar (check_nested): no item() dispatch
     } else {
       TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32 or uint8, got ", absmax.scalar_type());
       am = absmax.contiguous();
@@ -273,6 +276,147 @@ TORCH_LIBRARY_IMPL(lorabench, CPU, m) {
   m.impl("int4_quantize", &int4_quantize_cpu);
   m.impl("int4_dequantize", &int4_dequantize_cpu);
   m.impl("int4_linear", &int4_linear_cpu);
+}
+
+// --- autograd (in C++: a Python autograd.Function costs more than a batch-1 GEMV on a small layer) ---
+// The same math as QuantLinearFunction in lorabench/ops/nf4.py (the autograd of the reference fallback
+// when the extension is not built), op for op: gradients for x, bias, lora_A and lora_B; the quantized
+// base is frozen (QLoRA), dx = dy W with W dequantized to dy's dtype. The forward redispatches below
+// autograd to the device's kernel (compiled, or the reference registered from Python).
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+
+// Edge (input-gradient slot) of each differentiable argument: autograd numbers only the tensors that are
+// present, so an absent optional shifts the ones after it. Stored in ctx->saved_data as {x, bias, A, B}.
+std::vector<int64_t> quant_edges(int64_t state_tensors, const OptTensor& bias, const OptTensor& A,
+                                 const OptTensor& B) {
+  int64_t e = 1 + state_tensors;  // x, then the state tensors
+  std::vector<int64_t> edges{0, -1, -1, -1};
+  if (bias) edges[1] = e++;
+  if (A) edges[2] = e++;
+  if (B) edges[3] = e++;
+  return edges;
+}
+
+bool needs(AutogradContext* ctx, int64_t edge) { return edge >= 0 && ctx->needs_input_grad(edge); }
+
+OptTensor to_opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// Gradients of y = x W^T + b + s (P x A^T) B^T (P: mean over groups of `pool` inputs, QA-LoRA): returns dx
+// and fills d_bias, d_a, d_b (left undefined when not needed). `weight(dtype)` is W (out, in).
+template <typename Dequantize>
+at::Tensor quant_linear_backward(AutogradContext* ctx, const at::Tensor& dy, const at::Tensor& x,
+                                 const at::Tensor& lora_A, const at::Tensor& lora_B, int64_t pool,
+                                 Dequantize weight, at::Tensor& d_bias, at::Tensor& d_a, at::Tensor& d_b) {
+  const auto edges = ctx->saved_data["edges"].toIntVector();
+  const double scale = ctx->saved_data["scale"].toDouble();
+  const bool need_x = needs(ctx, edges[0]), need_a = needs(ctx, edges[2]), need_bb = needs(ctx, edges[3]);
+  at::Tensor dx;
+  if (need_x) dx = at::mm(dy, weight(dy.scalar_type()));  // (tokens, in)
+  if (lora_A.defined()) {
+    const at::Tensor xp = pool == 1 ? x : x.reshape({x.size(0), x.size(1) / pool, pool}).mean(-1);
+    const at::Tensor dxa = at::mm(dy, lora_B).mul(scale);  // (tokens, r)
+    if (need_bb) d_b = at::mm(dy.t(), at::mm(xp, lora_A.t())).mul(scale);  // (out, r)
+    if (need_a) d_a = at::mm(dxa.t(), xp);  // (r, in / pool)
+    if (need_x) {
+      const at::Tensor dxp = at::mm(dxa, lora_A);  // (tokens, in / pool)
+      dx = dx.add(pool == 1 ? dxp : dxp.div(pool).repeat_interleave(pool, 1));
+    }
+  }
+  if (needs(ctx, edges[1])) d_bias = dy.sum(0);
+  return dx;
+}
+
+struct NF4LinearFunction : public torch::autograd::Function<NF4LinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
+                               const at::Tensor& absmax, const OptTensor& absmax2, const OptTensor& code2,
+                               const OptTensor& offset, int64_t out_features, int64_t blocksize, const OptTensor& bias,
+                               const OptTensor& lora_A, const OptTensor& lora_B, double scale) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::nf4_linear", "")
+                         .typed<decltype(nf4_linear_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor y = op.call(x, packed, absmax, absmax2, code2, offset, out_features, blocksize, bias, lora_A, lora_B,
+                           scale);
+    ctx->save_for_backward({x, packed, absmax, or_undefined(absmax2), or_undefined(code2), or_undefined(offset),
+                            or_undefined(lora_A), or_undefined(lora_B)});
+    const int64_t state_tensors = 2 + absmax2.has_value() + code2.has_value() + offset.has_value();
+    ctx->saved_data["edges"] = quant_edges(state_tensors, bias, lora_A, lora_B);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["out_features"] = out_features;
+    ctx->saved_data["blocksize"] = blocksize;
+    return {y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto dequantize = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::nf4_dequantize", "")
+                                 .typed<decltype(nf4_dequantize_cpu)>();
+    variable_list out(12);  // one slot per forward argument: x 0, bias 8, lora_A 9, lora_B 10
+    if (!grads[0].defined()) return out;
+    const auto v = ctx->get_saved_variables();
+    const int64_t N = ctx->saved_data["out_features"].toInt(), bs = ctx->saved_data["blocksize"].toInt();
+    const at::Tensor& x = v[0];
+    auto weight = [&](at::ScalarType dtype) {
+      const std::vector<int64_t> shape{N, x.size(1)};
+      return dequantize.call(v[1], v[2], to_opt(v[3]), to_opt(v[4]), to_opt(v[5]), shape, bs, dtype);
+    };
+    out[0] = quant_linear_backward(ctx, grads[0], x, v[6], v[7], 1, weight, out[8], out[9], out[10]);
+    return out;
+  }
+};
+
+struct Int4LinearFunction : public torch::autograd::Function<Int4LinearFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& packed,
+                               const at::Tensor& scales, const at::Tensor& zeros, int64_t group, const OptTensor& bias,
+                               const OptTensor& lora_A, const OptTensor& lora_B, double scale) {
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::int4_linear", "")
+                         .typed<decltype(int4_linear_cpu)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor y = op.call(x, packed, scales, zeros, group, bias, lora_A, lora_B, scale);
+    ctx->save_for_backward({x, packed, scales, zeros, or_undefined(lora_A), or_undefined(lora_B)});
+    ctx->saved_data["edges"] = quant_edges(3, bias, lora_A, lora_B);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["group"] = group;
+    return {y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto dequantize = c10::Dispatcher::singleton().findSchemaOrThrow("lorabench::int4_dequantize", "")
+                                 .typed<decltype(int4_dequantize_cpu)>();
+    variable_list out(9);  // one slot per forward argument: x 0, bias 5, lora_A 6, lora_B 7
+    if (!grads[0].defined()) return out;
+    const auto v = ctx->get_saved_variables();
+    const int64_t group = ctx->saved_data["group"].toInt();
+    const at::Tensor& x = v[0];
+    const at::Tensor& A = v[4];
+    // QA-LoRA: A (r, in / group) acts on the group-averaged input (as the op's own choice of pool)
+    const int64_t pool = A.defined() && A.dim() == 2 && A.size(1) == x.size(1) / group ? group : 1;
+    auto weight = [&](at::ScalarType dtype) { return dequantize.call(v[1], v[2], v[3], group, dtype); };
+    out[0] = quant_linear_backward(ctx, grads[0], x, A, v[5], pool, weight, out[5], out[6], out[7]);
+    return out;
+  }
+};
+
+at::Tensor nf4_linear_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                               const OptTensor& absmax2, const OptTensor& code2, const OptTensor& offset,
+                               int64_t out_features, int64_t blocksize, const OptTensor& bias, const OptTensor& lora_A,
+                               const OptTensor& lora_B, double scale) {
+  return NF4LinearFunction::apply(x, packed, absmax, absmax2, code2, offset, out_features, blocksize, bias, lora_A,
+                                  lora_B, scale)[0];
+}
+
+at::Tensor int4_linear_autograd(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                const at::Tensor& zeros, int64_t group, const OptTensor& bias, const OptTensor& lora_A,
+                                const OptTensor& lora_B, double scale) {
+  return Int4LinearFunction::apply(x, packed, scales, zeros, group, bias, lora_A, lora_B, scale)[0];
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lorabench, Autograd, m) {
+  m.impl("nf4_linear", &nf4_linear_autograd);
+  m.impl("int4_linear", &int4_linear_autograd);
 }
 
 #ifdef LORABENCH_WITH_CUDA

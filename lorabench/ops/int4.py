@@ -28,7 +28,7 @@ import torch
 
 from lorabench.ops import reference
 from lorabench.ops._backend import extension
-from lorabench.ops.nf4 import _check_lora, _check_x_bias, quant_linear_apply
+from lorabench.ops.nf4 import QuantLinearFunction, _check_lora, _check_x_bias, python_autograd
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -134,6 +134,27 @@ def int4_dequantize(state: Int4Weight, dtype: torch.dtype = torch.float32) -> to
     return torch.ops.lorabench.int4_dequantize(*state.tensors(), state.group_size, dtype)
 
 
+_INT4_LINEAR = torch.ops.lorabench.int4_linear.default
+
+
+def int4_linear_tensors(x, packed, scales, zeros, group_size, bias=None, lora_A=None, lora_B=None, scale=1.0):
+    """int4_linear on the tensors of an Int4Weight (no Int4Weight built): the body of int4_linear and of
+    Int4Linear.forward; without autograd, one check and the op call."""
+    out_f, in_f = packed.shape[0], packed.shape[1] * 2
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"int4_linear: x must be (..., in={in_f}), got shape {tuple(x.shape)}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    if python_autograd(x2, bias, lora_A, lora_B):
+        state = Int4Weight(packed, scales, zeros, group_size)
+        pool = group_size if lora_A is not None and lora_A.shape[-1] == in_f // group_size else 1
+        fn = lambda x2, p, s, z, *rest: _INT4_LINEAR(x2, p, s, z, group_size, *rest)  # noqa: E731
+        y = QuantLinearFunction.apply(x2, bias, lora_A, lora_B, float(scale), pool, fn,
+                                      lambda dt: int4_dequantize(state, dt), packed, scales, zeros)
+    else:
+        y = _INT4_LINEAR(x2, packed, scales, zeros, group_size, bias, lora_A, lora_B, float(scale))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+
+
 def int4_linear(x: torch.Tensor, state: Int4Weight, bias: torch.Tensor | None = None,
                 lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None,
                 scale: float = 1.0) -> torch.Tensor:
@@ -141,14 +162,8 @@ def int4_linear(x: torch.Tensor, state: Int4Weight, bias: torch.Tensor | None = 
 
     lora_A: (r, in / group_size) for QA-LoRA (P = average over each group of inputs, sec. 3.3), or
     (r, in) for plain LoRA (P = identity); lora_B: (out, r). Gradients for x, bias, A and B."""
-    out_f, in_f = state.shape
-    if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"int4_linear: x must be (..., in={in_f}), got shape {tuple(x.shape)}")
-    pool = state.group_size if lora_A is not None and lora_A.shape[-1] == in_f // state.group_size else 1
-    op = torch.ops.lorabench.int4_linear
-    fn = lambda x2, p, s, z, *rest: op(x2, p, s, z, state.group_size, *rest)  # noqa: E731
-    return quant_linear_apply(x, bias, lora_A, lora_B, scale, pool, fn, lambda dt: int4_dequantize(state, dt),
-                              state.tensors(), out_f)
+    return int4_linear_tensors(x, state.packed, state.scales, state.zeros, state.group_size, bias, lora_A, lora_B,
+                               scale)
 
 
 def int4_merge_lora(state: Int4Weight, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:

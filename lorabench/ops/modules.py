@@ -36,11 +36,25 @@ class _Frozen4Bit(nn.Module):
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
-    def _cast(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.compute_dtype is None else x.to(self.compute_dtype)
+    # forward/forward_lora read the buffers from self._buffers: nn.Module.__getattr__ costs about a
+    # microsecond per buffer, which is a visible part of a batch-1 call on a small layer.
+    def _tensors(self, names: tuple[str, ...]) -> list:
+        b = self._buffers
+        try:
+            return [b[n] for n in names]
+        except KeyError:  # a method made one of them a parameter (qa-lora's zero points)
+            return [getattr(self, n) for n in names]
 
-    def _bias(self, dtype):
-        return None if self.bias is None else self.bias.to(dtype)
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        cd = self.compute_dtype
+        return x if cd is None or x.dtype == cd else x.to(cd)
+
+    def _bias(self, bias, dtype):
+        return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
+    @staticmethod
+    def _cast_lora(t, dtype):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_lora(x, None, None, 1.0)  # forward_lora: defined by each format
@@ -55,6 +69,8 @@ class NF4Linear(_Frozen4Bit):
     Needs in_features * out_features elements; in_features need not be a multiple of the block size
     (blocks run over the flattened weight, as in bitsandbytes), but the fast CPU kernel needs
     in_features % 64 == 0 and in_features % blocksize == 0 (other shapes dequantize, then matmul)."""
+
+    _NAMES = ("packed", "absmax", "absmax2", "code2", "offset", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
                  double_quant: bool = True, compute_dtype: torch.dtype | None = None):
@@ -103,8 +119,11 @@ class NF4Linear(_Frozen4Bit):
 
     def forward_lora(self, x, lora_A, lora_B, scale: float) -> torch.Tensor:
         x = self._cast(x)
-        cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
-        return _nf4.nf4_linear(x, self.state, self._bias(x.dtype), cast(lora_A), cast(lora_B), scale)
+        dt = x.dtype
+        packed, absmax, absmax2, code2, offset, bias = self._tensors(self._NAMES)
+        return _nf4.nf4_linear_tensors(x, packed, absmax, absmax2, code2, offset, (self.out_features, self.in_features),
+                                       self.blocksize, self._bias(bias, dt), self._cast_lora(lora_A, dt),
+                                       self._cast_lora(lora_B, dt), scale)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", blocksize={self.blocksize}, double_quant={self.double_quant}"
@@ -114,6 +133,8 @@ class Int4Linear(_Frozen4Bit):
     """A frozen group-wise int4 linear layer (QA-LoRA sec. 3.2): W = scale * q + zero per group of
     `group_size` inputs (32, 64 or 128; must divide in_features). `merge_lora` folds a QA-LoRA adapter
     into the zero points (sec. 3.3), so the merged model stays int4."""
+
+    _NAMES = ("packed", "scales", "zeros", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 64,
                  compute_dtype: torch.dtype | None = None):
@@ -149,8 +170,10 @@ class Int4Linear(_Frozen4Bit):
 
     def forward_lora(self, x, lora_A, lora_B, scale: float) -> torch.Tensor:
         x = self._cast(x)
-        cast = lambda t: None if t is None else t.to(x.dtype)  # noqa: E731
-        return _int4.int4_linear(x, self.state, self._bias(x.dtype), cast(lora_A), cast(lora_B), scale)
+        dt = x.dtype
+        packed, scales, zeros, bias = self._tensors(self._NAMES)
+        return _int4.int4_linear_tensors(x, packed, scales, zeros, self.group_size, self._bias(bias, dt),
+                                         self._cast_lora(lora_A, dt), self._cast_lora(lora_B, dt), scale)
 
     @torch.no_grad()
     def merge_lora(self, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> None:

@@ -200,6 +200,8 @@ def nf4_dequantize(state: NF4Weight, dtype: torch.dtype = torch.float32) -> torc
 
 class QuantLinearFunction(torch.autograd.Function):
     """y = op(x, *weight_tensors, ..., bias, A, B, s); gradients for x, bias, A, B (the base is frozen).
+    The autograd of the reference fallback when the extension is not built (with it: the C++ twin in
+    csrc/quant_ops.cpp).
 
     `dequantize()` returns the dense weight for dx = dy W (QLoRA: the gradient flows through the
     dequantized frozen weight into the adapters). `pool` > 1: A acts on x averaged over groups of
@@ -234,15 +236,36 @@ class QuantLinearFunction(torch.autograd.Function):
         return (dx, d_bias, d_a, d_b, None, None, None, None) + (None,) * ctx.n_weight_args
 
 
-def quant_linear_apply(x, bias, lora_A, lora_B, scale, pool, op, dequantize, weight_args, out_features):
-    """Flatten x to (tokens, in), run the op (with autograd when anything needs a gradient), restore shape."""
-    x2 = x.reshape(-1, x.shape[-1])
-    tensors = [t for t in (x2, bias, lora_A, lora_B) if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        y = QuantLinearFunction.apply(x2, bias, lora_A, lora_B, float(scale), pool, op, dequantize, *weight_args)
+def python_autograd(x2, bias, lora_A, lora_B) -> bool:
+    """Whether the call needs QuantLinearFunction: grad mode on, an input that requires grad, and no compiled
+    extension (with it, the ops carry C++ autograd kernels, csrc/quant_ops.cpp, the same math: a Python
+    autograd.Function costs more than a batch-1 GEMV on a small layer)."""
+    return torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad)
+                                        or (lora_A is not None and lora_A.requires_grad)
+                                        or (lora_B is not None and lora_B.requires_grad)) and extension() is None
+
+
+_NF4_LINEAR = torch.ops.lorabench.nf4_linear.default
+
+
+def nf4_linear_tensors(x, packed, absmax, absmax2, code2, offset, shape, blocksize, bias=None, lora_A=None,
+                       lora_B=None, scale=1.0):
+    """nf4_linear on the tensors of an NF4Weight (no NF4Weight built): the body of nf4_linear and of
+    NF4Linear.forward. Without autograd this is one check and the op call (the per-call cost of a
+    batch-1 GEMV on a small layer is this wrapper, see docs/kernels.md)."""
+    out_f, in_f = shape
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"nf4_linear: x must be (..., in={in_f}), got shape {tuple(x.shape)}")
+    x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
+    if python_autograd(x2, bias, lora_A, lora_B):
+        state = NF4Weight(packed, absmax, (out_f, in_f), blocksize, absmax2, code2, offset)
+        fn = lambda x2, *w_and_rest: _NF4_LINEAR(x2, *w_and_rest[:5], out_f, blocksize, *w_and_rest[5:])  # noqa: E731
+        y = QuantLinearFunction.apply(x2, bias, lora_A, lora_B, float(scale), 1, fn,
+                                      lambda dt: nf4_dequantize(state, dt), packed, absmax, absmax2, code2, offset)
     else:
-        y = op(x2, *weight_args, bias, lora_A, lora_B, float(scale))
-    return y.reshape(*x.shape[:-1], out_features)
+        y = _NF4_LINEAR(x2, packed, absmax, absmax2, code2, offset, out_f, blocksize, bias, lora_A, lora_B,
+                        float(scale))
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
 
 
 def nf4_linear(x: torch.Tensor, state: NF4Weight, bias: torch.Tensor | None = None,
@@ -255,13 +278,8 @@ def nf4_linear(x: torch.Tensor, state: NF4Weight, bias: torch.Tensor | None = No
     small batches and dequantizes tiles into a GEMM for large ones."""
     if len(state.shape) != 2:
         raise ValueError(f"nf4_linear: the quantized weight must be 2-D (out, in), got shape {state.shape}")
-    out_f, in_f = state.shape
-    if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"nf4_linear: x must be (..., in={in_f}), got shape {tuple(x.shape)}")
-    op = torch.ops.lorabench.nf4_linear
-    fn = lambda x2, *w_and_rest: op(x2, *w_and_rest[:5], out_f, state.blocksize, *w_and_rest[5:])  # noqa: E731
-    return quant_linear_apply(x, bias, lora_A, lora_B, scale, 1, fn, lambda dt: nf4_dequantize(state, dt),
-                              state.tensors(), out_f)
+    return nf4_linear_tensors(x, state.packed, state.absmax, state.absmax2, state.code2, state.offset, state.shape,
+                              state.blocksize, bias, lora_A, lora_B, scale)
 
 
 extension()  # load lorabench._C when it is built: it registers the compiled CPU/CUDA kernels
