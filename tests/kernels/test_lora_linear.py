@@ -69,7 +69,11 @@ def run_backend(backend, x, W, b, A, B, scale, mask, dy):
 
 
 def eps_for(dtype):
-    return 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps / 2
+    """The rule's floor, relative to max |truth|: 1e-5 in fp32; in bf16/fp16 four units of roundoff (2 eps),
+    because an output goes through two or three roundings in the low-precision formula and the formula's own
+    error, the rule's main term, can be near 0 by luck for a tiny output (hypothesis found n_out=1, rank 256,
+    fp16: error 4.9e-3 against a bound of 4.3e-3 with a floor of one unit of roundoff)."""
+    return 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps * 2
 
 
 def check_against_truth(backend, tokens, n_in, n_out, rank, dtype, scale, **kw):
