@@ -72,6 +72,13 @@ def test_real_model_sizes(backend, n_in, n_out):
     check_against_truth(backend, 5, n_in, n_out, 16, torch.float32, 2.0, bias=True)
 
 
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("tokens,rank", [(127, 8), (128, 8), (300, 4), (300, 16)])
+def test_narrow_products_both_orientations(backend, tokens, rank):
+    """The CPU kernels take x A^T, du B and dB transposed by tokens and rank (BLAS speed): both sides."""
+    check_against_truth(backend, tokens, 96, 130, rank, torch.float32, 2.0, bias=True, dropout=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_norm_without_materialising_matches_the_formed_matrix(dtype):
     _, W, _, A, B, _, _, _ = make_dora_inputs(1, 300, 70, 16, dtype, "cpu")

@@ -103,6 +103,15 @@ def test_real_model_sizes(backend, n_in, n_out, dtype):
     check_against_truth(backend, 5, n_in, n_out, 16, dtype, 2.0, bias=True)
 
 
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("tokens,rank", [(15, 8), (16, 8), (127, 8), (128, 8), (255, 16), (256, 16), (300, 64), (300, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grad_b_both_orientations(backend, tokens, rank, dtype):
+    """The CPU kernels take dB as dy^T xa or (xa^T dy)^T, and x A^T, dy B directly or transposed, by tokens and
+    rank (BLAS speed): both sides of each switch point are checked."""
+    check_against_truth(backend, tokens, 96, 130, rank, dtype, 2.0, bias=True, dropout=True)
+
+
 @pytest.mark.parametrize("kernel", ["fused", "reference"])
 def test_scale_zero_is_the_base_linear(kernel):
     x, W, b, A, B, _, _ = make_inputs(9, 37, 23, 8, torch.float32, "cpu")
