@@ -417,22 +417,18 @@ def laplace_lora_equations(model, method):
     # J ε exactly, by the double-backward trick: J ε = d/du <J^T u, ε> (eager attention: SDPA has no double backward)
     model.set_attn_implementation("eager")
     params = [p for p, _ in factors]
-    method.generator.manual_seed(7)
-    eps = [torch.randn(p.shape, generator=method.generator) * prec.rsqrt() for p, prec in factors]
     with torch.enable_grad():
         f0 = plain(input_ids=ids).logits
         u = torch.zeros_like(f0, requires_grad=True)
-        jt_u = torch.autograd.grad(f0, params, u, create_graph=True)
-        jvp = torch.autograd.grad(sum((g * e).sum() for g, e in zip(jt_u, eps)), u)[0]
-    assert jvp.abs().max() > 1e-3  # the posterior moves the logits: the check below is not vacuous
-    first = (f0.detach() + jvp).softmax(-1)
-    probs = [first]
-    for _ in range(method.config.samples - 1):
+        jt_u = torch.autograd.grad(f0, params, u, create_graph=True)   # J^T u, linear in u
+    method.generator.manual_seed(7)
+    jvps = []
+    for _ in range(method.config.samples):
         eps = [torch.randn(p.shape, generator=method.generator) * prec.rsqrt() for p, prec in factors]
         with torch.enable_grad():
-            jt_u = torch.autograd.grad(plain(input_ids=ids).logits, params, u, create_graph=True)
-            jvp = torch.autograd.grad(sum((g * e).sum() for g, e in zip(jt_u, eps)), u)[0]
-        probs.append((f0.detach() + jvp).softmax(-1))
+            jvps.append(torch.autograd.grad(sum((g * e).sum() for g, e in zip(jt_u, eps)), u, retain_graph=True)[0])
+    assert jvps[0].abs().max() > 1e-3  # the posterior moves the logits: the check below is not vacuous
+    probs = [(f0.detach() + jvp).softmax(-1) for jvp in jvps]
     want = torch.stack(probs).mean(0).log()
     torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
 
