@@ -12,6 +12,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "cpu/lora_linear.h"
+#include "narrow_products.h"
 
 #ifdef LORABENCH_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -113,26 +114,7 @@ void dora_grad(const Tensor& dy, const Tensor& u, const Tensor& g, const Tensor&
   cpu::dora_grad(dy, u, g, norm, du, dm);
 }
 
-// dB = s dy^T xa, (out, r). On CPU, BLAS is slow at a transposed first operand with few output
-// columns: dy^T xa took 1.9 ms against 0.32 ms for (xa^T dy)^T at 512 tokens, out 1536, rank 8, and
-// 167 ms against 12 ms at 4096 tokens, out 4096, rank 8 (one thread, MKL in torch 2.13 on Zen 3);
-// from 256 tokens at every rank (1.1-1.8x at rank 16, about even at 64) or from 16 tokens at rank
-// <= 8 the product is taken as (xa^T dy)^T; below that dy^T xa is the faster (5 vs 15 us at 1 token).
-// a (m, k) @ b (k, n) for a product with few columns (n = rank). On CPU, BLAS is slow at n <= 8:
-// dy B took 1.05 ms against 0.30 ms for (B^T dy^T)^T at 512 tokens, out 1536, rank 8, and x A^T 0.17
-// against 0.12 ms at in 576 (one thread, MKL in torch 2.13 on Zen 3; about even at rank 16). From 128
-// rows such products are taken transposed, then made contiguous (an m x n copy: small).
-static Tensor narrow_mm(const Tensor& a, const Tensor& b) {
-  if (a.is_cpu() && b.size(1) <= 8 && a.size(0) >= 128) return at::mm(b.t(), a.t()).t().contiguous();
-  return at::mm(a, b);
-}
-
-static Tensor grad_b(const Tensor& dy, const Tensor& xa, double scale) {
-  const int64_t tokens = dy.size(0), rank = xa.size(1);
-  if (dy.is_cpu() && (tokens >= 256 || (rank <= 8 && tokens >= 16)))
-    return at::mm(xa.t(), dy).t().contiguous().mul_(scale);
-  return at::mm(dy.t(), xa).mul_(scale);
-}
+// narrow_mm / grad_b: the low-rank products in the orientation BLAS is fast at (csrc/narrow_products.h).
 
 // --- lora_linear ------------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@
 #include "cpu/int4.h"
 #include "cpu/nf4.h"
 #include "cpu/nf4_int4_gemv.h"
+#include "narrow_products.h"
 #ifdef LORABENCH_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -101,7 +102,7 @@ at::Tensor finish(at::Tensor y, const at::Tensor& x, const OptTensor& bias, cons
                 lora_A->sizes());
     TORCH_CHECK(lora_B->dim() == 2 && lora_B->size(0) == y.size(1) && lora_B->size(1) == lora_A->size(0),
                 "lora_B must be (", y.size(1), ", ", lora_A->size(0), "), got ", lora_B->sizes());
-    y.addmm_(at::mm(xa, lora_A->to(acc).t()), lora_B->to(acc).t(), 1.0, scale);
+    y.addmm_(lorabench::narrow_mm(xa, lora_A->to(acc).t()), lora_B->to(acc).t(), 1.0, scale);
   }
   return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
 }
@@ -114,7 +115,7 @@ at::Tensor q4_matmul_cpu(const at::Tensor& x, const lorabench::cpu::Q4Weight& w)
   auto y = at::empty({B, w.N}, xf.options());
   if (B == 0 || w.N == 0) return y;
   auto xp = at::empty_like(xf);
-  lorabench::cpu::permute_input(xf.data_ptr<float>(), B, K, K, w.int_codes, xp.data_ptr<float>());
+  lorabench::cpu::permute_input(xf.data_ptr<float>(), B, K, K, w.int_codes, B < kTileBatch, xp.data_ptr<float>());
   if (B < kTileBatch) {
     at::Tensor xsum;
     if (w.int_codes) xsum = xf.view({B, K / w.group, w.group}).sum(-1).contiguous();  // (B, G)
@@ -319,8 +320,8 @@ at::Tensor quant_linear_backward(AutogradContext* ctx, const at::Tensor& dy, con
   if (need_x) dx = at::mm(dy, weight(dy.scalar_type()));  // (tokens, in)
   if (lora_A.defined()) {
     const at::Tensor xp = pool == 1 ? x : x.reshape({x.size(0), x.size(1) / pool, pool}).mean(-1);
-    const at::Tensor dxa = at::mm(dy, lora_B).mul(scale);  // (tokens, r)
-    if (need_bb) d_b = at::mm(dy.t(), at::mm(xp, lora_A.t())).mul(scale);  // (out, r)
+    const at::Tensor dxa = lorabench::narrow_mm(dy, lora_B).mul_(scale);  // (tokens, r)
+    if (need_bb) d_b = lorabench::grad_b(dy, lorabench::narrow_mm(xp, lora_A.t()), scale);  // (out, r)
     if (need_a) d_a = at::mm(dxa.t(), xp);  // (r, in / pool)
     if (need_x) {
       const at::Tensor dxp = at::mm(dxa, lora_A);  // (tokens, in / pool)

@@ -104,6 +104,35 @@ def test_gradcheck(backend, pooled):
     assert torch.autograd.gradcheck(lambda x, b, A, B: I.int4_linear(x, s, b, A, B, 0.7), (x, b, A, B))
 
 
+
+def _grads(fn, x, b, A, B):
+    x, b, A, B = (t.detach().clone().requires_grad_() for t in (x, b, A, B))
+    y = fn(x, b, A, B)
+    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))  # a fixed, non-constant dy
+    return [y.detach()] + [t.grad for t in (x, b, A, B)]
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("pooled", [False, True])
+@pytest.mark.parametrize("tokens,rank", [(15, 8), (16, 8), (127, 8), (128, 8), (255, 16), (256, 16), (300, 4)])
+def test_backward_both_orientations(backend, pooled, tokens, rank):
+    """The CPU op takes x A^T, dy B and dB = s dy^T xa directly or transposed by tokens and rank (BLAS speed,
+    csrc/narrow_products.h): the forward and every gradient on both sides of each switch point, against the
+    reference's autograd in fp32 and fp64 (QA-LoRA's pooled A too)."""
+    g = torch.Generator().manual_seed(tokens)
+    n_in, n_out, group = 192, 130, 32
+    s = I.int4_quantize(torch.randn(n_out, n_in, generator=g) / n_in ** 0.5, group)
+    x, b = torch.randn(tokens, n_in, generator=g), torch.randn(n_out, generator=g)
+    A = torch.randn(rank, n_in // group if pooled else n_in, generator=g) / 8
+    B = torch.randn(n_out, rank, generator=g) / rank ** 0.5
+    ref = lambda x, b, A, B: I._int4_linear_ref(x, *s.tensors(), group, b, A, B, 0.5)  # noqa: E731
+    truth = _grads(ref, *(t.double() for t in (x, b, A, B)))
+    ref_lowp = _grads(ref, x, b, A, B)
+    got = _grads(lambda x, b, A, B: I.int4_linear(x, s, b, A, B, 0.5), x, b, A, B)
+    for name, g_, r_, t_ in zip(("y", "dx", "dbias", "dA", "dB"), got, ref_lowp, truth):
+        assert_within_rule(name, g_, r_, t_)
+
+
 def test_opcheck():
     w = torch.randn(16, 128)
     torch.library.opcheck(torch.ops.lorabench.int4_quantize.default, (w, 64))

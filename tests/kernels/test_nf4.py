@@ -193,6 +193,30 @@ def test_gradcheck_input_and_lora(backend):
     assert torch.autograd.gradcheck(lambda x, b, A, B: N.nf4_linear(x, state, b, A, B, 0.7), (x, b, A, B))
 
 
+
+def _grads(fn, x, b, A, B):
+    x, b, A, B = (t.detach().clone().requires_grad_() for t in (x, b, A, B))
+    y = fn(x, b, A, B)
+    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))  # a fixed, non-constant dy
+    return [y.detach()] + [t.grad for t in (x, b, A, B)]
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu",)))
+@pytest.mark.parametrize("tokens,rank", [(15, 8), (16, 8), (127, 8), (128, 8), (255, 16), (256, 16), (300, 4)])
+def test_backward_both_orientations(backend, tokens, rank):
+    """The CPU op takes x A^T, dy B and dB = s dy^T xa directly or transposed by tokens and rank (BLAS speed,
+    csrc/narrow_products.h): the forward and every gradient on both sides of each switch point, against the
+    reference's autograd in fp32 and fp64."""
+    x, w, b, A, B = _inputs(tokens, 192, 130, rank, torch.float32, tokens, True)
+    state = N.nf4_quantize(w, 64, True)
+    ref = lambda x, b, A, B: N._nf4_linear_ref(x, *state.tensors(), 130, 64, b, A, B, 0.5)  # noqa: E731
+    truth = _grads(ref, *(t.double() for t in (x, b, A, B)))
+    ref_lowp = _grads(ref, x, b, A, B)
+    got = _grads(lambda x, b, A, B: N.nf4_linear(x, state, b, A, B, 0.5), x, b, A, B)
+    for name, g_, r_, t_ in zip(("y", "dx", "dbias", "dA", "dB"), got, ref_lowp, truth):
+        assert_within_rule(name, g_, r_, t_)
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(16, 64, generator=g)
