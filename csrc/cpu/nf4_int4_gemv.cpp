@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -43,7 +44,10 @@ inline int chunk_elem(bool int_codes, int j, int e) {
 // log2 of the group size (a power of two): the per-chunk group index is a shift, not a division.
 inline int group_shift(int64_t group) { return __builtin_ctzll(static_cast<unsigned long long>(group)); }
 
-// The scales of row n, decoded once per row when double-quantized (into buf, G floats).
+// The scales of row n: the stored fp32 array, or (double quantization, QLoRA sec. 3) decoded into buf
+// (G floats) as code2[q] * scale2[i / 256] + offset, two roundings as bitsandbytes. Used by the
+// dequantize-tiles path and the scalar fallback; the AVX2 GEMV decodes them in its chunk loop instead
+// (chunk_scale_vec_dq).
 inline const float* row_scales(const Q4Weight& w, int64_t n, int64_t G, float* buf) {
   if (w.scale_q8 == nullptr) return w.scale + n * G;
   for (int64_t g = 0; g < G; ++g) buf[g] = w.group_scale(n * G + g);
@@ -115,6 +119,23 @@ inline void decode_chunk(__m256i v, const NF4Tables& T, __m256 q[8]) {
   }
 }
 
+// The GEMV's int4 decode (gemv_rows): nibble j < 7 is masked in place, (v & 15 << 4j) = q 2^(4j) as an
+// int32, and converted exactly (4 significant bits); the input of slot j was scaled by 2^(-4j) in
+// permute_input (gemv = true), so the product q 2^(4j) x 2^(-4j) rounds exactly as q x (powers of two
+// commute with rounding while x 2^(-24) stays normal, |x| >= 2^-102). Nibble 7 is v >> 28 (no mask).
+// That drops 7 of the 8 shifts per 64 weights, which share the two shuffle/shift pipes with nothing
+// else here: mask (any vector pipe) + convert + FMA per 8 weights.
+template <bool INT>
+inline void decode_chunk_gemv(__m256i v, const NF4Tables& T, __m256 q[8]) {
+  if constexpr (INT) {
+#pragma GCC unroll 7
+    for (int j = 0; j < 7; ++j) q[j] = _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (4 * j))));
+    q[7] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28));
+  } else {
+    decode_chunk<false>(v, T, q);
+  }
+}
+
 // Scale vector of chunk c: one broadcast value for group >= 64; for group 32, lanes 0-3 hold the first
 // group's scale and lanes 4-7 the next one's (both kernel orders put elements 0-31 in lanes 0-3).
 template <bool G32>
@@ -123,6 +144,20 @@ inline __m256 chunk_scale_vec(const float* srow, int64_t c, int cshift) {
     return _mm256_blend_ps(_mm256_broadcast_ss(srow + 2 * c), _mm256_broadcast_ss(srow + 2 * c + 1), 0xF0);
   } else {
     return _mm256_broadcast_ss(srow + (c >> cshift));
+  }
+}
+
+// The same from double-quantized scales, decoded in the chunk loop (row base index `base`): two scalar
+// loads and two scalar FP ops per 64 weights, on ports the shuffle-bound NF4 decode leaves idle.
+// Decoding a row's scales in a loop of their own before its chunks cost 10-18% of a 4096 x 4096
+// batch-1 GEMV (1534 against 1351 us without double quantization; with a gather, 1504 against 1363);
+// in the chunk loop, 1492 against 1465 (one thread, CPU time, best of 7, 29 Nov 2026).
+template <bool G32>
+inline __m256 chunk_scale_vec_dq(const Q4Weight& w, int64_t base, int64_t c, int cshift) {
+  if constexpr (G32) {
+    return _mm256_setr_m128(_mm_set1_ps(w.group_scale(base + 2 * c)), _mm_set1_ps(w.group_scale(base + 2 * c + 1)));
+  } else {
+    return _mm256_set1_ps(w.group_scale(base + (c >> cshift)));
   }
 }
 
@@ -140,22 +175,22 @@ inline float zero_dot(const float* zr, const float* xs, int64_t G, __m256& acc) 
 // Per chunk: t_b = sum_j q_j * x_b,j (unscaled, two FMA chains for one input row), then
 // racc_b += t_b * scale; the int4 zero points enter once per row as sum_g zero(g) * xsum_b(g).
 // sbuf: G floats of scratch for the row's decoded scales (double quantization).
-template <bool INT, int NB, bool G32>
+template <bool INT, int NB, bool G32, bool DQ>
 void gemv_rows(const Q4Weight& w, const float* xp, const float* xsum, float* out, int64_t ldo, int64_t n0,
-               int64_t n1, float* sbuf) {
+               int64_t n1) {
   const int64_t K = w.K, chunks = K / kChunk, G = K / w.group;
   const int cshift = G32 ? 0 : group_shift(w.group) - 6;  // chunk -> group: c >> cshift
   const NF4Tables T;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w.packed + n * (K / 2);
-    const float* srow = row_scales(w, n, G, sbuf);
+    const float* srow = DQ ? nullptr : w.scale + n * G;
     if (n + 1 < n1) _mm_prefetch(reinterpret_cast<const char*>(w.packed + (n + 1) * (K / 2)), _MM_HINT_T0);
     __m256 racc[NB];
     for (int b = 0; b < NB; ++b) racc[b] = _mm256_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
-      const __m256 sv = chunk_scale_vec<G32>(srow, c, cshift);
+      const __m256 sv = DQ ? chunk_scale_vec_dq<G32>(w, n * G, c, cshift) : chunk_scale_vec<G32>(srow, c, cshift);
       __m256 q[8];
-      decode_chunk<INT>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * (kChunk / 2))), T, q);
+      decode_chunk_gemv<INT>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * (kChunk / 2))), T, q);
       const float* xc = xp + c * kChunk;
       if constexpr (NB == 1) {
         __m256 a0 = _mm256_mul_ps(q[0], _mm256_loadu_ps(xc));
@@ -214,22 +249,21 @@ void gemv_rows_scalar(const Q4Weight& w, const float* xp, const float* xsum, int
 }
 
 #ifdef LB_Q4_AVX2
-template <bool INT, bool G32>
+template <bool INT, bool G32, bool DQ>
 void gemv_tiles(const Q4Weight& w, const float* xp, const float* xsum, int64_t B, float* out, int64_t ldo,
                 int64_t n0, int64_t n1) {
   const int64_t G = w.K / w.group;
-  std::vector<float> sbuf(G);
   // Sub-tiles of rows keep the packed rows in L1/L2 while every batch block reads them.
   const int64_t tile = B == 1 ? n1 - n0 : 32;
   for (int64_t t0 = n0; t0 < n1; t0 += tile) {
     const int64_t t1 = std::min(n1, t0 + tile);
     int64_t b = 0;
     for (; b + 4 <= B; b += 4)
-      gemv_rows<INT, 4, G32>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1, sbuf.data());
+      gemv_rows<INT, 4, G32, DQ>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1);
     for (; b + 2 <= B; b += 2)
-      gemv_rows<INT, 2, G32>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1, sbuf.data());
+      gemv_rows<INT, 2, G32, DQ>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1);
     for (; b < B; ++b)
-      gemv_rows<INT, 1, G32>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1, sbuf.data());
+      gemv_rows<INT, 1, G32, DQ>(w, xp + b * w.K, xsum ? xsum + b * G : nullptr, out + b * ldo, ldo, t0, t1);
   }
 }
 #endif
@@ -238,22 +272,32 @@ template <bool INT>
 void gemv_dispatch(const Q4Weight& w, const float* xp, const float* xsum, int64_t B, float* out, int64_t ldo,
                    int64_t n0, int64_t n1) {
 #ifdef LB_Q4_AVX2
+  const bool dq = w.scale_q8 != nullptr;
   if (w.group == 32)
-    gemv_tiles<INT, true>(w, xp, xsum, B, out, ldo, n0, n1);
+    dq ? gemv_tiles<INT, true, true>(w, xp, xsum, B, out, ldo, n0, n1)
+       : gemv_tiles<INT, true, false>(w, xp, xsum, B, out, ldo, n0, n1);
   else
-    gemv_tiles<INT, false>(w, xp, xsum, B, out, ldo, n0, n1);
+    dq ? gemv_tiles<INT, false, true>(w, xp, xsum, B, out, ldo, n0, n1)
+       : gemv_tiles<INT, false, false>(w, xp, xsum, B, out, ldo, n0, n1);
 #else
   gemv_rows_scalar(w, xp, xsum, B, out, ldo, n0, n1);
 #endif
 }
 }  // namespace
 
-void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, bool int_codes, float* x_perm) {
+void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, bool int_codes, bool gemv, float* x_perm) {
+  float slot_scale[8];  // the GEMV's int4 decode leaves nibble j < 7 at 2^(4j) (decode_chunk_gemv)
+  for (int j = 0; j < 8; ++j) slot_scale[j] = 1.f;
+#ifdef LB_Q4_AVX2
+  if (gemv && int_codes)
+    for (int j = 0; j < 7; ++j) slot_scale[j] = std::ldexp(1.f, -4 * j);
+#endif
   at::parallel_for(0, B, std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t c = 0; c < K; c += kChunk)
         for (int j = 0; j < 8; ++j)
-          for (int e = 0; e < 8; ++e) x_perm[b * K + c + j * 8 + e] = x[b * ldx + c + chunk_elem(int_codes, j, e)];
+          for (int e = 0; e < 8; ++e)
+            x_perm[b * K + c + j * 8 + e] = x[b * ldx + c + chunk_elem(int_codes, j, e)] * slot_scale[j];
   });
 }
 

@@ -4,7 +4,7 @@
 //
 // Kernel order. One 32-byte load holds 64 consecutive weights of a row and is decoded into 8 vectors of
 // 8 floats without putting the weights back in order: int4 reads nibble j of the 8 int32 lanes (shift,
-// mask, int->float); NF4 looks up the 4 bytes of each fp32 code with in-lane byte shuffles (pshufb) and
+// mask, int->float; the GEMV masks in place and takes 2^(4j) into its permuted input); NF4 looks up the 4 bytes of each fp32 code with in-lane byte shuffles (pshufb) and
 // interleaves them (lane-crossing permutes were the bottleneck). The input is permuted once per call
 // (permute_input) into the matching order, so the packed weights are streamed once and never unpacked to
 // memory. Inputs are validated by the binding (csrc/quant_ops.cpp).
@@ -35,9 +35,12 @@ struct Q4Weight {
 };
 
 // x (B, K) fp32 with row stride ldx -> x_perm (B, K) contiguous in the kernel order of the format.
-void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, bool int_codes, float* x_perm);
+// gemv: the input of q4_gemv, whose int4 decode (AVX2) wants slot j < 7 of each chunk scaled by 2^(-4j)
+// (exact); otherwise (q4_dequantize_rows + GEMM) unscaled.
+void permute_input(const float* x, int64_t B, int64_t K, int64_t ldx, bool int_codes, bool gemv, float* x_perm);
 
-// out[b, n] = sum_k x[b, k] w[n, k] for b < B (any B; best for B <= 16), n < N; x_perm from permute_input,
+// out[b, n] = sum_k x[b, k] w[n, k] for b < B (any B; best for B <= 16), n < N; x_perm from permute_input
+// (gemv = true),
 // xsum (B, K/group) the per-group sums of x (int4 only, else nullptr); out (B, N) with row stride ldo.
 // Multi-threaded over rows with at::parallel_for.
 void q4_gemv(const Q4Weight& w, const float* x_perm, const float* xsum, int64_t B, float* out, int64_t ldo);
