@@ -68,3 +68,13 @@ def test_bench_runs_workers_and_rejects_unknown_variants():
     assert [r.variant for r in rows] == ["ours", "base"]
     with pytest.raises(ValueError, match="unknown variants"):
         lora_e2e.bench(Config(op="lora_e2e", options=opts + (("variants", "ours,bse"),)))
+
+
+def test_timing_worker_interleaves_every_variant_in_one_process():
+    """Timing runs every variant's steps in one process, the order rotating each round, on the same batches."""
+    rows = lora_e2e.timing_worker(["ours", "peft", "base"], dict(TINY, rounds=3, steps=2), "cpu")
+    assert [(r["round"], r["variant"]) for r in rows] == [
+        (0, "ours"), (0, "peft"), (0, "base"), (1, "peft"), (1, "base"), (1, "ours"), (2, "base"), (2, "ours"),
+        (2, "peft")]
+    assert all(len(r["step_ms_each"]) == 2 and r["step_ms"] == pytest.approx(sum(r["step_ms_each"]) / 2) for r in rows)
+    assert max(r["first_loss"] for r in rows) == pytest.approx(min(r["first_loss"] for r in rows), rel=1e-5)
