@@ -12,7 +12,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include "cpu/lora_linear.h"
-#include "narrow_products.h"
+#include "narrow_products.h"  // narrow_mm, grad_b: the low-rank products in the orientation BLAS is fast at
 
 #ifdef LORABENCH_WITH_CUDA
 #include <c10/cuda/CUDAStream.h>
@@ -113,8 +113,6 @@ void dora_grad(const Tensor& dy, const Tensor& u, const Tensor& g, const Tensor&
 #endif
   cpu::dora_grad(dy, u, g, norm, du, dm);
 }
-
-// narrow_mm / grad_b: the low-rank products in the orientation BLAS is fast at (csrc/narrow_products.h).
 
 // --- lora_linear ------------------------------------------------------------------------------
 

@@ -42,3 +42,20 @@ def assert_within_rule(name: str, got: torch.Tensor, ref_lowp: torch.Tensor, tru
     err = max_err(got, truth)
     bound = 2 * ref_err + eps_rel * (1 + scale)
     assert err <= bound, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + eps (bound {bound:.3g})"
+
+
+def _outputs_and_grads(fn, x, b, A, B):
+    x, b, A, B = (t.detach().clone().requires_grad_() for t in (x, b, A, B))
+    y = fn(x, b, A, B)
+    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))  # a fixed, non-constant dy
+    return [y.detach()] + [t.grad for t in (x, b, A, B)]
+
+
+def assert_linear_grads_within_rule(got_fn, ref_fn, x, b, A, B) -> None:
+    """y = fn(x, bias, lora_A, lora_B) and the gradients of x, bias, A, B under one fixed dy: got_fn against
+    ref_fn's autograd in the inputs' dtype and in fp64, by assert_within_rule."""
+    truth = _outputs_and_grads(ref_fn, *(t.double() for t in (x, b, A, B)))
+    ref_lowp = _outputs_and_grads(ref_fn, x, b, A, B)
+    got = _outputs_and_grads(got_fn, x, b, A, B)
+    for name, g_, r_, t_ in zip(("y", "dx", "dbias", "dA", "dB"), got, ref_lowp, truth):
+        assert_within_rule(name, g_, r_, t_)

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lorabench.ops import int4 as I
-from tests.kernels.conftest import DTYPES, assert_within_rule, backend_params, device_of
+from tests.kernels.conftest import (DTYPES, assert_linear_grads_within_rule, assert_within_rule, backend_params,
+                                    device_of)
 
 BACKENDS = backend_params()
 COMPILED = backend_params(("cpu", "cuda"))
@@ -105,13 +106,6 @@ def test_gradcheck(backend, pooled):
 
 
 
-def _grads(fn, x, b, A, B):
-    x, b, A, B = (t.detach().clone().requires_grad_() for t in (x, b, A, B))
-    y = fn(x, b, A, B)
-    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))  # a fixed, non-constant dy
-    return [y.detach()] + [t.grad for t in (x, b, A, B)]
-
-
 @pytest.mark.parametrize("backend", backend_params(("cpu",)))
 @pytest.mark.parametrize("pooled", [False, True])
 @pytest.mark.parametrize("tokens,rank", [(15, 8), (16, 8), (127, 8), (128, 8), (255, 16), (256, 16), (300, 4)])
@@ -126,11 +120,7 @@ def test_backward_both_orientations(backend, pooled, tokens, rank):
     A = torch.randn(rank, n_in // group if pooled else n_in, generator=g) / 8
     B = torch.randn(n_out, rank, generator=g) / rank ** 0.5
     ref = lambda x, b, A, B: I._int4_linear_ref(x, *s.tensors(), group, b, A, B, 0.5)  # noqa: E731
-    truth = _grads(ref, *(t.double() for t in (x, b, A, B)))
-    ref_lowp = _grads(ref, x, b, A, B)
-    got = _grads(lambda x, b, A, B: I.int4_linear(x, s, b, A, B, 0.5), x, b, A, B)
-    for name, g_, r_, t_ in zip(("y", "dx", "dbias", "dA", "dB"), got, ref_lowp, truth):
-        assert_within_rule(name, g_, r_, t_)
+    assert_linear_grads_within_rule(lambda x, b, A, B: I.int4_linear(x, s, b, A, B, 0.5), ref, x, b, A, B)
 
 
 def test_opcheck():

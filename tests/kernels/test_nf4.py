@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from lorabench.ops import nf4 as N
 from lorabench.ops import reference
-from tests.kernels.conftest import DTYPES, assert_within_rule, backend_params, device_of
+from tests.kernels.conftest import (DTYPES, assert_linear_grads_within_rule, assert_within_rule, backend_params,
+                                    device_of)
 
 bnb_F = pytest.importorskip("bitsandbytes.functional")
 
@@ -194,13 +195,6 @@ def test_gradcheck_input_and_lora(backend):
 
 
 
-def _grads(fn, x, b, A, B):
-    x, b, A, B = (t.detach().clone().requires_grad_() for t in (x, b, A, B))
-    y = fn(x, b, A, B)
-    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).reshape(y.shape))  # a fixed, non-constant dy
-    return [y.detach()] + [t.grad for t in (x, b, A, B)]
-
-
 @pytest.mark.parametrize("backend", backend_params(("cpu",)))
 @pytest.mark.parametrize("tokens,rank", [(15, 8), (16, 8), (127, 8), (128, 8), (255, 16), (256, 16), (300, 4)])
 def test_backward_both_orientations(backend, tokens, rank):
@@ -210,11 +204,7 @@ def test_backward_both_orientations(backend, tokens, rank):
     x, w, b, A, B = _inputs(tokens, 192, 130, rank, torch.float32, tokens, True)
     state = N.nf4_quantize(w, 64, True)
     ref = lambda x, b, A, B: N._nf4_linear_ref(x, *state.tensors(), 130, 64, b, A, B, 0.5)  # noqa: E731
-    truth = _grads(ref, *(t.double() for t in (x, b, A, B)))
-    ref_lowp = _grads(ref, x, b, A, B)
-    got = _grads(lambda x, b, A, B: N.nf4_linear(x, state, b, A, B, 0.5), x, b, A, B)
-    for name, g_, r_, t_ in zip(("y", "dx", "dbias", "dA", "dB"), got, ref_lowp, truth):
-        assert_within_rule(name, g_, r_, t_)
+    assert_linear_grads_within_rule(lambda x, b, A, B: N.nf4_linear(x, state, b, A, B, 0.5), ref, x, b, A, B)
 
 
 def test_opcheck():
