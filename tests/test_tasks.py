@@ -19,6 +19,33 @@ def test_split_is_fixed_and_disjoint(name):
     if task.kind != "perplexity":  # (perplexity splits whole plays)
         as_keys = lambda xs: {json.dumps(x, sort_keys=True) for x in xs}  # noqa: E731
         assert not as_keys(a.eval) & as_keys(a.train), "an eval example is also a training example"
+        assert not as_keys(a.val) & as_keys(a.train), "a validation example is also a training example"
+        assert not as_keys(a.val) & as_keys(a.eval), "a validation example is also an eval example"
+    assert len(a.val) == task.val_size
+
+
+def test_the_validation_part_comes_from_training_data_and_leaves_eval_where_it_was():
+    from lorabench.tasks.base import seeded_split
+    items = [{"x": i} for i in range(100)]
+    two, three = seeded_split(items, 20), seeded_split(items, 20, 15)
+    assert three.eval == two.eval and three.val == two.train[:15] and three.train == two.train[15:]
+    assert three.hash != two.hash and two.hash == seeded_split(items, 20, 0).hash
+    assert three.part_hash("eval") == two.part_hash("eval")
+    with pytest.raises(ValueError, match="unknown split part 'test'; valid: eval, val"):
+        three.part("test")
+
+
+def test_tasks_without_a_validation_part_say_so():
+    with pytest.raises(ValueError, match="kv-retrieval has no val examples .*no validation split"):
+        get_task("kv-retrieval")().examples("val")
+
+
+def test_majority_label_is_the_most_frequent_training_label():
+    task = get_task("sarcasm")()
+    labels = [e["label"] for e in task.split().train]
+    counts = {k: labels.count(k) for k in set(labels)}
+    assert counts[task.majority_label()] == max(counts.values())
+    assert get_task("arith")().majority_label() is None
 
 
 def test_n_train_and_n_eval_take_prefixes_and_change_the_hash():
@@ -30,8 +57,8 @@ def test_n_train_and_n_eval_take_prefixes_and_change_the_hash():
 
 def test_arith_eval_questions_never_appear_in_training():
     s = get_task("arith")().split()
-    assert len(s.eval) == 500
-    assert not {e["question"] for e in s.eval} & {e["question"] for e in s.train}
+    assert len(s.eval) == 500 and len(s.val) == 300
+    assert not {e["question"] for e in s.eval + s.val} & {e["question"] for e in s.train}
 
 
 SUITE = """suite: kinds
@@ -39,10 +66,10 @@ version: 1
 seeds: [0]
 train: {steps: 2, batch_size: 4, eval_batch_size: 8, warmup_steps_for_throughput: 0}
 tasks:
-  - {name: arith, model: tiny-llama, options: {n_train: 16, n_eval: 4}}
+  - {name: arith, model: tiny-llama, options: {n_train: 16, n_eval: 4, n_val: 3}}
   - {name: shakespeare-lm, model: tiny-llama, options: {n_train: 16, n_eval: 4, max_length: 32}}
-  - {name: socialiqa, model: tiny-llama, options: {n_train: 16, n_eval: 4}}
-  - {name: sarcasm, model: tiny-bert, options: {n_train: 16, n_eval: 8}}
+  - {name: socialiqa, model: tiny-llama, options: {n_train: 16, n_eval: 4, n_val: 3}}
+  - {name: sarcasm, model: tiny-bert, options: {n_train: 16, n_eval: 8, n_val: 4}}
 methods:
   - lora
 """
@@ -61,3 +88,11 @@ def test_every_task_kind_runs_end_to_end(tmp_path):
     assert recs["shakespeare-lm"]["higher_is_better"] is False and 1 < ppl < 10 * 49152 and math.isfinite(ppl)
     assert 0 <= recs["socialiqa"]["metrics"]["accuracy_norm"] <= 1
     assert recs["sarcasm"]["n_eval"] == 8
+    # per-example outcomes beside the score, tied to the eval examples by their hash
+    for name in ("arith", "socialiqa", "sarcasm"):
+        o = recs[name]["outcomes"]
+        assert o["n"] == recs[name]["n_eval"] and len(o["correct"]) == o["n"] and len(o["hash"]) == 16
+        assert sum(map(int, o["correct"])) / o["n"] == pytest.approx(recs[name]["score"])
+    assert recs["sarcasm"]["outcomes"]["label"] is not None and recs["arith"]["outcomes"]["pred"] is None
+    assert recs["shakespeare-lm"]["outcomes"] is None and recs["shakespeare-lm"]["val_score"] is None
+    assert 0 <= recs["sarcasm"]["val_score"] <= 1 and recs["sarcasm"]["n_val"] == 4

@@ -4,6 +4,9 @@ Lifecycle (torchtune's recipe pattern): setup (optimizer from the method's param
 linear warm-up + decay schedule) -> steps -> cleanup. Each step: hooks.on_step_begin, forward,
 task loss + method.extra_loss, backward, hooks.on_after_backward, gradient clipping, optimizer
 step, hooks.on_step_end. Throughput is the median of per-step tokens/s after warm-up.
+With `val_every`, the model is scored on the task's validation part every that many steps (the
+learning curve budgets are chosen from); the RNG state is saved and restored around each
+validation, so the training run is the same with or without it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ class TrainConfig:
     warmup_steps_for_throughput: int = option(3, "steps excluded from the throughput median (allocator, caches)", low=0)
     threads: int | None = option(None, "torch intra-op threads; None = all cores", low=1)
     loss_curve_every: int = option(10, "record the mean training loss every this many steps", low=1)
+    val_every: int | None = option(None, "score the validation split every this many steps (the validation curve; "
+                                   "None = only after training)", low=1)
 
 
 @dataclass
@@ -43,6 +48,8 @@ class TrainResult:
     train_tokens_per_s: float | None = None                 # median over steps after warm-up
     train_seconds: float = 0.0
     method_metrics: dict = field(default_factory=dict)
+    val_curve: list[list[float]] = field(default_factory=list)  # [step, validation score] every val_every steps
+    val_seconds: float = 0.0                                     # time spent validating (not in train_seconds)
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -60,6 +67,16 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+def validate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> float:
+    """The task's primary metric on its validation part, with the RNG streams left as they were."""
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        score = task.evaluate(model, tokenizer, batch_size, part="val").metrics[task.metric.name]
+    model.train(was_training)
+    return float(score)
+
+
 def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainConfig, seed: int,
           progress: bool = True) -> TrainResult:
     lr = cfg.lr if cfg.lr is not None else method.default_lr
@@ -74,8 +91,11 @@ def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainCon
     batches = method.train_batches(state, task, tokenizer, cfg.batch_size, seed)  # the task's, unless the method chooses
     model.train()
     method.on_train_begin(state)
-    rates, window, curve = [], [], []
-    loss_value = None
+    if cfg.val_every is not None and cfg.val_every > cfg.steps:
+        raise ValueError(f"train.val_every={cfg.val_every} is more than train.steps={cfg.steps}: the validation "
+                         f"curve would be empty; use at most {cfg.steps}")
+    rates, window, curve, val_curve = [], [], [], []
+    loss_value, val_seconds = None, 0.0
     t_start = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"train {method.name} on {task.name}", disable=not progress,
                leave=False, dynamic_ncols=True)
@@ -108,10 +128,15 @@ def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainCon
         if len(window) == cfg.loss_curve_every:
             curve.append(sum(window) / len(window))
             window = []
+        if cfg.val_every is not None and (step + 1) % cfg.val_every == 0:
+            tv = time.perf_counter()
+            val_curve.append([step + 1, round(validate(model, task, tokenizer, cfg.eval_batch_size), 6)])
+            val_seconds += time.perf_counter() - tv
         bar.set_postfix(loss=f"{loss_value:.4f}")
     bar.close()
     method.on_train_end(state)
     model.eval()
     return TrainResult(steps=cfg.steps, final_loss=loss_value, loss_curve=[round(x, 5) for x in curve],
                        train_tokens_per_s=statistics.median(rates) if rates else None,
-                       train_seconds=time.perf_counter() - t_start, method_metrics=dict(state.metrics))
+                       train_seconds=time.perf_counter() - t_start - val_seconds,
+                       method_metrics=dict(state.metrics), val_curve=val_curve, val_seconds=val_seconds)

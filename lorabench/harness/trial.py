@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lorabench.config import from_dict
-from lorabench.harness.train import TrainConfig, train
+from lorabench.harness.train import TrainConfig, train, validate
 from lorabench.measure.memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
 from lorabench.methods import get_method
-from lorabench.methods.base import ApplyContext
+from lorabench.methods.base import ApplyContext, Method
 from lorabench.tasks import get_task
 
 
@@ -91,6 +91,14 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     result = train(model, method, task, tokenizer, train_cfg, spec.seed, progress=progress)
     model.eval()
     ev = task.evaluate(model, tokenizer, train_cfg.eval_batch_size)
+    val_score = None
+    if split.val:  # the model-selection score (learning-rate grids), never the test split's
+        last = result.val_curve[-1] if result.val_curve else None
+        same_model = type(method).on_train_end is Method.on_train_end  # nothing changed after the last step
+        if last is not None and last[0] == result.steps and same_model:
+            val_score = last[1]
+        else:
+            val_score = round(validate(model, task, tokenizer, train_cfg.eval_batch_size), 6)
 
     with tempfile.TemporaryDirectory() as d:
         adapter_bytes = method.save_adapter(model, os.path.join(d, "adapter.safetensors"))
@@ -103,7 +111,13 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
         "metrics": metrics,
         "split_hash": split.hash,
         "n_train": len(split.train),
+        "n_val": len(split.val),
         "n_eval": len(split.eval),
+        "val_score": val_score,
+        "val_curve": result.val_curve,
+        "outcomes": None if ev.outcomes is None else ev.outcomes.to_record(split.part_hash("eval")),
+        "majority_label": task.majority_label(),
+        "trained_steps": result.steps,
         "model_info": loaded.info,
         "trainable_params": trainable,
         "total_params": total,

@@ -1,15 +1,24 @@
 """A task = dataset + fixed seeded split + prompt format + metric with direction (DESIGN "Tasks").
 
-The split never depends on the trial's seed: every method and seed sees the same train and eval
-examples, and a sha256 of the split (`Split.hash`) goes into every record so results from
-different splits are never compared by accident.
+The split never depends on the trial's seed: every method and seed sees the same train, validation
+and eval examples, and a sha256 of the split (`Split.hash`) goes into every record so results from
+different splits are never compared by accident. Three parts, disjoint:
+
+- `train`: what the model is trained on;
+- `val`: carved from the training data (never from eval), for model selection (learning rates,
+  budgets from validation curves); a task without one has `val = []`;
+- `eval`: the held-out test split every published score is computed on, whole by default.
+
+`evaluate(..., part=)` scores either held-out part and returns the per-example outcomes
+(`Outcomes`: prediction, label, correct) in the part's order, so a report can pair two methods
+example by example (`Split.part_hash` ties the outcomes to the examples they were scored on).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -26,18 +35,71 @@ class Metric:
     description: str
 
 
+PARTS = ("eval", "val")  # the held-out parts a task can be scored on
+
+
+def _digest(*parts: list[dict]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class Split:
     train: list[dict]
     eval: list[dict]
+    val: list[dict] = field(default_factory=list)
 
     @property
     def hash(self) -> str:
-        h = hashlib.sha256()
-        for part in (self.train, self.eval):
-            h.update(json.dumps(part, sort_keys=True, ensure_ascii=False).encode())
-            h.update(b"\x00")
-        return h.hexdigest()[:16]
+        # A task without a validation part keeps the hash it had before parts were three.
+        return _digest(self.train, self.eval, self.val) if self.val else _digest(self.train, self.eval)
+
+    def part_hash(self, part: str) -> str:
+        """The hash of one held-out part alone: per-example outcomes are only compared on equal hashes."""
+        return _digest(self.part(part))
+
+    def part(self, part: str) -> list[dict]:
+        if part not in PARTS:
+            raise ValueError(f"unknown split part {part!r}; valid: {', '.join(PARTS)}")
+        return self.eval if part == "eval" else self.val
+
+
+@dataclass
+class Outcomes:
+    """Per-example results in the order of the split part they were scored on.
+
+    `correct` is 1/0 per example; `pred` and `label` are class or option indices where the task has
+    them (classification, multiple choice), None otherwise (exact match: the answer is free text).
+    """
+    correct: list[int]
+    pred: list[int] | None = None
+    label: list[int] | None = None
+
+    def __post_init__(self):
+        for name in ("pred", "label"):
+            v = getattr(self, name)
+            if v is not None and len(v) != len(self.correct):
+                raise ValueError(f"outcomes: {name} has {len(v)} entries for {len(self.correct)} examples")
+
+    def to_record(self, part_hash: str) -> dict:
+        """Compact JSON: each list as a string of digits when every value is 0..9 (2-5 classes here)."""
+        def pack(xs):
+            if xs is None:
+                return None
+            return "".join(map(str, xs)) if all(0 <= x <= 9 for x in xs) else list(xs)
+        return {"hash": part_hash, "n": len(self.correct), "correct": pack(self.correct),
+                "pred": pack(self.pred), "label": pack(self.label)}
+
+    @staticmethod
+    def from_record(d: dict) -> "Outcomes":
+        def unpack(v):
+            if v is None:
+                return None
+            return [int(c) for c in v] if isinstance(v, str) else [int(x) for x in v]
+        return Outcomes(correct=unpack(d["correct"]), pred=unpack(d.get("pred")), label=unpack(d.get("label")))
 
 
 @dataclass
@@ -45,18 +107,23 @@ class EvalResult:
     metrics: dict[str, float]   # the task's primary metric first, then others
     n_tokens: int               # tokens processed, for eval tokens/s
     seconds: float
+    outcomes: Outcomes | None = None  # per example, in the scored part's order (None: a perplexity task)
 
 
 @dataclass
 class TaskConfig:
     n_train: int | None = option(None, "use only the first n training examples of the fixed split (None = all)", low=1)
     n_eval: int | None = option(None, "evaluate on the first n eval examples (None = the whole eval split)", low=1)
+    n_val: int | None = option(None, "validate on the first n validation examples (None = the whole validation "
+                               "split)", low=1)
     max_length: int | None = option(None, "truncate inputs to this many tokens (None = the task's default)", low=8)
 
 
-def seeded_split(items: list[dict], n_eval: int) -> Split:
+def seeded_split(items: list[dict], n_eval: int, n_val: int = 0) -> Split:
     """Drop exact duplicates (first kept), shuffle with the fixed split seed, take the first n_eval
-    as eval and the rest as train: no example is both trained on and evaluated."""
+    as eval, the next n_val as validation and the rest as train: no example is in two parts.
+    The eval part does not depend on n_val, so adding a validation part leaves every test example
+    where it was."""
     seen: set[str] = set()
     unique = []
     for item in items:
@@ -67,7 +134,8 @@ def seeded_split(items: list[dict], n_eval: int) -> Split:
     items = unique
     order = list(range(len(items)))
     random.Random(SPLIT_SEED).shuffle(order)
-    return Split(train=[items[i] for i in order[n_eval:]], eval=[items[i] for i in order[:n_eval]])
+    return Split(train=[items[i] for i in order[n_eval + n_val:]], eval=[items[i] for i in order[:n_eval]],
+                 val=[items[i] for i in order[n_eval:n_eval + n_val]])
 
 
 class Task:
@@ -83,6 +151,7 @@ class Task:
     sizes: ClassVar[str]             # human-readable split sizes for docs/tasks.md
     default_max_length: ClassVar[int] = 128
     num_labels: ClassVar[int | None] = None
+    val_size: ClassVar[int] = 0      # validation examples carved from the training data (0 = none)
     config_cls: ClassVar[type] = TaskConfig
 
     def __init__(self, config: TaskConfig | None = None):
@@ -106,7 +175,8 @@ class Task:
             full = self.build_split()
             train = full.train[: self.config.n_train] if self.config.n_train else full.train
             ev = full.eval[: self.config.n_eval] if self.config.n_eval else full.eval
-            self._split = Split(train, ev)
+            val = full.val[: self.config.n_val] if self.config.n_val else full.val
+            self._split = Split(train, ev, val)
         return self._split
 
     def collate(self, examples: list[dict], tokenizer) -> dict[str, torch.Tensor]:
@@ -126,8 +196,26 @@ class Task:
                 yield self.collate([train[j] for j in order[i:i + batch_size]], tokenizer)
 
     # -- evaluation -----------------------------------------------------------------------------
+    def examples(self, part: str) -> list[dict]:
+        """The examples of a held-out part; a clear error for a task without a validation part."""
+        examples = self.split().part(part)
+        if not examples:
+            raise ValueError(f"task {self.name} has no {part} examples"
+                             + (" (it has no validation split; validation needs a task with val_size > 0)"
+                                if part == "val" else ""))
+        return examples
+
+    def majority_label(self) -> int | None:
+        """The most frequent training label (ties: the smallest), the majority-class baseline's prediction;
+        None for tasks without labels."""
+        labels = [e["label"] for e in self.split().train if isinstance(e.get("label"), int)]
+        if not labels:
+            return None
+        counts = {k: labels.count(k) for k in set(labels)}
+        return min(counts, key=lambda k: (-counts[k], k))
+
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, batch_size: int) -> EvalResult:
+    def evaluate(self, model, tokenizer, batch_size: int, part: str = "eval") -> EvalResult:
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from lorabench.tasks.base import EvalResult, Metric, Split, Task, seeded_split
+from lorabench.tasks.base import EvalResult, Metric, Outcomes, Split, Task, seeded_split
 
 ACCURACY = Metric("accuracy", True, "fraction of eval examples whose argmax label is correct")
 
@@ -21,7 +21,7 @@ class ClassificationTask(Task):
     def build_split(self) -> Split:
         from lorabench import assets
         items = [{"text": r["text"], "label": int(r["label"])} for r in assets.load_dataset(self.dataset)]
-        return seeded_split(items, self.eval_size)
+        return seeded_split(items, self.eval_size, self.val_size)
 
     def encode(self, examples: list[dict], tokenizer) -> dict[str, torch.Tensor]:
         return dict(tokenizer([e["text"] for e in examples], padding=True, truncation=True,
@@ -33,17 +33,23 @@ class ClassificationTask(Task):
         return batch
 
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, batch_size: int) -> EvalResult:
-        # Batches of similar lengths pad less; the metric does not depend on the order.
-        examples = sorted(self.split().eval, key=lambda e: len(e["text"]))
-        correct, n_tokens, t0 = 0, 0, time.perf_counter()
-        for i in range(0, len(examples), batch_size):
-            chunk = examples[i:i + batch_size]
-            batch = self.encode(chunk, tokenizer)
+    def evaluate(self, model, tokenizer, batch_size: int, part: str = "eval") -> EvalResult:
+        examples = self.examples(part)
+        # Batches of similar lengths pad less; predictions go back to the part's own order.
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["text"]))
+        pred = [0] * len(examples)
+        n_tokens, t0 = 0, time.perf_counter()
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = self.encode([examples[i] for i in idx], tokenizer)
             logits = model(**batch).logits  # (B, num_labels)
-            correct += (logits.argmax(-1) == torch.tensor([e["label"] for e in chunk])).sum().item()
+            for i, p in zip(idx, logits.argmax(-1).tolist()):
+                pred[i] = int(p)
             n_tokens += int(batch["attention_mask"].sum())
-        return EvalResult({"accuracy": correct / len(examples)}, n_tokens, time.perf_counter() - t0)
+        labels = [int(e["label"]) for e in examples]
+        correct = [int(p == y) for p, y in zip(pred, labels)]
+        return EvalResult({"accuracy": sum(correct) / len(examples)}, n_tokens, time.perf_counter() - t0,
+                          Outcomes(correct, pred, labels))
 
 
 class RTSentiment(ClassificationTask):
@@ -51,7 +57,8 @@ class RTSentiment(ClassificationTask):
     dataset = "rotten-tomatoes"
     description = "Rotten Tomatoes movie-review sentences (Pang & Lee 2005), positive vs negative"
     eval_size = 1000
-    sizes = "train 7,530 / eval 1,000 (of 8,530; balanced classes)"
+    val_size = 500
+    sizes = "train 7,030 / validation 500 / eval 1,000 (of 8,530; balanced classes)"
     default_max_length = 64
 
 
@@ -60,5 +67,6 @@ class Sarcasm(ClassificationTask):
     dataset = "sarcasm"
     description = "News headlines, sarcastic (The Onion) or not (HuffPost) (Misra 2018, via OpenAI evals)"
     eval_size = 2000
-    sizes = "train 26,498 / eval 2,000 (of 28,614; 116 exact duplicates dropped)"
+    val_size = 1000
+    sizes = "train 25,498 / validation 1,000 / eval 2,000 (of 28,614; 116 exact duplicates dropped)"
     default_max_length = 48

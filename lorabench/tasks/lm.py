@@ -66,7 +66,9 @@ class ShakespeareLM(Task):
         return self._split
 
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, batch_size: int) -> EvalResult:
+    def evaluate(self, model, tokenizer, batch_size: int, part: str = "eval") -> EvalResult:
+        if part != "eval":
+            raise ValueError(f"task {self.name} is scored on its eval split only (perplexity has no validation part)")
         windows = self.windows(self.split().eval, tokenizer, self.config.n_eval or self.default_eval_windows)
         nll, count, t0 = 0.0, 0, time.perf_counter()
         for s in range(0, len(windows), batch_size):

@@ -91,6 +91,7 @@ class KVRetrieval(Arith):
                    "'key: value' lines, then a query key; the answer is its value (exact match, greedy)")
     sizes = "train 2,000 / eval 200 (of 2,200 generated from seed 0; n_pairs sets the input length)"
     default_max_length = 4096   # no truncation at the default sizes; the eval reports any
+    val_size = 0                # no validation part (Arith's is not inherited)
     max_new_tokens = 8
     config_cls = KVRetrievalConfig
 
@@ -102,9 +103,9 @@ class KVRetrieval(Arith):
         return [len(encode_pair(tokenizer, self.prompt(e), "", 10 ** 9)[0]) for e in examples]
 
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, batch_size: int) -> EvalResult:
-        result = super().evaluate(model, tokenizer, batch_size)
-        lengths = self.input_lengths(self.split().eval, tokenizer)
+    def evaluate(self, model, tokenizer, batch_size: int, part: str = "eval") -> EvalResult:
+        result = super().evaluate(model, tokenizer, batch_size, part)
+        lengths = self.input_lengths(self.examples(part), tokenizer)
         base = self.config.base_context
         result.metrics.update({
             "base_context": base,

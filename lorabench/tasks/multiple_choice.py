@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from lorabench.tasks.base import EvalResult, Metric, Split, Task, seeded_split
+from lorabench.tasks.base import EvalResult, Metric, Outcomes, Split, Task, seeded_split
 from lorabench.tasks.causal import continuation_logprobs, encode_pair, pad_pairs
 
 ACC = Metric("accuracy", True, "fraction of questions whose highest-log-likelihood option is correct")
@@ -35,7 +35,7 @@ class MultipleChoiceTask(Task):
         from lorabench import assets
         items = [{"question": r["question"], "choices": list(r["choices"]), "label": int(r["label"])}
                  for r in assets.load_dataset(self.dataset)]
-        return seeded_split(items, self.eval_size)
+        return seeded_split(items, self.eval_size, self.val_size)
 
     def collate(self, examples, tokenizer):
         pairs = [encode_pair(tokenizer, self.prompt(e), self.option_text(e["choices"][e["label"]]), self.max_length)
@@ -43,8 +43,8 @@ class MultipleChoiceTask(Task):
         return pad_pairs(pairs, tokenizer.pad_token_id, train=True)
 
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, batch_size: int) -> EvalResult:
-        examples = self.split().eval
+    def evaluate(self, model, tokenizer, batch_size: int, part: str = "eval") -> EvalResult:
+        examples = self.examples(part)
         flat = [(i, j) for i, e in enumerate(examples) for j in range(len(e["choices"]))]
         scores = torch.empty(len(flat))
         n_tokens, t0 = 0, time.perf_counter()
@@ -55,17 +55,18 @@ class MultipleChoiceTask(Task):
             batch = pad_pairs(pairs, tokenizer.pad_token_id, train=False)
             scores[s:s + len(chunk)] = continuation_logprobs(model, batch)
             n_tokens += int(batch["attention_mask"].sum())
-        acc = acc_norm = 0
-        k = 0
+        pred, acc_norm, k = [], 0, 0
         for e in examples:
             n = len(e["choices"])
             sc = scores[k:k + n]
             lens = torch.tensor([len(self.option_text(c).encode()) for c in e["choices"]], dtype=torch.float)
-            acc += int(sc.argmax().item() == e["label"])
+            pred.append(int(sc.argmax().item()))
             acc_norm += int((sc / lens).argmax().item() == e["label"])
             k += n
-        return EvalResult({"accuracy": acc / len(examples), "accuracy_norm": acc_norm / len(examples)},
-                          n_tokens, time.perf_counter() - t0)
+        labels = [int(e["label"]) for e in examples]
+        correct = [int(p == y) for p, y in zip(pred, labels)]
+        return EvalResult({"accuracy": sum(correct) / len(examples), "accuracy_norm": acc_norm / len(examples)},
+                          n_tokens, time.perf_counter() - t0, Outcomes(correct, pred, labels))
 
 
 class QuaRTz(MultipleChoiceTask):
@@ -73,7 +74,8 @@ class QuaRTz(MultipleChoiceTask):
     dataset = "quartz"
     description = "QuaRTz qualitative relationship questions, 2 options (Tafjord et al. 2019, via OpenAI evals)"
     eval_size = 500
-    sizes = "train 3,360 / eval 500 (of 3,860)"
+    val_size = 300
+    sizes = "train 3,060 / validation 300 / eval 500 (of 3,860)"
     default_max_length = 128
 
 
@@ -82,5 +84,6 @@ class SocialIQA(MultipleChoiceTask):
     dataset = "socialiqa"
     description = "Social IQa commonsense questions about people, 3 options (Sap et al. 2019, via OpenAI evals)"
     eval_size = 500
-    sizes = "train 1,703 / eval 500 (of 2,224; 21 exact duplicates dropped)"
+    val_size = 300
+    sizes = "train 1,403 / validation 300 / eval 500 (of 2,224; 21 exact duplicates dropped)"
     default_max_length = 128
