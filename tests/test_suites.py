@@ -51,7 +51,25 @@ def test_overrides_apply_and_change_trial_ids(tmp_path):
     assert trial_id(t) not in {trial_id(x) for x in base.trials()}
 
 
+def test_lr_grid_gives_one_trial_per_rate_under_the_same_label(tmp_path):
+    text = GOOD.replace("train: {steps: 2}", "train: {steps: 2, lr: 1.0e-3}\nlr_grid: [0.3, 1, 3]")
+    text = text.replace("  - head", "  - {name: head, lr_grid: [1]}")
+    s = load_suite(write(tmp_path, text))
+    lora = [t for t in s.trials() if t.label == "lora-r4"]
+    assert sorted({t.train["lr"] for t in lora}) == [3e-4, 1e-3, 3e-3] and len(lora) == 3 * 2
+    assert {t.train["lr"] for t in s.trials() if t.label == "head"} == {1e-3}  # the method's grid wins
+    assert len({trial_id(t) for t in s.trials()}) == len(s.trials())
+    # without train.lr the grid is around the method's own default learning rate
+    from lorabench.methods import get_method
+    s = load_suite(write(tmp_path, GOOD.replace("train: {steps: 2}", "train: {steps: 2}\nlr_grid: [0.5, 2]")))
+    base = get_method("lora").default_lr
+    assert sorted({t.train["lr"] for t in s.trials() if t.label == "lora-r4"}) == pytest.approx([base / 2, base * 2])
+
+
 @pytest.mark.parametrize("text,pattern", [
+    (GOOD + "lr_grid: [1, 1]\n", r"mine\.yaml:10: lr_grid must be a non-empty list of distinct positive factors"),
+    (GOOD + "lr_grid: [0, 1]\n", r"lr_grid must be a non-empty list of distinct positive factors"),
+    (GOOD.replace("  - head", "  - {name: head, lr_grid: fast}"), r"mine\.yaml:8: lr_grid must be"),
     (GOOD.replace("  - head", "  - haed"), r"mine\.yaml:8: Unknown method 'haed'\. Did you mean: head\?"),
     (GOOD.replace("train: {steps: 2}", "train: {stpes: 2}"), r"mine\.yaml:4: train: unknown key 'stpes'\. Did you mean: steps\?"),
     (GOOD.replace("rank: 4", "rank: four"), r"mine\.yaml:9: method lora-r4 options \(lora\)\.rank: expected an integer, got 'four'"),

@@ -15,6 +15,9 @@ tasks:
 methods:
   - head
   - {name: lora, label: lora-r8, options: {rank: 8}, train: {lr: 1.0e-3}}
+lr_grid: [0.3, 1, 3]         # optional, also per task or per method (the most specific wins): one trial per
+                             # factor x the trial's learning rate (train.lr, else the method's default_lr);
+                             # the report keeps, per task and method, the rate with the best validation score
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -37,9 +40,9 @@ from lorabench.harness.train import TrainConfig
 from lorabench.harness.trial import TrialSpec
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
-TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs"}
-TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs"}
-METHOD_KEYS = {"name", "label", "options", "train"}
+TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid"}
+TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid"}
+METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
 
 def _to_python(node, path: tuple, lines: dict):
@@ -75,6 +78,7 @@ class MethodEntry:
     label: str
     options: dict
     train: dict
+    lr_grid: list[float] | None = None  # factors of the trial's learning rate (None = the task's or suite's)
 
 
 @dataclass
@@ -85,6 +89,7 @@ class TaskEntry:
     train: dict
     lm_eval: bool = False  # decoder tasks only: also score through lm-eval (lorabench.lmeval)
     jobs: int | None = None  # trials of this task run at once (None = the suite's jobs); not part of trial ids
+    lr_grid: list[float] | None = None  # factors of the trial's learning rate (None = the suite's)
 
 
 @dataclass
@@ -99,6 +104,7 @@ class Suite:
     methods: list[MethodEntry]
     path: str
     jobs: int = 1  # trials run at once (not part of a trial's identity)
+    lr_grid: list[float] | None = None  # factors of each trial's learning rate (None = one rate)
 
     def jobs_for(self, spec: TrialSpec) -> int:
         """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
@@ -111,12 +117,20 @@ class Suite:
         out = []
         for task in self.tasks:
             for method in self.methods:
-                for seed in self.seeds:
-                    train = merge(merge(self.train, task.train), method.train)
-                    out.append(TrialSpec(suite=self.name, suite_version=self.version, label=method.label,
-                                         method=method.name, method_options=method.options, task=task.name,
-                                         task_options=task.options, model=task.model or self.model,
-                                         seed=seed, train=train, lm_eval=task.lm_eval))
+                train = merge(merge(self.train, task.train), method.train)
+                grid = method.lr_grid or task.lr_grid or self.lr_grid
+                if grid:  # one trial per rate; the label stays, the report chooses the rate on validation
+                    from lorabench.methods import get_method
+                    base = train.get("lr") if train.get("lr") is not None else get_method(method.name).default_lr
+                    trains = [merge(train, {"lr": float(f"{base * f:.6g}")}) for f in grid]
+                else:
+                    trains = [train]
+                for t in trains:
+                    for seed in self.seeds:
+                        out.append(TrialSpec(suite=self.name, suite_version=self.version, label=method.label,
+                                             method=method.name, method_options=method.options, task=task.name,
+                                             task_options=task.options, model=task.model or self.model,
+                                             seed=seed, train=t, lm_eval=task.lm_eval))
         return out
 
 
@@ -204,6 +218,18 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         return value
 
     jobs = check_jobs(data.get("jobs", 1), ("jobs",))
+
+    def check_grid(value, key: tuple):
+        if value is None:
+            return None
+        ok = isinstance(value, list) and value and all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in value)
+        if not ok or len(set(value)) != len(value):
+            raise UserError(f"{_where(path, lines, key)}: lr_grid must be a non-empty list of distinct positive "
+                            f"factors of the learning rate (e.g. [0.3, 1, 3]), got {value!r}")
+        return [float(f) for f in value]
+
+    lr_grid = check_grid(data.get("lr_grid"), ("lr_grid",))
     base_train = data.get("train") or {}
     from_dict(TrainConfig, base_train, f"{_where(path, lines, ('train',))}: train")
 
@@ -245,7 +271,7 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
             if importlib.util.find_spec("lm_eval") is None:
                 raise UserError(f"{where}: lm_eval: true needs lm-evaluation-harness: pip install lm-eval")
         tasks.append(TaskEntry(e["name"], e.get("model"), dict(e.get("options") or {}), dict(e.get("train") or {}),
-                               lm_eval, check_jobs(e.get("jobs"), k + ("jobs",))))
+                               lm_eval, check_jobs(e.get("jobs"), k + ("jobs",)), check_grid(e.get("lr_grid"), k + ("lr_grid",))))
     methods, labels = [], set()
     for e, k in entries("methods", METHOD_KEYS, METHODS):
         where = _where(path, lines, k)
@@ -255,13 +281,14 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         labels.add(label)
         METHODS.get(e["name"]).from_options(e.get("options"), where=f"{where}: method {label} options")
         from_dict(TrainConfig, merge(base_train, e.get("train") or {}), f"{where}: train")
-        methods.append(MethodEntry(e["name"], label, dict(e.get("options") or {}), dict(e.get("train") or {})))
+        methods.append(MethodEntry(e["name"], label, dict(e.get("options") or {}), dict(e.get("train") or {}),
+                                   check_grid(e.get("lr_grid"), k + ("lr_grid",))))
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
-                 jobs=jobs)
+                 jobs=jobs, lr_grid=lr_grid)
 
 
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
