@@ -80,6 +80,9 @@ setup(
         "gguf",       # reads the SmolLM2 GGUF file once, to convert it to safetensors
         "accelerate",
         "matplotlib",  # the report's PNG plots (python -m lorabench report)
+        "scipy",       # t quantiles and tests of the report (lorabench/report/stats.py)
+        "statsmodels",  # Holm's multiple-comparison correction
+        "rliable",     # IQM and probability of improvement across tasks (only rliable.metrics is imported)
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",

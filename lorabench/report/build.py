@@ -5,7 +5,10 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     LEADERBOARD.md      the report (coverage, notes, findings, tables, plots)
     leaderboard.csv     per task and method: mean and 95% CI of every measure, rank, seeds, failures
     average_rank.csv    per method: average rank over tasks, grouped by survey family
-    paired.csv          per method and task: paired difference against lora and the t-test verdict
+    paired.csv          per method and task: paired difference against lora, p (raw and Holm), MDD, verdict
+    baselines.csv       per task: majority-class and zero-shot baselines, LoRA against the best, MDD
+    lr_selection.csv    per task, method and learning rate: validation score, which rate was chosen
+    aggregate.csv       per method: IQM of normalised scores and P(improvement over lora) across tasks
     failures.csv        every failed trial with its reason
     findings.csv        the survey's headline claims, per task, with the numbers behind each verdict
     leaderboard.html    one self-contained page: sortable, filterable tables and the plots
@@ -131,10 +134,12 @@ def write_report(records: list[dict], out: str | Path, formats: list[str]) -> li
         written.append(p)
     if "csv" in formats:
         summary_cols = ["task", "family", "label", "method", "metric", "higher_is_better", "rank", "n_seeds",
-                        "seeds", "n_failed"] + [c for m, _ in tables.MEASURES for c in (m, m + "_ci95")]
+                        "seeds", "n_failed", "lr", "ci_kind", "flags"] + [
+                            c for m, _ in tables.MEASURES for c in (m, m + "_ci95")]
         frames = {"leaderboard.csv": rep.summary.reindex(columns=summary_cols),
                   "average_rank.csv": rep.average_rank, "paired.csv": rep.paired_detail,
-                  "failures.csv": rep.failures, "findings.csv": claims}
+                  "failures.csv": rep.failures, "findings.csv": claims, "baselines.csv": rep.baselines,
+                  "lr_selection.csv": rep.lr_selection, "aggregate.csv": rep.aggregate}
         for name, df in frames.items():
             _csv(df, out / name)
             written.append(out / name)

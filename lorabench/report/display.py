@@ -66,26 +66,65 @@ def one_line(s: str, limit: int = 240) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+def pval(v) -> tuple[str, object]:
+    if isnan(v):
+        return "–", float("nan")
+    return (f"{v:.2g}" if v < 0.001 else f"{v:.3f}"), float(v)
+
+
 def leaderboard_tables(rep: Report) -> list[Table]:
     out = []
     for task, g in rep.summary.groupby("task", sort=True):
         higher = bool(g["higher_is_better"].iloc[0]) if g["higher_is_better"].iloc[0] is not None else True
-        metric = f"{g['metric'].iloc[0]} {'↑' if higher else '↓'} (mean ± 95% CI)"
+        metric = f"{g['metric'].iloc[0]} {'↑' if higher else '↓'} (mean ± 95% interval)"
         rows = []
         for _, r in g.iterrows():
             ci_mem = "" if isnan(r["peak_rss_mb_ci95"]) else f" ± {r['peak_rss_mb_ci95']:.0f}"
             ci_tps = "" if isnan(r["train_tokens_per_s_ci95"]) else f" ± {r['train_tokens_per_s_ci95']:,.0f}"
             rows.append([
                 num(r["rank"], 0) if not isnan(r["rank"]) else ("failed", float("inf")),
-                text(r["label"]), text(r["family"]), pm(r["score"], r["score_ci95"]),
+                text(r["label"]), text(r["family"]), pm(r["score"], r["score_ci95"]), text(r.get("ci_kind", "")),
                 (f"{r['n_seeds']}" + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""), float(r["n_seeds"])),
+                ("–", float("nan")) if isnan(r.get("lr")) else (f"{r['lr']:.3g}", float(r["lr"])),
                 ("–", float("nan")) if isnan(r["peak_rss_mb"]) else (f"{r['peak_rss_mb']:.0f}{ci_mem}", float(r["peak_rss_mb"])),
                 ("–", float("nan")) if isnan(r["train_tokens_per_s"]) else (f"{r['train_tokens_per_s']:,.0f}{ci_tps}", float(r["train_tokens_per_s"])),
-                count(r["trainable_params"]), size(r["adapter_bytes"]),
+                count(r["trainable_params"]), size(r["adapter_bytes"]), text(r.get("flags", "")),
             ])
-        out.append(Table(f"{task}", ["rank", "method", "family", metric, "seeds", "peak memory MB",
-                                     "train tokens/s", "trainable params", "adapter"], rows, anchor=f"task-{task}"))
+        out.append(Table(f"{task}", ["rank", "method", "family", metric, "interval over", "seeds", "learning rate",
+                                     "peak memory MB", "train tokens/s", "trainable params", "adapter", "flags"],
+                         rows, anchor=f"task-{task}"))
     return out
+
+
+def baselines_table(rep: Report) -> Table:
+    rows = []
+    for _, r in rep.baselines.iterrows():
+        rows.append([text(r["task"]), pm(r["majority"], r["majority_ci95"]), pm(r["zero_shot"], r["zero_shot_ci95"]),
+                     text(r["best"] or "–"), pm(r["ref_diff"], r["ref_diff_ci95"]), pval(r["ref_p_holm"]),
+                     text(r["ref_verdict"]), num(r["mdd80"])])
+    return Table("Trivial baselines per task, LoRA against the best of them, and the minimum detectable difference",
+                 ["task", "majority class", "zero-shot", "best trivial", "LoRA − best trivial (paired)",
+                  "p (Holm over tasks)", "LoRA vs trivial", "MDD at 80% power (LoRA vs trivial)"], rows,
+                 anchor="baselines")
+
+
+def lr_selection_table(rep: Report) -> Table:
+    rows = [[text(r["task"]), text(r["label"]), (f"{r['lr']:.3g}", float(r["lr"])),
+             (str(r["n_seeds"]), float(r["n_seeds"])), num(r["val_score"]), text("chosen" if r["chosen"] else "")]
+            for _, r in rep.lr_selection.iterrows()]
+    return Table("Learning rates chosen on the validation split (mean validation score over seeds)",
+                 ["task", "method", "learning rate", "seeds", "validation score", "chosen"], rows, anchor="lr-selection")
+
+
+def aggregate_table(rep: Report) -> Table:
+    def iv(v, lo, hi) -> tuple[str, object]:
+        return ("–", float("nan")) if isnan(v) else (f"{v:.3f} [{lo:.3f}, {hi:.3f}]", float(v))
+    rows = [[text(r["label"]), text(family_title(r["family"])), (str(r["n_tasks"]), float(r["n_tasks"])),
+             iv(r["iqm"], r["iqm_low"], r["iqm_high"]), iv(r["p_improve"], r["p_improve_low"], r["p_improve_high"])]
+            for _, r in rep.aggregate.iterrows()]
+    return Table("Across tasks: interquartile mean of the normalised score and probability of improvement over LoRA",
+                 ["method", "family", "tasks", "IQM of (score − trivial) / (1 − trivial) [95% CI]",
+                  "P(method > LoRA) [95% CI]"], rows, anchor="aggregate")
 
 
 def average_rank_table(rep: Report) -> Table:
@@ -98,15 +137,17 @@ def average_rank_table(rep: Report) -> Table:
 def paired_tables(rep: Report) -> list[Table]:
     s = [[text(family_title(r["family"])), text(r["label"]), (str(r["tasks"]), float(r["tasks"])),
           (str(r["wins"]), float(r["wins"])), (str(r["ties"]), float(r["ties"])),
-          (str(r["losses"]), float(r["losses"])), (str(r["untested"]), float(r["untested"]))]
+          (str(r["losses"]), float(r["losses"])), (str(r["identical"]), float(r["identical"])),
+          (str(r["untested"]), float(r["untested"]))]
          for _, r in rep.paired_summary.iterrows()]
     d = [[text(r["label"]), text(r["task"]), (str(r["n_pairs"]), float(r["n_pairs"])),
-          pm(r["diff"], r["diff_ci95"]), text(r["verdict"])] for _, r in rep.paired_detail.iterrows()]
+          pm(r["diff"], r["diff_ci95"]), text(r["ci_kind"]), pval(r["p"]), pval(r["p_holm"]), num(r["mdd80"]),
+          text(r["verdict"])] for _, r in rep.paired_detail.iterrows()]
     return [Table("Against LoRA: wins / ties / losses over tasks", ["family", "method", "tasks", "wins", "ties",
-                                                                  "losses", "untested"], s, anchor="paired"),
-            Table("Against LoRA, per task: paired difference over seeds (positive = better than LoRA)",
-                  ["method", "task", "paired seeds", "difference (mean ± 95% CI)", "paired t-test"], d,
-                  anchor="paired-detail")]
+                                                                  "losses", "identical", "untested"], s, anchor="paired"),
+            Table("Against LoRA, per task: paired difference (positive = better than LoRA)",
+                  ["method", "task", "paired seeds", "difference (mean ± 95% interval)", "interval over", "p",
+                   "p (Holm)", "MDD at 80% power", "verdict"], d, anchor="paired-detail")]
 
 
 def failures_table(rep: Report) -> Table:

@@ -1,17 +1,21 @@
 """The survey's headline claims (arXiv 2407.11046), checked against the records.
 
-Every verdict is computed from paired differences over seeds (same task, same seed, same training
-budget) with a 95% Student-t interval; nothing here is written by hand. A claim whose methods have
-no records is reported as "not yet measured", one whose interval is too wide as "inconclusive",
-and one the numbers contradict as "does not hold".
+Every verdict is computed from paired differences (same task, same seed, same training budget, and
+the same evaluation example where the trials recorded per-example outcomes) with a 95% interval that
+carries seed and evaluation-sample variance (lorabench/report/stats.py); nothing here is written by
+hand. A claim whose methods have no records is reported as "not yet measured", one whose interval is
+too wide as "inconclusive", and one the numbers contradict as "does not hold".
 
 Tests used:
 - "matches" / "approaches" (non-inferiority): holds when the lower end of the 95% CI of
   (method - reference) is above -margin; does not hold when its upper end is below -margin.
 - "beats" (superiority): holds when the CI's lower end is above 0; does not hold when its upper
   end is below 0 (the reference is better).
-- "converges faster early": the mean training loss over the first quarter of the loss curve,
-  paired over seeds; holds when the method's early loss is lower with the CI excluding 0.
+- "converges faster early": read off the validation curve where the trials recorded one (the mean
+  validation score over the first quarter of the curve, paired over seeds); otherwise off the
+  training loss curve, but only when each of its points averages at least MIN_LOSS_WINDOW steps
+  (single-batch losses are noise, and a first point at step 1 is the same pre-update loss for every
+  method). Holds when the method's early score is better with the CI excluding 0.
 """
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lorabench.report.stats import paired
+from lorabench.report.stats import seed_interval
 
 MARGIN_ABSOLUTE = 0.01     # one accuracy point for metrics in [0, 1]
 BOUNDED_METRICS = {"accuracy", "exact_match"}
 MARGIN_RELATIVE = 0.01     # otherwise 1% of the reference's mean
+MIN_LOSS_WINDOW = 10       # steps a loss-curve point must average to be read as convergence
 
 
 @dataclass(frozen=True)
@@ -65,9 +70,19 @@ def early_loss(curve: list[float]) -> float:
     return math.fsum(curve[:k]) / k
 
 
+def early_val(curve: list) -> float:
+    """Mean validation score over the first quarter of the validation curve [(step, score), ...]."""
+    if not curve:
+        return float("nan")
+    k = max(1, math.ceil(len(curve) / 4))
+    return math.fsum(float(p[1]) for p in curve[:k]) / k
+
+
 def _verdict(test: str, low: float, high: float, n: int, m: float) -> str:
-    if n < 2 or math.isnan(low):
+    if n < 2:
         return "inconclusive (fewer than 2 paired seeds)"
+    if math.isnan(low):  # no variance at all is not certainty: nothing can be inferred
+        return "inconclusive (no interval: nothing varies)"
     floor = -m if test == "noninferior" else 0.0
     if low > floor:
         return "holds"
@@ -106,17 +121,31 @@ def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
                                 "why": f"{method} and {c.reference} never ran on the same task"})
             continue
         for task in tasks:
+            from lorabench.report.tables import paired_estimate
             m = _pairs(trials, method, c.reference, task)
             extra, why = "", ""
             if c.test == "early-loss":
-                diff = m["loss_curve_ref"].map(early_loss) - m["loss_curve"].map(early_loss)  # positive = faster
-                quantity, mg = "early training loss (reference - method, first quarter of the curve)", 0.0
-                if not len(m) or not all(len(x) for x in m["loss_curve"]):
-                    why = "no loss curve recorded"
-            else:
                 higher = bool(m["higher_is_better"].iloc[0]) if len(m) else True
-                sign = 1.0 if higher else -1.0
-                diff = sign * (m["score"] - m["score_ref"])
+                if len(m) and all(len(x) for x in m["val_curve"]) and all(len(x) for x in m["val_curve_ref"]):
+                    sign = 1.0 if higher else -1.0
+                    e = seed_interval(sign * (m["val_curve"].map(early_val) - m["val_curve_ref"].map(early_val)))
+                    quantity = "early validation score (method - reference, first quarter of the validation curve)"
+                else:
+                    e = seed_interval(m["loss_curve_ref"].map(early_loss) - m["loss_curve"].map(early_loss))
+                    quantity = "early training loss (reference - method, first quarter of the loss curve)"
+                    windows = set(m["loss_every"]) | set(m["loss_every_ref"]) if len(m) else set()
+                    if not len(m) or not all(len(x) for x in m["loss_curve"]):
+                        why = "no validation or loss curve recorded"
+                    elif any(not isinstance(w, int) or w < MIN_LOSS_WINDOW for w in windows):
+                        why = (f"no validation curve, and the loss curve's points average "
+                               f"{min(w for w in windows if isinstance(w, int))} step(s): single-batch noise, not "
+                               f"convergence (needs points of at least {MIN_LOSS_WINDOW} steps)")
+                mg = 0.0
+                n = len(m)
+            else:
+                a = trials[(trials["status"] == "ok") & (trials["task"] == task) & (trials["label"] == method)]
+                b = trials[(trials["status"] == "ok") & (trials["task"] == task) & (trials["label"] == c.reference)]
+                e, _same, n = paired_estimate(a, b)
                 metric = str(m["metric"].iloc[0]) if len(m) else ""
                 quantity = f"{metric} (method - reference)"
                 mg = margin(metric, float(m["score_ref"].mean())) if c.test == "noninferior" and len(m) else 0.0
@@ -125,12 +154,11 @@ def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
                 extra = f"trainable parameters {ratio:.3g}x of LoRA's"
             if c.key == "dora" and len(m) and (m["rank"].astype(str) != m["rank_ref"].astype(str)).any():
                 why = "ranks differ between DoRA and LoRA; not an equal-rank comparison"
-            p = paired(diff.astype(float))
-            verdict = _verdict("noninferior" if c.test == "noninferior" else "superior", p.low, p.high, p.n, mg)
+            verdict = _verdict("noninferior" if c.test == "noninferior" else "superior", e.low, e.high, n, mg)
             if why:
                 verdict = "inconclusive"
-            rows.append(base | {"task": task, "n_pairs": p.n, "quantity": quantity, "diff": p.mean,
-                                "diff_ci95": p.ci95, "margin": mg if c.test == "noninferior" else float("nan"),
+            rows.append(base | {"task": task, "n_pairs": n, "quantity": quantity, "diff": e.mean,
+                                "diff_ci95": e.ci95, "margin": mg if c.test == "noninferior" else float("nan"),
                                 "extra": extra, "verdict": verdict, "why": why})
     return pd.DataFrame(rows)
 

@@ -1,5 +1,10 @@
-"""Records (JSONL dicts) -> pandas tables: per task and method mean and 95% CI over seeds, ranks,
-average ranks, paired comparisons against `lora`, failures, and the notes a reader must see.
+"""Records (JSONL dicts) -> pandas tables: per task and method mean and 95% interval, ranks,
+average ranks, paired comparisons against `lora`, trivial baselines, learning-rate selection,
+flags on degenerate rows, failures, and the notes a reader must see.
+
+Intervals and tests use the per-example outcomes the trials record (seed and evaluation-sample
+variance together, paired by seed and example: lorabench/report/stats.py); records without them
+(older boards) fall back to Student-t over seeds, and the table says which was used.
 
 Everything here is deterministic: rows are sorted by explicit keys (never by input order alone),
 numbers are rounded before they are written, and nothing depends on the clock. That is what lets
@@ -10,10 +15,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from lorabench.methods.base import FAMILIES
-from lorabench.report.stats import mean_ci95, paired
+from lorabench.report.stats import Estimate, crossed, holm, mean_ci95, seed_interval, verdict
+from lorabench.tasks.base import Outcomes
 
 REFERENCE = "lora"  # every method is compared with LoRA (the survey's reference point)
 
@@ -26,6 +33,7 @@ metric higher_is_better score metrics split_hash n_train n_eval model_info train
 adapter_bytes train method_config family paper final_loss loss_curve train_tokens_per_s eval_tokens_per_s
 train_seconds eval_seconds method_metrics peak_rss_mb rss_after_load_mb trial_seconds
 cuda_max_allocated_mb cuda_max_reserved_mb jobs lm_eval
+n_val val_score val_curve outcomes majority_label trained_steps
 """.split())
 REQUIRED = ("task", "label", "method", "seed")
 
@@ -71,14 +79,17 @@ def _finite(v) -> float:
 
 @dataclass
 class Report:
-    trials: pd.DataFrame       # one row per (task, label, seed): the records used
-    summary: pd.DataFrame      # one row per (task, label): means, CIs, rank, failures
+    trials: pd.DataFrame       # one row per (task, label, seed): the records used (the chosen learning rate)
+    summary: pd.DataFrame      # one row per (task, label): means, intervals, rank, flags, failures
     average_rank: pd.DataFrame  # one row per label: average rank over tasks, grouped by family
-    paired_detail: pd.DataFrame  # one row per (label, task): paired difference against lora
+    paired_detail: pd.DataFrame  # one row per (label, task): paired difference against lora, Holm-corrected
     paired_summary: pd.DataFrame  # one row per label: wins / ties / losses against lora
     failures: pd.DataFrame     # one row per failed trial, with its reason
     notes: list[str] = field(default_factory=list)
     records: list[dict] = field(default_factory=list)
+    baselines: pd.DataFrame = field(default_factory=pd.DataFrame)     # per task: trivial baselines, LoRA against them
+    lr_selection: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (task, label, lr): validation score, chosen
+    aggregate: pd.DataFrame = field(default_factory=pd.DataFrame)     # per label: IQM, P(improvement over lora)
 
 
 def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
@@ -110,6 +121,15 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
         config = r.get("method_config") if isinstance(r.get("method_config"), dict) else {}
         options = r.get("method_options") if isinstance(r.get("method_options"), dict) else {}
         curve = r.get("loss_curve") if isinstance(r.get("loss_curve"), list) else []
+        outcomes = None
+        if status == "ok" and isinstance(r.get("outcomes"), dict):
+            try:
+                outcomes = Outcomes.from_record(r["outcomes"])
+            except (KeyError, TypeError, ValueError) as e:
+                notes.append(f"Record {i + 1} ({r['label']} on {r['task']}, seed {seed}): unreadable per-example "
+                             f"outcomes ({e}); its interval uses seeds only.")
+        val_curve = r.get("val_curve") if isinstance(r.get("val_curve"), list) else []
+        lr = train.get("lr_used", train.get("lr"))
         rows.append({
             "task": str(r["task"]), "label": str(r["label"]), "method": str(r["method"]),
             "family": _family_of(str(r["method"]), families), "seed": seed, "status": status,
@@ -125,6 +145,14 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
             "steps": train.get("steps"), "batch_size": train.get("batch_size"),
             "loss_every": train.get("loss_curve_every"), "rank": config.get("rank", options.get("rank")),
             "loss_curve": [float(x) for x in curve if _finite(x) == _finite(x)],
+            "lr": _finite(lr), "val_score": _finite(r.get("val_score")),
+            "val_curve": [(int(p[0]), float(p[1])) for p in val_curve
+                          if isinstance(p, list) and len(p) == 2 and _finite(p[1]) == _finite(p[1])],
+            "outcomes": outcomes, "outcome_hash": (r["outcomes"].get("hash") if outcomes is not None else None),
+            "majority_label": r.get("majority_label") if isinstance(r.get("majority_label"), int) else None,
+            # steps actually trained; older records lack it, and there no final loss means nothing trained
+            "trained_steps": r["trained_steps"] if isinstance(r.get("trained_steps"), int) else (
+                0 if status == "ok" and r.get("final_loss") is None and "trained_steps" not in r else None),
             "order": i,
         })
     if unknown:
@@ -132,11 +160,13 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
         notes.append(f"Unknown record fields, ignored by this report (written by a newer or foreign writer?): {listed}.")
     cols = ["task", "label", "method", "family", "seed", "status", "error", "suite", "suite_version", "trial_id",
             "metric", "higher_is_better", "score", "peak_rss_mb", "train_tokens_per_s", "trainable_params",
-            "adapter_bytes", "wall_s", "steps", "batch_size", "loss_every", "rank", "loss_curve", "order"]
+            "adapter_bytes", "wall_s", "steps", "batch_size", "loss_every", "rank", "loss_curve", "lr", "val_score",
+            "val_curve", "outcomes", "outcome_hash", "majority_label", "trained_steps", "order"]
     df = pd.DataFrame(rows, columns=cols)
-    dup = df.duplicated(["task", "label", "seed"], keep="last")
+    # A learning-rate grid gives several trials per (task, label, seed): rows are unique per rate.
+    dup = df.duplicated(["task", "label", "seed", "lr"], keep="last")
     if dup.any():
-        notes.append(f"{int(dup.sum())} record(s) repeat a (task, method label, seed) already recorded; "
+        notes.append(f"{int(dup.sum())} record(s) repeat a (task, method label, seed, learning rate) already recorded; "
                      f"the last one of each in file order is used.")
         df = df[~dup]
     # Fill the metric of failed trials from the task's successful ones (a failed record has none).
@@ -145,7 +175,54 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
         if len(ok):
             df.loc[df["task"] == task, "metric"] = ok["metric"].iloc[0]
             df.loc[df["task"] == task, "higher_is_better"] = bool(ok["higher_is_better"].iloc[0])
-    return df.sort_values(["task", "label", "seed"], kind="stable").reset_index(drop=True)
+    return df.sort_values(["task", "label", "seed", "lr"], kind="stable").reset_index(drop=True)
+
+
+def select_learning_rates(trials: pd.DataFrame, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Where a (task, label) ran at several learning rates, keep the rate with the best mean validation
+    score over seeds (ties: the smaller rate); the test split never takes part in the choice.
+
+    Returns (the trials at the chosen rates plus every failed trial, the selection table)."""
+    cols = ["task", "label", "lr", "n_seeds", "val_score", "chosen"]
+    ok = trials[trials["status"] == "ok"]
+    rows, drop = [], []
+    for (task, label), g in ok.groupby(["task", "label"], sort=True):
+        rates = sorted(set(g["lr"].dropna()))
+        if len(rates) < 2:
+            continue
+        means = {lr: g[g["lr"] == lr]["val_score"].mean() for lr in rates}
+        if any(math.isnan(v) for v in means.values()):
+            chosen = rates[len(rates) // 2]
+            notes.append(f"{label} on {task}: ran at {len(rates)} learning rates but some trials have no validation "
+                         f"score, so none can be chosen on validation; the middle rate {chosen:g} is reported.")
+        else:
+            higher = bool(g["higher_is_better"].iloc[0]) if g["higher_is_better"].iloc[0] is not None else True
+            chosen = sorted(rates, key=lambda lr: (-means[lr] if higher else means[lr], lr))[0]
+        for lr in rates:
+            rows.append({"task": task, "label": label, "lr": lr, "n_seeds": int((g["lr"] == lr).sum()),
+                         "val_score": means[lr], "chosen": lr == chosen})
+        drop += list(g[g["lr"] != chosen].index)
+    return trials.drop(index=drop), pd.DataFrame(rows, columns=cols)
+
+
+def outcome_table(g: pd.DataFrame) -> tuple[np.ndarray | None, str]:
+    """The seeds x examples table of correct (1/0) of one method's successful trials on one task, or
+    (None, why) when it cannot be formed (some trial lacks outcomes, or they were scored on different examples)."""
+    if g.empty:
+        return None, "no successful trials"
+    if g["outcomes"].isna().any():
+        return None, "records without per-example outcomes"
+    if g["outcome_hash"].nunique() != 1:
+        return None, "trials scored on different evaluation examples"
+    return np.array([o.correct for o in g.sort_values("seed")["outcomes"]], dtype=np.float64), ""
+
+
+def score_estimate(g: pd.DataFrame) -> Estimate:
+    """The score's estimate: seeds x examples where per-example outcomes exist, else seeds only."""
+    x, _ = outcome_table(g)
+    if x is not None and len(x[0]):
+        return crossed(x)
+    return seed_interval(g["score"])
 
 
 def summarize(trials: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
@@ -155,8 +232,13 @@ def summarize(trials: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
         row = {"task": task, "label": label, "method": g["method"].iloc[0], "family": g["family"].iloc[0],
                "metric": g["metric"].iloc[0], "higher_is_better": g["higher_is_better"].iloc[0],
                "seeds": ",".join(str(s) for s in sorted(ok["seed"])), "n_seeds": len(ok),
-               "n_failed": int((g["status"] != "ok").sum())}
+               "n_failed": int((g["status"] != "ok").sum()),
+               "lr": float(ok["lr"].iloc[0]) if len(ok) and ok["lr"].nunique() == 1 else float("nan")}
         for col, _ in MEASURES:
+            if col == "score":
+                e = score_estimate(ok) if len(ok) else seed_interval([])
+                row["score"], row["score_ci95"], row["ci_kind"] = e.mean, e.ci95, e.kind
+                continue
             mean, hw, _n = mean_ci95(ok[col]) if len(ok) else (float("nan"), float("nan"), 0)
             row[col] = mean
             row[col + "_ci95"] = hw
@@ -185,6 +267,11 @@ def summarize(trials: pd.DataFrame, notes: list[str]) -> pd.DataFrame:
         if (b > 1).any():
             notes.append(f"{task}: trials were trained with different budgets (steps or batch size); "
                          f"paired comparisons only pair trials with the same budget.")
+    kinds = sorted(set(s["ci_kind"]) - {"seeds x examples"})
+    if kinds:
+        which = "; ".join(f"{k}: {int((s['ci_kind'] == k).sum())} row(s)" for k in kinds)
+        notes.append(f"Not every interval carries both seed and evaluation-sample variance ({which}): records without "
+                     f"per-example outcomes give intervals over seeds only, which leave out the evaluation sample.")
     return s.sort_values(["task", "rank", "label"], na_position="last", kind="stable").reset_index(drop=True)
 
 
@@ -204,39 +291,215 @@ def average_ranks(summary: pd.DataFrame) -> pd.DataFrame:
     return out.drop(columns="_f").reset_index(drop=True)
 
 
-def compare_with_reference(trials: pd.DataFrame, reference: str = REFERENCE) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Paired t-test over seeds of each method against `reference` per task, at the same budget.
+def paired_estimate(g: pd.DataFrame, r: pd.DataFrame) -> tuple[Estimate, bool, int]:
+    """Method g against reference r on one task, paired by seed and budget (and by example where both
+    have outcomes on the same examples). Differences are oriented so that positive = better.
+    Returns (estimate of the mean difference, identical predictions everywhere, paired seeds)."""
+    m = g.merge(r, on=["seed", "steps", "batch_size"], suffixes=("", "_ref")).sort_values("seed")
+    if m.empty:
+        return seed_interval([]), False, 0
+    sign = 1.0 if bool(g["higher_is_better"].iloc[0]) else -1.0
+    per_example = (m["outcomes"].notna().all() and m["outcomes_ref"].notna().all()
+                   and m["outcome_hash"].nunique() == 1 and (m["outcome_hash"] == m["outcome_hash_ref"]).all())
+    if per_example:
+        d = np.array([np.subtract(a.correct, b.correct) for a, b in zip(m["outcomes"], m["outcomes_ref"])],
+                     dtype=np.float64) * sign
+        same = all(a.pred is not None and a.pred == b.pred for a, b in zip(m["outcomes"], m["outcomes_ref"]))
+        return crossed(d), same, len(m)
+    return seed_interval(sign * (m["score"] - m["score_ref"])), False, len(m)
 
-    Differences are oriented so that positive = better than the reference (for perplexity, lower
-    is better). A 'win' is a 95% CI of the mean paired difference entirely above zero.
-    """
-    detail_cols = ["family", "label", "task", "n_pairs", "diff", "diff_ci95", "diff_low", "diff_high", "verdict"]
+
+def compare_with_reference(trials: pd.DataFrame, reference: str = REFERENCE) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each method against `reference` per task, paired by seed and example at the same budget; the
+    p-values of all these comparisons are Holm-corrected together. A 'win' ('loss') is a corrected
+    two-sided test rejecting equality at 5% with the method better (worse); 'identical' is the same
+    prediction on every example and seed; 'untested' is no variance or too few pairs."""
+    detail_cols = ["family", "label", "task", "n_pairs", "diff", "diff_ci95", "diff_low", "diff_high", "ci_kind",
+                   "p", "p_holm", "mdd80", "verdict"]
     ok = trials[trials["status"] == "ok"]
     ref = ok[ok["label"] == reference]
-    rows = []
+    rows, ests, same = [], [], []
     for (label, task), g in ok[ok["label"] != reference].groupby(["label", "task"], sort=True):
         r = ref[ref["task"] == task]
         if r.empty:
             continue
-        m = g.merge(r, on=["seed", "steps", "batch_size"], suffixes=("", "_ref"))
-        sign = 1.0 if bool(g["higher_is_better"].iloc[0]) else -1.0
-        p = paired(sign * (m["score"] - m["score_ref"]))
-        rows.append({"family": g["family"].iloc[0], "label": label, "task": task, "n_pairs": p.n,
-                     "diff": p.mean, "diff_ci95": p.ci95, "diff_low": p.low, "diff_high": p.high,
-                     "verdict": p.verdict()})
+        e, identical, n_pairs = paired_estimate(g, r)
+        ests.append(e)
+        same.append(identical)
+        rows.append({"family": g["family"].iloc[0], "label": label, "task": task, "n_pairs": n_pairs,
+                     "diff": e.mean, "diff_ci95": e.ci95, "diff_low": e.low, "diff_high": e.high, "ci_kind": e.kind,
+                     "p": e.p_value, "mdd80": e.mdd80})
+    adjusted = holm([row["p"] for row in rows])
+    for row, e, p_adj, identical in zip(rows, ests, adjusted, same):
+        row["p_holm"] = p_adj
+        row["verdict"] = verdict(e, p_adj, identical)
     detail = pd.DataFrame(rows, columns=detail_cols)
     srows = []
     for label, g in detail.groupby("label", sort=True):
         v = g["verdict"].value_counts()
         srows.append({"family": g["family"].iloc[0], "label": label, "tasks": len(g),
                       "wins": int(v.get("win", 0)), "ties": int(v.get("tie", 0)),
-                      "losses": int(v.get("loss", 0)), "untested": int(v.get("untested", 0))})
-    summ = pd.DataFrame(srows, columns=["family", "label", "tasks", "wins", "ties", "losses", "untested"])
+                      "losses": int(v.get("loss", 0)), "identical": int(v.get("identical", 0)),
+                      "untested": int(v.get("untested", 0))})
+    summ = pd.DataFrame(srows, columns=["family", "label", "tasks", "wins", "ties", "losses", "identical", "untested"])
     for df in (detail, summ):
         df["_f"] = df["family"].map(family_order)
     detail = detail.sort_values(["_f", "family", "label", "task"], kind="stable").drop(columns="_f")
     summ = summ.sort_values(["_f", "family", "label"], kind="stable").drop(columns="_f")
     return detail.reset_index(drop=True), summ.reset_index(drop=True)
+
+
+ZERO_SHOT = "head"  # on a causal-LM task `head` trains nothing: its trials are the zero-shot model
+
+
+def trivial_baselines(trials: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
+    """Per task: the majority-class baseline (the training split's most frequent label, scored on the
+    eval examples from the recorded labels), the zero-shot model (`head` trials that trained 0 steps),
+    the best of them, the reference's paired difference against that best baseline (Holm over tasks),
+    and the minimum detectable difference at 80% power against the reference."""
+    cols = ["task", "majority", "majority_ci95", "zero_shot", "zero_shot_ci95", "best", "best_score",
+            "ref_diff", "ref_diff_ci95", "ref_p_holm", "ref_verdict", "mdd80"]
+    ok = trials[trials["status"] == "ok"]
+    rows, ests = [], []
+    for task, g in ok.groupby("task", sort=True):
+        row = {c: float("nan") for c in cols} | {"task": task, "best": "", "ref_verdict": "not measured"}
+        cands: dict[str, float] = {}            # baseline -> mean score
+        tables_: dict[str, np.ndarray] = {}     # baseline -> per-example table, where recorded
+        labelled = g[g["outcomes"].notna() & g["majority_label"].notna()]
+        labelled = labelled[[o.label is not None for o in labelled["outcomes"]]]
+        if len(labelled) and labelled["outcome_hash"].nunique() == 1:
+            o, k = labelled["outcomes"].iloc[0], int(labelled["majority_label"].iloc[0])
+            tables_["majority"] = np.array([[float(y == k) for y in o.label]])
+            e = crossed(tables_["majority"])
+            row["majority"], row["majority_ci95"] = e.mean, e.ci95
+            cands["majority"] = e.mean
+        zs = g[(g["label"] == ZERO_SHOT) & (g["trained_steps"] == 0)]
+        if len(zs):
+            x, _ = outcome_table(zs)
+            e = crossed(x) if x is not None else seed_interval(zs["score"])
+            row["zero_shot"], row["zero_shot_ci95"] = e.mean, e.ci95
+            cands["zero-shot"] = e.mean
+            if x is not None:
+                tables_["zero-shot"] = x[:1]  # zero-shot is the same model for every seed
+        est = None
+        if cands:
+            best = max(cands, key=lambda k: (cands[k], k))
+            row["best"], row["best_score"] = best, cands[best]
+            x, _ = outcome_table(g[g["label"] == reference])
+            if best in tables_ and x is not None and x.shape[1] == tables_[best].shape[1]:
+                est = crossed(x - tables_[best])  # paired by example; the baseline is one fixed predictor
+                row["ref_diff"], row["ref_diff_ci95"], row["mdd80"] = est.mean, est.ci95, est.mdd80
+        rows.append(row)
+        ests.append(est)
+    adjusted = holm([e.p_value if e is not None else float("nan") for e in ests])
+    for row, e, p in zip(rows, ests, adjusted):
+        if e is not None:
+            row["ref_p_holm"] = p
+            row["ref_verdict"] = {"win": "beats it", "loss": "below it", "tie": "not distinguishable",
+                                  "untested": "untested"}[verdict(e, p)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def flag_rows(trials: pd.DataFrame, summary: pd.DataFrame, detail: pd.DataFrame, baselines: pd.DataFrame,
+              notes: list[str], reference: str = REFERENCE) -> pd.DataFrame:
+    """Flags on rows a reader must not take at face value: a trial that predicts one class, predictions
+    identical to the reference's on every example and seed, a mean at or below the task's best trivial
+    baseline. Each flag also becomes a note with its reason."""
+    ok = trials[trials["status"] == "ok"]
+    flags: dict[tuple, list[str]] = {}
+    grouped: dict[tuple[str, str], list[str]] = {}   # (task, what) -> labels, one note each
+    for (task, label), g in ok.groupby(["task", "label"], sort=True):
+        one = [int(sd) for sd, o in zip(g["seed"], g["outcomes"])
+               if o is not None and o.pred is not None and len(set(o.pred)) == 1 and len(o.pred) > 1]
+        if one:
+            seeds = f"seed {', '.join(map(str, one))}"
+            flags.setdefault((task, label), []).append(f"predicts one class ({seeds})")
+            grouped.setdefault((task, "predicts one class on every example"), []).append(f"{label} ({seeds})")
+    for _, r in detail[detail["verdict"] == "identical"].iterrows():
+        flags.setdefault((r["task"], r["label"]), []).append(f"identical predictions to {reference}")
+        grouped.setdefault((r["task"], f"the same prediction as {reference} on every example and seed"),
+                           []).append(r["label"])
+    best = {r["task"]: (r["best"], r["best_score"]) for _, r in baselines.iterrows() if r["best"]}
+    for _, r in summary.iterrows():
+        if r["task"] not in best or r["label"] == ZERO_SHOT or r["n_seeds"] == 0:
+            continue
+        name, score = best[r["task"]]
+        higher = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
+        if (r["score"] <= score) if higher else (r["score"] >= score):
+            flags.setdefault((r["task"], r["label"]), []).append(f"at or below the {name} baseline")
+            grouped.setdefault((r["task"], f"mean at or below the {name} baseline ({score:.4f})"),
+                               []).append(r["label"])
+    for (task, what), labels in sorted(grouped.items()):
+        notes.append(f"Flag, {task}: {what}: {', '.join(sorted(labels))}.")
+    summary = summary.copy()
+    summary["flags"] = [("; ".join(flags.get((t, lab), []))) for t, lab in zip(summary["task"], summary["label"])]
+    return summary
+
+
+def iqm_rows(x: np.ndarray) -> np.ndarray:
+    """The interquartile mean of each row (rliable's aggregate_iqm: scipy's 25% trimmed mean)."""
+    from scipy.stats import trim_mean
+    return trim_mean(x, 0.25, axis=1)
+
+
+def prob_improvement_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """rliable's probability_of_improvement for each replicate: x, y of shape (reps, runs, tasks);
+    per task P(X > Y) + P(X = Y) / 2 over all pairs of runs (the Mann-Whitney U statistic / (n m)),
+    averaged over tasks."""
+    gt = (x[:, :, None, :] > y[:, None, :, :]).mean(axis=(1, 2))
+    eq = (x[:, :, None, :] == y[:, None, :, :]).mean(axis=(1, 2))
+    return (gt + 0.5 * eq).mean(axis=1)
+
+
+def aggregate(trials: pd.DataFrame, baselines: pd.DataFrame, reference: str = REFERENCE,
+              reps: int = 2000) -> pd.DataFrame:
+    """Across tasks (rliable, Agarwal et al. 2021, arXiv 2108.13264): the interquartile mean of scores
+    normalised to the task's best trivial baseline ((score - baseline) / (1 - baseline); 0 = trivial,
+    1 = perfect) and the probability of improvement over the reference, each with a 95% stratified
+    bootstrap interval over seeds within tasks (fixed generator: the same records give the same bytes).
+    Only methods with a seed on every task where the reference ran take part."""
+    from rliable import metrics as rm
+    cols = ["label", "family", "n_tasks", "iqm", "iqm_low", "iqm_high", "p_improve", "p_improve_low",
+            "p_improve_high"]
+    ok = trials[(trials["status"] == "ok") & (trials["metric"].isin(["accuracy", "exact_match"]))]
+    base = {r["task"]: r["best_score"] for _, r in baselines.iterrows() if r["best"]}
+    tasks = sorted(t for t in set(ok[ok["label"] == reference]["task"]) if t in base)
+    if len(tasks) < 2:  # an aggregate "across tasks" of one task is that task's table
+        return pd.DataFrame(columns=cols)
+
+    def matrix(label: str) -> list[np.ndarray] | None:
+        out = []
+        for t in tasks:
+            v = ok[(ok["label"] == label) & (ok["task"] == t)].sort_values("seed")["score"].to_numpy(dtype=float)
+            if not len(v):
+                return None
+            out.append((v - base[t]) / (1.0 - base[t]))
+        return out
+
+    ref = matrix(reference)
+    rows = []
+    for label, g in ok.groupby("label", sort=True):
+        m = matrix(label)
+        if m is None:
+            continue
+        k = min(min(len(x) for x in m), min(len(x) for x in ref))
+        x = np.stack([v[:k] for v in m], axis=1)   # (seeds, tasks)
+        y = np.stack([v[:k] for v in ref], axis=1)
+        # Point estimates from rliable; the bootstrap replicates below compute the same two statistics
+        # vectorised over replicates (tests/test_report_stats.py checks they agree with rliable).
+        iqm = float(rm.aggregate_iqm(x))
+        p_imp = float(rm.probability_of_improvement(x, y)) if label != reference else float("nan")
+        rng = np.random.default_rng(0)  # per method, so adding a method leaves the others' intervals as they were
+        xb = np.take_along_axis(x[None], rng.integers(0, k, size=(reps, k, len(tasks))), axis=1)
+        yb = np.take_along_axis(y[None], rng.integers(0, k, size=(reps, k, len(tasks))), axis=1)
+        lo, hi = np.percentile(iqm_rows(xb.reshape(reps, -1)), [2.5, 97.5])
+        plo, phi = ((float("nan"), float("nan")) if label == reference
+                    else np.percentile(prob_improvement_rows(xb, yb), [2.5, 97.5]))
+        rows.append({"label": label, "family": g["family"].iloc[0], "n_tasks": len(tasks), "iqm": iqm,
+                     "iqm_low": float(lo), "iqm_high": float(hi), "p_improve": p_imp,
+                     "p_improve_low": float(plo), "p_improve_high": float(phi)})
+    return pd.DataFrame(rows, columns=cols).sort_values(["iqm", "label"], ascending=[False, True],
+                                                         kind="stable").reset_index(drop=True)
 
 
 def failures_frame(trials: pd.DataFrame) -> pd.DataFrame:
@@ -247,13 +510,18 @@ def failures_frame(trials: pd.DataFrame) -> pd.DataFrame:
 def build(records: list[dict]) -> Report:
     notes: list[str] = []
     trials = trials_frame(records, notes)
+    trials, lr_selection = select_learning_rates(trials, notes)
     summary = summarize(trials, notes)
     detail, summ = compare_with_reference(trials)
     if len(trials) and not (trials["label"] == REFERENCE).any():
         notes.append(f"No '{REFERENCE}' trials in these records: the paired comparison against {REFERENCE} is empty.")
+    baselines = trivial_baselines(trials)
+    if len(summary):
+        summary = flag_rows(trials, summary, detail, baselines, notes)
     failures = failures_frame(trials)
     if len(failures):
         notes.append(f"{len(failures)} trial(s) failed; they are listed with their reason under 'Failed trials' "
                      f"and left out of means, ranks and comparisons.")
     return Report(trials=trials, summary=summary, average_rank=average_ranks(summary), paired_detail=detail,
-                  paired_summary=summ, failures=failures, notes=notes, records=records)
+                  paired_summary=summ, failures=failures, notes=notes, records=records, baselines=baselines,
+                  lr_selection=lr_selection, aggregate=aggregate(trials, baselines))
