@@ -120,7 +120,8 @@ def _record(label: str, seed: int, pred: list[int], lr: float = 1e-3, val: float
     return {"task": task, "label": label, "method": method or label, "seed": seed, "status": "ok",
             "metric": "accuracy", "higher_is_better": True, "score": sum(o.correct) / len(o.correct),
             "family": "baseline" if label == "head" else "lora", "train": {"steps": steps, "batch_size": 16, "lr_used": lr},
-            "outcomes": o.to_record("h1"), "majority_label": 1, "trained_steps": steps, "val_score": val}
+            "outcomes": o.to_record("h1"), "majority_label": 1, "trained_steps": steps, "val_score": val,
+            "trainable_params": 1000, "peak_rss_mb": 500.0, "train_tokens_per_s": 100.0, "adapter_bytes": 4000}
 
 
 def _pred(acc_on_first: int, seed: int) -> list[int]:
@@ -194,3 +195,31 @@ def test_zero_shot_is_a_trivial_baseline_and_lora_below_it_is_flagged():
     b = rep.baselines.iloc[0]
     assert b["best"] == "zero-shot" and b["zero_shot"] == pytest.approx(0.8) and b["ref_verdict"] == "below it"
     assert "at or below the zero-shot baseline" in rep.summary.set_index("label").loc["lora", "flags"]
+
+
+def test_reach95_is_the_first_step_with_95_percent_of_the_gain_over_the_baseline():
+    from lorabench.report.curves import reach
+    curve = [(100, 0.60), (200, 0.75), (300, 0.81), (400, 0.84), (500, 0.85), (600, 0.84)]
+    plateau, step = reach(curve, 0.5)
+    assert plateau == pytest.approx(0.8433333) and step == 400   # target 0.5 + 0.95 * 0.3433 = 0.8262
+    assert reach(curve, None) == (pytest.approx(0.8433333), 300)   # 95% of the plateau: 0.801
+    assert reach([(10, 0.5), (20, 0.4)], 0.0, higher=True)[1] == 10
+    assert reach([], 0.5) [1] is None
+
+
+def test_validation_curves_are_tabulated_and_plotted(tmp_path):
+    from lorabench.report.build import write_report
+    recs = []
+    for s in range(2):
+        for lr, top in ((1e-3, 0.9), (3e-3, 0.7)):
+            r = _record("lora", s, _pred(90, s), lr=lr, val=top)
+            r["val_curve"] = [[100, 0.55], [200, top - 0.05], [300, top], [400, top]]
+            recs.append(r)
+    written = write_report(recs, tmp_path, ["md", "csv", "png"])
+    names = {p.name for p in written}
+    assert {"curves.csv", "curves-rt-sentiment.png"} <= names
+    import pandas as pd
+    c = pd.read_csv(tmp_path / "curves.csv")
+    assert len(c) == 4 and set(c["lr"]) == {1e-3, 3e-3}   # every rate of the grid, not only the chosen one
+    assert (c[c["lr"] == 1e-3]["reach95"] == 300).all()
+    assert "## Validation curves" in (tmp_path / "LEADERBOARD.md").read_text()

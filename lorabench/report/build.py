@@ -9,6 +9,8 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     baselines.csv       per task: majority-class and zero-shot baselines, LoRA against the best, MDD
     lr_selection.csv    per task, method and learning rate: validation score, which rate was chosen
     aggregate.csv       per method: IQM of normalised scores and P(improvement over lora) across tasks
+    curves.csv          per trial with a validation curve: plateau and the step reaching 95% (when any)
+    plots/curves-TASK.png  validation curves (when any)
     failures.csv        every failed trial with its reason
     findings.csv        the survey's headline claims, per task, with the numbers behind each verdict
     leaderboard.html    one self-contained page: sortable, filterable tables and the plots
@@ -24,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import UserError
-from lorabench.report import findings, plots, tables
+from lorabench.report import curves, findings, plots, tables
 from lorabench.report.html import render_html
 from lorabench.report.markdown import render_markdown
 
@@ -126,6 +128,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str]) -> li
     cov = coverage(rep)
     need_png = "png" in formats or "html" in formats or "md" in formats
     pngs = plots.task_plots(rep.summary) if need_png and len(rep.summary) else {}
+    if need_png:
+        pngs.update(curves.curve_plots(rep.all_trials, rep.baselines))
     written: list[Path] = []
     if "md" in formats:
         p = out / "LEADERBOARD.md"
@@ -140,6 +144,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str]) -> li
                   "average_rank.csv": rep.average_rank, "paired.csv": rep.paired_detail,
                   "failures.csv": rep.failures, "findings.csv": claims, "baselines.csv": rep.baselines,
                   "lr_selection.csv": rep.lr_selection, "aggregate.csv": rep.aggregate}
+        if len(rep.curves):
+            frames["curves.csv"] = rep.curves
         for name, df in frames.items():
             _csv(df, out / name)
             written.append(out / name)

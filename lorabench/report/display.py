@@ -116,6 +116,18 @@ def lr_selection_table(rep: Report) -> Table:
                  ["task", "method", "learning rate", "seeds", "validation score", "chosen"], rows, anchor="lr-selection")
 
 
+def curves_table(rep: Report) -> Table:
+    rows = [[text(r["task"]), text(r["label"]), ("–", float("nan")) if isnan(r["lr"]) else (f"{r['lr']:.3g}", float(r["lr"])),
+             (str(r["seed"]), float(r["seed"])), (str(r["points"]), float(r["points"])),
+             (str(r["last_step"]), float(r["last_step"])), num(r["plateau"]), num(r["baseline"]),
+             ("never", float("inf")) if isnan(r["reach95"]) else (f"{r['reach95']:.0f}", float(r["reach95"]))]
+            for _, r in rep.curves.iterrows()]
+    return Table("Validation curves: plateau (mean of the last 3 points) and the first step reaching 95% of the gain "
+                 "over the trivial baseline", ["task", "method", "learning rate", "seed", "points", "last step",
+                                               "plateau", "trivial baseline", "step reaching 95%"], rows,
+                 anchor="curves")
+
+
 def aggregate_table(rep: Report) -> Table:
     def iv(v, lo, hi) -> tuple[str, object]:
         return ("–", float("nan")) if isnan(v) else (f"{v:.3f} [{lo:.3f}, {hi:.3f}]", float(v))

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from lorabench.methods.base import FAMILIES
+from lorabench.report.curves import curves_frame
 from lorabench.report.stats import Estimate, crossed, holm, mean_ci95, seed_interval, verdict
 from lorabench.tasks.base import Outcomes
 
@@ -90,6 +91,8 @@ class Report:
     baselines: pd.DataFrame = field(default_factory=pd.DataFrame)     # per task: trivial baselines, LoRA against them
     lr_selection: pd.DataFrame = field(default_factory=pd.DataFrame)  # per (task, label, lr): validation score, chosen
     aggregate: pd.DataFrame = field(default_factory=pd.DataFrame)     # per label: IQM, P(improvement over lora)
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame)        # per trial with a validation curve: reach95
+    all_trials: pd.DataFrame = field(default_factory=pd.DataFrame)    # trials at every learning rate of a grid
 
 
 def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
@@ -509,8 +512,8 @@ def failures_frame(trials: pd.DataFrame) -> pd.DataFrame:
 
 def build(records: list[dict]) -> Report:
     notes: list[str] = []
-    trials = trials_frame(records, notes)
-    trials, lr_selection = select_learning_rates(trials, notes)
+    all_trials = trials_frame(records, notes)  # every learning rate: the curves show the whole grid
+    trials, lr_selection = select_learning_rates(all_trials, notes)
     summary = summarize(trials, notes)
     detail, summ = compare_with_reference(trials)
     if len(trials) and not (trials["label"] == REFERENCE).any():
@@ -523,5 +526,7 @@ def build(records: list[dict]) -> Report:
         notes.append(f"{len(failures)} trial(s) failed; they are listed with their reason under 'Failed trials' "
                      f"and left out of means, ranks and comparisons.")
     return Report(trials=trials, summary=summary, average_rank=average_ranks(summary), paired_detail=detail,
+                  all_trials=all_trials,
                   paired_summary=summ, failures=failures, notes=notes, records=records, baselines=baselines,
-                  lr_selection=lr_selection, aggregate=aggregate(trials, baselines))
+                  lr_selection=lr_selection, aggregate=aggregate(trials, baselines),
+                  curves=curves_frame(all_trials, baselines))
