@@ -26,3 +26,24 @@ def test_validating_during_training_leaves_the_run_unchanged():
 def test_a_validation_interval_longer_than_training_is_refused():
     with pytest.raises(ValueError, match="val_every=9 is more than train.steps=6"):
         _trial(val_every=9)
+
+
+def test_bf16_autocast_trains_and_evaluates_in_bfloat16():
+    import torch
+    from lorabench.harness import train as train_mod
+
+    seen = []
+    real = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(x, w, b)
+
+    torch.nn.functional.linear = spy
+    try:
+        r = _trial(autocast="bf16")
+    finally:
+        torch.nn.functional.linear = real
+    assert seen and all(d == torch.bfloat16 for d in seen)
+    assert r["train"]["autocast"] == "bf16" and 0 <= r["score"] <= 1 and r["final_loss"] == r["final_loss"]
+    assert train_mod.TrainConfig().autocast == "off"

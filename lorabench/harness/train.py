@@ -36,6 +36,9 @@ class TrainConfig:
     warmup_steps_for_throughput: int = option(3, "steps excluded from the throughput median (allocator, caches)", low=0)
     threads: int | None = option(None, "torch intra-op threads; None = all cores", low=1)
     loss_curve_every: int = option(10, "record the mean training loss every this many steps", low=1)
+    autocast: Literal["off", "bf16"] = option("off", "bf16: forward passes (training, validation, evaluation) under "
+                                              "torch.autocast(bfloat16), weights and optimizer state in fp32; "
+                                              "fast only on CPUs with AVX-512 BF16 or AMX (`lorabench env`)")
     val_every: int | None = option(None, "score the validation split every this many steps (the validation curve; "
                                    "None = only after training)", low=1)
 
@@ -67,11 +70,16 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def validate(model: torch.nn.Module, task, tokenizer, batch_size: int) -> float:
+def precision(cfg: TrainConfig):
+    """The context every forward pass of a trial runs in: bf16 autocast, or nothing."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
+
+
+def validate(model: torch.nn.Module, task, tokenizer, batch_size: int, cfg: TrainConfig | None = None) -> float:
     """The task's primary metric on its validation part, with the RNG streams left as they were."""
     was_training = model.training
     model.eval()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), precision(cfg or TrainConfig()):
         score = task.evaluate(model, tokenizer, batch_size, part="val").metrics[task.metric.name]
     model.train(was_training)
     return float(score)
@@ -104,7 +112,8 @@ def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainCon
         t0 = time.perf_counter()
         state.step, state.batch = step, batch
         method.on_step_begin(state)
-        loss = model(**batch).loss
+        with precision(cfg):
+            loss = model(**batch).loss
         extra = method.extra_loss(state)
         if extra is not None:
             loss = loss + extra
@@ -130,7 +139,7 @@ def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainCon
             window = []
         if cfg.val_every is not None and (step + 1) % cfg.val_every == 0:
             tv = time.perf_counter()
-            val_curve.append([step + 1, round(validate(model, task, tokenizer, cfg.eval_batch_size), 6)])
+            val_curve.append([step + 1, round(validate(model, task, tokenizer, cfg.eval_batch_size, cfg), 6)])
             val_seconds += time.perf_counter() - tv
         bar.set_postfix(loss=f"{loss_value:.4f}")
     bar.close()

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lorabench.config import from_dict
-from lorabench.harness.train import TrainConfig, train, validate
+from lorabench.harness.train import TrainConfig, precision, train, validate
 from lorabench.measure.memory import cuda_peak_mb, current_rss_mb, peak_rss_mb
 from lorabench.methods import get_method
 from lorabench.methods.base import ApplyContext, Method
@@ -90,7 +90,8 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
 
     result = train(model, method, task, tokenizer, train_cfg, spec.seed, progress=progress)
     model.eval()
-    ev = task.evaluate(model, tokenizer, train_cfg.eval_batch_size)
+    with precision(train_cfg):
+        ev = task.evaluate(model, tokenizer, train_cfg.eval_batch_size)
     val_score = None
     if split.val:  # the model-selection score (learning-rate grids), never the test split's
         last = result.val_curve[-1] if result.val_curve else None
@@ -98,7 +99,7 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
         if last is not None and last[0] == result.steps and same_model:
             val_score = last[1]
         else:
-            val_score = round(validate(model, task, tokenizer, train_cfg.eval_batch_size), 6)
+            val_score = round(validate(model, task, tokenizer, train_cfg.eval_batch_size, train_cfg), 6)
 
     with tempfile.TemporaryDirectory() as d:
         adapter_bytes = method.save_adapter(model, os.path.join(d, "adapter.safetensors"))

@@ -34,16 +34,37 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# The instruction sets that decide how fast low precision runs on a CPU: bf16 matmuls need AVX-512 BF16
+# (AMD Zen 4+, Intel Cooper Lake+) or AMX (Intel Sapphire Rapids+); without them bf16 is emulated.
+CPU_FEATURES = (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX-BF16"))
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_features() -> dict[str, bool]:
+    """{feature name: present} for CPU_FEATURES, from /proc/cpuinfo's flags (empty where it is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {name: flag in flags for flag, name in CPU_FEATURES}
+    except OSError:
+        pass
+    return {}
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_description() -> str:
+    feats = cpu_features()
+    extra = ("; " + ", ".join(n if have else f"no {n}" for n, have in feats.items())) if feats else ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores{extra})"
     except OSError:
         pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores)"
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} logical cores{extra})"
 
 
 def gpu_description() -> str | None:
