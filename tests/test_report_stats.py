@@ -179,6 +179,11 @@ def test_learning_rate_is_chosen_on_validation_never_on_test():
     assert list(chosen["lr"]) == [3e-3] and len(rep.lr_selection) == 3
     row = rep.summary.iloc[0]
     assert row["lr"] == 3e-3 and row["n_seeds"] == 2 and row["score"] == pytest.approx((60 + 61) / 200)
+    # a grid tuned on seed 0, then the chosen rate run on more seeds: the choice compares seed 0 only
+    extra = [_record("lora", s, _pred(60, s), lr=3e-3, val=0.60) for s in (2, 3)]
+    rep = tables.build(recs + extra)
+    assert list(rep.lr_selection[rep.lr_selection["chosen"]]["lr"]) == [3e-3]
+    assert rep.summary.iloc[0]["n_seeds"] == 4
     # without validation scores nothing can be chosen: the note says so and the middle rate is reported
     for r in recs:
         r["val_score"] = None

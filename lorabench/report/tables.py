@@ -183,7 +183,8 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
 
 def select_learning_rates(trials: pd.DataFrame, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Where a (task, label) ran at several learning rates, keep the rate with the best mean validation
-    score over seeds (ties: the smaller rate); the test split never takes part in the choice.
+    score over the seeds every rate ran (ties: the smaller rate); the test split never takes part in
+    the choice.
 
     Returns (the trials at the chosen rates plus every failed trial, the selection table)."""
     cols = ["task", "label", "lr", "n_seeds", "val_score", "chosen"]
@@ -193,7 +194,11 @@ def select_learning_rates(trials: pd.DataFrame, notes: list[str]) -> tuple[pd.Da
         rates = sorted(set(g["lr"].dropna()))
         if len(rates) < 2:
             continue
-        means = {lr: g[g["lr"] == lr]["val_score"].mean() for lr in rates}
+        # Compare the rates on the seeds every rate has (a grid tuned on seed 0, then the chosen rate run on
+        # more seeds, is chosen exactly as it was when tuned); all seeds where they share none.
+        common = set.intersection(*(set(g[g["lr"] == lr]["seed"]) for lr in rates))
+        sel = g[g["seed"].isin(common)] if common else g
+        means = {lr: sel[sel["lr"] == lr]["val_score"].mean() for lr in rates}
         if any(math.isnan(v) for v in means.values()):
             chosen = rates[len(rates) // 2]
             notes.append(f"{label} on {task}: ran at {len(rates)} learning rates but some trials have no validation "
