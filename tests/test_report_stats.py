@@ -121,7 +121,8 @@ def _record(label: str, seed: int, pred: list[int], lr: float = 1e-3, val: float
             "metric": "accuracy", "higher_is_better": True, "score": sum(o.correct) / len(o.correct),
             "family": "baseline" if label == "head" else "lora", "train": {"steps": steps, "batch_size": 16, "lr_used": lr},
             "outcomes": o.to_record("h1"), "majority_label": 1, "trained_steps": steps, "val_score": val,
-            "trainable_params": 1000, "peak_rss_mb": 500.0, "train_tokens_per_s": 100.0, "adapter_bytes": 4000}
+            "trainable_params": 1000, "peak_rss_mb": 500.0, "train_tokens_per_s": 100.0, "adapter_bytes": 4000,
+            "loss_curve": [0.7, 0.6, 0.5]}
 
 
 def _pred(acc_on_first: int, seed: int) -> list[int]:
@@ -155,7 +156,7 @@ def test_per_example_intervals_baselines_flags_and_identical_rows():
     assert s.loc["lora", "score_ci95"] > 3 * stats.mean_ci95(x.mean(axis=1))[1]
     assert "identical predictions to lora" in s.loc["dora", "flags"]
     assert "predicts one class (seed 0, 1, 2)" in s.loc["vera", "flags"]
-    assert "at or below the majority baseline" in s.loc["vera", "flags"]
+    assert "at or below the majority baseline (predicts one class)" in s.loc["vera", "flags"]
     assert s.loc["pissa", "flags"] == "" and s.loc["lora", "flags"] == ""
     d = rep.paired_detail.set_index("label")
     assert d.loc["dora", "verdict"] == "identical" and d.loc["pissa", "verdict"] == "loss"
@@ -199,7 +200,7 @@ def test_zero_shot_is_a_trivial_baseline_and_lora_below_it_is_flagged():
     rep = tables.build(recs)
     b = rep.baselines.iloc[0]
     assert b["best"] == "zero-shot" and b["zero_shot"] == pytest.approx(0.8) and b["ref_verdict"] == "below it"
-    assert "at or below the zero-shot baseline" in rep.summary.set_index("label").loc["lora", "flags"]
+    assert "at or below the zero-shot baseline (trained: its loss fell" in rep.summary.set_index("label").loc["lora", "flags"]
 
 
 def test_reach95_is_the_first_step_with_95_percent_of_the_gain_over_the_baseline():

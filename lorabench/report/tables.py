@@ -408,6 +408,18 @@ def trivial_baselines(trials: pd.DataFrame, reference: str = REFERENCE) -> pd.Da
     return pd.DataFrame(rows, columns=cols)
 
 
+def below_baseline_reason(g: pd.DataFrame, flags: list[str]) -> str:
+    """Why a row may sit at or below the trivial baseline, from what its trials recorded."""
+    if (g["trained_steps"] == 0).all():
+        return "nothing trained"
+    if any(f.startswith("predicts one class") for f in flags):
+        return "predicts one class"
+    curves = [c for c in g["loss_curve"] if len(c) >= 2]
+    if curves and all(c[-1] >= c[0] for c in curves):
+        return "training loss did not fall"
+    return "trained: its loss fell, its accuracy did not rise above the baseline"
+
+
 def flag_rows(trials: pd.DataFrame, summary: pd.DataFrame, detail: pd.DataFrame, baselines: pd.DataFrame,
               notes: list[str], reference: str = REFERENCE) -> pd.DataFrame:
     """Flags on rows a reader must not take at face value: a trial that predicts one class, predictions
@@ -434,9 +446,11 @@ def flag_rows(trials: pd.DataFrame, summary: pd.DataFrame, detail: pd.DataFrame,
         name, score = best[r["task"]]
         higher = bool(r["higher_is_better"]) if r["higher_is_better"] is not None else True
         if (r["score"] <= score) if higher else (r["score"] >= score):
-            flags.setdefault((r["task"], r["label"]), []).append(f"at or below the {name} baseline")
+            why = below_baseline_reason(ok[(ok["task"] == r["task"]) & (ok["label"] == r["label"])],
+                                        flags.get((r["task"], r["label"]), []))
+            flags.setdefault((r["task"], r["label"]), []).append(f"at or below the {name} baseline ({why})")
             grouped.setdefault((r["task"], f"mean at or below the {name} baseline ({score:.4f})"),
-                               []).append(r["label"])
+                               []).append(f"{r['label']} ({why})")
     for (task, what), labels in sorted(grouped.items()):
         notes.append(f"Flag, {task}: {what}: {', '.join(sorted(labels))}.")
     summary = summary.copy()
