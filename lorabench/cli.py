@@ -44,7 +44,7 @@ def cmd_list(args) -> int:
         from lorabench.runner.suite import list_suites, load_suite
         for p in list_suites():
             s = load_suite(str(p))
-            print(f"{s.name:12s} v{s.version}  {len(s.trials()):4d} trials  {s.description}")
+            print(f"{s.name:12s} v{s.version}  {s.size():4d} trials  {s.description}")
     elif args.what == "assets":
         return cmd_assets(argparse.Namespace(action="list", names=[]))
     return 0

@@ -14,7 +14,14 @@ SUITES = list_suites()
 def test_every_shipped_suite_validates_and_expands(path):
     suite = load_suite(str(path))
     trials = suite.trials()
-    assert len(trials) == len(suite.tasks) * len(suite.methods) * len(suite.seeds)
+    expected = 0
+    for task in suite.tasks:
+        for method in suite.methods:
+            grid = method.lr_grid or task.lr_grid or suite.lr_grid or [1]
+            tune = suite.tune_seeds if suite.tune_seeds is not None and len(grid) > 1 else suite.seeds
+            expected += len(grid) * len(tune)
+    assert len(trials) == expected
+    assert suite.size() == len(trials) + sum(len(seeds) for _, _, seeds in suite.pending())
     ids = [trial_id(t) for t in trials]
     assert len(set(ids)) == len(ids), "two trials of one suite share an id"
 
@@ -66,7 +73,43 @@ def test_lr_grid_gives_one_trial_per_rate_under_the_same_label(tmp_path):
     assert sorted({t.train["lr"] for t in s.trials() if t.label == "lora-r4"}) == pytest.approx([base / 2, base * 2])
 
 
+TUNED = """suite: tuned
+version: 1
+seeds: [0, 1, 2]
+lr_grid: [0.5, 2]
+tune_seeds: [0]
+train: {steps: 3, batch_size: 4, eval_batch_size: 8, lr: 1.0e-2, warmup_steps_for_throughput: 0}
+tasks:
+  - {name: rt-sentiment, model: tiny-bert, options: {n_train: 32, n_eval: 16, n_val: 16, max_length: 16}}
+methods:
+  - lora
+"""
+
+
+def test_tune_seeds_run_the_grid_then_the_other_seeds_at_the_rate_validation_chose(tmp_path):
+    from tests.conftest import run_cli
+    path = write(tmp_path, TUNED, "tuned")
+    s = load_suite(path)
+    assert [(t.seed, t.train["lr"]) for t in s.trials()] == [(0, 5e-3), (0, 2e-2)]
+    assert s.pending() == [("rt-sentiment", "lora", [1, 2])] and s.size() == 4
+    records = tmp_path / "r.jsonl"
+    proc = run_cli("run", path, "--records", str(records), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = read_records(records)
+    tune = {r["train"]["lr"]: r["val_score"] for r in recs if r["seed"] == 0}
+    chosen = max(sorted(tune), key=lambda lr: tune[lr])   # ties: the smaller rate
+    assert sorted((r["seed"], r["train"]["lr"]) for r in recs if r["seed"] != 0) == [(1, chosen), (2, chosen)]
+    assert "running the other seeds" in proc.stdout
+    assert load_suite(path).pending(recs) == [] and len(load_suite(path).trials(recs)) == 4
+    # the report makes the same choice from the same records
+    from lorabench.report import tables
+    sel = tables.build(recs).lr_selection
+    assert list(sel[sel["chosen"]]["lr"]) == [chosen]
+
+
 @pytest.mark.parametrize("text,pattern", [
+    (GOOD + "tune_seeds: [0]\n", r"mine\.yaml:10: tune_seeds needs an lr_grid"),
+    (GOOD + "lr_grid: [1, 2]\ntune_seeds: 0\n", r"tune_seeds must be a non-empty list of integer seeds"),
     (GOOD + "lr_grid: [1, 1]\n", r"mine\.yaml:10: lr_grid must be a non-empty list of distinct positive factors"),
     (GOOD + "lr_grid: [0, 1]\n", r"lr_grid must be a non-empty list of distinct positive factors"),
     (GOOD.replace("  - head", "  - {name: head, lr_grid: fast}"), r"mine\.yaml:8: lr_grid must be"),

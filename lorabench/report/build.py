@@ -76,7 +76,7 @@ def coverage(rep: tables.Report) -> list[str]:
         if s.version != version:
             lines.append(what + f"; suite file is now v{s.version}, so coverage against it is not computed.")
             continue
-        specs = s.trials()
+        specs = s.trials(rep.records)
         done = [sp for sp in specs if trial_id(sp) in recorded]
         missing_tasks = sorted({sp.task for sp in specs} - {sp.task for sp in done})
         missing_methods = sorted({sp.label for sp in specs} - {sp.label for sp in done})

@@ -20,6 +20,7 @@ import pandas as pd
 
 from lorabench.methods.base import FAMILIES
 from lorabench.report.curves import curves_frame
+from lorabench.runner.tuning import choose_rate
 from lorabench.report.stats import Estimate, crossed, holm, mean_ci95, seed_interval, verdict
 from lorabench.tasks.base import Outcomes
 
@@ -199,13 +200,12 @@ def select_learning_rates(trials: pd.DataFrame, notes: list[str]) -> tuple[pd.Da
         common = set.intersection(*(set(g[g["lr"] == lr]["seed"]) for lr in rates))
         sel = g[g["seed"].isin(common)] if common else g
         means = {lr: sel[sel["lr"] == lr]["val_score"].mean() for lr in rates}
-        if any(math.isnan(v) for v in means.values()):
+        higher = bool(g["higher_is_better"].iloc[0]) if g["higher_is_better"].iloc[0] is not None else True
+        chosen = choose_rate({lr: list(sel[sel["lr"] == lr]["val_score"]) for lr in rates}, higher)
+        if chosen is None:
             chosen = rates[len(rates) // 2]
             notes.append(f"{label} on {task}: ran at {len(rates)} learning rates but some trials have no validation "
                          f"score, so none can be chosen on validation; the middle rate {chosen:g} is reported.")
-        else:
-            higher = bool(g["higher_is_better"].iloc[0]) if g["higher_is_better"].iloc[0] is not None else True
-            chosen = sorted(rates, key=lambda lr: (-means[lr] if higher else means[lr], lr))[0]
         for lr in rates:
             rows.append({"task": task, "label": label, "lr": lr, "n_seeds": int((g["lr"] == lr).sum()),
                          "val_score": means[lr], "chosen": lr == chosen})

@@ -108,8 +108,9 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
     """
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs (trials run at once) must be at least 1, got {jobs}")
-    trials = suite.trials()
-    done = {r.get("trial_id") for r in read_records(records_path)}
+    records = read_records(records_path)
+    trials = suite.trials(records)  # with tune_seeds, the chosen rates come from the recorded tuning trials
+    done = {r.get("trial_id") for r in records}
     env = environment()
     todo = [(trial_id(t), t) for t in trials]
     ids = [tid for tid, _ in todo]
@@ -167,6 +168,14 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
                 for fut in futures:
                     fut.cancel()
                 raise
+    # Tuning trials just recorded may have chosen the learning rate of the other seeds: run those next.
+    records = read_records(records_path, warn=False)
+    if {trial_id(t) for t in suite.trials(records)} - set(ids):
+        log("learning rates chosen on the tuning seeds' validation scores: running the other seeds")
+        return run_suite(suite, records_path, overrides, timeout_s, progress, log, jobs)
+    for task, label, seeds in suite.pending(records):
+        log(f"{label} on {task}: seed(s) {', '.join(map(str, seeds))} wait for a learning rate: its tuning trials "
+            f"are not all recorded ok with a validation score (see the failures above, or run the tuning seeds)")
     return ids
 
 

@@ -18,6 +18,8 @@ methods:
 lr_grid: [0.3, 1, 3]         # optional, also per task or per method (the most specific wins): one trial per
                              # factor x the trial's learning rate (train.lr, else the method's default_lr);
                              # the report keeps, per task and method, the rate with the best validation score
+tune_seeds: [0]              # optional, with lr_grid: only these seeds run the grid; every other seed runs
+                             # once, at the rate they chose (read from the records: lorabench/runner/tuning.py)
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -40,7 +42,8 @@ from lorabench.harness.train import TrainConfig
 from lorabench.harness.trial import TrialSpec
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
-TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid"}
+TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
+            "tune_seeds"}
 TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
@@ -105,6 +108,7 @@ class Suite:
     path: str
     jobs: int = 1  # trials run at once (not part of a trial's identity)
     lr_grid: list[float] | None = None  # factors of each trial's learning rate (None = one rate)
+    tune_seeds: list[int] | None = None  # with lr_grid: the seeds that run the grid (None = every seed)
 
     def jobs_for(self, spec: TrialSpec) -> int:
         """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
@@ -113,25 +117,63 @@ class Suite:
                 return task.jobs
         return self.jobs
 
-    def trials(self) -> list[TrialSpec]:
-        out = []
+    def trials(self, records: list[dict] | None = None) -> list[TrialSpec]:
+        """Every trial of the suite. With `tune_seeds`, the other seeds' trials of a grid method exist only
+        once the tuning trials are in `records` (their rate is chosen from them); without records they are
+        left out (`pending` lists them)."""
+        return self._expand(records)[0]
+
+    def size(self) -> int:
+        """Trials the whole suite runs, those waiting for a tuned learning rate included."""
+        trials, waiting = self._expand(None)
+        return len(trials) + sum(len(seeds) for _, _, seeds in waiting)
+
+    def pending(self, records: list[dict] | None = None) -> list[tuple[str, str, list[int]]]:
+        """(task, label, seeds) waiting for their learning rate: the tuning trials are not all recorded."""
+        return self._expand(records)[1]
+
+    def _expand(self, records: list[dict] | None) -> tuple[list[TrialSpec], list[tuple[str, str, list[int]]]]:
+        out, waiting = [], []
+        by_id = {r.get("trial_id"): r for r in records or [] if r.get("status") == "ok"}
         for task in self.tasks:
             for method in self.methods:
                 train = merge(merge(self.train, task.train), method.train)
                 grid = method.lr_grid or task.lr_grid or self.lr_grid
-                if grid:  # one trial per rate; the label stays, the report chooses the rate on validation
-                    from lorabench.methods import get_method
-                    base = train.get("lr") if train.get("lr") is not None else get_method(method.name).default_lr
-                    trains = [merge(train, {"lr": float(f"{base * f:.6g}")}) for f in grid]
-                else:
-                    trains = [train]
-                for t in trains:
-                    for seed in self.seeds:
-                        out.append(TrialSpec(suite=self.name, suite_version=self.version, label=method.label,
-                                             method=method.name, method_options=method.options, task=task.name,
-                                             task_options=task.options, model=task.model or self.model,
-                                             seed=seed, train=t, lm_eval=task.lm_eval))
-        return out
+
+                def spec(seed: int, t: dict) -> TrialSpec:
+                    return TrialSpec(suite=self.name, suite_version=self.version, label=method.label,
+                                     method=method.name, method_options=method.options, task=task.name,
+                                     task_options=task.options, model=task.model or self.model,
+                                     seed=seed, train=t, lm_eval=task.lm_eval)
+
+                if not grid:
+                    out += [spec(seed, train) for seed in self.seeds]
+                    continue
+                # one trial per rate; the label stays, the rate is chosen on validation
+                from lorabench.methods import get_method
+                base = train.get("lr") if train.get("lr") is not None else get_method(method.name).default_lr
+                rates = [float(f"{base * f:.6g}") for f in grid]
+                if len(rates) == 1:  # one rate: nothing to tune, every seed runs it
+                    out += [spec(seed, merge(train, {"lr": rates[0]})) for seed in self.seeds]
+                    continue
+                tune = self.tune_seeds if self.tune_seeds is not None else self.seeds
+                tuning = {lr: [spec(seed, merge(train, {"lr": lr})) for seed in tune] for lr in rates}
+                out += [sp for lr in rates for sp in tuning[lr]]  # needed by the other seeds, whatever seeds= selects
+                rest = [seed for seed in self.seeds if seed not in tune]
+                if not rest:
+                    continue
+                from lorabench.runner.tuning import choose_rate
+                scores = {lr: [by_id[trial_id(sp)].get("val_score") if trial_id(sp) in by_id else None
+                               for sp in specs] for lr, specs in tuning.items()}
+                done = all(v is not None for vals in scores.values() for v in vals)
+                from lorabench.tasks import get_task
+                higher = get_task(task.name).metric.higher_is_better
+                chosen = choose_rate(scores, higher) if done else None
+                if chosen is None:
+                    waiting.append((task.name, method.label, rest))
+                    continue
+                out += [spec(seed, merge(train, {"lr": chosen})) for seed in rest]
+        return out, waiting
 
 
 def trial_id(spec: TrialSpec) -> str:
@@ -230,6 +272,16 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         return [float(f) for f in value]
 
     lr_grid = check_grid(data.get("lr_grid"), ("lr_grid",))
+    tune_seeds = data.get("tune_seeds")
+    if tune_seeds is not None:
+        if not isinstance(tune_seeds, list) or not tune_seeds or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in tune_seeds):
+            raise UserError(f"{_where(path, lines, ('tune_seeds',))}: tune_seeds must be a non-empty list of integer "
+                            f"seeds (the seeds that run the learning-rate grid), got {tune_seeds!r}")
+        if lr_grid is None and not any(isinstance(e, dict) and e.get("lr_grid") for key in ("tasks", "methods")
+                                       for e in data.get(key) or []):
+            raise UserError(f"{_where(path, lines, ('tune_seeds',))}: tune_seeds needs an lr_grid (the seeds that "
+                            f"tune a learning-rate grid); this suite has none")
     base_train = data.get("train") or {}
     from_dict(TrainConfig, base_train, f"{_where(path, lines, ('train',))}: train")
 
@@ -288,7 +340,7 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
-                 jobs=jobs, lr_grid=lr_grid)
+                 jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds)
 
 
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
