@@ -59,6 +59,8 @@ METHODS.register_lazy("lora-xs", "lorabench.methods.lora_xs:LoRAXS")
 METHODS.register_lazy("sora", "lorabench.methods.sora:SoRA")
 METHODS.register_lazy("dylora", "lorabench.methods.dylora:DyLoRA")
 METHODS.register_lazy("dora-rank", "lorabench.methods.dora_rank:DoraRank")
+# Issue 16 (part b): the survey's remaining single-task methods
+METHODS.register_lazy("lora-init-b", "lorabench.methods.procedure.lora_init_b:LoRAInitB")
 
 
 def get_method(name: str):
