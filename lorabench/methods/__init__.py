@@ -62,6 +62,7 @@ METHODS.register_lazy("dora-rank", "lorabench.methods.dora_rank:DoraRank")
 # Issue 16 (part b): the survey's remaining single-task methods
 METHODS.register_lazy("lora-init-b", "lorabench.methods.procedure.lora_init_b:LoRAInitB")
 METHODS.register_lazy("apiq", "lorabench.methods.quantized.apiq:ApiQ")
+METHODS.register_lazy("l4q", "lorabench.methods.quantized.l4q:L4Q")
 
 
 def get_method(name: str):

@@ -57,7 +57,60 @@ def apiq_equations(model, method):
     assert abs(rel - err1) < 1e-4 * max(1.0, err1)
 
 
+def l4q_equations(model, method):
+    from lorabench.methods.lora import LoraLinear
+    from lorabench.methods.quantized.l4q import L4QVariant, lsq_quantize
+
+    # LSQ+ on the merged weight: W_q = clamp(round((W' - b) / d), 0, 2^bits - 1) d + b, per group
+    torch.manual_seed(0)
+    w = torch.randn(2, 64, requires_grad=True)
+    step = torch.full((2, 2), 0.3, requires_grad=True)
+    offset = torch.full((2, 2), -0.9, requires_grad=True)
+    g = 0.25
+    Wq = lsq_quantize(w, step, offset, 2, 32, grad_factor=g)
+    v = (w.detach().reshape(2, 2, 32) + 0.9) / 0.3
+    q = v.round().clamp(0, 3)
+    torch.testing.assert_close(Wq, (q * 0.3 - 0.9).reshape(2, 64))
+    # the gradients of sec. 3.2 (STE with clipping; LSQ's step gradient; LSQ+'s offset gradient), scaled by g
+    G = torch.randn(2, 64)
+    (Wq * G).sum().backward()
+    Gg = G.reshape(2, 2, 32)
+    inside = (v.round() >= 0) & (v.round() <= 3)
+    assert inside.any() and (~inside).any()
+    torch.testing.assert_close(w.grad, (Gg * inside).reshape(2, 64))
+    torch.testing.assert_close(step.grad, g * (Gg * torch.where(inside, v.round() - v, q)).sum(-1))
+    torch.testing.assert_close(offset.grad, g * (Gg * (~inside)).sum(-1))
+
+    # the layer: W_q of W' = W0 + s B A, min-max start of d and b, y = x W_q^T + bias; merging writes W_q
+    layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+    assert isinstance(layer.variant, L4QVariant)
+    c = method.config
+    W0 = layer.base.weight.detach().clone()
+    grp = W0.reshape(W0.shape[0], -1, c.group_size)
+    torch.testing.assert_close(layer.quant_offset.detach(), grp.amin(-1))
+    torch.testing.assert_close(layer.quant_step.detach(), (grp.amax(-1) - grp.amin(-1)) / (2 ** c.bits - 1))
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn_like(layer.lora_B) * 0.1)
+        merged = W0 + layer.scale * layer.lora_B @ layer.lora_A
+        d, b = layer.quant_step[..., None], layer.quant_offset[..., None]
+        Wq = (((merged.reshape(grp.shape) - b) / d).round().clamp(0, 2 ** c.bits - 1) * d + b).reshape_as(W0)
+        x = torch.randn(3, layer.in_features)
+        bias = 0.0 if layer.base.bias is None else layer.base.bias
+        torch.testing.assert_close(layer(x), x @ Wq.T + bias, atol=1e-5, rtol=1e-5)
+        layer.merge()
+        torch.testing.assert_close(layer.base.weight, Wq)
+        levels = ((layer.base.weight.reshape(grp.shape) - b) / d).round()
+        assert all(len(torch.unique(levels[o, j])) <= 2 ** c.bits for o in range(grp.shape[0]) for j in range(grp.shape[1]))
+        layer.unmerge()
+        torch.testing.assert_close(layer.base.weight, W0)
+
+
 CASES = [
     Case("apiq", {"rank": 4, "alpha": 8, "group_size": 32, "calib_steps": 30}, identity_at_init=False,
          equations=apiq_equations),
+    Case("l4q", {"rank": 4, "alpha": 8, "group_size": 32, "bits": 4}, identity_at_init=False,
+         equations=l4q_equations),
+    Case("l4q", {"rank": 2, "alpha": 4, "group_size": 32, "bits": 2, "quant_lr_ratio": 2.0,
+                 "target_modules": ["query", "v_proj", "down_proj", "output.dense"]},
+         id="l4q-2bit", identity_at_init=False),
 ]
