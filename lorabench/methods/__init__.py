@@ -63,6 +63,7 @@ METHODS.register_lazy("dora-rank", "lorabench.methods.dora_rank:DoraRank")
 METHODS.register_lazy("lora-init-b", "lorabench.methods.procedure.lora_init_b:LoRAInitB")
 METHODS.register_lazy("apiq", "lorabench.methods.quantized.apiq:ApiQ")
 METHODS.register_lazy("l4q", "lorabench.methods.quantized.l4q:L4Q")
+METHODS.register_lazy("byom-lora", "lorabench.methods.reduction.byom_lora:ByomLoRA")
 
 
 def get_method(name: str):
