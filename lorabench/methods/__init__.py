@@ -64,6 +64,7 @@ METHODS.register_lazy("lora-init-b", "lorabench.methods.procedure.lora_init_b:Lo
 METHODS.register_lazy("apiq", "lorabench.methods.quantized.apiq:ApiQ")
 METHODS.register_lazy("l4q", "lorabench.methods.quantized.l4q:L4Q")
 METHODS.register_lazy("byom-lora", "lorabench.methods.reduction.byom_lora:ByomLoRA")
+METHODS.register_lazy("pillow", "lorabench.methods.procedure.pillow:Pillow")
 
 
 def get_method(name: str):
