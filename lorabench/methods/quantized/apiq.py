@@ -144,6 +144,9 @@ class ApiQConfig(LoraConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.kernel != "reference":
+            raise ValueError("apiq: kernel must be 'reference' (the fused lora_linear op needs a dense base weight; "
+                             "ApiQ's base is b-bit)")
         if self.calib_lr == 0 and self.clip_lr == 0:
             raise ValueError("calib_lr and clip_lr are both 0: ApiQ's initialisation would change nothing; "
                              "use qlora for a plain quantized start")
