@@ -26,8 +26,9 @@ The integer codes are kept unpacked (one uint8 per weight): the method measures 
 not the storage, which NF4/int4 (QLoRA, QA-LoRA) already cover.
 
 Mechanism metrics (method_metrics): `act_rel_err_before` / `act_rel_err_after`, the mean over layers
-of ||X W - X^q (Q + s B A)||^2 / ||X W||^2 at the QLoRA-like start (min-max clipping, B = 0) and after
-ApiQ's initialisation; `logit_rel_err_before` / `logit_rel_err_after`, the same for the whole model's
+of ||X W - X^q (Q + s B A)||^2 / ||X W||^2 at the QLoRA-like start (round-to-nearest with the clipping
+factors at their start, sigmoid(4) = 0.98 of each group's min and max, and B = 0) and after ApiQ's
+initialisation; `logit_rel_err_before` / `logit_rel_err_after`, the same for the whole model's
 logits on the calibration batches against the full-precision model's; `calib_seconds`.
 """
 from __future__ import annotations
