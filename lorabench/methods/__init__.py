@@ -59,6 +59,12 @@ METHODS.register_lazy("lora-xs", "lorabench.methods.lora_xs:LoRAXS")
 METHODS.register_lazy("sora", "lorabench.methods.sora:SoRA")
 METHODS.register_lazy("dylora", "lorabench.methods.dylora:DyLoRA")
 METHODS.register_lazy("dora-rank", "lorabench.methods.dora_rank:DoraRank")
+# Issue 16 (part b): the survey's remaining single-task methods
+METHODS.register_lazy("lora-init-b", "lorabench.methods.procedure.lora_init_b:LoRAInitB")
+METHODS.register_lazy("apiq", "lorabench.methods.quantized.apiq:ApiQ")
+METHODS.register_lazy("l4q", "lorabench.methods.quantized.l4q:L4Q")
+METHODS.register_lazy("byom-lora", "lorabench.methods.reduction.byom_lora:ByomLoRA")
+METHODS.register_lazy("pillow", "lorabench.methods.procedure.pillow:Pillow")
 
 
 def get_method(name: str):

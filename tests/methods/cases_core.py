@@ -373,7 +373,7 @@ def dora_rank_equations(model, method):
 
 CASES = [
     Case("rslora", {"rank": 4, "alpha": 8}, models=("llama",), equations=rslora_equations),
-    Case("lora", {"rank": 4, "alpha": 8, "zero_init": "A"}, id="lora-init-b", models=("llama",),
+    Case("lora-init-b", {"rank": 4, "alpha": 8}, models=("bert", "llama"),
          equations=init_b_equations),
     Case("dora", {"rank": 4, "alpha": 8}, equations=dora_equations),
     Case("dora", {"rank": 2, "alpha": 4, "dropout": 0.1, "target_modules": ["query", "v_proj"]},
