@@ -101,7 +101,7 @@ class BiLoRA(LoRA):
         else:
             keep_gradients(trainable, {id(p) for p in trainable} - upper)      # P, Q (and head) on training data
             if state.loss is not None:   # the total minus the regulariser: the task loss of this batch
-                state.metrics["task_loss"] = round(float(state.loss) - state.metrics.get("orthogonality_loss", 0.0), 6)
+                state.metrics["task_loss"] = round(float(state.loss.detach()) - state.metrics.get("orthogonality_loss", 0.0), 6)
 
     def on_train_end(self, state: TrainState) -> None:
         layers = self.lora_layers(state.model)
