@@ -65,14 +65,17 @@ BEHAVIOURS = [
     # baselines and LoRA
     B("full", None), B("head", None), B("lora", None, lora_by_construction=True),
     # static variants: they differ from LoRA by their init, scaling or forward, nothing fires
-    B("rslora", None), B("dora", None), B("pissa", None), B("milora", None), B("lora-fa", None),
-    B("lora-plus", None), B("vera", None, options={"rank": 16}), B("riemannian", None),
+    B("rslora", None), B("pissa", None), B("milora", None), B("lora-fa", None),
+    B("vera", None, options={"rank": 16}), B("riemannian", None),
     B("lora-xs", None, kind="llama"), B("melora", None, options={"rank": 2, "n_mini": 4}), B("mora", None),
     B("qlora", None, kind="llama"), B("loftq", None, kind="llama"), B("qa-lora", None, options={"group_size": 32}),
     B("fourierft", None, options={"n_frequency": 64}),
     B("vb-lora", None, options={"rank": 2, "num_vectors": 16, "vector_length": 8, "topk": 2}, kind="llama"),
     B("sibo", lambda m: m["residual_layers"] > 0, "h0 mixed into the LoRA input of the block layers"),
     # mechanisms that act during training
+    B("dora", lambda m: m["magnitude_change_mean"] > 0 and m["direction_change_mean"] > 0,
+      "magnitude and direction both move (ΔM, ΔD of eq. (6))"),
+    B("lora-plus", lambda m: m["lr_ratio_B_to_A"] == 16.0, "B learns at lambda = 16 times A's rate"),
     B("relora", lambda m: m["restarts"] >= 2, "merge-and-restart at least twice"),
     B("cola", lambda m: m["knots_tied"] >= 2, "tie at least two knots of the chain"),
     B("delta-lora", lambda m: m["weight_update_steps"] > 0, "update W with the delta of B A"),
