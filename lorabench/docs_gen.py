@@ -124,6 +124,13 @@ def render() -> str:
            " do not edit by hand -->", "",
            "Every method registered in lorabench, then every entry of the paper list of the survey "
            "\"A Survey on LoRA of Large Language Models\" (arXiv 2407.11046) with its status.", "",
+           "Every method that is more than LoRA with a static change (init, scaling, forward) declares its "
+           "*mechanism metrics* (`Method.mechanism_metrics`): the quantities, recorded in each trial's "
+           "`method_metrics`, that show its defining mechanism acting in the run (ReLoRA's restarts, SoRA's "
+           "ranks, LoRA-drop's kept layers, ...). `tests/methods/test_behaviour.py` trains every method on a "
+           "tiny model through the real training loop and checks that the mechanism fires (also at 10 steps), "
+           "that the declared metrics are recorded, and that the outputs differ from plain LoRA's "
+           "(docs/adding-a-method.md, step 5).", "",
            "## Registered methods", "",
            "| name | method | paper | survey family | mergeable | default lr |",
            "|---|---|---|---|---|---|"]
@@ -131,6 +138,11 @@ def render() -> str:
         paper = f"[{c.paper}](https://arxiv.org/abs/{c.paper})" if c.paper else "-"
         out.append(f"| `{c.name}` | {c.title} | {paper} | {FAMILIES.get(c.family, c.family)} | "
                    f"{'yes' if c.mergeable else 'no'} | {c.default_lr:g} |")
+    out += ["", "### Mechanism metrics", "",
+            "| name | metric in `method_metrics` | meaning |", "|---|---|---|"]
+    for c in methods:
+        for k, meaning in c.mechanism_metrics.items():
+            out.append(f"| `{c.name}` | `{k}` | {meaning.replace('|', '/')} |")
     out += ["", "### Options", ""]
     for c in methods:
         out += [f"#### `{c.name}`", ""]

@@ -95,6 +95,22 @@ def resolve_targets(model: nn.Module, targets: list[str] | None, ctx: ApplyConte
     return names
 
 
+def interval_in_budget(every: int | None, fraction: float, window: int, what: str) -> int:
+    """The period, in steps, of a periodic mechanism (a restart, a merge, a reallocation) that must
+    fire within `window` training steps: `every` when the config gives it, else `fraction` of the
+    window (at least 1 step), so the schedule scales with the trial's budget. A given `every` that
+    could not fire even once in the window is rejected rather than silently turning the method
+    into plain LoRA."""
+    if window < 1:
+        raise ValueError(f"{what}: this budget leaves no step for the mechanism to act in; train more steps")
+    if every is None:
+        return max(1, int(round(fraction * window)))
+    if every > window:
+        raise ValueError(f"{what}={every} never fires within the {window} steps this budget leaves for it; "
+                         f"set {what} to at most {window}, or leave it None to use {fraction:g} of the steps")
+    return every
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put `new` where `name` was, in the same train/eval mode as the module it replaces."""
     parent_name, _, child = name.rpartition(".")
@@ -135,6 +151,12 @@ class Method:
     config_cls: ClassVar[type] = MethodConfig
     default_lr: ClassVar[float] = 1e-3   # the paper's / common recommendation; a suite can override
     mergeable: ClassVar[bool] = False
+    # The quantities that show the method's defining mechanism acting in a run (ReLoRA's restarts,
+    # SoRA's ranks, ...): name -> one-line meaning. `on_train_end` writes every one of them into
+    # TrainState.metrics (-> the record's `method_metrics`); docs/methods.md lists them and
+    # tests/methods/test_behaviour.py checks that each is recorded and that the mechanism fires.
+    # Empty for LoRA and for the variants whose difference is static (init, scaling, forward).
+    mechanism_metrics: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.config_cls()

@@ -74,13 +74,18 @@ OTHERS = ("vera", "fourierft", "adalora")
 
 
 def _head_tensors(method: Method, model: nn.Module, adapted: set[str]) -> tuple[list[str], dict]:
-    """Trained tensors outside the adapted layers (the task head) -> modules_to_save."""
+    """Trained tensors outside the adapted layers (the task head) -> modules_to_save.
+
+    Each is named by the module that owns it (`classifier`, `bert.pooler.dense`), never by its
+    top-level ancestor: BERT's trained pooler lives under `bert`, and `modules_to_save=["bert"]`
+    would ask peft to wrap the whole backbone, which already holds the adapted layers (peft then
+    raises NoMatchingPeftModuleError on load)."""
     heads, tensors = set(), {}
     for n, p in method.trainable_parameters(model):
         mod = n.rsplit(".", 1)[0]
         if any(mod == a or mod.startswith(a + ".") for a in adapted):
             continue
-        heads.add(mod.split(".")[0])
+        heads.add(mod)
         tensors[PREFIX + n] = p.detach()
     return sorted(heads), tensors
 

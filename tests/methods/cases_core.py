@@ -300,7 +300,8 @@ def sora_equations(model, method):
     """SoRA eq. (4): h = W0 x + s B diag(g) A x; eq. (6): g <- sign(g) max(|g| - ηλ, 0)."""
     from lorabench.methods.sora import soft_threshold_
     layer = first_layer(model)
-    assert torch.all(layer.lora_gate == 1)
+    gates = torch.cat([m.lora_gate.detach() for m in model.modules() if hasattr(m, "lora_gate")])
+    assert gates.unique().numel() == gates.numel() and 0.5 < gates.std() < 1.5   # g ~ N(0, I), official init
     randomize_(layer.lora_B, layer.lora_gate)
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import ApplyContext, DeltaLayer, Method, MethodConfig, TrainState, replace_module, resolve_targets
+from lorabench.methods.base import (ApplyContext, DeltaLayer, Method, MethodConfig, TrainState, interval_in_budget,
+                                   replace_module, resolve_targets)
 
 
 @dataclass
@@ -36,7 +37,10 @@ class AdaLoraConfig(MethodConfig):
     tinit: float = option(0.1, "fraction of the steps before pruning starts (t_i of eq. (12))", low=0.0, high=1.0)
     tfinal: float = option(0.2, "fraction of the steps at the end with the allocation frozen (t_f of eq. (12))",
                            low=0.0, high=1.0)
-    delta_t: int = option(10, "steps between two budget allocations (ΔT)", low=1)
+    delta_t: int | None = option(
+        None, "steps between two budget allocations (ΔT); None = a tenth of the pruning window (the paper: "
+              "ΔT = 100 over windows of a few thousand steps), so the cubic schedule is followed at any budget; "
+              "must fit in the window", low=1)
     beta1: float = option(0.85, "EMA coefficient of the sensitivity (eq. (9))", low=0.0, high=1.0)
     beta2: float = option(0.85, "EMA coefficient of the uncertainty (eq. (10))", low=0.0, high=1.0)
     orth_reg_weight: float = option(0.1, "weight gamma of the orthogonality regulariser R(P, Q) (eq. (4))", low=0.0)
@@ -97,6 +101,12 @@ class AdaLoRA(Method):
     default_lr = 1e-3  # AdaLoRA's GLUE runs use 5e-4..1.2e-3
     mergeable = True
     layer_type = SVDLinear
+    mechanism_metrics = {
+        "adalora_ranks": "final rank of every layer (non-zero λ), in module order; they differ when budget moved",
+        "adalora_budget": "total rank b(T) at the end (init_rank x layers at the start, eq. (12))",
+        "allocations": "budget allocations done (top-b(t) triplets kept by importance, eq. (7)-(11))",
+        "orthogonality_reg": "the weighted orthogonality regulariser gamma R(P, Q) at the last step (eq. (4))",
+    }
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         self.freeze_all_but_head(model, ctx)
@@ -114,12 +124,16 @@ class AdaLoRA(Method):
             for para, cov in ((m.lora_A, m.lora_A @ m.lora_A.T), (m.lora_B, m.lora_B.T @ m.lora_B)):  # Q Q^T, P^T P
                 eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
                 terms.append(torch.linalg.norm(cov - eye, "fro"))  # eq. (4), PEFT's unsquared norm
-        return self.config.orth_reg_weight * torch.stack(terms).mean()
+        reg = self.config.orth_reg_weight * torch.stack(terms).mean()
+        state.metrics["orthogonality_reg"] = round(float(reg.detach()), 6)
+        return reg
 
     def on_train_begin(self, state: TrainState) -> None:
         c = self.config
         self.total = state.total_steps
         self.tinit, self.tfinal = int(c.tinit * self.total), int(c.tfinal * self.total)
+        self.delta_t = interval_in_budget(c.delta_t, 0.1, self.total - self.tfinal - self.tinit, "delta_t")
+        self.allocations = 0
         layers = self.layers(state.model)
         self.init_bgt, self.target_bgt = c.init_rank * len(layers), c.target_rank * len(layers)
         self.ipt, self.exp_ipt, self.exp_unc = {}, {}, {}
@@ -151,6 +165,7 @@ class AdaLoRA(Method):
     def mask_to_budget(self, layers: list[SVDLinear], budget: int) -> None:
         scores = self.triplet_scores(layers)
         threshold = torch.kthvalue(torch.cat(scores), k=self.init_bgt - budget)[0].item()
+        self.allocations += 1
         self.rank_mask = {}
         for i, (m, s) in enumerate(zip(layers, scores)):
             keep = s > threshold  # eq. (7): λ_i = 0 unless among the top b(t)
@@ -163,7 +178,7 @@ class AdaLoRA(Method):
         if step < self.total - self.tfinal:
             self.update_importance(layers)
             budget, do_mask = budget_schedule(step, self.total, self.tinit, self.tfinal, self.init_bgt,
-                                              self.target_bgt, self.config.delta_t)
+                                              self.target_bgt, self.delta_t)
             if do_mask:
                 self.mask_to_budget(layers, budget)
         elif step == self.total - self.tfinal:
@@ -176,6 +191,7 @@ class AdaLoRA(Method):
                 for i, m in enumerate(layers):  # keep the frozen allocation
                     m.lora_E.masked_fill_(~self.rank_mask[i][:, None], 0.0)
         state.metrics["adalora_budget"] = budget
+        state.metrics["allocations"] = self.allocations
         if self.rank_mask is not None:
             state.metrics["adalora_ranks"] = [int(k.sum()) for k in self.rank_mask.values()]
 

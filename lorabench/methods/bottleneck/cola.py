@@ -32,6 +32,10 @@ class CoLA(HighRankLoRA, LoRA):
     paper = "2401.04151"
     family = "low-rank-bottleneck"
     config_cls = ColaConfig
+    mechanism_metrics = {
+        "knots_tied": "knots tied: B A merged into W and a new link started (the chain's length - 1)",
+        "update_rank_mean": "mean numerical rank of the whole update W - W0 over the layers",
+    }
 
     def on_train_begin(self, state: TrainState) -> None:
         self.knots = knot_steps(state.total_steps, self.config.chain_length)

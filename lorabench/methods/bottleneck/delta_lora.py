@@ -38,6 +38,10 @@ class DeltaLoRA(HighRankLoRA, LoRA):
     paper = "2309.02411"
     family = "low-rank-bottleneck"
     config_cls = DeltaLoraConfig
+    mechanism_metrics = {
+        "weight_update_steps": "steps whose delta of B A was also added to W (eq. (8))",
+        "update_rank_mean": "mean numerical rank of the whole update W - W0 over the layers",
+    }
 
     def on_train_begin(self, state: TrainState) -> None:
         self.start = int(round(self.config.update_start_ratio * state.total_steps))

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import TrainState
+from lorabench.methods.base import TrainState, interval_in_budget
 from lorabench.methods.bottleneck.layer import HighRankLoRA, HighRankVariant, high_rank_layers
 from lorabench.methods.lora import LoRA, LoraConfig
 from lorabench.methods.lora.layer import LoraLinear, LoraVariant
@@ -39,8 +39,9 @@ class FloraVariant(HighRankVariant):
 
 @dataclass
 class FloraConfig(LoraConfig):
-    resample_every: int = option(20, "draw a new random projection A every this many steps (kappa of "
-                                     "Algorithm 2; the paper uses hundreds of steps on long runs)", low=1)
+    resample_every: int | None = option(
+        None, "draw a new random projection A every this many steps (kappa of Algorithm 2; the paper uses "
+              "hundreds of steps on long runs); None = a quarter of the trial's steps; must be below the steps", low=1)
     transfer_momentum: bool = option(True, "carry B's first Adam moment to the new subspace (M A_old A_new^T, "
                                            "Algorithm 2); false = start it from zero")
 
@@ -59,6 +60,11 @@ class FLoRA(HighRankLoRA, LoRA):
     paper = "2402.03293"
     family = "low-rank-bottleneck"
     config_cls = FloraConfig
+    mechanism_metrics = {
+        "resamples": "new random projections A drawn (each after merging s B A into W)",
+        "resample_every": "the resampling period kappa in steps this trial used",
+        "update_rank_mean": "mean numerical rank of the whole update W - W0 over the layers",
+    }
 
     def variant(self) -> LoraVariant:
         return FloraVariant()
@@ -84,10 +90,13 @@ class FLoRA(HighRankLoRA, LoRA):
 
     def on_train_begin(self, state: TrainState) -> None:
         self.resamples = 0
+        # a resample after the last step would change nothing: the period must fit in steps - 1
+        self.every = interval_in_budget(self.config.resample_every, 0.25, state.total_steps - 1, "resample_every")
+        state.metrics["resample_every"] = self.every
 
     def on_step_end(self, state: TrainState) -> None:
         done = state.step + 1
-        if done % self.config.resample_every == 0 and done < state.total_steps:
+        if done % self.every == 0 and done < state.total_steps:
             self.resample(state)
 
     def on_train_end(self, state: TrainState) -> None:

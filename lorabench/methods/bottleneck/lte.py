@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import TrainState
+from lorabench.methods.base import TrainState, interval_in_budget
 from lorabench.methods.bottleneck.layer import (HighRankLoRA, HighRankVariant, high_rank_layers,
                                                reset_optimizer_state)
 from lorabench.methods.lora import LoRA, LoraConfig
@@ -72,7 +72,9 @@ class LteVariant(HighRankVariant):
 @dataclass
 class LteConfig(LoraConfig):
     heads: int = option(4, "number N of parallel LoRA heads (the paper uses 4-32 workers)", low=1, high=256)
-    merge_every: int = option(20, "merge the heads' mean update into W every this many steps (the paper's T)", low=1)
+    merge_every: int | None = option(
+        None, "merge the heads' mean update into W every this many steps (the paper's T); None = a quarter of "
+              "the trial's steps but at least `heads` (one local step per head); must be below the steps", low=1)
 
     def __post_init__(self):
         super().__post_init__()
@@ -86,6 +88,11 @@ class LTE(HighRankLoRA, LoRA):
     paper = "2402.16828"
     family = "low-rank-bottleneck"
     config_cls = LteConfig
+    mechanism_metrics = {
+        "merges": "merges of the heads' mean update into W (eq. (4)), each restarting the heads",
+        "merge_every": "the merge period T in steps this trial used",
+        "update_rank_mean": "mean numerical rank of the whole update W - W0 over the layers",
+    }
 
     def __init__(self, config=None):
         super().__init__(config)
@@ -96,13 +103,19 @@ class LTE(HighRankLoRA, LoRA):
 
     def on_train_begin(self, state: TrainState) -> None:
         self.merges = 0
+        window = state.total_steps - 1  # a merge after the last step would change nothing
+        every = self.config.merge_every
+        if every is None and window >= 1:
+            every = min(window, max(self.config.heads, round(0.25 * window)))
+        self.every = interval_in_budget(every, 0.25, window, "merge_every")
+        state.metrics["merge_every"] = self.every
 
     def on_step_begin(self, state: TrainState) -> None:
         self.active.index = state.step % self.config.heads  # head n trains on its own share of the batches
 
     def on_step_end(self, state: TrainState) -> None:
         done = state.step + 1
-        if done % self.config.merge_every == 0 and done < state.total_steps:
+        if done % self.every == 0 and done < state.total_steps:
             layers = high_rank_layers(state.model)
             for m in layers:
                 m.variant.merge_low_rank(m)

@@ -63,6 +63,21 @@ class DoRA(LoRA):
     paper = "2402.09353"
     family = "low-rank-bottleneck"
     default_lr = 5e-4
+    mechanism_metrics = {
+        "magnitude_change_mean": "ΔM of DoRA's eq. (6): mean |m - ||W0||_c| over the output rows and layers",
+        "direction_change_mean": "ΔD of eq. (6): mean 1 - cos(W0 + s B A, W0) over the output rows and layers",
+    }
 
     def variant(self) -> LoraVariant:
         return DoraVariant()
+
+    @torch.no_grad()
+    def on_train_end(self, state) -> None:
+        dm, dd = [], []
+        for layer in self.lora_layers(state.model):
+            w0 = layer.base.weight
+            v = w0 + layer.scale * (layer.lora_B @ layer.lora_A)
+            dm.append((layer.lora_magnitude - torch.linalg.norm(w0, dim=1)).abs().mean())
+            dd.append((1 - F.cosine_similarity(v, w0, dim=1)).mean())
+        state.metrics["magnitude_change_mean"] = round(float(torch.stack(dm).mean()), 8) if dm else 0.0
+        state.metrics["direction_change_mean"] = round(float(torch.stack(dd).mean()), 8) if dd else 0.0

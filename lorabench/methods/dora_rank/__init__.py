@@ -74,6 +74,9 @@ class DoraRank(LoRA):
     paper = "2405.17357"
     family = "dynamic-rank"
     config_cls = DoraRankConfig
+    mechanism_metrics = {
+        "dora_rank_ranks": "components left in every layer after pruning, in module order",
+    }
     default_lr = 5e-4
 
     def __init__(self, config=None):

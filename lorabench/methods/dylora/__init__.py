@@ -54,6 +54,9 @@ class DyLoRA(LoRA):
     paper = "2210.07558"
     family = "dynamic-rank"
     config_cls = DyLoraConfig
+    mechanism_metrics = {
+        "dylora_sampled_ranks": "the rank b ~ U{1..r} sampled at every step",
+    }
     default_lr = 5e-4
 
     def variant(self) -> LoraVariant:

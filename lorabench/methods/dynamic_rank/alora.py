@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import TrainState
+from lorabench.methods.base import TrainState, interval_in_budget
 from lorabench.methods.lora import LoRA, LoraConfig
 from lorabench.methods.lora.layer import LoraLinear, LoraVariant
 
@@ -58,7 +58,9 @@ class ALoraConfig(LoraConfig):
     rank: int = option(12, "max_rank R: components pre-allocated per layer (the most a layer can hold)",
                        low=1, high=4096)
     init_rank: int = option(8, "active components per layer at the start (the budget is init_rank x layers)", low=1)
-    realloc_every: int = option(20, "steps between two reallocations", low=1)
+    realloc_every: int | None = option(
+        None, "steps between two reallocations; None = a fifth of the steps before the final phase (four "
+              "reallocations at any budget); must fit in those steps", low=1)
     realloc_fraction: float = option(0.1, "fraction of the active components pruned and re-given per reallocation",
                                      low=0.0, high=1.0)
     final_ratio: float = option(0.2, "fraction of the last steps without reallocation", low=0.0, high=1.0)
@@ -77,6 +79,13 @@ class ALoRA(LoRA):
     paper = "2403.16187"
     family = "dynamic-rank"
     config_cls = ALoraConfig
+    mechanism_metrics = {
+        "rank_mean": "mean number of active components per layer at the end (the budget is init_rank)",
+        "rank_min": "fewest active components of a layer at the end",
+        "rank_max": "most active components of a layer at the end",
+        "reallocations": "reallocation rounds done (prune by ablation score, re-give to important layers)",
+        "components_moved": "components pruned and re-given over the run",
+    }
 
     def variant(self) -> LoraVariant:
         return AblationGateVariant(self.config.init_rank)
@@ -84,6 +93,8 @@ class ALoRA(LoRA):
     def on_train_begin(self, state: TrainState) -> None:
         self.ablation = {id(m): torch.zeros(m.rank) for m in self.lora_layers(state.model)}
         self.stop = int(round((1 - self.config.final_ratio) * state.total_steps))
+        self.every = interval_in_budget(self.config.realloc_every, 0.2, self.stop, "realloc_every")
+        self.reallocations, self.moved = 0, 0
 
     @torch.no_grad()
     def on_after_backward(self, state: TrainState) -> None:
@@ -95,8 +106,9 @@ class ALoRA(LoRA):
 
     def on_step_end(self, state: TrainState) -> None:
         done = state.step + 1
-        if done % self.config.realloc_every == 0 and done <= self.stop:
-            self.reallocate(state.model)
+        if done % self.every == 0 and done <= self.stop:
+            self.moved += self.reallocate(state.model)
+            self.reallocations += 1
 
     @torch.no_grad()
     def reallocate(self, model: nn.Module) -> int:
@@ -138,6 +150,7 @@ class ALoRA(LoRA):
 
     def on_train_end(self, state: TrainState) -> None:
         ranks = [int(m.rank_gate.sum()) for m in self.lora_layers(state.model)]
+        state.metrics["reallocations"], state.metrics["components_moved"] = self.reallocations, self.moved
         state.metrics["rank_mean"] = round(sum(ranks) / max(1, len(ranks)), 3)
         state.metrics["rank_min"], state.metrics["rank_max"] = min(ranks, default=0), max(ranks, default=0)
 

@@ -14,6 +14,7 @@ The record carries the final rank distribution.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,10 @@ class IncreLoraConfig(LoraConfig):
                        low=1, high=4096)
     init_rank: int = option(2, "components active in every layer at the start", low=1)
     target_rank: float = option(8.0, "average active components per layer at the end (the parameter budget)", low=1.0)
-    grow_every: int = option(10, "steps between two growth events", low=1)
+    grow_every: int | None = option(
+        None, "steps between two growth events; None = the growth window divided by the events needed to "
+              "reach target_rank (a layer gains at most one component per event), so the budget is spent at "
+              "any trial length", low=1)
     warmup_ratio: float = option(0.1, "fraction of steps before the first growth", low=0.0, high=1.0)
     final_ratio: float = option(0.2, "fraction of steps at the end without growth", low=0.0, high=1.0)
     beta1: float = option(0.85, "EMA factor of the sensitivity", low=0.0, high=1.0)
@@ -77,6 +81,13 @@ class IncreLoRA(LoRA):
     paper = "2308.12043"
     family = "dynamic-rank"
     config_cls = IncreLoraConfig
+    mechanism_metrics = {
+        "ranks_added": "components activated during training, over all layers (the budget spent)",
+        "growth_events": "growth events done",
+        "rank_mean": "mean active components per layer at the end (init_rank at the start)",
+        "rank_min": "fewest active components of a layer at the end",
+        "rank_max": "most active components of a layer at the end",
+    }
 
     def variant(self) -> LoraVariant:
         return IncrementalVariant(self.config.init_rank)
@@ -86,12 +97,20 @@ class IncreLoRA(LoRA):
         layers = self.lora_layers(state.model)
         start = int(round(c.warmup_ratio * state.total_steps))
         stop = int(round((1 - c.final_ratio) * state.total_steps))
-        self.events = [t for t in range(start + c.grow_every, stop + 1, c.grow_every)] or [max(1, start)]
+        # a layer gains at most one component per event: reaching the average target needs this many events
+        needed = max(1, math.ceil(c.target_rank - c.init_rank))
+        every = c.grow_every if c.grow_every is not None else max(1, (stop - start) // needed)
+        self.events = [t for t in range(start + every, stop + 1, every)] or [max(1, start)]
+        if len(self.events) < needed:
+            raise ValueError(f"increlora: {len(self.events)} growth events (every {every} steps between steps "
+                             f"{start} and {stop}) cannot grow init_rank={c.init_rank} to target_rank="
+                             f"{c.target_rank}, which needs {needed}; lower grow_every, leave it None, or train longer")
         budget = int(round((c.target_rank - c.init_rank) * len(layers)))
         # spread the budget evenly over the growth events
         self.per_event = [budget // len(self.events) + (i < budget % len(self.events)) for i in range(len(self.events))]
         self.ibar, self.ubar = {}, {}
         self.score = {id(m): 0.0 for m in layers}
+        self.added, self.n_events = 0, 0
 
     @torch.no_grad()
     def on_after_backward(self, state: TrainState) -> None:
@@ -113,7 +132,8 @@ class IncreLoRA(LoRA):
     def on_step_end(self, state: TrainState) -> None:
         done = state.step + 1
         if done in self.events:
-            self.grow(state.model, self.per_event[self.events.index(done)])
+            self.added += len(self.grow(state.model, self.per_event[self.events.index(done)]))
+            self.n_events += 1
 
     @torch.no_grad()
     def grow(self, model: nn.Module, n: int) -> list[LoraLinear]:
@@ -130,6 +150,7 @@ class IncreLoRA(LoRA):
         ranks = [int(m.rank_mask.sum()) for m in self.lora_layers(state.model)]
         state.metrics["rank_mean"] = round(sum(ranks) / max(1, len(ranks)), 3)
         state.metrics["rank_min"], state.metrics["rank_max"] = min(ranks, default=0), max(ranks, default=0)
+        state.metrics["ranks_added"], state.metrics["growth_events"] = self.added, self.n_events
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         state = super().adapter_state_dict(model)

@@ -78,6 +78,10 @@ class SaLoRA(LoRA):
     paper = "doi:10.3390/math11204317"   # Mathematics 2023; the paper has no arXiv id
     family = "dynamic-rank"
     config_cls = SaLoraConfig
+    mechanism_metrics = {
+        "rank_mean": "mean number of open gates per layer at the end",
+        "expected_density": "expected fraction of open L0 gates at the end (the constraint's target_density)",
+    }
 
     def variant(self) -> LoraVariant:
         return GatedVariant(self.config.init_log_alpha)

@@ -76,6 +76,11 @@ class LongLoRA(LoRA):
     # under "Beyond fine-tuning" (long context); that section's key here is "lora".
     family = "beyond-fine-tuning"
     config_cls = LongLoRAConfig
+    mechanism_metrics = {
+        "attn_flops_saved": "fraction of the dense attention's query-key pairs the sparse pattern skips in training",
+        "attn_pairs_fraction": "fraction of them it computes",
+        "group_size": "the attention group size at the longest training length",
+    }
     # The paper fine-tunes 7B-70B models at 2e-5 for 1000 steps; lorabench's short fixed budget uses
     # LoRA's default (5e-4) so the comparison with LoRA is at equal learning rate.
     default_lr = 5e-4

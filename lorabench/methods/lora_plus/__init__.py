@@ -27,6 +27,16 @@ class LoRAPlus(LoRA):
     family = "learning-procedure"
     config_cls = LoraPlusConfig
     default_lr = 2e-4  # eta_A; B then learns at 16x this (LoRA+ sec. 5 tunes eta_A below LoRA's rate)
+    mechanism_metrics = {
+        "lr_ratio_B_to_A": "eta_B / eta_A as the optimizer holds it at the start of training (lambda)",
+    }
+
+    def on_train_begin(self, state) -> None:
+        b_ids = {id(p) for n, p in self.trainable_parameters(state.model) if n.endswith("lora_B")}
+        lr_b = [g["lr"] for g in state.optimizer.param_groups if any(id(p) in b_ids for p in g["params"])]
+        lr_a = [g["lr"] for g in state.optimizer.param_groups if not any(id(p) in b_ids for p in g["params"])]
+        if lr_a and lr_b and lr_a[0] > 0:
+            state.metrics["lr_ratio_B_to_A"] = round(lr_b[0] / lr_a[0], 6)
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
         group_a, group_b = [], []

@@ -64,6 +64,11 @@ class AutoLoRA(LoRA):
     paper = "2403.09113"
     family = "dynamic-rank"
     config_cls = AutoLoraConfig
+    mechanism_metrics = {
+        "rank_mean": "mean rank kept per layer after the search (selection weights α above the threshold)",
+        "rank_min": "smallest rank kept by a layer",
+        "rank_max": "largest rank kept by a layer",
+    }
 
     def variant(self) -> LoraVariant:
         return SelectionVariant()

@@ -38,6 +38,8 @@ def drop_key_columns(module: nn.Module, logits: torch.Tensor) -> torch.Tensor:
         if tq == tk:
             drop = drop & ~torch.eye(tq, dtype=torch.bool, device=logits.device)  # keep each query's own key
         logits = logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+        module.hiddenkey_counts[0] += int(drop.sum()) * tq   # dropped (query, key) pairs, for the record
+        module.hiddenkey_counts[1] += b * h * tq * tk
     return logits
 
 
@@ -73,6 +75,11 @@ class HiddenKey(LoRA):
     paper = "2403.00812"
     family = "learning-procedure"
     config_cls = HiddenKeyConfig
+    mechanism_metrics = {
+        "key_columns_dropped_fraction": "observed fraction of attention key columns dropped in training forwards",
+        "hidden_dropped_fraction": "observed fraction of feed-forward input elements dropped",
+        "kl_mean": "mean bidirectional KL between the two dropout passes (the consistency loss before beta)",
+    }
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         model = super().apply(model, ctx)
@@ -83,13 +90,22 @@ class HiddenKey(LoRA):
         c = self.config
         for name, m in model.named_modules():
             if name.endswith(".self_attn") or name.endswith(".attention.self"):
-                m.hiddenkey_p = c.p_column
+                m.hiddenkey_p, m.hiddenkey_counts = c.p_column, [0, 0]
             if name.endswith("." + FFN_INPUT[ctx.architecture]) and c.p_hidden > 0:
-                m.register_forward_pre_hook(
-                    lambda mod, args: (F.dropout(args[0], c.p_hidden, mod.training),) + tuple(args[1:]))
+                m.register_forward_pre_hook(self._drop_hidden)
         self.last_logits = None
+        self.hidden_counts, self.kl_sum, self.kl_n = [0, 0], 0.0, 0
         model.register_forward_hook(self._capture)
         return model
+
+    def _drop_hidden(self, module, args):
+        """Element-wise dropout on the feed-forward block's input, counted for the record."""
+        x = args[0]
+        out = F.dropout(x, self.config.p_hidden, module.training)
+        if module.training:
+            self.hidden_counts[0] += int((out == 0).sum()) - int((x == 0).sum())
+            self.hidden_counts[1] += x.numel()
+        return (out,) + tuple(args[1:])
 
     def _capture(self, module, args, output):
         if module.training:
@@ -101,4 +117,13 @@ class HiddenKey(LoRA):
         first = self.last_logits
         second = state.model(**state.batch).logits   # independent masks: a second sample of the dropout
         mask = state.batch.get("attention_mask")
-        return self.config.kl_weight * symmetric_kl(first, second, mask.float() if mask is not None else None)
+        kl = symmetric_kl(first, second, mask.float() if mask is not None else None)
+        self.kl_sum, self.kl_n = self.kl_sum + float(kl.detach()), self.kl_n + 1
+        return self.config.kl_weight * kl
+
+    def on_train_end(self, state: TrainState) -> None:
+        attn = [m.hiddenkey_counts for m in state.model.modules() if hasattr(m, "hiddenkey_counts")]
+        state.metrics["key_columns_dropped_fraction"] = round(
+            sum(a[0] for a in attn) / max(1, sum(a[1] for a in attn)), 4)
+        state.metrics["hidden_dropped_fraction"] = round(self.hidden_counts[0] / max(1, self.hidden_counts[1]), 4)
+        state.metrics["kl_mean"] = round(self.kl_sum / max(1, self.kl_n), 6)

@@ -98,6 +98,14 @@ class LaplaceLoRA(LoRA):
     paper = "2308.13111"
     family = "combining"
     config_cls = LaplaceLoraConfig
+    mechanism_metrics = {
+        "prior_precision": "the prior precision λ chosen by the Laplace evidence",
+        "fisher_examples": "examples the Kronecker-factored Fisher was accumulated on",
+        "map_ece": "expected calibration error of the MAP model on the held-out batches",
+        "laplace_ece": "the same for the Laplace posterior predictive (lower = better calibrated)",
+        "map_nll": "held-out NLL of the MAP model",
+        "laplace_nll": "held-out NLL of the posterior predictive",
+    }
     mergeable = False
 
     def variant(self) -> LoraVariant:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lorabench.config import option
+from lorabench.methods.base import TrainState
 from lorabench.methods.lora import LoRA, LoraConfig
 from lorabench.methods.lora.layer import LoraLinear, LoraVariant
 
@@ -26,16 +27,25 @@ def column_mask(n: int, p: float, like: torch.Tensor) -> torch.Tensor:
 class LoraDropoutVariant(LoraVariant):
     def __init__(self, p_in: float, p_out: float):
         self.p_in, self.p_out = p_in, p_out
+        self.counts = {"A": [0, 0], "B": [0, 0]}   # [dropped, seen] columns of A / rows of B, for the record
 
     def forward(self, layer: LoraLinear, x: torch.Tensor) -> torch.Tensor:
         if not layer.training or (self.p_in == 0 and self.p_out == 0):
             return super().forward(layer, x)
         a, b = layer.lora_A, layer.lora_B
         if self.p_in > 0:
-            a = a * column_mask(layer.in_features, self.p_in, a)            # A ⊙ m_A: drop input columns
+            m_a = column_mask(layer.in_features, self.p_in, a)
+            a = a * m_a                                                       # A ⊙ m_A: drop input columns
+            self.count("A", m_a)
         if self.p_out > 0:
-            b = b * column_mask(layer.out_features, self.p_out, b)[:, None]  # m_B ⊙ B: drop output rows
+            m_b = column_mask(layer.out_features, self.p_out, b)
+            b = b * m_b[:, None]                                              # m_B ⊙ B: drop output rows
+            self.count("B", m_b)
         return layer.base(x) + (x @ a.T @ b.T) * layer.scale
+
+    def count(self, which: str, mask: torch.Tensor) -> None:
+        self.counts[which][0] += int((mask == 0).sum())
+        self.counts[which][1] += mask.numel()
 
 
 @dataclass
@@ -56,6 +66,16 @@ class LoraDropout(LoRA):
     paper = "2404.09610"
     family = "learning-procedure"
     config_cls = LoraDropoutConfig
+    mechanism_metrics = {
+        "dropped_fraction_A": "observed fraction of the input columns of A dropped in training forwards",
+        "dropped_fraction_B": "observed fraction of the output rows of B dropped",
+    }
 
     def variant(self) -> LoraVariant:
         return LoraDropoutVariant(self.config.p_in, self.config.p_out)
+
+    def on_train_end(self, state: TrainState) -> None:
+        for which in ("A", "B"):
+            dropped = sum(m.variant.counts[which][0] for m in self.lora_layers(state.model))
+            seen = sum(m.variant.counts[which][1] for m in self.lora_layers(state.model))
+            state.metrics[f"dropped_fraction_{which}"] = round(dropped / max(1, seen), 4)

@@ -70,6 +70,9 @@ class ResLoRA(LoRA):
     paper = "2402.18039"
     family = "learning-procedure"
     config_cls = ResLoraConfig
+    mechanism_metrics = {
+        "merge_alpha_mean": "mean running alpha = ||x_{l-1}|| / ||x_l|| used to fold the residual path when merging",
+    }
 
     def variant(self) -> LoraVariant:
         return ResLoraVariant(self.config.alpha_momentum)

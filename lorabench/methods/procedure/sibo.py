@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorabench.config import option
-from lorabench.methods.base import ApplyContext
+from lorabench.methods.base import ApplyContext, TrainState
 from lorabench.methods.lora import LoRA, LoraConfig
 from lorabench.methods.lora.layer import LoraLinear, LoraVariant
 
@@ -66,6 +66,9 @@ class SIBO(LoRA):
     paper = "2402.11896"
     family = "learning-procedure"
     config_cls = SiboConfig
+    mechanism_metrics = {
+        "residual_layers": "adapted layers whose LoRA input mixes in the initial residual h0",
+    }
     mergeable = False
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
@@ -80,6 +83,10 @@ class SIBO(LoRA):
             if isinstance(layer, LoraLinear) and BLOCK.search(name) and layer.in_features == emb.embedding_dim:
                 layer.variant = SiboVariant(self.holder, self.config.lam)
         return model
+
+    def on_train_end(self, state: TrainState) -> None:
+        state.metrics["residual_layers"] = sum(isinstance(m, LoraLinear) and isinstance(m.variant, SiboVariant)
+                                               for m in state.model.modules())
 
     def merge(self, model: nn.Module) -> None:
         raise NotImplementedError("sibo's update depends on the initial residual h0: it cannot be merged into W0")

@@ -156,6 +156,12 @@ class STAR(LoRA):
     # paradigms" (here: active learning), docs/survey-papers.tsv; laplace-lora uses the same family.
     family = "combining"
     config_cls = StarConfig
+    mechanism_metrics = {
+        "active_learning": "whether labels were acquired from a pool (False: the task exposes none)",
+        "labels_used": "examples labelled (acquired) over the rounds",
+        "rounds": "acquisition rounds run",
+        "lambda_per_round": "the dynamic uncertainty weight λ of each round after the first",
+    }
     # default_lr: LoRA's (5e-4); the paper's 1.5e-4 is for LLaMA-2 7B with rank 64.
 
     # -- calibration: the constraint on B ----------------------------------------------------------

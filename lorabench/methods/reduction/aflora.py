@@ -70,6 +70,10 @@ class AFLoRA(LoRA):
     paper = "2403.13269"
     family = "efficiency-freezing-sharing"
     config_cls = AfloraConfig
+    mechanism_metrics = {
+        "frozen_projection_fraction": "fraction of the trainable projections frozen by their freezing score",
+        "trainable_params_at_end": "adapter and head parameters still trained at the end",
+    }
 
     def variant(self) -> LoraVariant:
         return AfloraVariant()

@@ -46,6 +46,9 @@ class DropBP(LoRA):
     paper = "2402.17812"
     family = "efficiency-freezing-sharing"
     config_cls = DropBPConfig
+    mechanism_metrics = {
+        "backward_dropped_fraction": "fraction of the layer backward passes skipped",
+    }
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         model = super().apply(model, ctx)

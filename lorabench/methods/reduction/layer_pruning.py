@@ -42,7 +42,11 @@ def layer_stack(model: nn.Module) -> nn.ModuleList:
 
 
 def layers_to_keep(n: int, prune_ratio: float, which: str) -> list[int]:
-    n_drop = min(n - 1, int(round(prune_ratio * n)))
+    # a positive ratio removes at least one layer: round(0.25 * 2) = 0 would leave plain LoRA
+    n_drop = min(n - 1, max(1 if prune_ratio > 0 else 0, int(round(prune_ratio * n))))
+    if prune_ratio > 0 and n_drop == 0:
+        raise ValueError(f"lora-layer-pruning: a model with {n} transformer layer cannot lose one (at least one "
+                         f"stays); use prune_ratio=0 or a deeper model")
     if which == "top":
         return list(range(n - n_drop))
     dropped = set(range(n - 1, -1, -2)[:n_drop])   # every other layer, from the top down
@@ -63,6 +67,11 @@ class LayerPruningLoRA(LoRA):
     paper = "2305.08285"
     family = "efficiency-pruning"
     config_cls = LayerPruningConfig
+    mechanism_metrics = {
+        "layers_kept": "transformer layers left after pruning",
+        "layers_before": "transformer layers of the model before pruning",
+        "backbone_params_removed": "backbone parameters removed with the pruned layers",
+    }
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         stack = layer_stack(model)

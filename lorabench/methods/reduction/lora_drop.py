@@ -62,6 +62,11 @@ class LoraDrop(LoRA):
     paper = "2402.07721"
     family = "efficiency-pruning"
     config_cls = LoraDropConfig
+    mechanism_metrics = {
+        "kept_layer_fraction": "fraction of the adapted layers that keep their own LoRA (the others share one)",
+        "adapter_params_after_pruning": "distinct adapter parameters after sharing",
+        "pruned_at_step": "the step after which importance was read and layers pruned",
+    }
 
     def variant(self) -> LoraVariant:
         return OutputNormVariant()
@@ -72,7 +77,13 @@ class LoraDrop(LoRA):
         return layer
 
     def on_train_begin(self, state: TrainState) -> None:
-        self.prune_at = max(1, int(round(self.config.sample_ratio * state.total_steps)))
+        # B = 0 at init, so the first step's outputs ΔW x are all zero: importance needs at least one
+        # forward after an update (at 10 steps, 0.1 of them measured nothing and every layer was kept)
+        self.prune_at = max(2, int(round(self.config.sample_ratio * state.total_steps)))
+        if self.prune_at >= state.total_steps:
+            raise ValueError(f"lora-drop measures importance for {self.prune_at} steps (at least 2: B starts at "
+                             f"zero) and then trains the pruned adapter: a budget of {state.total_steps} steps "
+                             f"leaves no step after pruning; train longer or lower sample_ratio")
         self.pruned = False
         self.ties: list[tuple[LoraLinear, list[LoraLinear]]] = []
 
@@ -89,6 +100,7 @@ class LoraDrop(LoRA):
 
     def prune(self, model: nn.Module, metrics: dict) -> None:
         imp = self.importance(model)
+        assert any(imp.values()), "lora-drop measured no output of any LoRA layer (ΔW x = 0 everywhere)"
         layers = dict((n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear))
         order = sorted(imp, key=imp.get, reverse=True)
         kept, cum = [], 0.0
@@ -109,6 +121,7 @@ class LoraDrop(LoRA):
         tied = {id(m) for _, members in self.ties for m in members}
         unique = {id(m): m.lora_A.numel() + m.lora_B.numel() for m in layers.values() if id(m) not in tied}
         metrics["kept_layer_fraction"] = round(len(kept) / max(1, len(layers)), 4)
+        metrics["pruned_at_step"] = self.prune_at
         metrics["adapter_params_after_pruning"] = int(sum(unique.values()))
 
     @torch.no_grad()

@@ -31,6 +31,10 @@ class LoraSP(LoRA):
     paper = "2403.08822"
     family = "efficiency-freezing-sharing"
     config_cls = LoraSPConfig
+    mechanism_metrics = {
+        "updated_params": "entries of A and B that the masks let train",
+        "adapter_params": "all entries of A and B",
+    }
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         model = super().apply(model, ctx)

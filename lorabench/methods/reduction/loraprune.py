@@ -86,6 +86,10 @@ class LoraPrune(LoRA):
     paper = "2305.18403"
     family = "efficiency-pruning"
     config_cls = LoraPruneConfig
+    mechanism_metrics = {
+        "channel_sparsity": "fraction of the channel groups pruned by the LoRA-guided importance",
+        "weights_pruned": "frozen weights removed with them",
+    }
 
     def apply(self, model: nn.Module, ctx: ApplyContext) -> nn.Module:
         model = super().apply(model, ctx)

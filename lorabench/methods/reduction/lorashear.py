@@ -266,6 +266,11 @@ class LoraShear(LoRA):
     paper = "2310.18356"
     family = "efficiency-pruning"
     config_cls = LoraShearConfig
+    mechanism_metrics = {
+        "group_sparsity": "fraction of the minimally removable structures zeroed by LHSPG",
+        "param_reduction": "fraction of the backbone's parameters removed",
+        "periods": "LHSPG pruning periods run",
+    }
     # LoRA's default; the paper fine-tunes LLaMA's LoRA with AdamW at a learning rate in this range
     default_lr = 5e-4
 
