@@ -39,6 +39,11 @@ class LoRAInitB(LoRA):
     family = "learning-procedure"
     config_cls = LoraInitBConfig
     default_lr = 5e-4  # LoRA's: the comparison of Init[A] and Init[B] is at equal learning rate (sec. 4)
+    mechanism_metrics = {
+        "zero_factor_norm": "mean ||A||_F over the adapted layers after training (A starts at 0 under Init[B])",
+        "random_factor_rel_change": "mean ||B - B_0||_F / ||B_0||_F: how far the random factor B moved from its init",
+        "delta_w_norm": "mean ||s B A||_F, the learnt update",
+    }
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -145,6 +145,20 @@ class Pillow(LoRA):
     family = "combining"  # the survey's "combining with other learning paradigms" (in-context learning)
     config_cls = PillowConfig
     default_lr = 5e-4  # LoRA's, for stage 1
+    mechanism_metrics = {
+        "prompt_matching": "whether a prompt pool was built and the matcher trained (False: the task exposes no "
+                           "train split, the method is LoRA)",
+        "pool_size": "prompts in the pool",
+        "rl_steps": "REINFORCE steps of the matcher, with LoRA frozen (stage 2)",
+        "reward_first": "mean reward (log-likelihood of the reference) over the first quarter of the RL steps",
+        "reward_last": "the same over the last quarter",
+        "policy_entropy_first": "mean entropy of the matcher's first choice over the first quarter of the RL steps "
+                                "(log pool_size at the start: W = 0 is uniform)",
+        "policy_entropy_last": "the same over the last quarter",
+        "reward_greedy": "reward of the matcher's greedy choice on the last RL batch",
+        "reward_random": "reward of random demonstrations on the same batch",
+        "selected_counts": "how often each pool prompt was drawn during the RL stage",
+    }
 
     def __init__(self, config=None):
         super().__init__(config)

@@ -179,6 +179,16 @@ class ApiQ(LoRA):
     config_cls = ApiQConfig
     default_lr = 5e-4  # as qlora: fine-tuning after the initialisation is QLoRA's
     mergeable = False  # a b-bit base cannot absorb the adapter exactly
+    mechanism_metrics = {
+        "act_rel_err_before": "mean over layers of ||X W - X^q (Q + s B A)||^2 / ||X W||^2 at the QLoRA-like start "
+                              "(round-to-nearest, B = 0)",
+        "act_rel_err_after": "the same after ApiQ's activation-preserving initialisation (ApiQ-lw, sec. 3.2)",
+        "logit_rel_err_before": "relative squared error of the model's logits against the full-precision model's "
+                                "on the calibration batches, at the QLoRA-like start",
+        "logit_rel_err_after": "the same after ApiQ's initialisation",
+        "layers_initialised": "adapted layers initialised by ApiQ",
+        "calib_seconds": "wall time of the initialisation",
+    }
 
     def __init__(self, config=None):
         super().__init__(config)

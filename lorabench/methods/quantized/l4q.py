@@ -126,6 +126,12 @@ class L4Q(LoRA):
     config_cls = L4QConfig
     default_lr = 5e-4  # as LoRA; the gradient scale g puts d and b on the same footing (LSQ sec. 2.2)
     mergeable = True   # into the fully quantized weight W_q, exactly (the point of L4Q)
+    mechanism_metrics = {
+        "step_size_rel_change": "mean |d - d_0| / d_0: the learnt LSQ step sizes moving away from the min-max start",
+        "offset_change_in_steps": "mean |b - b_0| / d_0: the learnt offsets' move, in quantization steps",
+        "clipped_fraction": "fraction of the merged weights W' = W0 + s B A outside the quantization range",
+        "quant_rel_err": "mean ||W_q - W'||_F / ||W'||_F: the quantization error of the merged weight",
+    }
 
     def variant(self) -> LoraVariant:
         return L4QVariant(self.config.bits, self.config.group_size)

@@ -19,7 +19,7 @@ saved adapter use the rank-q factors B' = U_q sqrt(Σ_q / s), A' = sqrt(Σ_q / s
 the rank-q approximation). The board therefore shows what the compression costs against LoRA at
 rank r.
 
-Mechanism metrics (method_metrics): `kept_rank` q, `energy_kept` (mean over layers of
+Mechanism metrics (method_metrics): `trained_rank` r, `kept_rank` q, `energy_kept` (mean over layers of
 sum Σ_q^2 / sum Σ^2), `delta_rel_err` (mean ||ΔW - ΔW_q||_F / ||ΔW||_F) and the training loss of the
 last batch with the rank-r and with the rank-q adapter (`loss_rank_r`, `loss_rank_q`).
 """
@@ -61,6 +61,14 @@ class ByomLoRA(LoRA):
     family = "efficiency-freezing-sharing"
     config_cls = ByomLoraConfig
     default_lr = 5e-4  # LoRA's: the fine-tuning stage is LoRA
+    mechanism_metrics = {
+        "trained_rank": "rank r of the LoRA update that was trained (and then compressed)",
+        "kept_rank": "rank q kept by the truncated SVD of each layer's update (q < r)",
+        "energy_kept": "mean over layers of sum Σ_q^2 / sum Σ^2: the share of the update's energy kept",
+        "delta_rel_err": "mean ||ΔW - ΔW_q||_F / ||ΔW||_F: the compression error (Eckart-Young)",
+        "loss_rank_r": "training loss of the last batch with the rank-r adapter",
+        "loss_rank_q": "the same with the compressed rank-q adapter",
+    }
 
     @torch.no_grad()
     def compress(self, model: nn.Module) -> dict:
@@ -81,7 +89,7 @@ class ByomLoRA(LoRA):
             layer.rank = q
         if not energy:
             return {}
-        return {"kept_rank": q, "energy_kept": sum(energy) / len(energy), "delta_rel_err": sum(err) / len(err)}
+        return {"trained_rank": self.config.rank, "kept_rank": q, "energy_kept": sum(energy) / len(energy), "delta_rel_err": sum(err) / len(err)}
 
     @torch.no_grad()
     def on_train_end(self, state: TrainState) -> None:
