@@ -25,7 +25,7 @@ import torch
 
 from lorabench.harness.train import TrainConfig, train
 from lorabench.methods import METHODS, get_method
-from tests.methods.tester import RandomTask, batch_for, logits, tiny_model
+from tests.methods.tester import VOCAB, RandomTask, batch_for, logits, tiny_model
 
 STEPS = 30
 
@@ -41,6 +41,21 @@ def star_task(kind):
                 idx = torch.randperm(len(self.examples), generator=g)[:batch_size].tolist()
                 yield self.collate([self.examples[i] for i in idx], tokenizer)
     return Pool(n=60)
+
+
+class CharTokenizer:
+    """Text -> ids inside the tiny models' vocabulary, one per character (PILLOW tokenizes the label it
+    appends to a classifier's demonstration)."""
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [1 + ord(ch) % (VOCAB - 1) for ch in text]}
+
+
+def pillow_task(kind):
+    """PILLOW draws its prompt pool from the task's labelled train split: STAR's pool task, with a tokenizer."""
+    task = star_task(kind)
+    task.tokenizer = CharTokenizer()
+    return task
 
 
 @dataclass
@@ -110,6 +125,19 @@ BEHAVIOURS = [
       "prune at least one rank"),
     B("dylora", ranks_vary("dylora_sampled_ranks"), "sample different ranks"),
     B("dora-rank", lambda m: len(set(m["dora_rank_ranks"])) > 1, "ranks that differ across layers"),
+    B("lora-init-b", lambda m: m["zero_factor_norm"] > 0 and m["random_factor_rel_change"] > 0,
+      "A grows from its zero init while the random B moves (Init[B])"),
+    B("apiq", lambda m: m["act_rel_err_after"] < m["act_rel_err_before"]
+      and m["logit_rel_err_after"] < m["logit_rel_err_before"],
+      "the activation-preserving init lowers the layers' and the logits' error against full precision",
+      options={"group_size": 32}, kind="llama"),
+    B("l4q", lambda m: m["step_size_rel_change"] > 0 and m["offset_change_in_steps"] > 0,
+      "the LSQ step sizes and offsets are learnt", options={"group_size": 32}),
+    B("byom-lora", lambda m: m["kept_rank"] < m["trained_rank"] and 0 < m["energy_kept"] < 1,
+      "truncate the trained rank-r update to rank q < r, losing part of its energy"),
+    B("pillow", lambda m: m["prompt_matching"] and m["rl_steps"] > 0 and sum(m["selected_counts"]) > 0
+      and m["policy_entropy_last"] < m["policy_entropy_first"],
+      "train the prompt matcher by REINFORCE: its policy moves away from uniform", task=pillow_task),
 ]
 
 
@@ -131,7 +159,8 @@ def run(name: str, options: dict, kind: str, steps: int, lr: float, task) -> tup
     model = method.apply(model, ctx)
     cfg = TrainConfig(steps=steps, batch_size=4, lr=lr, warmup_ratio=0.1, schedule="linear",
                       warmup_steps_for_throughput=0)
-    result = train(model, method, task(kind), None, cfg, seed=0, progress=False)
+    t = task(kind)
+    result = train(model, method, t, getattr(t, "tokenizer", None), cfg, seed=0, progress=False)
     assert result.steps == steps and result.final_loss is not None
     return result.method_metrics, logits(model, batch_for(kind, seed=99, n=8))
 
