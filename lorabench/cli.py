@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +17,18 @@ def cmd_run(args) -> int:
 
     suite = load_suite(args.suite, args.overrides)  # validates everything before any trial runs
     records_path = Path(args.records or Path("runs") / suite.name / "records.jsonl")
-    ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
-                    jobs=args.jobs)
+    check_records_path(records_path, "--records")
+    try:
+        ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
+                        jobs=args.jobs)
+    except KeyboardInterrupt:
+        from lorabench.runner.suite import trial_id
+        wanted = {trial_id(t) for t in suite.trials()}
+        have = {r.get("trial_id") for r in read_records(records_path, warn=False)} & wanted
+        print(f"\ninterrupted: {len(have)} of {len(wanted)} trials of suite {suite.name} are recorded in "
+              f"{records_path} (the trial that was running is not); run the same command again to resume",
+              file=sys.stderr)
+        return 130
     wanted = set(ids)
     latest = {}
     for r in read_records(records_path):
@@ -27,6 +38,12 @@ def cmd_run(args) -> int:
     print(f"Leaderboard: suite {suite.name} (records: {records_path})")
     print(render(list(latest.values())))
     return 0 if all(r.get("status") == "ok" for r in latest.values()) else 1
+
+
+def check_records_path(path: Path, flag: str) -> None:
+    """A records path must be a file (or not exist yet): a folder would fail later with a traceback."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the records file, e.g. {path / 'records.jsonl'}")
 
 
 def cmd_list(args) -> int:
@@ -92,6 +109,8 @@ def cmd_bench(args) -> int:
         from lorabench.bench.kernels import main
     elif args.what == "serving":
         from lorabench.bench.serving import main
+    elif args.what == "threads":
+        from lorabench.bench.threads import main
     else:  # argparse restricts choices
         raise UserError(f"unknown benchmark {args.what!r}")
     return main(args.rest)
@@ -105,21 +124,25 @@ def cmd_report(args) -> int:
     from lorabench.report.build import parse_formats, write_report
     from lorabench.runner.records import read_records
     formats = parse_formats(args.format)
-    records = []
+    records, skipped = [], []
     for p in args.records:
+        check_records_path(Path(p), "records")
         if not Path(p).is_file():
             raise UserError(f"records file {p} does not exist (give the JSONL written by `python -m lorabench run`)")
-        records.extend(read_records(p))
+        records.extend(read_records(p, skipped=skipped))
     if not records:
         raise UserError(f"no records in {', '.join(args.records)}")
+    notes = [f"{len(skipped)} torn or malformed record line(s) skipped ({', '.join(skipped)}): a writer killed "
+             f"mid-line leaves one; the trials they held are missing here (running the suite again re-runs them)."
+             ] if skipped else []
     if args.out is None:
         if formats != ["md"] and args.format:
             raise UserError(f"--format {','.join(formats)} writes files: give --out DIR (only md can go to stdout)")
         with tempfile.TemporaryDirectory() as d:
-            (path,) = write_report(records, d, ["md"])
+            (path,) = write_report(records, d, ["md"], notes)
             print(path.read_text(encoding="utf-8"), end="")
         return 0
-    for path in write_report(records, args.out, formats):
+    for path in write_report(records, args.out, formats, notes):
         print(path)
     return 0
 
@@ -181,9 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="versions, machine, and which kernel backends are available and why")
     e.set_defaults(func=cmd_env)
 
-    b = sub.add_parser("bench", help="kernel and serving benchmarks", add_help=False)
-    b.add_argument("what", choices=["kernels", "serving"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="kernel, serving and thread benchmarks",
+                       description="Benchmarks; `python -m lorabench bench WHAT --help` gives each one's options.")
+    b.add_argument("what", choices=["kernels", "serving", "threads"],
+                   help="kernels: lorabench's ops against references (docs/kernels.md); serving: one base model "
+                        "serving many adapters (docs/serving.md); threads: trial threads on a shared machine "
+                        "(docs/architecture.md)")
+    # REMAINDER also takes options given after WHAT (`bench kernels --help` reaches the benchmark's own parser)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     b.set_defaults(func=cmd_bench)
 
     ev = sub.add_parser("eval", help="score a model (+ adapter) with lm-evaluation-harness, offline")
@@ -239,8 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; recorded trials are kept, run again to resume", file=sys.stderr)
+        print("\ninterrupted; recorded trials are kept, run again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output has gone (`... | head -2`): not an error. Point stdout at /dev/null so
+        # that the interpreter's final flush does not fail again, and exit as a process killed by
+        # SIGPIPE would (128 + 13), what a shell expects of a writer whose reader left.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 if __name__ == "__main__":

@@ -134,3 +134,29 @@ def test_bad_input_gets_one_clear_error_and_loses_no_record(tmp_path, args, mess
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert records.read_text() == json.dumps({"trial_id": "kept", "status": "ok"}) + "\n"
+
+
+def _write_trial_environment(path: str) -> None:
+    import torch
+    Path(path).write_text(json.dumps({"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
+                                      "threads": torch.get_num_threads()}))
+
+
+def test_trials_share_the_available_cores_and_do_not_spin(tmp_path):
+    # issue 22: trials slowed down 10-20x on a shared machine, libgomp's threads spinning at barriers
+    from lorabench.runner import run, worker
+    probe = tmp_path / "env.json"
+    proc = run._context().Process(target=_write_trial_environment, args=(str(probe),))
+    proc.start()
+    proc.join(120)
+    assert json.loads(probe.read_text())["GOMP_SPINCOUNT"] == os.environ.get("GOMP_SPINCOUNT", "1000")
+    cores = len(os.sched_getaffinity(0))
+    assert worker.default_threads(1) == cores and worker.default_threads(2) == max(1, cores // 2)
+    assert worker.default_threads(cores + 1) == 1
+    # two trials at once without train.threads: each gets half the cores, not all of them
+    suite = tmp_path / "halves.yaml"
+    suite.write_text(TINY.format(name="halves", methods="  - head").replace("n_eval: 16}}", "n_eval: 16}, jobs: 2}"))
+    records = tmp_path / "r.jsonl"
+    done = run_cli("run", str(suite), "--records", str(records), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["threads"] for r in read_records(records)] == [max(1, cores // 2)] * 2

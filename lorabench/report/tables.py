@@ -244,8 +244,9 @@ def failures_frame(trials: pd.DataFrame) -> pd.DataFrame:
     return f.sort_values(["task", "label", "seed"], kind="stable").reset_index(drop=True)
 
 
-def build(records: list[dict]) -> Report:
-    notes: list[str] = []
+def build(records: list[dict], notes: list[str] | None = None) -> Report:
+    """`notes`: what the caller already knows the reader must see (lines the records reader skipped)."""
+    notes = list(notes or [])
     trials = trials_frame(records, notes)
     summary = summarize(trials, notes)
     detail, summ = compare_with_reference(trials)

@@ -36,17 +36,21 @@ def _context():
     """A forkserver context with torch and transformers preloaded (see worker.py)."""
     global _CONTEXT
     if _CONTEXT is None:
+        for key, value in worker.TRIAL_ENV.items():
+            os.environ.setdefault(key, value)  # inherited by the fork server when it starts
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(worker.PRELOAD)
     return _CONTEXT
 
 
-def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
-    """Run one trial in its own process; returns its result, or a failure describing the crash."""
+def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1) -> dict:
+    """Run one trial in its own process; returns its result, or a failure describing the crash.
+    `jobs`: trials running at once, which share the cores (worker.default_threads)."""
     with tempfile.TemporaryDirectory(prefix="lorabench-trial-") as d:
         result_path, log_path = os.path.join(d, "result.json"), os.path.join(d, "stderr.log")
         open(log_path, "wb").close()
-        proc = _context().Process(target=worker.trial_main, args=(asdict(spec), result_path, log_path, progress),
+        proc = _context().Process(target=worker.trial_main, args=(asdict(spec), result_path, log_path, progress,
+                                                                   worker.default_threads(jobs)),
                                   name=f"trial-{spec.label}-{spec.task}-{spec.seed}")
         tail = bytearray()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -59,8 +63,8 @@ def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
                     sys.stderr.flush()
                     tail.extend(chunk)
                     del tail[:-8000]
-            proc.start()
             try:
+                proc.start()  # inside the try: a Ctrl-C during the start must still stop the trial
                 while proc.is_alive():
                     proc.join(0.2)
                     pump()
@@ -70,7 +74,9 @@ def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
                         timed_out = True
                         break
             except KeyboardInterrupt:
-                proc.kill()
+                if proc.pid is not None:
+                    proc.kill()
+                    proc.join()  # before its temporary folder goes
                 raise
             pump()
         if os.path.exists(result_path) and not timed_out:
@@ -103,8 +109,9 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
 
     `jobs` trials run at once (default: each task's `jobs`, else the suite's, else 1), each in its own
     process; every record is appended as soon as its trial ends, so a killed run loses only the
-    trials in flight. With jobs > 1 give each trial `train.threads` = cores / jobs, or they fight
-    over the cores (small models gain from it; large ones lose, memory bandwidth being shared).
+    trials in flight. A trial without `train.threads` gets the available cores / jobs threads
+    (worker.default_threads; small models gain from jobs > 1, large ones lose, memory bandwidth
+    being shared).
     """
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs (trials run at once) must be at least 1, got {jobs}")
@@ -127,7 +134,7 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
     def one(name: str, tid: str, spec, n_jobs: int) -> dict:
         log(f"{name}: running")
         started, t0 = _now(), time.perf_counter()
-        result = run_one(spec, timeout_s, progress)
+        result = run_one(spec, timeout_s, progress, n_jobs)
         return {
             "record_version": RECORD_VERSION, "trial_id": tid, "suite": suite.name,
             "suite_version": suite.version, "label": spec.label, "method": spec.method,
