@@ -8,6 +8,10 @@ from pathlib import Path
 
 from lorabench.errors import UserError
 
+# The shipped suite files: lorabench.runner.suite.SUITES_DIR, which `list suites` reads without
+# importing that module (it imports torch); a test checks that both name the same folder.
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
 
 def cmd_run(args) -> int:
     from lorabench.report.leaderboard import render
@@ -47,21 +51,30 @@ def check_records_path(path: Path, flag: str) -> None:
 
 
 def cmd_list(args) -> int:
+    # Answers from the registries' call-site facts and the suite files' YAML, importing no method,
+    # task or torch: `list` is a newcomer's first command and must answer at once (issue 22).
     if args.what == "methods":
         from lorabench.methods import METHODS
-        for name, cls in METHODS.items():
-            paper = f"arXiv {cls.paper}" if cls.paper else "baseline"
-            print(f"{name:16s} {cls.family:28s} {paper:18s} {cls.title}")
+        for name in METHODS:
+            m = METHODS.meta(name)
+            paper = f"arXiv {m['paper']}" if m["paper"] else "baseline"
+            print(f"{name:16s} {m['family']:28s} {paper:18s} {m['title']}")
     elif args.what == "tasks":
         from lorabench.tasks import TASKS
-        for name, cls in TASKS.items():
-            arrow = "↑" if cls.metric.higher_is_better else "↓"
-            print(f"{name:16s} {cls.kind:16s} {cls.metric.name + ' ' + arrow:16s} {cls.default_model:14s} {cls.sizes}")
+        for name in TASKS:
+            t = TASKS.meta(name)
+            arrow = "↑" if t["higher_is_better"] else "↓"
+            print(f"{name:16s} {t['kind']:16s} {t['metric'] + ' ' + arrow:16s} {t['default_model']:14s} {t['sizes']}")
     elif args.what == "suites":
-        from lorabench.runner.suite import list_suites, load_suite
-        for p in list_suites():
-            s = load_suite(str(p))
-            print(f"{s.name:12s} v{s.version}  {len(s.trials()):4d} trials  {s.description}")
+        import yaml
+        for p in sorted(SUITES_DIR.glob("*.yaml")):
+            try:
+                s = yaml.safe_load(p.read_text(encoding="utf-8"))
+                seeds = s.get("seeds", [0])
+                n = len(s["tasks"]) * len(s["methods"]) * (len(seeds) if isinstance(seeds, list) else 1)
+                print(f"{p.stem:12s} v{s['version']}  {n:4d} trials  {s.get('description', '')}")
+            except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+                print(f"{p.stem:12s} (not a valid suite file: `python -m lorabench run {p.stem}` says why)")
     elif args.what == "assets":
         return cmd_assets(argparse.Namespace(action="list", names=[]))
     return 0

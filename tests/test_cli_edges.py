@@ -109,3 +109,42 @@ def test_a_torn_record_line_is_in_the_reports_notes(tmp_path):
     assert "every record was complete" not in proc.stdout
     assert f"1 torn or malformed record line(s) skipped ({records}:2)" in proc.stdout
     assert len(read_records(records, warn=False)) == 1
+
+
+@pytest.mark.parametrize("what", ["methods", "tasks", "suites", "assets"])
+def test_list_answers_without_importing_torch(what):
+    # `list methods` took 13 s on a busy machine: it imported every method, hence torch
+    code = ("import sys; from lorabench.cli import main; rc = main(['list', %r]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)" % what)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "NO-TORCH"
+    assert len(proc.stdout.splitlines()) > 3
+
+
+def test_list_shows_what_the_registries_and_suites_hold():
+    from lorabench.cli import SUITES_DIR
+    from lorabench.methods import METHODS
+    from lorabench.runner.suite import SUITES_DIR as RUNNER_SUITES_DIR
+    from lorabench.runner.suite import list_suites, load_suite
+    from lorabench.tasks import TASKS
+    assert SUITES_DIR == RUNNER_SUITES_DIR
+    # every method's and task's call-site facts are its class's own
+    for name in METHODS:
+        cls = METHODS.get(name)
+        assert METHODS.meta(name) == {"family": cls.family, "paper": cls.paper, "title": cls.title}, name
+    for name in TASKS:
+        cls = TASKS.get(name)
+        assert TASKS.meta(name) == {"kind": cls.kind, "metric": cls.metric.name, "default_model": cls.default_model,
+                                    "higher_is_better": cls.metric.higher_is_better, "sizes": cls.sizes}, name
+    listed = run_cli("list", "suites", timeout=60).stdout.splitlines()
+    expected = [f"{load_suite(str(p)).name:12s} v{load_suite(str(p)).version}  {len(load_suite(str(p)).trials()):4d} "
+                f"trials" for p in list_suites()]
+    assert [line[:len(e)] for line, e in zip(listed, expected)] == expected and len(listed) == len(expected)
+
+
+def test_registry_entries_must_carry_their_facts():
+    from lorabench.registry import Registry
+    reg = Registry("method", meta_keys=("family", "paper", "title"))
+    with pytest.raises(ValueError, match="needs exactly the facts family, paper, title, got family"):
+        reg.register_lazy("x", "m:X", family="lora")
