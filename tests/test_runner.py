@@ -30,6 +30,7 @@ def tiny_suite(tmp_path: Path, methods: str = "  - head\n  - lora\n  - full", na
     return p
 
 
+@pytest.mark.slow  # 96 trials: every method on two tiny models (~minutes on 2 cores)
 def test_smoke_suite_runs_every_method_end_to_end(tmp_path):
     records = tmp_path / "smoke.jsonl"
     proc = run_cli("run", "smoke", "--records", str(records), "--no-progress", timeout=1800)
