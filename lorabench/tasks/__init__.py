@@ -1,4 +1,4 @@
-"""The task registry (DESIGN "Tasks"); sizes of every split are in docs/tasks.md."""
+"""The task registry (docs/architecture.md, "Where things live"); sizes of every split are in docs/tasks.md."""
 from lorabench.registry import Registry
 
 # kind, metric (its name), higher_is_better, default_model and sizes: what `list tasks` shows without
