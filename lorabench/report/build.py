@@ -145,7 +145,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
         written.append(p)
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)
-        for name, data in sorted(pngs.items()):
-            (out / "plots" / name).write_bytes(data)
+        for name, plot in sorted(pngs.items()):
+            (out / "plots" / name).write_bytes(plot.png)
             written.append(out / "plots" / name)
     return written
