@@ -14,14 +14,16 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
 
 def cmd_run(args) -> int:
-    from lorabench.report.leaderboard import render
-    from lorabench.runner.records import read_records
-    from lorabench.runner.run import run_suite
     from lorabench.runner.suite import load_suite
-
+    if args.records:
+        check_records_path(Path(args.records), "--records")
     suite = load_suite(args.suite, args.overrides)  # validates everything before any trial runs
     records_path = Path(args.records or Path("runs") / suite.name / "records.jsonl")
     check_records_path(records_path, "--records")
+    # imported after the input is checked: pandas and the trial machinery take seconds to import
+    from lorabench.report.leaderboard import render
+    from lorabench.runner.records import read_records
+    from lorabench.runner.run import run_suite
     try:
         ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
                         jobs=args.jobs)
@@ -134,14 +136,15 @@ def cmd_report(args) -> int:
     Markdown report is printed."""
     import tempfile
 
-    from lorabench.report.build import parse_formats, write_report
     from lorabench.runner.records import read_records
-    formats = parse_formats(args.format)
-    records, skipped = [], []
-    for p in args.records:
+    for p in args.records:  # before importing pandas and matplotlib (seconds): a wrong path answers at once
         check_records_path(Path(p), "records")
         if not Path(p).is_file():
             raise UserError(f"records file {p} does not exist (give the JSONL written by `python -m lorabench run`)")
+    from lorabench.report.build import parse_formats, write_report
+    formats = parse_formats(args.format)
+    records, skipped = [], []
+    for p in args.records:
         records.extend(read_records(p, skipped=skipped))
     if not records:
         raise UserError(f"no records in {', '.join(args.records)}")

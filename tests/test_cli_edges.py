@@ -148,3 +148,14 @@ def test_registry_entries_must_carry_their_facts():
     reg = Registry("method", meta_keys=("family", "paper", "title"))
     with pytest.raises(ValueError, match="needs exactly the facts family, paper, title, got family"):
         reg.register_lazy("x", "m:X", family="lora")
+
+
+@pytest.mark.parametrize("argv", [["run", "quik"], ["run", "smoke", "methods=lorra"], ["run", "smoke", "trian.steps=3"],
+                                  ["report", "no/such/records.jsonl"], ["run", "smoke", "--records", "."]])
+def test_input_errors_answer_without_importing_torch(argv):
+    # an error after seconds of imports (torch, pandas) is an error a newcomer waits for
+    code = ("import sys; from lorabench.cli import main; rc = main(%r); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)" % argv)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stdout.splitlines()[-1] == "NO-TORCH"

@@ -27,14 +27,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lorabench.config import from_dict, merge, unknown_key_message
 from lorabench.errors import UserError
-from lorabench.harness.train import TrainConfig
-from lorabench.harness.trial import TrialSpec
+
+if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite name or a malformed
+    # file must get its error at once (issue 22), not after seconds of imports
+    from lorabench.harness.trial import TrialSpec
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs"}
@@ -108,6 +110,7 @@ class Suite:
         return self.jobs
 
     def trials(self) -> list[TrialSpec]:
+        from lorabench.harness.trial import TrialSpec
         out = []
         for task in self.tasks:
             for method in self.methods:
@@ -180,6 +183,7 @@ def _check_keys(obj: dict, allowed: set, path: Path, lines: dict, key: tuple, wh
 
 
 def validate(data: Any, path: Path, lines: dict) -> Suite:
+    from lorabench.harness.train import TrainConfig
     from lorabench.methods import METHODS
     from lorabench.tasks import TASKS
 
@@ -319,6 +323,7 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             field = "name" if key == "tasks" else None
             data[key] = [e for e in data[key] if (e.get("name") if field else str(e.get("label") or e.get("name"))) in wanted]
         elif key.startswith("train."):
+            from lorabench.harness.train import TrainConfig
             # Checked here, alone, so that a typo is blamed on the command line, not on the suite file's
             # line that the merged value would later be validated at.
             from_dict(TrainConfig, {key[6:]: value}, f"command line: {key}={raw.strip()}: train")
