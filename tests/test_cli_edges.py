@@ -51,12 +51,15 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
-def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs):
     suite = tmp_path / "stopped.yaml"
     suite.write_text(ONE_TRIAL.format(name="stopped"))
     records = tmp_path / "r.jsonl"
+    # trials that would run for hours: only the interrupt ends them (with 2 jobs, in two threads)
     proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records),
-                             "--no-progress", "train.steps=100000"], cwd=REPO, text=True,
+                             "--no-progress", "train.steps=100000", f"seeds={','.join(map(str, range(jobs)))}",
+                             "--jobs", str(jobs)], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
         while "running" not in proc.stdout.readline():  # the trial has started
@@ -68,7 +71,7 @@ def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path):
         proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in err and "leaked" not in err, err
-    assert re.search(r"interrupted: 0 of 1 trials of suite stopped are recorded in \S*r\.jsonl", err), err
+    assert re.search(rf"interrupted: 0 of {jobs} trials of suite stopped are recorded in \S*r\.jsonl", err), err
     assert "run the same command again to resume" in err
 
 

@@ -30,6 +30,9 @@ def _now() -> str:
 
 
 _CONTEXT = None
+# Ctrl-C interrupts only the main thread, and trials ignore it (worker.py): with jobs > 1 the main
+# thread sets this, and the threads waiting on trials kill them.
+_INTERRUPTED = threading.Event()
 
 
 def _context():
@@ -66,6 +69,8 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1) -> dic
             try:
                 proc.start()  # inside the try: a Ctrl-C during the start must still stop the trial
                 while proc.is_alive():
+                    if _INTERRUPTED.is_set():  # Ctrl-C in the main thread while this one waits (jobs > 1)
+                        proc.kill()
                     proc.join(0.2)
                     pump()
                     if deadline is not None and time.monotonic() > deadline:
@@ -115,6 +120,7 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
     """
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs (trials run at once) must be at least 1, got {jobs}")
+    _INTERRUPTED.clear()
     trials = suite.trials()
     done = {r.get("trial_id") for r in read_records(records_path)}
     env = environment()
@@ -173,6 +179,7 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
             except KeyboardInterrupt:
                 for fut in futures:
                     fut.cancel()
+                _INTERRUPTED.set()
                 raise
     return ids
 
