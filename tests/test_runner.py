@@ -161,3 +161,13 @@ def test_trials_share_the_available_cores_and_do_not_spin(tmp_path):
     done = run_cli("run", str(suite), "--records", str(records), "--no-progress")
     assert done.returncode == 0, done.stderr[-2000:]
     assert [r["threads"] for r in read_records(records)] == [max(1, cores // 2)] * 2
+
+
+def test_bench_threads_prints_one_row_per_configuration(capsys):
+    from lorabench.bench import threads
+    # two configurations (each a process importing torch): the smallest run that shows the table
+    assert threads.main(["--threads", "1", "--busy", "0", "--policies", "default,spin1k", "--rounds", "1",
+                         "--seconds", "0.05", "--tokens", "16"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [("default", "1", "0", "1.00x"), ("spin1k", "1", "0", "1.00x")]
+    assert all(float(r[3]) > 0 for r in rows)
