@@ -31,7 +31,8 @@ def _now() -> str:
 
 _CONTEXT = None
 # Ctrl-C interrupts only the main thread, and trials ignore it (worker.py): with jobs > 1 the main
-# thread sets this, and the threads waiting on trials kill them.
+# thread sets this when it stops (Ctrl-C, or stdout closed under `| head`), and the threads waiting
+# on trials kill them.
 _INTERRUPTED = threading.Event()
 
 
@@ -176,7 +177,7 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
             try:
                 for fut in concurrent.futures.as_completed(futures):
                     finish(futures[fut], fut.result())
-            except KeyboardInterrupt:
+            except BaseException:  # Ctrl-C, or a closed stdout (`| head`): stop, do not wait for the trials
                 for fut in futures:
                     fut.cancel()
                 _INTERRUPTED.set()
