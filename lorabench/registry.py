@@ -32,7 +32,9 @@ class Registry(Generic[T]):
             raise ValueError(f"lazy {self.kind} target must be 'module:attr', got {target!r}")
         if set(meta) != set(self.meta_keys):
             raise ValueError(f"{self.kind} {name!r}: register_lazy needs exactly the facts "
-                             f"{', '.join(self.meta_keys) or '(none)'}, got {', '.join(sorted(meta)) or '(none)'}")
+                             f"{', '.join(self.meta_keys) or '(none)'}, got {', '.join(sorted(meta)) or '(none)'}: "
+                             f"copy them from the class's attributes of the same names (`list` shows them "
+                             f"without importing it)")
         self._entries[name] = target
         self._meta[name] = meta
 
