@@ -2,22 +2,39 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from lorabench.errors import UserError
 
+# The shipped suite files: lorabench.runner.suite.SUITES_DIR, which `list suites` reads without
+# importing that module (it imports torch); a test checks that both name the same folder.
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
 
 def cmd_run(args) -> int:
+    from lorabench.runner.suite import load_suite
+    if args.records:
+        check_records_path(Path(args.records), "--records")
+    suite = load_suite(args.suite, args.overrides)  # validates everything before any trial runs
+    records_path = Path(args.records or Path("runs") / suite.name / "records.jsonl")
+    check_records_path(records_path, "--records")
+    # imported after the input is checked: pandas and the trial machinery take seconds to import
     from lorabench.report.leaderboard import render
     from lorabench.runner.records import read_records
     from lorabench.runner.run import run_suite
-    from lorabench.runner.suite import load_suite
-
-    suite = load_suite(args.suite, args.overrides)  # validates everything before any trial runs
-    records_path = Path(args.records or Path("runs") / suite.name / "records.jsonl")
-    ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
-                    jobs=args.jobs)
+    try:
+        ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
+                        jobs=args.jobs)
+    except KeyboardInterrupt:
+        from lorabench.runner.suite import trial_id
+        wanted = {trial_id(t) for t in suite.trials()}
+        have = {r.get("trial_id") for r in read_records(records_path, warn=False)} & wanted
+        print(f"\ninterrupted: {len(have)} of {len(wanted)} trials of suite {suite.name} are recorded in "
+              f"{records_path} (the trial that was running is not); run the same command again to resume",
+              file=sys.stderr)
+        return 130
     wanted = set(ids)
     latest = {}
     for r in read_records(records_path):
@@ -29,22 +46,54 @@ def cmd_run(args) -> int:
     return 0 if all(r.get("status") == "ok" for r in latest.values()) else 1
 
 
+def check_records_path(path: Path, flag: str) -> None:
+    """A records path must be a file (or not exist yet): a folder would fail later with a traceback."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; give the records file, e.g. {path / 'records.jsonl'}")
+
+
+def suite_size(s: dict) -> int:
+    """Trials a suite file defines, read from its YAML alone (Suite.size() without importing torch): one per
+    task x method x seed, times the learning-rate grid, whose tuning seeds alone run every rate."""
+    seeds = s.get("seeds", [0])
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    tune = s.get("tune_seeds")
+    n = 0
+    for t in s["tasks"]:
+        for m in s["methods"]:
+            grid = (m.get("lr_grid") if isinstance(m, dict) else None) or (
+                t.get("lr_grid") if isinstance(t, dict) else None) or s.get("lr_grid") or [1]
+            if len(grid) > 1 and tune:
+                n += len(grid) * len(tune) + len([x for x in seeds if x not in tune])
+            else:
+                n += len(grid) * len(seeds)
+    return n
+
+
 def cmd_list(args) -> int:
+    # Answers from the registries' call-site facts and the suite files' YAML, importing no method,
+    # task or torch: `list` is a newcomer's first command and must answer at once (issue 22).
     if args.what == "methods":
         from lorabench.methods import METHODS
-        for name, cls in METHODS.items():
-            paper = f"arXiv {cls.paper}" if cls.paper else "baseline"
-            print(f"{name:16s} {cls.family:28s} {paper:18s} {cls.title}")
+        for name in METHODS:
+            m = METHODS.meta(name)
+            paper = f"arXiv {m['paper']}" if m["paper"] else "baseline"
+            print(f"{name:16s} {m['family']:28s} {paper:18s} {m['title']}")
     elif args.what == "tasks":
         from lorabench.tasks import TASKS
-        for name, cls in TASKS.items():
-            arrow = "↑" if cls.metric.higher_is_better else "↓"
-            print(f"{name:16s} {cls.kind:16s} {cls.metric.name + ' ' + arrow:16s} {cls.default_model:14s} {cls.sizes}")
+        for name in TASKS:
+            t = TASKS.meta(name)
+            arrow = "↑" if t["higher_is_better"] else "↓"
+            print(f"{name:16s} {t['kind']:16s} {t['metric'] + ' ' + arrow:16s} {t['default_model']:14s} {t['sizes']}")
     elif args.what == "suites":
-        from lorabench.runner.suite import list_suites, load_suite
-        for p in list_suites():
-            s = load_suite(str(p))
-            print(f"{s.name:12s} v{s.version}  {s.size():4d} trials  {s.description}")
+        import yaml
+        for p in sorted(SUITES_DIR.glob("*.yaml")):
+            try:
+                s = yaml.safe_load(p.read_text(encoding="utf-8"))
+                n = suite_size(s)
+                print(f"{p.stem:12s} v{s['version']}  {n:4d} trials  {s.get('description', '')}")
+            except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+                print(f"{p.stem:12s} (not a valid suite file: `python -m lorabench run {p.stem}` says why)")
     elif args.what == "assets":
         return cmd_assets(argparse.Namespace(action="list", names=[]))
     return 0
@@ -92,6 +141,8 @@ def cmd_bench(args) -> int:
         from lorabench.bench.kernels import main
     elif args.what == "serving":
         from lorabench.bench.serving import main
+    elif args.what == "threads":
+        from lorabench.bench.threads import main
     else:  # argparse restricts choices
         raise UserError(f"unknown benchmark {args.what!r}")
     return main(args.rest)
@@ -102,24 +153,29 @@ def cmd_report(args) -> int:
     Markdown report is printed."""
     import tempfile
 
-    from lorabench.report.build import parse_formats, write_report
     from lorabench.runner.records import read_records
-    formats = parse_formats(args.format)
-    records = []
-    for p in args.records:
+    for p in args.records:  # before importing pandas and matplotlib (seconds): a wrong path answers at once
+        check_records_path(Path(p), "records")
         if not Path(p).is_file():
             raise UserError(f"records file {p} does not exist (give the JSONL written by `python -m lorabench run`)")
-        records.extend(read_records(p))
+    from lorabench.report.build import parse_formats, write_report
+    formats = parse_formats(args.format)
+    records, skipped = [], []
+    for p in args.records:
+        records.extend(read_records(p, skipped=skipped))
     if not records:
         raise UserError(f"no records in {', '.join(args.records)}")
+    notes = [f"{len(skipped)} torn or malformed record line(s) skipped ({', '.join(skipped)}): a writer killed "
+             f"mid-line leaves one; the trials they held are missing here (running the suite again re-runs them)."
+             ] if skipped else []
     if args.out is None:
         if formats != ["md"] and args.format:
             raise UserError(f"--format {','.join(formats)} writes files: give --out DIR (only md can go to stdout)")
         with tempfile.TemporaryDirectory() as d:
-            (path,) = write_report(records, d, ["md"])
+            (path,) = write_report(records, d, ["md"], notes)
             print(path.read_text(encoding="utf-8"), end="")
         return 0
-    for path in write_report(records, args.out, formats):
+    for path in write_report(records, args.out, formats, notes):
         print(path)
     return 0
 
@@ -181,9 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="versions, machine, and which kernel backends are available and why")
     e.set_defaults(func=cmd_env)
 
-    b = sub.add_parser("bench", help="kernel and serving benchmarks", add_help=False)
-    b.add_argument("what", choices=["kernels", "serving"])
-    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b = sub.add_parser("bench", help="kernel, serving and thread benchmarks",
+                       description="Benchmarks; `python -m lorabench bench WHAT --help` gives each one's options.")
+    b.add_argument("what", choices=["kernels", "serving", "threads"],
+                   help="kernels: lorabench's ops against references (docs/kernels.md); serving: one base model "
+                        "serving many adapters (docs/serving.md); threads: trial threads on a shared machine "
+                        "(docs/architecture.md)")
+    # REMAINDER also takes options given after WHAT (`bench kernels --help` reaches the benchmark's own parser)
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
     b.set_defaults(func=cmd_bench)
 
     ev = sub.add_parser("eval", help="score a model (+ adapter) with lm-evaluation-harness, offline")
@@ -239,8 +300,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; recorded trials are kept, run again to resume", file=sys.stderr)
+        print("\ninterrupted; recorded trials are kept, run again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of our output has gone (`... | head -2`): not an error. Point stdout at /dev/null so
+        # that the interpreter's final flush does not fail again, and exit as a process killed by
+        # SIGPIPE would (128 + 13), what a shell expects of a writer whose reader left.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
 
 
 if __name__ == "__main__":

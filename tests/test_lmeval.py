@@ -62,6 +62,7 @@ def test_registered_under_lorabench(tmp_path):
 
 # -- agreement with lorabench's own evaluator -------------------------------------------------------
 
+@pytest.mark.slow  # SmolLM2-135M (converted first with an empty cache) scored twice over QuaRTz
 def test_quartz_accuracy_equals_lorabench_evaluator_with_saved_adapter(tmp_path):
     """lm-eval (exported task, adapter loaded from disk) == MultipleChoiceTask.evaluate (adapter in memory)."""
     from lorabench.methods import get_method
@@ -156,6 +157,7 @@ def test_loglikelihood_rolling_scores_every_token_once(tiny):
     assert got[1] < 0 and got[1] > got[0]
 
 
+@pytest.mark.slow  # SmolLM2-135M (converted first with an empty cache), rolling perplexity
 def test_shakespeare_rolling_perplexity_vs_task(smollm2):
     """The exported shakespeare-lm documents are the task's own windows. Two conventions differ:
     lorabench never predicts a window's first token and feeds no prefix token; lm-eval predicts every

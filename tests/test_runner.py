@@ -30,6 +30,7 @@ def tiny_suite(tmp_path: Path, methods: str = "  - head\n  - lora\n  - full", na
     return p
 
 
+@pytest.mark.slow  # 96 trials: every method on two tiny models (~minutes on 2 cores)
 def test_smoke_suite_runs_every_method_end_to_end(tmp_path):
     records = tmp_path / "smoke.jsonl"
     proc = run_cli("run", "smoke", "--records", str(records), "--no-progress", timeout=1800)
@@ -134,3 +135,39 @@ def test_bad_input_gets_one_clear_error_and_loses_no_record(tmp_path, args, mess
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert records.read_text() == json.dumps({"trial_id": "kept", "status": "ok"}) + "\n"
+
+
+def _write_trial_environment(path: str) -> None:
+    import torch
+    Path(path).write_text(json.dumps({"GOMP_SPINCOUNT": os.environ.get("GOMP_SPINCOUNT"),
+                                      "threads": torch.get_num_threads()}))
+
+
+def test_trials_share_the_available_cores_and_do_not_spin(tmp_path):
+    # issue 22: trials slowed down 10-20x on a shared machine, libgomp's threads spinning at barriers
+    from lorabench.runner import run, worker
+    probe = tmp_path / "env.json"
+    proc = run._context().Process(target=_write_trial_environment, args=(str(probe),))
+    proc.start()
+    proc.join(120)
+    assert json.loads(probe.read_text())["GOMP_SPINCOUNT"] == os.environ.get("GOMP_SPINCOUNT", "1000")
+    cores = len(os.sched_getaffinity(0))
+    assert worker.default_threads(1) == cores and worker.default_threads(2) == max(1, cores // 2)
+    assert worker.default_threads(cores + 1) == 1
+    # two trials at once without train.threads: each gets half the cores, not all of them
+    suite = tmp_path / "halves.yaml"
+    suite.write_text(TINY.format(name="halves", methods="  - head").replace("n_eval: 16}}", "n_eval: 16}, jobs: 2}"))
+    records = tmp_path / "r.jsonl"
+    done = run_cli("run", str(suite), "--records", str(records), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["threads"] for r in read_records(records)] == [max(1, cores // 2)] * 2
+
+
+def test_bench_threads_prints_one_row_per_configuration(capsys):
+    from lorabench.bench import threads
+    # two configurations (each a process importing torch): the smallest run that shows the table
+    assert threads.main(["--threads", "1", "--busy", "0", "--policies", "default,spin1k", "--rounds", "1",
+                         "--seconds", "0.05", "--tokens", "16"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1], r[2], r[4]) for r in rows] == [("default", "1", "0", "1.00x"), ("spin1k", "1", "0", "1.00x")]
+    assert all(float(r[3]) > 0 for r in rows)

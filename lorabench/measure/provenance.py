@@ -1,4 +1,4 @@
-"""Where a result came from: git commit, package versions, machine (DESIGN "Measurement protocol")."""
+"""Where a result came from: git commit, package versions, machine (docs/architecture.md, "Measurement protocol")."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""The one Method API every lorabench method implements (DESIGN "Methods").
+"""The one Method API every lorabench method implements (docs/architecture.md, "Where things live").
 
 A method is a config dataclass (every field with help text and validation, see
 `lorabench.config.option`) plus a `Method` subclass that:

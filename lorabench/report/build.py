@@ -119,11 +119,12 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
     df.to_csv(path, index=False, lineterminator="\n", float_format=f"%.{CSV_DIGITS}g")
 
 
-def write_report(records: list[dict], out: str | Path, formats: list[str]) -> list[Path]:
-    """Write the chosen formats under `out`; returns the files written, in a fixed order."""
+def write_report(records: list[dict], out: str | Path, formats: list[str], notes: list[str] | None = None) -> list[Path]:
+    """Write the chosen formats under `out`; returns the files written, in a fixed order. `notes` go
+    first in the report's notes (tables.build)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rep = tables.build(records)
+    rep = tables.build(records, notes)
     claims = findings.evaluate(rep.trials)
     cov = coverage(rep)
     need_png = "png" in formats or "html" in formats or "md" in formats
@@ -155,7 +156,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str]) -> li
         written.append(p)
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)
-        for name, data in sorted(pngs.items()):
-            (out / "plots" / name).write_bytes(data)
+        for name, plot in sorted(pngs.items()):
+            (out / "plots" / name).write_bytes(plot.png)
             written.append(out / "plots" / name)
     return written

@@ -8,6 +8,7 @@ import base64
 import html as _html
 
 from lorabench.report import display as D
+from lorabench.report.plots import Plot
 from lorabench.report.tables import Report
 
 CSS = """
@@ -17,7 +18,7 @@ th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f0f0f0;cursor:pointer;user-select:none;white-space:nowrap}
 th.asc::after{content:" \\25B2"} th.desc::after{content:" \\25BC"}
 input.filter{margin:.2em 0;padding:3px;width:22em}
-img{max-width:100%;border:1px solid #ddd}
+img{border:1px solid #ddd} div.plot{overflow-x:auto}
 .verdict-holds{color:#060}.verdict-does{color:#a00}
 """
 
@@ -66,6 +67,18 @@ def html_table(t: D.Table) -> str:
             + "\n".join(body) + "\n</tbody></table>")
 
 
+def plot_html(name: str, plot: Plot, table_anchor: str | None) -> str:
+    """The PNG with an image map: hovering over any point shows its method, family and values
+    (only the Pareto front and the reference methods carry labels in the image itself); a click
+    goes to the table beside it. The image keeps its own size (scrolling if the page is narrower),
+    since an image map's coordinates are the image's pixels."""
+    areas = "".join(f'<area shape="circle" coords="{h.x_px:g},{h.y_px:g},6" title="{esc(h.text)}" alt="{esc(h.label)}"'
+                    + (f' href="#{esc(table_anchor)}"' if table_anchor else "") + ">" for h in plot.hotspots)
+    src = base64.b64encode(plot.png).decode()
+    return (f'<div class="plot"><img alt="{esc(name)} plots (hover over a point for its method)" usemap="#map-{esc(name)}" '
+            f'src="data:image/png;base64,{src}"><map name="map-{esc(name)}">{areas}</map></div>')
+
+
 def render_html(rep: Report, coverage: list[str], claims, plots: dict[str, bytes], footer: str) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>lorabench leaderboard</title>", f"<style>{CSS}</style>", f"<script>{JS}</script>",
@@ -91,9 +104,9 @@ def render_html(rep: Report, coverage: list[str], claims, plots: dict[str, bytes
     parts += ["<h2>Leaderboard per task</h2>"]
     for t in D.leaderboard_tables(rep):
         parts += [f"<h3>{esc(t.title)}</h3>", html_table(t)]
-        png = plots.get(f"{t.title}.png")
-        if png:
-            parts.append(f'<img alt="{esc(t.title)} plots" src="data:image/png;base64,{base64.b64encode(png).decode()}">')
+        plot = plots.get(f"{t.title}.png")
+        if plot:
+            parts.append(plot_html(t.title, plot, t.anchor))
     parts += ["<h2>Average rank</h2>", html_table(D.average_rank_table(rep))]
     s, d = D.paired_tables(rep)
     parts += ["<h2>Paired comparison against LoRA</h2>",
@@ -102,7 +115,6 @@ def render_html(rep: Report, coverage: list[str], claims, plots: dict[str, bytes
               "predictions everywhere; untested when nothing varies or too few pairs.</p>",
               html_table(s), html_table(d), "<h2>Failed trials</h2>", html_table(D.failures_table(rep))]
     if "average.png" in plots:
-        parts += ["<h2>Averaged over tasks</h2>",
-                  f'<img alt="average plots" src="data:image/png;base64,{base64.b64encode(plots["average.png"]).decode()}">']
+        parts += ["<h2>Averaged over tasks</h2>", plot_html("average", plots["average.png"], "average-rank")]
     parts += [f"<hr><p>{esc(footer)}</p>", "</body></html>", ""]
     return "\n".join(parts)

@@ -529,8 +529,9 @@ def failures_frame(trials: pd.DataFrame) -> pd.DataFrame:
     return f.sort_values(["task", "label", "seed"], kind="stable").reset_index(drop=True)
 
 
-def build(records: list[dict]) -> Report:
-    notes: list[str] = []
+def build(records: list[dict], notes: list[str] | None = None) -> Report:
+    """`notes`: what the caller already knows the reader must see (lines the records reader skipped)."""
+    notes = list(notes or [])
     all_trials = trials_frame(records, notes)  # every learning rate: the curves show the whole grid
     trials, lr_selection = select_learning_rates(all_trials, notes)
     summary = summarize(trials, notes)

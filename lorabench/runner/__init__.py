@@ -1,1 +1,1 @@
-"""Suites -> trials -> one subprocess per trial -> JSONL records (DESIGN "The data flow")."""
+"""Suites -> trials -> one subprocess per trial -> JSONL records (docs/architecture.md, "The data flow")."""

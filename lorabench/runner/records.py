@@ -35,7 +35,9 @@ def append_record(path: str | Path, record: dict) -> None:
         os.close(fd)
 
 
-def read_records(path: str | Path, warn: bool = True) -> list[dict]:
+def read_records(path: str | Path, warn: bool = True, skipped: list[str] | None = None) -> list[dict]:
+    """The records of a JSONL file (none if it does not exist). A torn or malformed line is skipped,
+    with a warning if `warn`, and its "path:line" appended to `skipped` if given (the report says so)."""
     path = Path(path)
     if not path.exists():
         return []
@@ -50,6 +52,8 @@ def read_records(path: str | Path, warn: bool = True) -> list[dict]:
             except json.JSONDecodeError:
                 if warn:
                     print(f"warning: {path}:{n}: skipping a torn or malformed record line", file=sys.stderr)
+                if skipped is not None:
+                    skipped.append(f"{path}:{n}")
                 continue
             if isinstance(rec, dict):
                 out.append(rec)

@@ -30,23 +30,31 @@ def _now() -> str:
 
 
 _CONTEXT = None
+# Ctrl-C interrupts only the main thread, and trials ignore it (worker.py): with jobs > 1 the main
+# thread sets this when it stops (Ctrl-C, or stdout closed under `| head`), and the threads waiting
+# on trials kill them.
+_INTERRUPTED = threading.Event()
 
 
 def _context():
     """A forkserver context with torch and transformers preloaded (see worker.py)."""
     global _CONTEXT
     if _CONTEXT is None:
+        for key, value in worker.TRIAL_ENV.items():
+            os.environ.setdefault(key, value)  # inherited by the fork server when it starts
         _CONTEXT = multiprocessing.get_context("forkserver")
         _CONTEXT.set_forkserver_preload(worker.PRELOAD)
     return _CONTEXT
 
 
-def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
-    """Run one trial in its own process; returns its result, or a failure describing the crash."""
+def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1) -> dict:
+    """Run one trial in its own process; returns its result, or a failure describing the crash.
+    `jobs`: trials running at once, which share the cores (worker.default_threads)."""
     with tempfile.TemporaryDirectory(prefix="lorabench-trial-") as d:
         result_path, log_path = os.path.join(d, "result.json"), os.path.join(d, "stderr.log")
         open(log_path, "wb").close()
-        proc = _context().Process(target=worker.trial_main, args=(asdict(spec), result_path, log_path, progress),
+        proc = _context().Process(target=worker.trial_main, args=(asdict(spec), result_path, log_path, progress,
+                                                                   worker.default_threads(jobs)),
                                   name=f"trial-{spec.label}-{spec.task}-{spec.seed}")
         tail = bytearray()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -59,9 +67,11 @@ def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
                     sys.stderr.flush()
                     tail.extend(chunk)
                     del tail[:-8000]
-            proc.start()
             try:
+                proc.start()  # inside the try: a Ctrl-C during the start must still stop the trial
                 while proc.is_alive():
+                    if _INTERRUPTED.is_set():  # Ctrl-C in the main thread while this one waits (jobs > 1)
+                        proc.kill()
                     proc.join(0.2)
                     pump()
                     if deadline is not None and time.monotonic() > deadline:
@@ -70,7 +80,9 @@ def run_one(spec, timeout_s: float | None, progress: bool) -> dict:
                         timed_out = True
                         break
             except KeyboardInterrupt:
-                proc.kill()
+                if proc.pid is not None:
+                    proc.kill()
+                    proc.join()  # before its temporary folder goes
                 raise
             pump()
         if os.path.exists(result_path) and not timed_out:
@@ -103,11 +115,13 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
 
     `jobs` trials run at once (default: each task's `jobs`, else the suite's, else 1), each in its own
     process; every record is appended as soon as its trial ends, so a killed run loses only the
-    trials in flight. With jobs > 1 give each trial `train.threads` = cores / jobs, or they fight
-    over the cores (small models gain from it; large ones lose, memory bandwidth being shared).
+    trials in flight. A trial without `train.threads` gets the available cores / jobs threads
+    (worker.default_threads; small models gain from jobs > 1, large ones lose, memory bandwidth
+    being shared).
     """
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs (trials run at once) must be at least 1, got {jobs}")
+    _INTERRUPTED.clear()
     records = read_records(records_path)
     trials = suite.trials(records)  # with tune_seeds, the chosen rates come from the recorded tuning trials
     done = {r.get("trial_id") for r in records}
@@ -128,7 +142,7 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
     def one(name: str, tid: str, spec, n_jobs: int) -> dict:
         log(f"{name}: running")
         started, t0 = _now(), time.perf_counter()
-        result = run_one(spec, timeout_s, progress)
+        result = run_one(spec, timeout_s, progress, n_jobs)
         return {
             "record_version": RECORD_VERSION, "trial_id": tid, "suite": suite.name,
             "suite_version": suite.version, "label": spec.label, "method": spec.method,
@@ -164,9 +178,10 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
             try:
                 for fut in concurrent.futures.as_completed(futures):
                     finish(futures[fut], fut.result())
-            except KeyboardInterrupt:
+            except BaseException:  # Ctrl-C, or a closed stdout (`| head`): stop, do not wait for the trials
                 for fut in futures:
                     fut.cancel()
+                _INTERRUPTED.set()
                 raise
     # Tuning trials just recorded may have chosen the learning rate of the other seeds: run those next.
     records = read_records(records_path, warn=False)

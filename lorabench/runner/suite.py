@@ -32,14 +32,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lorabench.config import from_dict, merge, unknown_key_message
 from lorabench.errors import UserError
-from lorabench.harness.train import TrainConfig
-from lorabench.harness.trial import TrialSpec
+
+if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite name or a malformed
+    # file must get its error at once (issue 22), not after seconds of imports
+    from lorabench.harness.trial import TrialSpec
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
@@ -133,6 +135,7 @@ class Suite:
         return self._expand(records)[1]
 
     def _expand(self, records: list[dict] | None) -> tuple[list[TrialSpec], list[tuple[str, str, list[int]]]]:
+        from lorabench.harness.trial import TrialSpec
         out, waiting = [], []
         by_id = {r.get("trial_id"): r for r in records or [] if r.get("status") == "ok"}
         for task in self.tasks:
@@ -236,6 +239,7 @@ def _check_keys(obj: dict, allowed: set, path: Path, lines: dict, key: tuple, wh
 
 
 def validate(data: Any, path: Path, lines: dict) -> Suite:
+    from lorabench.harness.train import TrainConfig
     from lorabench.methods import METHODS
     from lorabench.tasks import TASKS
 
@@ -246,7 +250,12 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         if req not in data:
             raise UserError(f"{path}: missing required key {req!r}")
     if data["suite"] != path.stem:
-        raise UserError(f"{_where(path, lines, ('suite',))}: suite name {data['suite']!r} must equal the file name {path.stem!r}")
+        # The name is part of every trial id and names the default records file (runs/NAME/): a copied
+        # suite that kept its original's name would write into, and resume from, the original's records.
+        raise UserError(f"{_where(path, lines, ('suite',))}: suite name {data['suite']!r} must equal the file name "
+                        f"{path.stem!r}: the name goes into every trial id and the default records file "
+                        f"runs/{data['suite']}/records.jsonl, so a copy keeping it would mix its records with "
+                        f"the original's. Write `suite: {path.stem}` (or rename the file to {data['suite']}.yaml)")
     if not isinstance(data["version"], int) or isinstance(data["version"], bool):
         raise UserError(f"{_where(path, lines, ('version',))}: version must be an integer, got {data['version']!r}")
     seeds = data.get("seeds", [0])
@@ -370,7 +379,7 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
     labels = [str(m.get("label") or m.get("name")) for m in data["methods"] if isinstance(m, dict)]
     for ov in overrides:
         if "=" not in ov:
-            raise UserError(f"override {ov!r} is not key=value; {OVERRIDE_HELP}")
+            raise UserError(f"command line: override {ov!r} is not key=value; {OVERRIDE_HELP}")
         key, _, raw = ov.partition("=")
         key, value = key.strip(), _parse_value(raw.strip())
         if key == "seeds":
@@ -385,29 +394,40 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             have = [str(e.get("name")) for e in data["tasks"]] if key == "tasks" else labels
             bad = [w for w in wanted if w not in have]
             if bad:
-                raise UserError(f"override {key}=: {', '.join(bad)} not in suite {path.stem}; its {key}: {', '.join(have)}")
+                import difflib
+                close = sorted({c for b in bad for c in difflib.get_close_matches(b, have, n=2, cutoff=0.6)})
+                hint = f" Did you mean: {', '.join(close)}?" if close else ""
+                raise UserError(f"command line: override {key}=: {', '.join(bad)} not in suite {path.stem}.{hint} "
+                                f"Its {key}: {', '.join(have)}")
             field = "name" if key == "tasks" else None
             data[key] = [e for e in data[key] if (e.get("name") if field else str(e.get("label") or e.get("name"))) in wanted]
         elif key.startswith("train."):
+            from lorabench.harness.train import TrainConfig
+            # Checked here, alone, so that a typo is blamed on the command line, not on the suite file's
+            # line that the merged value would later be validated at.
+            from_dict(TrainConfig, {key[6:]: value}, f"command line: {key}={raw.strip()}: train")
             data["train"] = merge(data.get("train") or {}, {key[6:]: value})
         elif key.startswith("task."):
+            from lorabench.tasks import TASKS
             for t in data["tasks"]:
+                if str(t.get("name")) in TASKS:  # an unknown task name is the file's error, reported by validate()
+                    TASKS.get(t["name"]).from_options({key[5:]: value}, where=f"command line: {key}={raw.strip()}: task")
                 t["options"] = merge(t.get("options") or {}, {key[5:]: value})
         elif key.startswith("method."):
-            _override_methods(data["methods"], None, key[7:], value)
+            _override_methods(data["methods"], None, key[7:], value, f"{key}={raw.strip()}")
         elif "." in key and key.split(".", 1)[0] in labels:
             label, opt = key.split(".", 1)
-            _override_methods(data["methods"], label, opt, value)
+            _override_methods(data["methods"], label, opt, value, f"{key}={raw.strip()}")
         else:
             import difflib
             close = difflib.get_close_matches(key, ["seeds", "model", "tasks", "methods"] +
                                               [f"{lab}." for lab in labels], n=2)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise UserError(f"unknown override key {key!r}.{hint} {OVERRIDE_HELP}; method labels here: {', '.join(labels)}")
+            raise UserError(f"command line: unknown override key {key!r}.{hint} {OVERRIDE_HELP}; method labels here: {', '.join(labels)}")
     return data
 
 
-def _override_methods(methods: list[dict], label: str | None, opt: str, value) -> None:
+def _override_methods(methods: list[dict], label: str | None, opt: str, value, given: str) -> None:
     import dataclasses
 
     from lorabench.methods import METHODS
@@ -415,9 +435,14 @@ def _override_methods(methods: list[dict], label: str | None, opt: str, value) -
     for m in methods:
         if label is not None and str(m.get("label") or m.get("name")) != label:
             continue
-        fields = {f.name for f in dataclasses.fields(METHODS.get(m["name"]).config_cls)}
+        if str(m.get("name")) not in METHODS:
+            continue  # an unknown method name is the file's error, reported by validate()
+        cls = METHODS.get(m["name"])
+        fields = {f.name for f in dataclasses.fields(cls.config_cls)}
         if opt in fields or label is not None:
+            # alone, so that a bad key or value is blamed on the command line (see train. above)
+            cls.from_options({opt: value}, where=f"command line: {given}: method {m.get('label') or m['name']}")
             m["options"] = merge(m.get("options") or {}, {opt: value})
             hit = True
     if not hit:
-        raise UserError(f"override method.{opt}: no method in this suite has an option {opt!r}")
+        raise UserError(f"command line: override method.{opt}: no method in this suite has an option {opt!r}")

@@ -15,6 +15,24 @@ import traceback
 
 PRELOAD = ["torch", "transformers", "lorabench.harness.trial"]
 
+# Environment of the fork server, set before it starts (lorabench.runner.run._context), since
+# libgomp (the OpenMP of torch's CPU wheels) reads it once, when torch's import loads it there.
+# By default libgomp spins ~300,000 iterations at every barrier before it sleeps: on a shared
+# machine a spinning thread burns the time slice that the thread it waits for needs, and a trial
+# slows down far more than the load explains (issue 22: 10-20x under a ~3x load). 1,000 spins,
+# then sleep: `python -m lorabench bench threads` measured a step with 2 threads beside 2 busy
+# processes ~7x faster than the default, and no slower than sleeping at once (OMP_WAIT_POLICY=
+# PASSIVE), which costs more on an idle machine (docs/architecture.md, "Threads on a shared
+# machine"). A value the user has set wins.
+TRIAL_ENV = {"GOMP_SPINCOUNT": "1000"}
+
+
+def default_threads(jobs: int) -> int:
+    """Intra-op threads of a trial that does not set `train.threads`: the cores this process may
+    run on (its affinity mask, which taskset and cgroup cpusets narrow, unlike os.cpu_count), shared
+    among the `jobs` trials that run at once, so parallel trials do not oversubscribe the cores."""
+    return max(1, len(os.sched_getaffinity(0)) // jobs)
+
 
 def _die_with_parent() -> None:
     """Get SIGKILL when the parent dies, so a killed suite leaves no orphan trial running."""
@@ -25,11 +43,26 @@ def _die_with_parent() -> None:
         pass
 
 
-def trial_main(spec_data: dict, result_path: str, log_path: str, progress: bool) -> None:
+def trial_main(spec_data: dict, result_path: str, log_path: str, progress: bool, threads: int | None = None) -> None:
     _die_with_parent()
+    # Ctrl-C reaches every process of the terminal's group: the runner owns it (it kills this trial and
+    # says what is recorded); a KeyboardInterrupt here would only add a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # tqdm guards its bars with a multiprocessing lock, a named semaphore that a killed trial never
+    # unlinks ("leaked semaphore objects" at exit); one process needs only a thread lock.
+    import threading
+
+    from tqdm import tqdm
+    tqdm.set_lock(threading.RLock())
+    if threads:  # the trial's own train.threads, if set, still wins (lorabench.harness.trial)
+        import torch
+        torch.set_num_threads(threads)
     # The runner streams this file to its own stderr (progress bars, warnings) and keeps its tail
     # as the reason of a crash.
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except FileNotFoundError:  # the runner was interrupted while this process started: nobody waits for it
+        return
     os.dup2(fd, 2)
     os.close(fd)
     try:

@@ -1,4 +1,4 @@
-"""A task = dataset + fixed seeded split + prompt format + metric with direction (DESIGN "Tasks").
+"""A task = dataset + fixed seeded split + prompt format + metric with direction (docs/architecture.md, "Where things live"; docs/tasks.md).
 
 The split never depends on the trial's seed: every method and seed sees the same train, validation
 and eval examples, and a sha256 of the split (`Split.hash`) goes into every record so results from

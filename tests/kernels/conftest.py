@@ -1,8 +1,9 @@
 """Shared helpers of the kernel tests (any kernel test file may import them).
 
-Tolerance rule (DESIGN "Kernels", after flash-attention's tests): a backend's error against an fp64
-(or fp32) truth is at most twice the error of the PyTorch reference computed in the same low
-precision, plus a small epsilon that covers summation-order noise when the reference is exact.
+Tolerance rule (docs/architecture.md, "Where things live", a kernel; after flash-attention's
+tests): a backend's error against an fp64 (or fp32) truth is at most twice the error of the
+PyTorch reference computed in the same low precision, plus a small epsilon that covers
+summation-order noise when the reference is exact.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every csrc/cuda/*.cu compiles standalone with the machine's nvcc for sm_80 and sm_90.
 
-DESIGN "Kernels": .cu files include only CUDA headers (params struct + host launcher), so this
-check runs on CPU-only machines too. Skipped, not failed, where nvcc is not on PATH.
+.cu files include only CUDA headers (params struct + host launcher; docs/architecture.md, "Where
+things live", a kernel), so this check runs on CPU-only machines too. Skipped, not failed, where nvcc is not on PATH.
 """
 from __future__ import annotations
 

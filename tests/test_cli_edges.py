@@ -1,0 +1,164 @@
+"""A newcomer's edges (issue 22): each one used to print a traceback or mislead; each is run here as a
+user runs it, in a subprocess, and must give a clear answer without a traceback."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lorabench.runner.records import read_records
+from tests.conftest import REPO, run_cli
+
+ONE_TRIAL = """suite: {name}
+version: 1
+seeds: [0]
+train: {{steps: 2, batch_size: 4, eval_batch_size: 16, warmup_steps_for_throughput: 0}}
+tasks:
+  - {{name: rt-sentiment, model: tiny-bert, options: {{n_train: 16, n_eval: 16}}}}
+methods:
+  - head
+"""
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_records_pointing_at_a_folder(tmp_path, command):
+    args = ["run", "smoke", "methods=head", "--records", str(tmp_path)] if command == "run" else ["report", str(tmp_path)]
+    line = one_line_error(run_cli(*args, timeout=120))
+    assert f"{tmp_path} is a folder" in line and "records.jsonl" in line
+
+
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    suite = tmp_path / "piped.yaml"
+    suite.write_text(ONE_TRIAL.format(name="piped"))
+    # The run's third line comes after its trial: by then `head -2` has gone and the write fails.
+    proc = subprocess.run(f"{sys.executable} -m lorabench run {suite} --records {tmp_path / 'r.jsonl'} --no-progress"
+                          f" | head -2", shell=True, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert proc.stdout.splitlines()[0].startswith("suite piped v1")
+    assert len(proc.stdout.splitlines()) == 2
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs):
+    suite = tmp_path / "stopped.yaml"
+    suite.write_text(ONE_TRIAL.format(name="stopped"))
+    records = tmp_path / "r.jsonl"
+    # trials that would run for hours: only the interrupt ends them (with 2 jobs, in two threads)
+    proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records),
+                             "--no-progress", "train.steps=100000", f"seeds={','.join(map(str, range(jobs)))}",
+                             "--jobs", str(jobs)], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        while "running" not in proc.stdout.readline():  # the trial has started
+            assert proc.poll() is None, proc.stderr.read()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in err and "leaked" not in err, err
+    assert re.search(rf"interrupted: 0 of {jobs} trials of suite stopped are recorded in \S*r\.jsonl", err), err
+    assert "run the same command again to resume" in err
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.stesp=5", "error: command line: train.stesp=5: train: unknown key 'stesp'. Did you mean: steps?"),
+    ("train.steps=abc", "error: command line: train.steps=abc: train.steps: expected an integer, got 'abc'"),
+    ("lora.rank=0", "error: command line: lora.rank=0: method lora (lora).rank: 0 is below the minimum 1"),
+    ("task.n_eval=x", "error: command line: task.n_eval=x: task (rt-sentiment).n_eval: expected"),
+    ("methods=lorra", "Did you mean: lora"),
+])
+def test_a_bad_override_is_blamed_on_the_command_line(override, message):
+    line = one_line_error(run_cli("run", "smoke", override, timeout=120))
+    assert line.startswith(message) or message in line, line
+    assert "smoke.yaml" not in line  # the suite file is not where the mistake is
+
+
+def test_a_copied_suite_gets_the_reason_its_name_must_match(tmp_path):
+    copy = tmp_path / "mine.yaml"
+    copy.write_text((REPO / "suites" / "quick.yaml").read_text())
+    line = one_line_error(run_cli("run", str(copy), timeout=120))
+    assert "suite name 'quick' must equal the file name 'mine'" in line
+    assert "runs/quick/records.jsonl" in line and "Write `suite: mine`" in line
+
+
+def test_bench_help():
+    proc = run_cli("bench", "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "kernels" in proc.stdout and "serving" in proc.stdout and "threads" in proc.stdout
+
+
+def test_a_torn_record_line_is_in_the_reports_notes(tmp_path):
+    good = json.loads((REPO / "results" / "standard" / "records.jsonl").open().readline())
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps(good) + "\n" + '{"trial_id": "torn", "x":')  # a writer killed mid-line
+    proc = run_cli("report", str(records), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{records}:2: skipping a torn" in proc.stderr
+    assert "every record was complete" not in proc.stdout
+    assert f"1 torn or malformed record line(s) skipped ({records}:2)" in proc.stdout
+    assert len(read_records(records, warn=False)) == 1
+
+
+@pytest.mark.parametrize("what", ["methods", "tasks", "suites", "assets"])
+def test_list_answers_without_importing_torch(what):
+    # `list methods` took 13 s on a busy machine: it imported every method, hence torch
+    code = ("import sys; from lorabench.cli import main; rc = main(['list', %r]); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)" % what)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "NO-TORCH"
+    assert len(proc.stdout.splitlines()) > 3
+
+
+def test_list_shows_what_the_registries_and_suites_hold():
+    from lorabench.cli import SUITES_DIR
+    from lorabench.methods import METHODS
+    from lorabench.runner.suite import SUITES_DIR as RUNNER_SUITES_DIR
+    from lorabench.runner.suite import list_suites, load_suite
+    from lorabench.tasks import TASKS
+    assert SUITES_DIR == RUNNER_SUITES_DIR
+    # every method's and task's call-site facts are its class's own
+    for name in METHODS:
+        cls = METHODS.get(name)
+        assert METHODS.meta(name) == {"family": cls.family, "paper": cls.paper, "title": cls.title}, name
+    for name in TASKS:
+        cls = TASKS.get(name)
+        assert TASKS.meta(name) == {"kind": cls.kind, "metric": cls.metric.name, "default_model": cls.default_model,
+                                    "higher_is_better": cls.metric.higher_is_better, "sizes": cls.sizes}, name
+    listed = run_cli("list", "suites", timeout=60).stdout.splitlines()
+    expected = [f"{load_suite(str(p)).name:12s} v{load_suite(str(p)).version}  {len(load_suite(str(p)).trials()):4d} "
+                f"trials" for p in list_suites()]
+    assert [line[:len(e)] for line, e in zip(listed, expected)] == expected and len(listed) == len(expected)
+
+
+def test_registry_entries_must_carry_their_facts():
+    from lorabench.registry import Registry
+    reg = Registry("method", meta_keys=("family", "paper", "title"))
+    with pytest.raises(ValueError, match="needs exactly the facts family, paper, title, got family"):
+        reg.register_lazy("x", "m:X", family="lora")
+
+
+@pytest.mark.parametrize("argv", [["run", "quik"], ["run", "smoke", "methods=lorra"], ["run", "smoke", "trian.steps=3"],
+                                  ["report", "no/such/records.jsonl"], ["run", "smoke", "--records", "."]])
+def test_input_errors_answer_without_importing_torch(argv):
+    # an error after seconds of imports (torch, pandas) is an error a newcomer waits for
+    code = ("import sys; from lorabench.cli import main; rc = main(%r); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH'); sys.exit(rc)" % argv)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert proc.stdout.splitlines()[-1] == "NO-TORCH"
