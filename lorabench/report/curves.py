@@ -53,7 +53,7 @@ def curves_frame(trials: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
-def curve_plots(trials: pd.DataFrame, baselines: pd.DataFrame) -> dict[str, bytes]:
+def curve_plots(trials: pd.DataFrame, baselines: pd.DataFrame) -> dict:
     """plots/curves-TASK.png: validation score against steps, one line per (method, learning rate, seed),
     the best trivial baseline dashed; deterministic bytes (Agg, no metadata)."""
     import matplotlib
@@ -61,7 +61,9 @@ def curve_plots(trials: pd.DataFrame, baselines: pd.DataFrame) -> dict[str, byte
     from matplotlib.figure import Figure
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    out: dict[str, bytes] = {}
+    from lorabench.report.plots import Plot
+
+    out: dict[str, Plot] = {}
     if not len(trials):
         return out
     ok = trials[(trials["status"] == "ok") & (trials["val_curve"].map(len) > 0)]
@@ -86,5 +88,5 @@ def curve_plots(trials: pd.DataFrame, baselines: pd.DataFrame) -> dict[str, byte
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", metadata={"Software": None})
-        out[f"curves-{task}.png"] = buf.getvalue()
+        out[f"curves-{task}.png"] = Plot(buf.getvalue(), f"{task}: validation curves")
     return out

@@ -99,8 +99,7 @@ def render_html(rep: Report, coverage: list[str], claims, plots: dict[str, bytes
         parts += ["<h2>Across tasks</h2>", html_table(D.aggregate_table(rep))]
     if len(rep.curves):
         parts += ["<h2>Validation curves</h2>", html_table(D.curves_table(rep))]
-        parts += [f'<img alt="{esc(n[:-4])}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-                  for n, png in sorted(plots.items()) if n.startswith("curves-")]
+        parts += [plot_html(n[:-4], plot, "curves") for n, plot in sorted(plots.items()) if n.startswith("curves-")]
     parts += ["<h2>Leaderboard per task</h2>"]
     for t in D.leaderboard_tables(rep):
         parts += [f"<h3>{esc(t.title)}</h3>", html_table(t)]
