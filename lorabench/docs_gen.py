@@ -143,6 +143,12 @@ def render() -> str:
     for c in methods:
         for k, meaning in c.mechanism_metrics.items():
             out.append(f"| `{c.name}` | `{k}` | {meaning.replace('|', '/')} |")
+    static = [c.name for c in methods if not c.mechanism_metrics]
+    out += ["", "Methods with nothing that acts during training record no mechanism metrics: their difference "
+            "from LoRA lies in the initialisation, the scaling, the forward pass or the parameters trained, "
+            "and tests/methods/test_behaviour.py checks that their trained outputs differ from LoRA's at the "
+            "same seed (only `lora` itself may equal them): "
+            + ", ".join(f"`{n}`" for n in static) + "."]
     out += ["", "### Options", ""]
     for c in methods:
         out += [f"#### `{c.name}`", ""]
