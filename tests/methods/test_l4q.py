@@ -4,20 +4,11 @@ and computes what the trained model computes, and it differs from LoRA's at the 
 import pytest
 import torch
 
-from lorabench.harness.train import TrainConfig, train
 from lorabench.methods import get_method
-from tests.methods.tester import RandomTask, batch_for, logits, tiny_model
+from tests.methods.tester import batch_for, logits, train_tiny
 
 
-def trained(name, options, steps=20, kind="llama"):
-    model, ctx = tiny_model(kind)
-    torch.manual_seed(0)
-    method = get_method(name).from_options(options)
-    model = method.apply(model, ctx)
-    cfg = TrainConfig(steps=steps, batch_size=4, lr=5e-3, warmup_ratio=0.0, schedule="constant",
-                      warmup_steps_for_throughput=0)
-    result = train(model, method, RandomTask(kind), None, cfg, seed=0, progress=False)
-    return model, method, result
+trained = train_tiny  # the shared tiny-model training run (tests/methods/tester.py)
 
 
 def test_l4q_learns_step_sizes_and_merges_into_a_fully_quantized_model():

@@ -156,3 +156,16 @@ def check_save_load(case: Case, kind: str, tmp_path) -> None:
     torch.manual_seed(123)  # a different RNG state: loading must not depend on re-drawing the init
     loaded, _ = load_adapter(fresh, path, ctx)
     torch.testing.assert_close(logits(loaded, b), expected, atol=1e-5, rtol=1e-5)
+
+
+def train_tiny(name: str, options: dict, steps: int = 20, kind: str = "llama"):
+    """Apply method `name` to the tiny `kind` model (seed 0) and train it `steps` steps through the real
+    loop (lorabench/harness/train.py) on RandomTask at a constant lr 5e-3: (model, method, TrainResult)."""
+    model, ctx = tiny_model(kind)
+    torch.manual_seed(0)
+    method = get_method(name).from_options(options)
+    model = method.apply(model, ctx)
+    cfg = TrainConfig(steps=steps, batch_size=4, lr=5e-3, warmup_ratio=0.0, schedule="constant",
+                      warmup_steps_for_throughput=0)
+    result = train(model, method, RandomTask(kind), None, cfg, seed=0, progress=False)
+    return model, method, result
