@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from lorabench.errors import UserError
 from lorabench.runner.records import read_records
 from tests.conftest import REPO, run_cli
 
@@ -162,3 +163,17 @@ def test_input_errors_answer_without_importing_torch(argv):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
     assert proc.stdout.splitlines()[-1] == "NO-TORCH"
+
+
+def test_lr_grid_override_runs_part_of_a_grid(tmp_path):
+    from lorabench.runner.suite import load_suite
+    path = tmp_path / "g.yaml"
+    path.write_text("suite: g\nversion: 1\nseeds: [0]\nlr_grid: [0.3, 1, 3]\ntrain: {steps: 2, lr: 1.0e-3}\n"
+                    "tasks: [{name: rt-sentiment, model: minilm-l6}]\nmethods: [lora]\n")
+    full = load_suite(str(path)).trials()
+    part = load_suite(str(path), ["lr_grid=1"]).trials()
+    assert len(full) == 3 and len(part) == 1
+    assert part[0] in full and part[0].train["lr"] == 1.0e-3
+    path.write_text(path.read_text().replace("seeds: [0]", "seeds: [0, 1]\ntune_seeds: [0]"))
+    with pytest.raises(UserError, match="tune_seeds"):
+        load_suite(str(path), ["lr_grid=1"])

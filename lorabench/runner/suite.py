@@ -352,7 +352,7 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
                  jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds)
 
 
-OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
+OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | lr_grid=0.3,1,3 (multipliers; a subset runs part of a grid) | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
                  "train.<option>=V | task.<option>=V (every task) | method.<option>=V (every method that has it) | "
                  "<method label>.<option>=V")
 
@@ -384,6 +384,12 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
         key, value = key.strip(), _parse_value(raw.strip())
         if key == "seeds":
             data["seeds"] = [value] if isinstance(value, int) else (
+                [_parse_value(v) for v in raw.split(",")] if isinstance(value, str) else value)
+        elif key == "lr_grid":
+            if data.get("tune_seeds"):
+                raise UserError(f"command line: lr_grid= cannot be overridden in suite {path.stem}: it has tune_seeds, "
+                                "and its other seeds would then run at a rate chosen from part of the grid")
+            data["lr_grid"] = [value] if isinstance(value, (int, float)) else (
                 [_parse_value(v) for v in raw.split(",")] if isinstance(value, str) else value)
         elif key == "model":
             data["model"] = str(value)
@@ -420,7 +426,7 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             _override_methods(data["methods"], label, opt, value, f"{key}={raw.strip()}")
         else:
             import difflib
-            close = difflib.get_close_matches(key, ["seeds", "model", "tasks", "methods"] +
+            close = difflib.get_close_matches(key, ["seeds", "lr_grid", "model", "tasks", "methods"] +
                                               [f"{lab}." for lab in labels], n=2)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise UserError(f"command line: unknown override key {key!r}.{hint} {OVERRIDE_HELP}; method labels here: {', '.join(labels)}")
