@@ -6,16 +6,16 @@ from lorabench.registry import Registry
 TASKS: Registry = Registry("task", meta_keys=("kind", "metric", "higher_is_better", "default_model", "sizes"))
 TASKS.register_lazy("rt-sentiment", "lorabench.tasks.classification:RTSentiment",
                     kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
-                    sizes="train 7,030 / validation 500 / eval 1,000 (of 8,530; balanced classes)")
+                    sizes="train 5,530 / validation 500 / eval 2,500 (of 8,530; balanced classes)")
 TASKS.register_lazy("sarcasm", "lorabench.tasks.classification:Sarcasm",
                     kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
-                    sizes="train 25,498 / validation 1,000 / eval 2,000 (of 28,614; 116 exact duplicates dropped)")
+                    sizes="train 24,498 / validation 1,000 / eval 3,000 (of 28,614; 116 exact duplicates dropped)")
 TASKS.register_lazy("quartz", "lorabench.tasks.multiple_choice:QuaRTz",
                     kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
-                    sizes="train 3,060 / validation 300 / eval 500 (of 3,860)")
+                    sizes="train 2,060 / validation 300 / eval 1,500 (of 3,860)")
 TASKS.register_lazy("socialiqa", "lorabench.tasks.multiple_choice:SocialIQA",
                     kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
-                    sizes="train 1,403 / validation 300 / eval 500 (of 2,224; 21 exact duplicates dropped)")
+                    sizes="train 903 / validation 300 / eval 1,000 (of 2,224; 21 exact duplicates dropped)")
 TASKS.register_lazy("arith", "lorabench.tasks.generation:Arith",
                     kind="generation", metric="exact_match", higher_is_better=True, default_model="smollm2-135m",
                     sizes="train 3,837 / validation 300 / eval 500 (of 5,000: duplicates and every question also in "

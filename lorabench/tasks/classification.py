@@ -56,9 +56,9 @@ class RTSentiment(ClassificationTask):
     name = "rt-sentiment"
     dataset = "rotten-tomatoes"
     description = "Rotten Tomatoes movie-review sentences (Pang & Lee 2005), positive vs negative"
-    eval_size = 1000
+    eval_size = 2500
     val_size = 500
-    sizes = "train 7,030 / validation 500 / eval 1,000 (of 8,530; balanced classes)"
+    sizes = "train 5,530 / validation 500 / eval 2,500 (of 8,530; balanced classes)"
     default_max_length = 64
 
 
@@ -66,7 +66,7 @@ class Sarcasm(ClassificationTask):
     name = "sarcasm"
     dataset = "sarcasm"
     description = "News headlines, sarcastic (The Onion) or not (HuffPost) (Misra 2018, via OpenAI evals)"
-    eval_size = 2000
+    eval_size = 3000
     val_size = 1000
-    sizes = "train 25,498 / validation 1,000 / eval 2,000 (of 28,614; 116 exact duplicates dropped)"
+    sizes = "train 24,498 / validation 1,000 / eval 3,000 (of 28,614; 116 exact duplicates dropped)"
     default_max_length = 48

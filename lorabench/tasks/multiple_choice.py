@@ -73,9 +73,9 @@ class QuaRTz(MultipleChoiceTask):
     name = "quartz"
     dataset = "quartz"
     description = "QuaRTz qualitative relationship questions, 2 options (Tafjord et al. 2019, via OpenAI evals)"
-    eval_size = 500
+    eval_size = 1500
     val_size = 300
-    sizes = "train 3,060 / validation 300 / eval 500 (of 3,860)"
+    sizes = "train 2,060 / validation 300 / eval 1,500 (of 3,860)"
     default_max_length = 128
 
 
@@ -83,7 +83,7 @@ class SocialIQA(MultipleChoiceTask):
     name = "socialiqa"
     dataset = "socialiqa"
     description = "Social IQa commonsense questions about people, 3 options (Sap et al. 2019, via OpenAI evals)"
-    eval_size = 500
+    eval_size = 1000
     val_size = 300
-    sizes = "train 1,403 / validation 300 / eval 500 (of 2,224; 21 exact duplicates dropped)"
+    sizes = "train 903 / validation 300 / eval 1,000 (of 2,224; 21 exact duplicates dropped)"
     default_max_length = 128
