@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,17 +25,29 @@ def cmd_run(args) -> int:
     from lorabench.report.leaderboard import render
     from lorabench.runner.records import read_records
     from lorabench.runner.run import run_suite
+
+    class Stopped(KeyboardInterrupt):
+        """SIGTERM or SIGHUP (`kill`, a closed terminal): stopped as Ctrl-C stops a run, so the trials
+        running in their own processes are killed too, not left training as orphans."""
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
                         jobs=args.jobs)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         from lorabench.runner.suite import trial_id
         wanted = {trial_id(t) for t in suite.trials()}
         have = {r.get("trial_id") for r in read_records(records_path, warn=False)} & wanted
-        print(f"\ninterrupted: {len(have)} of {len(wanted)} trials of suite {suite.name} are recorded in "
+        how = f"stopped by {signal.Signals(e.args[0]).name}" if isinstance(e, Stopped) else "interrupted"
+        print(f"\n{how}: {len(have)} of {len(wanted)} trials of suite {suite.name} are recorded in "
               f"{records_path} (the trial that was running is not); run the same command again to resume",
               file=sys.stderr)
-        return 130
+        return 128 + e.args[0] if isinstance(e, Stopped) else 130
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     wanted = set(ids)
     latest = {}
     for r in read_records(records_path):

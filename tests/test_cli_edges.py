@@ -52,28 +52,68 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs):
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("jobs,sig", [(1, signal.SIGINT), (2, signal.SIGINT), (2, signal.SIGTERM)])
+def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs, sig):
+    """Ctrl-C (SIGINT), `kill` (SIGTERM) or a closed terminal (SIGHUP) stop the run, say what is
+    recorded, and leave no trial process training on as an orphan (SIGTERM used to)."""
     suite = tmp_path / "stopped.yaml"
     suite.write_text(ONE_TRIAL.format(name="stopped"))
-    records = tmp_path / "r.jsonl"
-    # trials that would run for hours: only the interrupt ends them (with 2 jobs, in two threads)
-    proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records),
-                             "--no-progress", "train.steps=100000", f"seeds={','.join(map(str, range(jobs)))}",
-                             "--jobs", str(jobs)], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    records, out_path, err_path = tmp_path / "r.jsonl", tmp_path / "out", tmp_path / "err"
+    # trials that would run for hours: only the interrupt ends them (with 2 jobs, in two threads).
+    # Output goes to files, not pipes: the fork server may hold them open a while after the run exits.
+    with open(out_path, "w") as out, open(err_path, "w") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records),
+                                 "--no-progress", "train.steps=100000", f"seeds={','.join(map(str, range(jobs)))}",
+                                 "--jobs", str(jobs)], cwd=REPO, text=True,
+                                stdout=out, stderr=errf, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
-        while "running" not in proc.stdout.readline():  # the trial has started
-            assert proc.poll() is None, proc.stderr.read()
+        while "running" not in out_path.read_text():  # the trial has started
+            assert proc.poll() is None, err_path.read_text()
+            time.sleep(0.2)
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        out, err = proc.communicate(timeout=60)
+        below = _descendants(proc.pid)
+        assert below, "the trial runs in processes below the runner"
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    err = err_path.read_text()
+    assert proc.returncode == (130 if sig == signal.SIGINT else 128 + sig)
     assert "Traceback" not in err and "leaked" not in err, err
-    assert re.search(rf"interrupted: 0 of {jobs} trials of suite stopped are recorded in \S*r\.jsonl", err), err
+    how = "interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}"
+    assert re.search(rf"{how}: 0 of {jobs} trials of suite stopped are recorded in \S*r\.jsonl", err), err
     assert "run the same command again to resume" in err
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in below) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in below if _alive(p)], "trial processes outlived the run"
 
 
 @pytest.mark.parametrize("override,message", [
