@@ -171,3 +171,19 @@ def test_bench_threads_prints_one_row_per_configuration(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[1], r[2], r[4]) for r in rows] == [("default", "1", "0", "1.00x"), ("spin1k", "1", "0", "1.00x")]
     assert all(float(r[3]) > 0 for r in rows)
+
+
+def test_records_made_on_another_split_are_not_resumed_over(tmp_path):
+    """A record whose split hash differs from the split the code builds now (a task's sizes changed,
+    the suite's version did not) stops the run with a clear error; the records file is untouched."""
+    suite = tiny_suite(tmp_path, "  - head", name="moved")
+    records = tmp_path / "r.jsonl"
+    assert run_cli("run", str(suite), "--records", str(records), "--no-progress", "seeds=0").returncode == 0
+    (rec,) = read_records(records)
+    rec["split_hash"] = "0" * len(rec["split_hash"])  # as if recorded before the split changed
+    records.write_text(json.dumps(rec) + "\n")
+    before = records.read_bytes()
+    proc = run_cli("run", str(suite), "--records", str(records), "--no-progress", "seeds=0,1")
+    assert proc.returncode == 2
+    assert "was recorded on another split of rt-sentiment" in proc.stderr and "Raise the suite's `version`" in proc.stderr
+    assert records.read_bytes() == before

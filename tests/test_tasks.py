@@ -96,3 +96,30 @@ def test_every_task_kind_runs_end_to_end(tmp_path):
     assert recs["sarcasm"]["outcomes"]["label"] is not None and recs["arith"]["outcomes"]["pred"] is None
     assert recs["shakespeare-lm"]["outcomes"] is None and recs["shakespeare-lm"]["val_score"] is None
     assert 0 <= recs["sarcasm"]["val_score"] <= 1 and recs["sarcasm"]["n_val"] == 4
+
+
+def test_group_by_length_pads_less_and_keeps_each_epochs_examples():
+    """group_by_length (transformers' LengthGroupedSampler): the batches of one epoch hold the same
+    examples as without grouping, each batch of similar lengths, so rt-sentiment pads much less."""
+    from itertools import islice
+    from lorabench import assets
+    tok = assets.load_tokenizer("minilm-l6")
+    plain = TASKS.get("rt-sentiment").from_options({"n_train": 800})
+    grouped = TASKS.get("rt-sentiment").from_options({"n_train": 800, "group_by_length": True})
+    per_epoch = 800 // 16
+
+    def ids_and_padding(task):
+        seen, padded, real = [], 0, 0
+        for b in islice(task.train_batches(tok, 16, seed=3), per_epoch):
+            seen += [tuple(r[m.bool()].tolist()) for r, m in zip(b["input_ids"], b["attention_mask"])]
+            padded += b["attention_mask"].numel()
+            real += int(b["attention_mask"].sum())
+        return sorted(seen), padded / real
+
+    seen_plain, pad_plain = ids_and_padding(plain)
+    seen_grouped, pad_grouped = ids_and_padding(grouped)
+    assert seen_plain == seen_grouped
+    assert pad_plain > 1.4 and pad_grouped < 1.15, (pad_plain, pad_grouped)
+    # the same seed gives the same batches; another seed other batches
+    first = lambda t, s: next(t.train_batches(tok, 16, seed=s))["input_ids"].tolist()
+    assert first(grouped, 3) == first(grouped, 3) != first(grouped, 4)

@@ -109,6 +109,28 @@ def _log(message: str) -> None:
         sys.stdout.flush()  # progress must show when stdout is a pipe or a file
 
 
+def check_splits(records: list[dict], specs: dict, records_path: Path) -> None:
+    """Refuse to resume over records made on another split of a task than the code now builds (a
+    task's data or split sizes changed, the suite's version did not): they would be skipped as done
+    and reported beside trials on the new split. Their trial ids are equal, so only the recorded
+    `split_hash` tells them apart."""
+    from lorabench.tasks import get_task
+    seen: dict[str, str] = {}
+    for r in records:
+        spec = specs.get(r.get("trial_id"))
+        if spec is None or r.get("status") != "ok" or not r.get("split_hash"):
+            continue
+        key = json.dumps([spec.task, spec.task_options], sort_keys=True)
+        if key not in seen:
+            seen[key] = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}").split().hash
+        if r["split_hash"] != seen[key]:
+            raise UserError(
+                f"{records_path}: trial {r['trial_id']} ({spec.label} on {spec.task}, seed {spec.seed}) was recorded "
+                f"on another split of {spec.task} (hash {r['split_hash']}) than the code builds now "
+                f"({seen[key]}): the task's data or split sizes changed since. Raise the suite's `version` "
+                f"(its trials then get new ids) or write to another --records file; nothing was run or changed")
+
+
 def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s: float | None = None,
               progress: bool = True, log=_log, jobs: int | None = None) -> list[str]:
     """Run every trial of `suite` not yet in `records_path`. Returns the trial ids of the suite.
@@ -129,6 +151,7 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
     todo = [(trial_id(t), t) for t in trials]
     ids = [tid for tid, _ in todo]
     n_done = sum(1 for i, _ in todo if i in done)
+    check_splits(records, dict(todo), records_path)
     log(f"suite {suite.name} v{suite.version}: {len(trials)} trials, {n_done} already recorded in {records_path}")
     pending = []
     for k, (tid, spec) in enumerate(todo, 1):

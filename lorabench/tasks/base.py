@@ -117,6 +117,8 @@ class TaskConfig:
     n_val: int | None = option(None, "validate on the first n validation examples (None = the whole validation "
                                "split)", low=1)
     max_length: int | None = option(None, "truncate inputs to this many tokens (None = the task's default)", low=8)
+    group_by_length: bool = option(False, "training batches of similar lengths (as transformers' group_by_length): "
+                                   "less padding, same examples per epoch")
 
 
 def seeded_split(items: list[dict], n_eval: int, n_val: int = 0) -> Split:
@@ -136,6 +138,26 @@ def seeded_split(items: list[dict], n_eval: int, n_val: int = 0) -> Split:
     random.Random(SPLIT_SEED).shuffle(order)
     return Split(train=[items[i] for i in order[n_eval + n_val:]], eval=[items[i] for i in order[:n_eval]],
                  val=[items[i] for i in order[n_eval:n_eval + n_val]])
+
+
+GROUP_MEGABATCH = 50  # batches per length-sorted group (transformers' LengthGroupedSampler uses 50)
+
+
+def group_by_length(order: list[int], lengths: list[int], batch_size: int, n_batches: int,
+                    rng: random.Random) -> list[list[int]]:
+    """Length-grouped batches over one shuffled epoch, as transformers' `LengthGroupedSampler`: the
+    shuffled order is cut into groups of GROUP_MEGABATCH batches, each group sorted by length and cut
+    into batches; the batches are then shuffled, so lengths carry no order through the epoch. Every
+    batch holds examples of similar length (less padding); the epoch's examples are the same as
+    without grouping (those of its first n_batches * batch_size positions)."""
+    used = order[:n_batches * batch_size] if len(order) >= batch_size else order
+    mega = GROUP_MEGABATCH * batch_size
+    batches = []
+    for g in range(0, len(used), mega):
+        group = sorted(used[g:g + mega], key=lambda j: lengths[j], reverse=True)
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
 
 
 class Task:
@@ -189,11 +211,25 @@ class Task:
         if not train:
             raise ValueError(f"task {self.name} has an empty train split")
         rng = random.Random(seed)
+        lengths = self.example_lengths(train, tokenizer) if self.config.group_by_length else None
         while True:
             order = list(range(len(train)))
             rng.shuffle(order)
-            for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-                yield self.collate([train[j] for j in order[i:i + batch_size]], tokenizer)
+            starts = range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size)
+            batches = [order[i:i + batch_size] for i in starts]
+            if lengths is not None:
+                batches = group_by_length(order, lengths, batch_size, len(batches), rng)
+            for b in batches:
+                yield self.collate([train[j] for j in b], tokenizer)
+
+    @staticmethod
+    def example_lengths(examples: list[dict], tokenizer) -> list[int]:
+        """Each example's length in tokens (for group_by_length): its text fields joined and tokenized
+        (a multiple-choice example counts every option: a proxy, the ordering is what matters)."""
+        def text(e: dict) -> str:
+            return " ".join(v if isinstance(v, str) else " ".join(x for x in v if isinstance(x, str))
+                            for v in e.values() if isinstance(v, (str, list)))
+        return [len(ids) for ids in tokenizer([text(e) for e in examples])["input_ids"]]
 
     # -- evaluation -----------------------------------------------------------------------------
     def examples(self, part: str) -> list[dict]:
