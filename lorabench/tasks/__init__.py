@@ -59,6 +59,10 @@ TASKS.register_lazy("reclor", "lorabench.tasks.multiple_choice:ReClor",
 TASKS.register_lazy("parable-moral", "lorabench.tasks.multiple_choice:ParableMoral",
                     kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
                     sizes="train 832 / validation 300 / eval 500 (of 1,632)")
+TASKS.register_lazy("tomi", "lorabench.tasks.multiple_choice:ToMi",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 5,183 / validation 300 (50 stories) / eval 510 (85 stories) (of 5,993 questions about "
+                          "999 stories)")
 
 
 def get_task(name: str):

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from lorabench.tasks.base import EvalResult, Metric, Outcomes, Split, Task, seeded_split
+from lorabench.tasks.base import EvalResult, Metric, Outcomes, Split, Task, seeded_group_split, seeded_split
 from lorabench.tasks.causal import continuation_logprobs, encode_pair, pad_pairs
 
 ACC = Metric("accuracy", True, "fraction of questions whose highest-log-likelihood option is correct")
@@ -213,3 +213,28 @@ class ParableMoral(MultipleChoiceTask):
     val_size = 300
     sizes = "train 832 / validation 300 / eval 500 (of 1,632)"
     default_max_length = 512   # 90% fit; longer stories lose their beginning
+
+
+class ToMi(MultipleChoiceTask):
+    """ToMi: where an object is, was, or where someone will look for it (the false-belief questions); the
+    options are the containers the story names. About 6 questions share each story, so the split is by
+    story (`seeded_group_split`): no story is both trained on and evaluated."""
+    name = "tomi"
+    dataset = "tomi"
+    description = ("ToMi theory-of-mind stories: where is an object, or where will someone look for it? options: "
+                   "the containers the story names (Le et al. 2019, via OpenAI evals)")
+    eval_stories = 85
+    val_stories = 50
+    eval_size = 510   # the questions of those stories
+    val_size = 300
+    sizes = "train 5,183 / validation 300 (50 stories) / eval 510 (85 stories) (of 5,993 questions about 999 stories)"
+    default_max_length = 128   # the longest: 112 tokens
+
+    @staticmethod
+    def story(example: dict) -> str:
+        q = example["question"]
+        return q[:q.rindex(". ") + 1]  # everything before the question sentence
+
+    def build_split(self) -> Split:
+        from lorabench import assets
+        return seeded_group_split(assets.load_dataset(self.dataset), self.story, self.eval_stories, self.val_stories)
