@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a model (+ adapter) with lm-evaluation-harness, offline")
     ev.add_argument("--lm-eval", required=True, metavar="TASKS",
-                    help="comma-separated tasks: lorabench decoder tasks (quartz, socialiqa, arith, shakespeare-lm) "
+                    help="comma-separated tasks: lorabench decoder tasks (quartz, socialiqa, arith, shakespeare-lm, the "
+                         "cross-task pool's multiple-choice tasks: `list tasks`) "
                          "or lm-eval tasks defined in --tasks-dir")
     ev.add_argument("--model", required=True, help="model asset (smollm2-135m, tiny-llama), local directory or hub id")
     ev.add_argument("--adapter", help="a lorabench adapter (.safetensors from Method.save_adapter) to apply")

@@ -68,3 +68,25 @@ def test_every_method_config_has_help_and_every_method_names_its_paper_and_famil
         assert cls.paper or cls.family == "baseline", name
         for f in dataclasses.fields(cls.config_cls):
             assert f.metadata.get("help"), f"{name}.{f.name} has no help text"
+
+
+def test_every_method_lives_in_its_family_folder_under_its_own_name():
+    # one home per method by the survey's taxonomy (lorabench/methods/__init__.py, docs/architecture.md):
+    # lorabench/methods/<family>/<name>.py with "-" as "_", and the registry entry names that module
+    import re
+
+    from lorabench.methods.base import FAMILIES
+    from tests.conftest import REPO
+    methods_dir = REPO / "lorabench" / "methods"
+    text = (methods_dir / "__init__.py").read_text(encoding="utf-8")
+    targets = dict(re.findall(r'register_lazy\(\s*"([^"]+)",\s*"([^"]+)"', text))
+    assert set(targets) == set(METHODS.names())
+    wrong = []
+    for name in METHODS.names():
+        cls = get_method(name)
+        home = f"lorabench.methods.{cls.family.replace('-', '_')}.{name.replace('-', '_')}"
+        if cls.__module__ != home or targets[name] != f"{home}:{cls.__name__}":
+            wrong.append(f"{name}: registered as {targets[name]}, defined in {cls.__module__}; its home is {home}")
+    assert not wrong, wrong
+    folders = {d.name for d in methods_dir.iterdir() if d.is_dir() and d.name != "__pycache__"}
+    assert folders <= {f.replace("-", "_") for f in FAMILIES}, folders

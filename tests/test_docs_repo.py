@@ -61,3 +61,32 @@ def test_slow_tests_are_out_of_the_default_run():
                             cwd=REPO, capture_output=True, text=True, timeout=300).stdout
     assert "test_failed_trial_is_recorded_and_the_suite_goes_on" in listed
     assert "test_smoke_suite_runs_every_method_end_to_end" not in listed
+
+
+def _module_file(dotted: str) -> Path | None:
+    path = REPO.joinpath(*dotted.split("."))
+    for cand in (path.with_suffix(".py"), path / "__init__.py"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def test_every_named_module_path_exists():
+    # modules named in code, tests and docs (dotted, as in imports and registry entries, or as files
+    # under lorabench/) exist, and a name after the module is in it: a moved module leaves none stale
+    stale = []
+    for p in SOURCES:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        for ref in set(re.findall(r"(?<![\w/])(?:lorabench/)?methods/[\w/]+\.py\b|\blorabench/[\w/]+\.py\b", text)):
+            if not (REPO / (ref if ref.startswith("lorabench/") else f"lorabench/{ref}")).exists():
+                stale.append(f"{p.relative_to(REPO)}: {ref}")
+        for ref in set(re.findall(r"\blorabench(?:\.\w+)+(?::\w+)?", text)):
+            parts = ref.replace(":", ".").split(".")
+            if not _module_file(".".join(parts[:2])):
+                continue  # not a module path: an op of the lorabench namespace (torch.ops.lorabench.X), _C
+            n = max((k for k in range(1, len(parts) + 1) if _module_file(".".join(parts[:k]))), default=0)
+            rest = parts[n:]
+            if n == 0 or (rest and not re.search(rf"\b{rest[0]}\b", _module_file(".".join(parts[:n])).read_text(
+                    encoding="utf-8", errors="replace"))):
+                stale.append(f"{p.relative_to(REPO)}: {ref}")
+    assert not stale, stale

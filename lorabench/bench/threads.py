@@ -1,6 +1,6 @@
 """`python -m lorabench bench threads`: how a trial's threads behave when the machine is shared.
 
-A controlled experiment behind the runner's thread policy (lorabench/runner/threads.py). One fixed
+A controlled experiment behind the runner's thread policy (lorabench/runner/worker.py). One fixed
 workload, a training step of a MiniLM-sized MLP block (--tokens tokens x hidden 384, MLP 1,536, 4
 blocks, forward + backward), is timed in fresh processes, one per configuration:
   policy   how OpenMP's threads wait at a barrier: `default` (libgomp spins ~300,000 iterations

@@ -5,7 +5,7 @@
 absolute paths, because `datasets` resolves relative ones against the working directory, not the
 YAML: move the folder and export again). The YAML reproduces lorabench's own evaluation:
 
-- quartz, socialiqa (`multiple_choice`): the eval split, prompt `Question: ...\nAnswer:`, options
+- quartz, socialiqa and the cross-task pool's tasks (`multiple_choice`): the eval split, prompt `Question: ...\nAnswer:`, options
   scored as " " + option (lm-eval's default `target_delimiter`). `acc` is lorabench's `accuracy`.
   lm-eval's `acc_norm` divides by the option's length in characters without the space, lorabench's
   `accuracy_norm` by its length in UTF-8 bytes with the space: the two may differ on a few questions.

@@ -1,8 +1,11 @@
 """The method registry: lazy entries "module:Class", looked up by lower-case name.
 
-Adding a method: write `lorabench/methods/<name or family>/` with a config dataclass and a
-`Method` subclass, then add one `register_lazy` entry below with its family, paper and title
-(docs/adding-a-method.md).
+Every method has one home by the survey's taxonomy: `lorabench/methods/<family>/<name>.py`, the
+family folder being its `family` key with "-" as "_" (`FAMILIES` in base.py) and the file its
+registered name with "-" as "_" (`dora` -> low_rank_bottleneck/dora.py); layers and helpers that
+several methods share sit beside them in the family that owns them (the LoRA layer in lora/).
+Adding a method: write that file with a config dataclass and a `Method` subclass, then add one
+`register_lazy` entry below with its family, paper and title (docs/adding-a-method.md).
 """
 from lorabench.registry import Registry
 
@@ -11,115 +14,115 @@ from lorabench.registry import Registry
 METHODS: Registry = Registry("method", meta_keys=("family", "paper", "title"))
 
 # Baselines
-METHODS.register_lazy("full", "lorabench.methods.baselines:FullFineTuning", family="baseline", paper="",
+METHODS.register_lazy("full", "lorabench.methods.baseline.full:FullFineTuning", family="baseline", paper="",
                       title="Full fine-tuning")
-METHODS.register_lazy("head", "lorabench.methods.baselines:HeadOnly", family="baseline", paper="",
+METHODS.register_lazy("head", "lorabench.methods.baseline.head:HeadOnly", family="baseline", paper="",
                       title="Frozen backbone, trained task head")
 # LoRA (arXiv 2106.09685)
-METHODS.register_lazy("lora", "lorabench.methods.lora:LoRA", family="lora", paper="2106.09685",
+METHODS.register_lazy("lora", "lorabench.methods.lora.lora:LoRA", family="lora", paper="2106.09685",
                       title="LoRA: Low-Rank Adaptation of Large Language Models")
 # Methods II (issue 8): the rest of the survey's single-task methods
-METHODS.register_lazy("relora", "lorabench.methods.bottleneck.relora:ReLoRA", family="low-rank-bottleneck", paper="2307.05695",
+METHODS.register_lazy("relora", "lorabench.methods.low_rank_bottleneck.relora:ReLoRA", family="low-rank-bottleneck", paper="2307.05695",
                       title="ReLoRA: High-Rank Training Through Low-Rank Updates")
-METHODS.register_lazy("cola", "lorabench.methods.bottleneck.cola:CoLA", family="low-rank-bottleneck", paper="2401.04151",
+METHODS.register_lazy("cola", "lorabench.methods.low_rank_bottleneck.cola:CoLA", family="low-rank-bottleneck", paper="2401.04151",
                       title="Chain of LoRA: Efficient Fine-tuning of Language Models via Residual Learning")
-METHODS.register_lazy("delta-lora", "lorabench.methods.bottleneck.delta_lora:DeltaLoRA", family="low-rank-bottleneck", paper="2309.02411",
+METHODS.register_lazy("delta-lora", "lorabench.methods.low_rank_bottleneck.delta_lora:DeltaLoRA", family="low-rank-bottleneck", paper="2309.02411",
                       title="Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of Low-Rank Matrices")
-METHODS.register_lazy("flora", "lorabench.methods.bottleneck.flora:FLoRA", family="low-rank-bottleneck", paper="2402.03293",
+METHODS.register_lazy("flora", "lorabench.methods.low_rank_bottleneck.flora:FLoRA", family="low-rank-bottleneck", paper="2402.03293",
                       title="FLoRA: Low-Rank Adapters Are Secretly Gradient Compressors")
-METHODS.register_lazy("melora", "lorabench.methods.bottleneck.melora:MELoRA", family="low-rank-bottleneck", paper="2402.17263",
+METHODS.register_lazy("melora", "lorabench.methods.low_rank_bottleneck.melora:MELoRA", family="low-rank-bottleneck", paper="2402.17263",
                       title="MELoRA: Mini-Ensemble Low-Rank Adapters for Parameter-Efficient Fine-Tuning")
-METHODS.register_lazy("mora", "lorabench.methods.bottleneck.mora:MoRA", family="low-rank-bottleneck", paper="2405.12130",
+METHODS.register_lazy("mora", "lorabench.methods.low_rank_bottleneck.mora:MoRA", family="low-rank-bottleneck", paper="2405.12130",
                       title="MoRA: High-Rank Updating for Parameter-Efficient Fine-Tuning")
-METHODS.register_lazy("lora-dropout", "lorabench.methods.procedure.lora_dropout:LoraDropout", family="learning-procedure", paper="2404.09610",
+METHODS.register_lazy("lora-dropout", "lorabench.methods.learning_procedure.lora_dropout:LoraDropout", family="learning-procedure", paper="2404.09610",
                       title="LoRA Dropout as a Sparsity Regularizer for Overfitting Control")
-METHODS.register_lazy("sibo", "lorabench.methods.procedure.sibo:SIBO", family="learning-procedure", paper="2402.11896",
+METHODS.register_lazy("sibo", "lorabench.methods.learning_procedure.sibo:SIBO", family="learning-procedure", paper="2402.11896",
                       title="SIBO: A Simple Booster for Parameter-Efficient Fine-Tuning")
-METHODS.register_lazy("lora-sp", "lorabench.methods.reduction.lora_sp:LoraSP", family="efficiency-freezing-sharing", paper="2403.08822",
+METHODS.register_lazy("lora-sp", "lorabench.methods.efficiency_freezing_sharing.lora_sp:LoraSP", family="efficiency-freezing-sharing", paper="2403.08822",
                       title="LoRA-SP: Streamlined Partial Parameter Adaptation for Resource-Efficient Fine-Tuning of LLMs")
-METHODS.register_lazy("aflora", "lorabench.methods.reduction.aflora:AFLoRA", family="efficiency-freezing-sharing", paper="2403.13269",
+METHODS.register_lazy("aflora", "lorabench.methods.efficiency_freezing_sharing.aflora:AFLoRA", family="efficiency-freezing-sharing", paper="2403.13269",
                       title="AFLoRA: Adaptive Freezing of Low Rank Adaptation in Parameter Efficient Fine-Tuning")
-METHODS.register_lazy("dropbp", "lorabench.methods.reduction.dropbp:DropBP", family="efficiency-freezing-sharing", paper="2402.17812",
+METHODS.register_lazy("dropbp", "lorabench.methods.efficiency_freezing_sharing.dropbp:DropBP", family="efficiency-freezing-sharing", paper="2402.17812",
                       title="DropBP: Accelerating Fine-Tuning of Large Language Models by Dropping Backward Propagation")
-METHODS.register_lazy("lte", "lorabench.methods.bottleneck.lte:LTE", family="low-rank-bottleneck", paper="2402.16828",
+METHODS.register_lazy("lte", "lorabench.methods.low_rank_bottleneck.lte:LTE", family="low-rank-bottleneck", paper="2402.16828",
                       title="Training Neural Networks from Scratch with Parallel Low-Rank Adapters (LoRA-the-Explorer)")
-METHODS.register_lazy("reslora", "lorabench.methods.procedure.reslora:ResLoRA", family="learning-procedure", paper="2402.18039",
+METHODS.register_lazy("reslora", "lorabench.methods.learning_procedure.reslora:ResLoRA", family="learning-procedure", paper="2402.18039",
                       title="ResLoRA: Identity Residual Mapping in Low-Rank Adaption")
-METHODS.register_lazy("laplace-lora", "lorabench.methods.procedure.laplace_lora:LaplaceLoRA", family="combining", paper="2308.13111",
+METHODS.register_lazy("laplace-lora", "lorabench.methods.combining.laplace_lora:LaplaceLoRA", family="combining", paper="2308.13111",
                       title="Bayesian Low-rank Adaptation for Large Language Models (Laplace-LoRA)")
-METHODS.register_lazy("hiddenkey", "lorabench.methods.procedure.hiddenkey:HiddenKey", family="learning-procedure", paper="2403.00812",
+METHODS.register_lazy("hiddenkey", "lorabench.methods.learning_procedure.hiddenkey:HiddenKey", family="learning-procedure", paper="2403.00812",
                       title="LoRA Meets Dropout under a Unified Framework (HiddenKey)")
-METHODS.register_lazy("lora-drop", "lorabench.methods.reduction.lora_drop:LoraDrop", family="efficiency-pruning", paper="2402.07721",
+METHODS.register_lazy("lora-drop", "lorabench.methods.efficiency_pruning.lora_drop:LoraDrop", family="efficiency-pruning", paper="2402.07721",
                       title="LoRA-Drop: Efficient LoRA Parameter Pruning based on Output Evaluation")
-METHODS.register_lazy("bilora", "lorabench.methods.procedure.bilora:BiLoRA", family="learning-procedure", paper="2403.13037",
+METHODS.register_lazy("bilora", "lorabench.methods.learning_procedure.bilora:BiLoRA", family="learning-procedure", paper="2403.13037",
                       title="BiLoRA: A Bi-level Optimization Framework for Overfitting-Resilient Low-Rank Adaptation")
-METHODS.register_lazy("autolora", "lorabench.methods.procedure.autolora:AutoLoRA", family="dynamic-rank", paper="2403.09113",
+METHODS.register_lazy("autolora", "lorabench.methods.dynamic_rank.autolora:AutoLoRA", family="dynamic-rank", paper="2403.09113",
                       title="AutoLoRA: Automatically Tuning Matrix Ranks in Low-Rank Adaptation Based on Meta Learning")
-METHODS.register_lazy("star", "lorabench.methods.procedure.star:STAR", family="combining", paper="2403.01165",
+METHODS.register_lazy("star", "lorabench.methods.combining.star:STAR", family="combining", paper="2403.01165",
                       title="STAR: Constraint LoRA with Dynamic Active Learning for Data-Efficient Fine-Tuning of Large Language Models")
 METHODS.register_lazy("salora", "lorabench.methods.dynamic_rank.salora:SaLoRA", family="dynamic-rank", paper="doi:10.3390/math11204317",
                       title="SaLoRA: Structure-Aware Low-Rank Adaptation for Parameter-Efficient Fine-Tuning")
 METHODS.register_lazy("increlora", "lorabench.methods.dynamic_rank.increlora:IncreLoRA", family="dynamic-rank", paper="2308.12043",
                       title="IncreLoRA: Incremental Parameter Allocation Method for Parameter-Efficient Fine-tuning")
-METHODS.register_lazy("loraprune", "lorabench.methods.reduction.loraprune:LoraPrune", family="efficiency-pruning", paper="2305.18403",
+METHODS.register_lazy("loraprune", "lorabench.methods.efficiency_pruning.loraprune:LoraPrune", family="efficiency-pruning", paper="2305.18403",
                       title="LoRAPrune: Pruning Meets Low-Rank Parameter-Efficient Fine-Tuning")
-METHODS.register_lazy("lorashear", "lorabench.methods.reduction.lorashear:LoraShear", family="efficiency-pruning", paper="2310.18356",
+METHODS.register_lazy("lorashear", "lorabench.methods.efficiency_pruning.lorashear:LoraShear", family="efficiency-pruning", paper="2310.18356",
                       title="LoRAShear: Efficient Large Language Model Structured Pruning and Knowledge Recovery")
-METHODS.register_lazy("lora-layer-pruning", "lorabench.methods.reduction.layer_pruning:LayerPruningLoRA", family="efficiency-pruning", paper="2305.08285",
+METHODS.register_lazy("lora-layer-pruning", "lorabench.methods.efficiency_pruning.lora_layer_pruning:LayerPruningLoRA", family="efficiency-pruning", paper="2305.08285",
                       title="Parameter-Efficient Fine-Tuning with Layer Pruning on Free-Text Sequence-to-Sequence Modeling")
 METHODS.register_lazy("alora", "lorabench.methods.dynamic_rank.alora:ALoRA", family="dynamic-rank", paper="2403.16187",
                       title="ALoRA: Allocating Low-Rank Adaptation for Fine-tuning Large Language Models")
-METHODS.register_lazy("longlora", "lorabench.methods.longctx:LongLoRA", family="beyond-fine-tuning", paper="2309.12307",
+METHODS.register_lazy("longlora", "lorabench.methods.beyond_fine_tuning.longlora:LongLoRA", family="beyond-fine-tuning", paper="2309.12307",
                       title="LongLoRA: Efficient Fine-tuning of Long-Context Large Language Models")
-METHODS.register_lazy("sinklora", "lorabench.methods.longctx:SinkLoRA", family="beyond-fine-tuning", paper="2406.05678",
+METHODS.register_lazy("sinklora", "lorabench.methods.beyond_fine_tuning.sinklora:SinkLoRA", family="beyond-fine-tuning", paper="2406.05678",
                       title="SinkLoRA: Enhanced Efficiency and Chat Capabilities for Long-Context Large Language Models")
 # Methods I (issue 6): the core LoRA family
-METHODS.register_lazy("rslora", "lorabench.methods.rslora:RsLoRA", family="learning-procedure", paper="2312.03732",
+METHODS.register_lazy("rslora", "lorabench.methods.learning_procedure.rslora:RsLoRA", family="learning-procedure", paper="2312.03732",
                       title="rsLoRA: A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA")
-METHODS.register_lazy("dora", "lorabench.methods.dora:DoRA", family="low-rank-bottleneck", paper="2402.09353",
+METHODS.register_lazy("dora", "lorabench.methods.low_rank_bottleneck.dora:DoRA", family="low-rank-bottleneck", paper="2402.09353",
                       title="DoRA: Weight-Decomposed Low-Rank Adaptation")
-METHODS.register_lazy("pissa", "lorabench.methods.pissa:PiSSA", family="learning-procedure", paper="2404.02948",
+METHODS.register_lazy("pissa", "lorabench.methods.learning_procedure.pissa:PiSSA", family="learning-procedure", paper="2404.02948",
                       title="PiSSA: Principal Singular Values and Singular Vectors Adaptation of Large Language Models")
-METHODS.register_lazy("milora", "lorabench.methods.pissa:MiLoRA", family="learning-procedure", paper="2406.09044",
+METHODS.register_lazy("milora", "lorabench.methods.learning_procedure.milora:MiLoRA", family="learning-procedure", paper="2406.09044",
                       title="MiLoRA: Harnessing Minor Singular Components for Parameter-Efficient LLM Finetuning")
-METHODS.register_lazy("lora-fa", "lorabench.methods.lora_fa:LoRAFA", family="efficiency-freezing-sharing", paper="2308.03303",
+METHODS.register_lazy("lora-fa", "lorabench.methods.efficiency_freezing_sharing.lora_fa:LoRAFA", family="efficiency-freezing-sharing", paper="2308.03303",
                       title="LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models Fine-tuning")
-METHODS.register_lazy("lora-plus", "lorabench.methods.lora_plus:LoRAPlus", family="learning-procedure", paper="2402.12354",
+METHODS.register_lazy("lora-plus", "lorabench.methods.learning_procedure.lora_plus:LoRAPlus", family="learning-procedure", paper="2402.12354",
                       title="LoRA+: Efficient Low Rank Adaptation of Large Models")
-METHODS.register_lazy("vera", "lorabench.methods.vera:VeRA", family="efficiency-freezing-sharing", paper="2310.11454",
+METHODS.register_lazy("vera", "lorabench.methods.efficiency_freezing_sharing.vera:VeRA", family="efficiency-freezing-sharing", paper="2310.11454",
                       title="VeRA: Vector-based Random Matrix Adaptation")
-METHODS.register_lazy("qlora", "lorabench.methods.quantized:QLoRA", family="efficiency-quantization", paper="2305.14314",
+METHODS.register_lazy("qlora", "lorabench.methods.efficiency_quantization.qlora:QLoRA", family="efficiency-quantization", paper="2305.14314",
                       title="QLoRA: Efficient Finetuning of Quantized LLMs")
-METHODS.register_lazy("loftq", "lorabench.methods.quantized:LoftQ", family="efficiency-quantization", paper="2310.08659",
+METHODS.register_lazy("loftq", "lorabench.methods.efficiency_quantization.loftq:LoftQ", family="efficiency-quantization", paper="2310.08659",
                       title="LoftQ: LoRA-Fine-Tuning-Aware Quantization for Large Language Models")
-METHODS.register_lazy("qa-lora", "lorabench.methods.quantized:QALoRA", family="efficiency-quantization", paper="2309.14717",
+METHODS.register_lazy("qa-lora", "lorabench.methods.efficiency_quantization.qa_lora:QALoRA", family="efficiency-quantization", paper="2309.14717",
                       title="QA-LoRA: Quantization-Aware Low-Rank Adaptation of Large Language Models")
-METHODS.register_lazy("adalora", "lorabench.methods.adalora:AdaLoRA", family="dynamic-rank", paper="2303.10512",
+METHODS.register_lazy("adalora", "lorabench.methods.dynamic_rank.adalora:AdaLoRA", family="dynamic-rank", paper="2303.10512",
                       title="AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning")
-METHODS.register_lazy("fourierft", "lorabench.methods.fourierft:FourierFT", family="efficiency-freezing-sharing", paper="2405.03003",
+METHODS.register_lazy("fourierft", "lorabench.methods.efficiency_freezing_sharing.fourierft:FourierFT", family="efficiency-freezing-sharing", paper="2405.03003",
                       title="Parameter-Efficient Fine-Tuning with Discrete Fourier Transform")
-METHODS.register_lazy("vb-lora", "lorabench.methods.vb_lora:VBLoRA", family="efficiency-freezing-sharing", paper="2405.15179",
+METHODS.register_lazy("vb-lora", "lorabench.methods.efficiency_freezing_sharing.vb_lora:VBLoRA", family="efficiency-freezing-sharing", paper="2405.15179",
                       title="VB-LoRA: Extreme Parameter Efficient Fine-Tuning with Vector Banks")
-METHODS.register_lazy("riemannian", "lorabench.methods.riemannian:RiemannianLoRA", family="learning-procedure", paper="2402.02347",
+METHODS.register_lazy("riemannian", "lorabench.methods.learning_procedure.riemannian:RiemannianLoRA", family="learning-procedure", paper="2402.02347",
                       title="Riemannian Preconditioned LoRA for Fine-Tuning Foundation Models")
-METHODS.register_lazy("lora-xs", "lorabench.methods.lora_xs:LoRAXS", family="efficiency-freezing-sharing", paper="2405.17604",
+METHODS.register_lazy("lora-xs", "lorabench.methods.efficiency_freezing_sharing.lora_xs:LoRAXS", family="efficiency-freezing-sharing", paper="2405.17604",
                       title="LoRA-XS: Low-Rank Adaptation with Extremely Small Number of Parameters")
-METHODS.register_lazy("sora", "lorabench.methods.sora:SoRA", family="dynamic-rank", paper="2311.11696",
+METHODS.register_lazy("sora", "lorabench.methods.dynamic_rank.sora:SoRA", family="dynamic-rank", paper="2311.11696",
                       title="Sparse Low-rank Adaptation of Pre-trained Language Models")
-METHODS.register_lazy("dylora", "lorabench.methods.dylora:DyLoRA", family="dynamic-rank", paper="2210.07558",
+METHODS.register_lazy("dylora", "lorabench.methods.dynamic_rank.dylora:DyLoRA", family="dynamic-rank", paper="2210.07558",
                       title="DyLoRA: Parameter-Efficient Tuning of Pre-trained Models using Dynamic Search-Free Low-Rank Adaptation")
-METHODS.register_lazy("dora-rank", "lorabench.methods.dora_rank:DoraRank", family="dynamic-rank", paper="2405.17357",
+METHODS.register_lazy("dora-rank", "lorabench.methods.dynamic_rank.dora_rank:DoraRank", family="dynamic-rank", paper="2405.17357",
                       title="DoRA: Enhancing Parameter-Efficient Fine-Tuning with Dynamic Rank Distribution")
 # Issue 16 (part b): the survey's remaining single-task methods
-METHODS.register_lazy("lora-init-b", "lorabench.methods.procedure.lora_init_b:LoRAInitB", family="learning-procedure", paper="2406.08447",
+METHODS.register_lazy("lora-init-b", "lorabench.methods.learning_procedure.lora_init_b:LoRAInitB", family="learning-procedure", paper="2406.08447",
                       title='The Impact of Initialization on LoRA Finetuning Dynamics')
-METHODS.register_lazy("apiq", "lorabench.methods.quantized.apiq:ApiQ", family="efficiency-quantization", paper="2402.05147",
+METHODS.register_lazy("apiq", "lorabench.methods.efficiency_quantization.apiq:ApiQ", family="efficiency-quantization", paper="2402.05147",
                       title='ApiQ: Finetuning of 2-Bit Quantized Large Language Model')
-METHODS.register_lazy("l4q", "lorabench.methods.quantized.l4q:L4Q", family="efficiency-quantization", paper="2402.04902",
+METHODS.register_lazy("l4q", "lorabench.methods.efficiency_quantization.l4q:L4Q", family="efficiency-quantization", paper="2402.04902",
                       title='L4Q: Parameter Efficient Quantization-Aware Training on Large Language Models via LoRA-wise LSQ')
-METHODS.register_lazy("byom-lora", "lorabench.methods.reduction.byom_lora:ByomLoRA", family="efficiency-freezing-sharing", paper="2310.01886",
+METHODS.register_lazy("byom-lora", "lorabench.methods.efficiency_freezing_sharing.byom_lora:ByomLoRA", family="efficiency-freezing-sharing", paper="2310.01886",
                       title='BYOM-LoRA: Effective and Parameter-Efficient Reusing Fine-Tuned Models')
-METHODS.register_lazy("pillow", "lorabench.methods.procedure.pillow:Pillow", family="combining", paper="2312.05621",
+METHODS.register_lazy("pillow", "lorabench.methods.combining.pillow:Pillow", family="combining", paper="2312.05621",
                       title='PILLOW: Enhancing Efficient Instruction Fine-tuning via Prompt Matching')
 
 

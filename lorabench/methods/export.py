@@ -122,7 +122,7 @@ def export_peft(method: Method, model: nn.Module, directory: str, base_model_nam
                     "rank_pattern": {p: r for p, r in ranks.items() if r != r0},
                     "alpha_pattern": {p: a for p, a in alphas.items() if a != a0}})
     elif name == "vera":
-        from lorabench.methods.vera import VeraLinear
+        from lorabench.methods.efficiency_freezing_sharing.vera import VeraLinear
         for path, layer in model.named_modules():
             if isinstance(layer, VeraLinear):
                 targets.append(path)
@@ -133,7 +133,7 @@ def export_peft(method: Method, model: nn.Module, directory: str, base_model_nam
                     "save_projection": False, "vera_dropout": 0.0, "d_initial": c.d_initial, "bias": "none",
                     "fan_in_fan_out": False, "init_weights": True})
     elif name == "adalora":
-        from lorabench.methods.adalora import SVDLinear
+        from lorabench.methods.dynamic_rank.adalora import SVDLinear
         for path, layer in model.named_modules():
             if isinstance(layer, SVDLinear):
                 targets.append(path)
@@ -144,7 +144,7 @@ def export_peft(method: Method, model: nn.Module, directory: str, base_model_nam
                     "lora_alpha": c.alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
                     "init_lora_weights": True, "total_step": 1, "rank_pattern": None})
     else:  # fourierft
-        from lorabench.methods.fourierft import FourierLinear
+        from lorabench.methods.efficiency_freezing_sharing.fourierft import FourierLinear
         ns = set()
         for path, layer in model.named_modules():
             if isinstance(layer, FourierLinear):

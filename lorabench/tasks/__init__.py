@@ -27,6 +27,43 @@ TASKS.register_lazy("kv-retrieval", "lorabench.tasks.longctx:KVRetrieval",
                     kind="generation", metric="exact_match", higher_is_better=True, default_model="smollm2-135m",
                     sizes="train 2,000 / eval 200 (of 2,200 generated from seed 0; n_pairs sets the input length)")
 
+# The cross-task pool (docs/tasks.md, "The cross-task pool"; lorabench/harness/task_pool.py): multiple choice on
+# SmolLM2, scored like quartz and socialiqa
+TASKS.register_lazy("rt-mc", "lorabench.tasks.multiple_choice:RTChoice",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 7,730 / validation 300 / eval 500 (of 8,530)")
+TASKS.register_lazy("imdb-mc", "lorabench.tasks.multiple_choice:IMDBChoice",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 24,104 / validation 300 / eval 500 (of 24,904 distinct reviews)")
+TASKS.register_lazy("sarcasm-mc", "lorabench.tasks.multiple_choice:SarcasmChoice",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 27,698 / validation 300 / eval 500 (of 28,614; 116 exact duplicates dropped)")
+TASKS.register_lazy("corr2cause", "lorabench.tasks.multiple_choice:Corr2Cause",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 722 / validation 300 / eval 500 (of 2,246; 724 exact duplicates dropped)")
+TASKS.register_lazy("pararule-plus", "lorabench.tasks.multiple_choice:PararulePlus",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 1,200 / validation 300 / eval 500 (of 2,000)")
+TASKS.register_lazy("crepe", "lorabench.tasks.multiple_choice:Crepe",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 720 / validation 300 / eval 500 (of 1,520)")
+TASKS.register_lazy("abstract-causal", "lorabench.tasks.multiple_choice:AbstractCausal",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 1,181 / validation 300 / eval 500 (of 2,000; 19 exact duplicates dropped)")
+TASKS.register_lazy("logiqa", "lorabench.tasks.multiple_choice:LogiQA",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 377 / validation 100 / eval 200 (of 1,354; every question is in the file twice: 677 dropped)")
+TASKS.register_lazy("reclor", "lorabench.tasks.multiple_choice:ReClor",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 300 / validation 50 / eval 150 (of 500)")
+TASKS.register_lazy("parable-moral", "lorabench.tasks.multiple_choice:ParableMoral",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 832 / validation 300 / eval 500 (of 1,632)")
+TASKS.register_lazy("tomi", "lorabench.tasks.multiple_choice:ToMi",
+                    kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
+                    sizes="train 5,183 / validation 300 (50 stories) / eval 510 (85 stories) (of 5,993 questions about "
+                          "999 stories)")
+
 
 def get_task(name: str):
     return TASKS.get(name)

@@ -160,6 +160,25 @@ def group_by_length(order: list[int], lengths: list[int], batch_size: int, n_bat
     return batches
 
 
+def seeded_group_split(items: list[dict], group_of, n_eval_groups: int, n_val_groups: int = 0) -> Split:
+    """`seeded_split` for items that come in groups (several questions about one story): exact
+    duplicates dropped, then whole groups (`group_of(item)`, in order of first appearance) shuffled
+    with the fixed split seed; the first n_eval_groups are eval, the next n_val_groups validation, the
+    rest train. No group is in two parts, so no story is both trained on and evaluated."""
+    seen: set[str] = set()
+    groups: dict[str, list[dict]] = {}
+    for item in items:
+        key = json.dumps(item, sort_keys=True, ensure_ascii=False)
+        if key not in seen:
+            seen.add(key)
+            groups.setdefault(group_of(item), []).append(item)
+    order = list(groups)
+    random.Random(SPLIT_SEED).shuffle(order)
+    part = lambda keys: [item for k in keys for item in groups[k]]  # noqa: E731
+    return Split(train=part(order[n_eval_groups + n_val_groups:]), eval=part(order[:n_eval_groups]),
+                 val=part(order[n_eval_groups:n_eval_groups + n_val_groups]))
+
+
 class Task:
     """Base class; subclasses implement the data, the batches, and the evaluation."""
 

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from lorabench.tasks.base import EvalResult, Metric, Outcomes, Split, Task, seeded_split
+from lorabench.tasks.base import EvalResult, Metric, Outcomes, Split, Task, seeded_group_split, seeded_split
 from lorabench.tasks.causal import continuation_logprobs, encode_pair, pad_pairs
 
 ACC = Metric("accuracy", True, "fraction of questions whose highest-log-likelihood option is correct")
@@ -87,3 +87,154 @@ class SocialIQA(MultipleChoiceTask):
     val_size = 300
     sizes = "train 903 / validation 300 / eval 1,000 (of 2,224; 21 exact duplicates dropped)"
     default_max_length = 128
+
+
+# --- the cross-task pool (docs/tasks.md, "The cross-task pool"): more tasks scored exactly like the two
+# above, the likelihood of each option after "Question: {question}\nAnswer:", so that adapters trained on
+# them share one output space and can be composed.
+
+class VerbalizedChoice(MultipleChoiceTask):
+    """A labelled-text dataset ({"text", "label"}) asked as a question whose options are the label
+    words: `choices[label]` is the correct option of every example."""
+    template: str        # the question, with {text}
+    choices: list[str]   # the option of label 0, 1, ...
+
+    def build_split(self) -> Split:
+        from lorabench import assets
+        items = [{"question": self.template.format(text=r["text"]), "choices": list(self.choices),
+                  "label": int(r["label"])} for r in assets.load_dataset(self.dataset)]
+        return seeded_split(items, self.eval_size, self.val_size)
+
+
+class RTChoice(VerbalizedChoice):
+    name = "rt-mc"
+    dataset = "rotten-tomatoes"
+    description = "Rotten Tomatoes sentence polarity asked as a question, options negative/positive (Pang & Lee 2005)"
+    template = "Movie review: {text}\nIs this review positive or negative?"
+    choices = ["negative", "positive"]
+    eval_size = 500
+    val_size = 300
+    sizes = "train 7,730 / validation 300 / eval 500 (of 8,530)"
+    default_max_length = 96
+
+
+class IMDBChoice(VerbalizedChoice):
+    name = "imdb-mc"
+    dataset = "imdb"
+    description = "IMDB review polarity asked as a question, options negative/positive (Maas et al. 2011)"
+    template = RTChoice.template
+    choices = RTChoice.choices
+    eval_size = 500
+    val_size = 300
+    sizes = "train 24,104 / validation 300 / eval 500 (of 24,904 distinct reviews)"
+    default_max_length = 256   # median review + question 241 tokens; longer reviews lose their beginning
+
+
+class SarcasmChoice(VerbalizedChoice):
+    name = "sarcasm-mc"
+    dataset = "sarcasm"
+    description = "news headlines, sarcastic or not, asked as a question, options no/yes (Misra & Arora, via OpenAI evals)"
+    template = "Headline: {text}\nIs this headline sarcastic?"
+    choices = ["no", "yes"]
+    eval_size = 500
+    val_size = 300
+    sizes = "train 27,698 / validation 300 / eval 500 (of 28,614; 116 exact duplicates dropped)"
+    default_max_length = 64
+
+
+class Corr2Cause(MultipleChoiceTask):
+    name = "corr2cause"
+    dataset = "corr2cause"
+    description = ("Corr2Cause: does a causal hypothesis follow from stated correlations? options entailment/"
+                   "contradiction/neutral (Jin et al. 2023, via OpenAI evals)")
+    eval_size = 500
+    val_size = 300
+    sizes = "train 722 / validation 300 / eval 500 (of 2,246; 724 exact duplicates dropped)"
+    default_max_length = 448   # the longest premise + hypothesis: 429 tokens
+
+
+class PararulePlus(MultipleChoiceTask):
+    name = "pararule-plus"
+    dataset = "pararule-plus"
+    description = "PARARULE-Plus multi-step deductive reasoning over stated rules, options true/false (via OpenAI evals)"
+    eval_size = 500
+    val_size = 300
+    sizes = "train 1,200 / validation 300 / eval 500 (of 2,000)"
+    default_max_length = 320   # the longest: 309 tokens
+
+
+class Crepe(MultipleChoiceTask):
+    name = "crepe"
+    dataset = "crepe"
+    description = ("CREPE: does an event make another more, less or equally likely? 3 options (Zhang et al. 2023, "
+                   "via OpenAI evals)")
+    eval_size = 500
+    val_size = 300
+    sizes = "train 720 / validation 300 / eval 500 (of 1,520)"
+    default_max_length = 224   # the longest: 211 tokens
+
+
+class AbstractCausal(MultipleChoiceTask):
+    name = "abstract-causal"
+    dataset = "abstract-causal"
+    description = ("abstract causal reasoning: from observed objects and a light, is the light on, off or "
+                   "undetermined for a new scene? (via OpenAI evals)")
+    eval_size = 500
+    val_size = 300
+    sizes = "train 1,181 / validation 300 / eval 500 (of 2,000; 19 exact duplicates dropped)"
+    default_max_length = 224   # the longest: 211 tokens
+
+
+class LogiQA(MultipleChoiceTask):
+    name = "logiqa"
+    dataset = "logiqa"
+    description = "LogiQA logical reading comprehension, 4 options (Liu et al. 2020, via OpenAI evals)"
+    eval_size = 200
+    val_size = 100
+    sizes = "train 377 / validation 100 / eval 200 (of 1,354; every question is in the file twice: 677 dropped)"
+    default_max_length = 256   # 99% fit; longer passages lose their beginning
+
+
+class ReClor(MultipleChoiceTask):
+    name = "reclor"
+    dataset = "reclor"
+    description = "ReClor logical reasoning questions, 4 options (Yu et al. 2020, via OpenAI evals)"
+    eval_size = 150
+    val_size = 50
+    sizes = "train 300 / validation 50 / eval 150 (of 500)"
+    default_max_length = 256   # the longest: 253 tokens
+
+
+class ParableMoral(MultipleChoiceTask):
+    name = "parable-moral"
+    dataset = "parable-moral"
+    description = "which of 5 morals a parable conveys (OpenAI evals' parable-to-moral-match, English)"
+    eval_size = 500
+    val_size = 300
+    sizes = "train 832 / validation 300 / eval 500 (of 1,632)"
+    default_max_length = 512   # 90% fit; longer stories lose their beginning
+
+
+class ToMi(MultipleChoiceTask):
+    """ToMi: where an object is, was, or where someone will look for it (the false-belief questions); the
+    options are the containers the story names. About 6 questions share each story, so the split is by
+    story (`seeded_group_split`): no story is both trained on and evaluated."""
+    name = "tomi"
+    dataset = "tomi"
+    description = ("ToMi theory-of-mind stories: where is an object, or where will someone look for it? options: "
+                   "the containers the story names (Le et al. 2019, via OpenAI evals)")
+    eval_stories = 85
+    val_stories = 50
+    eval_size = 510   # the questions of those stories
+    val_size = 300
+    sizes = "train 5,183 / validation 300 (50 stories) / eval 510 (85 stories) (of 5,993 questions about 999 stories)"
+    default_max_length = 128   # the longest: 112 tokens
+
+    @staticmethod
+    def story(example: dict) -> str:
+        q = example["question"]
+        return q[:q.rindex(". ") + 1]  # everything before the question sentence
+
+    def build_split(self) -> Split:
+        from lorabench import assets
+        return seeded_group_split(assets.load_dataset(self.dataset), self.story, self.eval_stories, self.val_stories)

@@ -6,7 +6,7 @@ from tests.methods.tester import Case
 
 
 def byom_equations(model, method):
-    from lorabench.methods.reduction.byom_lora import truncated_factors
+    from lorabench.methods.efficiency_freezing_sharing.byom_lora import truncated_factors
 
     layers = method.lora_layers(model)
     layer = layers[0]

@@ -107,7 +107,7 @@ def lora_plus_equations(model, method):
 
 def vera_equations(model, method):
     """VeRA eq. (1): h = W0 x + Λ_b B Λ_d A x, with A, B shared by every layer, b = 0 and d = d_initial at init."""
-    from lorabench.methods.vera import VeraLinear
+    from lorabench.methods.efficiency_freezing_sharing.vera import VeraLinear
     layers = [m for m in model.modules() if isinstance(m, VeraLinear)]
     assert len(layers) > 2
     a0 = layers[0].vera_A
@@ -186,7 +186,7 @@ def qa_lora_equations(model, method):
 
 def adalora_equations(model, method):
     """AdaLoRA eq. (3): ΔW = P Λ Q scaled by alpha/r; eq. (4) regulariser; eqs. (7), (12): pruning to the budget."""
-    from lorabench.methods.adalora import SVDLinear, budget_schedule
+    from lorabench.methods.dynamic_rank.adalora import SVDLinear, budget_schedule
     from lorabench.methods.base import TrainState
     layers = [m for m in model.modules() if isinstance(m, SVDLinear)]
     layer = layers[0]
@@ -221,7 +221,7 @@ def adalora_equations(model, method):
 
 def fourierft_equations(model, method):
     """FourierFT eqs. (2)-(4): ΔW = alpha Re(IDFT2(F)), F zero except the n coefficients at the seeded entries E."""
-    from lorabench.methods.fourierft import FourierLinear
+    from lorabench.methods.efficiency_freezing_sharing.fourierft import FourierLinear
     layers = [m for m in model.modules() if isinstance(m, FourierLinear)]
     layer = layers[0]
     assert layer.fourierft_spectrum.numel() == min(method.config.n_frequency, layer.in_features * layer.out_features)
@@ -244,7 +244,7 @@ def fourierft_equations(model, method):
 
 def vb_lora_equations(model, method):
     """VB-LoRA eq. (3): each sub-vector of A and B = softmax(top-k logits) · chosen bank vectors; one bank per model."""
-    from lorabench.methods.vb_lora import VBLoraLinear
+    from lorabench.methods.efficiency_freezing_sharing.vb_lora import VBLoraLinear
     layers = [m for m in model.modules() if isinstance(m, VBLoraLinear)]
     assert all(m.bank is layers[0].bank for m in layers)
     assert sum(1 for n, _ in method.trainable_parameters(model) if n.endswith(".bank")) == 1
@@ -264,7 +264,7 @@ def vb_lora_equations(model, method):
 
 def riemannian_equations(model, method):
     """Riemannian preconditioned LoRA eq. (4): ∇A <- (BᵀB + δI)⁻¹ ∇A, ∇B <- ∇B (AAᵀ + δI)⁻¹."""
-    from lorabench.methods.riemannian import precondition_
+    from lorabench.methods.learning_procedure.riemannian import precondition_
     layer = first_layer(model)
     randomize_(layer.lora_B)
     A, B = layer.lora_A, layer.lora_B
@@ -298,7 +298,7 @@ def lora_xs_equations(model, method):
 
 def sora_equations(model, method):
     """SoRA eq. (4): h = W0 x + s B diag(g) A x; eq. (6): g <- sign(g) max(|g| - ηλ, 0)."""
-    from lorabench.methods.sora import soft_threshold_
+    from lorabench.methods.dynamic_rank.sora import soft_threshold_
     layer = first_layer(model)
     gates = torch.cat([m.lora_gate.detach() for m in model.modules() if hasattr(m, "lora_gate")])
     assert gates.unique().numel() == gates.numel() and 0.5 < gates.std() < 1.5   # g ~ N(0, I), official init
@@ -345,7 +345,7 @@ def dora_rank_equations(model, method):
     """arXiv 2405.17357: ΔW = s Σ c_i b_i a_i with c = 0 at init; importance s_i = ||c_i b_i a_i||_F / ||ΔW||_F; the
     lowest-scoring components of the whole model are pruned (c_i = 0) on the cubic schedule."""
     from lorabench.methods.base import TrainState
-    from lorabench.methods.dora_rank import component_scores
+    from lorabench.methods.dynamic_rank.dora_rank import component_scores
     layers = method.lora_layers(model)
     layer = layers[0]
     assert torch.count_nonzero(layer.lora_gate) == 0 and torch.count_nonzero(layer.lora_B) > 0

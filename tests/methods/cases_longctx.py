@@ -1,6 +1,6 @@
 """Methods-table rows of the long-context methods (issue 8): longlora and sinklora.
 
-The equation checks compare the dense masked attention of lorabench.methods.longctx.attention with
+The equation checks compare the dense masked attention of lorabench.methods.beyond_fine_tuning.attention with
 independent references on small tensors: LongLoRA's Algorithm 1 (roll half the heads by -G/2,
 reshape into groups, attend per group, roll back), an explicit per-query loop for SinkLoRA's
 SF-Attn, and full attention when the group is at least the sequence length.
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorabench.methods.base import TrainState
-from lorabench.methods.longctx.attention import (
+from lorabench.methods.beyond_fine_tuning.attention import (
     SPEC_ATTR, LongCtxSpec, attention_pattern, longctx_attention, rotary_modules)
 from lorabench.methods.lora import LoraLinear
 from tests.methods.tester import Case, RandomTask, batch_for

@@ -9,7 +9,7 @@ from tests.methods.tester import Case, batch_for, logits
 
 def lhspg_tensor_equations():
     """Half-space projection, forget schedule and saliency on small tensors."""
-    from lorabench.methods.reduction.lorashear import (forget_rate, halfspace_zero, lhspg_step, period_sizes,
+    from lorabench.methods.efficiency_pruning.lorashear import (forget_rate, halfspace_zero, lhspg_step, period_sizes,
                                                        saliency_scores)
     # the forget rate lambda_t = 1/(T - t) shrinks to (T - t - 1)/T after t + 1 steps and to exactly 0 at t = T - 1
     T = 4
@@ -50,7 +50,7 @@ def lorashear_equations(model, method):
     """LHSPG through the hooks: the least-salient groups become redundant, shrink by (1 - lambda_t) per step,
     are exactly zero at the period's end (or earlier by the half-space projection); removing them physically
     leaves the function unchanged; the masks and metrics say what was pruned."""
-    from lorabench.methods.reduction.lorashear import backbone_parameters, remove_pruned_channels
+    from lorabench.methods.efficiency_pruning.lorashear import backbone_parameters, remove_pruned_channels
     lhspg_tensor_equations()
     c = method.config
     c.sparsity, c.prune_start_ratio, c.prune_end_ratio, c.periods, c.saliency = 0.25, 0.0, 0.5, 1, "magnitude"

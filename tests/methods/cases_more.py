@@ -72,7 +72,7 @@ def relora_equations(model, method):
 
 
 def cola_equations(model, method):
-    from lorabench.methods.bottleneck.cola import knot_steps
+    from lorabench.methods.low_rank_bottleneck.cola import knot_steps
     assert knot_steps(9, 3) == {3, 6} and knot_steps(10, 1) == set()
     method.on_train_begin(TrainState(model, None, None, 0, 9))
 
@@ -179,7 +179,7 @@ CASES = [
 
 def lora_dropout_equations(model, method):
     """Sec. 3.1 of LoRA Dropout: h = W0 x + s (m_B ⊙ B)(A ⊙ m_A) x, one inverted mask pair per pass."""
-    from lorabench.methods.procedure.lora_dropout import column_mask
+    from lorabench.methods.learning_procedure.lora_dropout import column_mask
     layer = adapted_layers(model)[0]
     randomize_(layer.lora_B)
     x = torch.randn(7, layer.in_features)
@@ -200,7 +200,7 @@ def lora_dropout_equations(model, method):
 
 def sibo_equations(model, method):
     """LoRA-SIBO: h = W0 x + s B A ((1 - lambda) x + lambda h0), h0 the input embedding of the token."""
-    from lorabench.methods.procedure.sibo import SiboVariant
+    from lorabench.methods.learning_procedure.sibo import SiboVariant
     layers = adapted_layers(model)
     hidden = model.get_input_embeddings().embedding_dim
     assert all(not isinstance(m.variant, SiboVariant) for m in layers if m.in_features != hidden)
@@ -243,7 +243,7 @@ def lora_sp_equations(model, method):
 
 def aflora_equations(model, method):
     """AFLoRA: ΔW = s diag(b) B diag(d) A (eq. (1)); sensitivity EMA (eqs. (2)-(4)); cubic freezing (eq. (5))."""
-    from lorabench.methods.reduction.aflora import frozen_fraction
+    from lorabench.methods.efficiency_freezing_sharing.aflora import frozen_fraction
     layer = adapted_layers(model)[0]
     randomize_(layer.lora_b, layer.lora_d)
     x = torch.randn(3, layer.in_features)
@@ -374,7 +374,7 @@ CASES += [
 def laplace_lora_equations(model, method):
     """Laplace-LoRA: P = F + λ I with F = Σ_i g_i² (diagonal empirical Fisher); λ maximises the Laplace
     evidence; the predictive averages softmax over θ ~ N(θ*, P^-1); ECE/NLL computed as defined."""
-    from lorabench.methods.procedure.laplace_lora import LaplaceLoRA, calibration
+    from lorabench.methods.combining.laplace_lora import LaplaceLoRA, calibration
     # calibration: two predictions at confidence 0.9 (one right) and one at 0.6 (right) in 15 bins
     logits = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]]))
     c = calibration(logits, torch.tensor([0, 1, 1]))
@@ -442,7 +442,7 @@ CASES += [
 def hiddenkey_equations(model, method):
     """HiddenKey: column-wise dropout of the attention logits (a dropped key is hidden from every query
     of a head, never a query's own key) and the bidirectional KL (KL(p1||p2) + KL(p2||p1)) / 2."""
-    from lorabench.methods.procedure.hiddenkey import hiddenkey_attention, symmetric_kl
+    from lorabench.methods.learning_procedure.hiddenkey import hiddenkey_attention, symmetric_kl
     attn = next(m for m in model.modules() if hasattr(m, "hiddenkey_p"))
     assert attn.hiddenkey_p == method.config.p_column
     attn.train()
@@ -538,7 +538,7 @@ def bilevel_split_check(model, method, upper_ids):
 
 def bilora_equations(model, method):
     """BiLoRA: ΔW = s P diag(Λ) Q (eq. (1)), R = ||PᵀP - I||² + ||QQᵀ - I||² (eq. (2)), Λ on validation steps."""
-    from lorabench.methods.procedure.bilora import orthogonality
+    from lorabench.methods.learning_procedure.bilora import orthogonality
     layer = adapted_layers(model)[0]
     assert torch.count_nonzero(layer.lora_E) == 0 and torch.count_nonzero(layer.lora_B) > 0
     # P and Q start semi-orthogonal: the regulariser starts at its minimum, whatever the layer's width
@@ -674,7 +674,7 @@ CASES += [
 def loraprune_equations(model, method):
     """LoRAPrune: importance |(W + s B A) ⊙ s (∇B A + B ∇A)| summed per channel (eq. (8)) with an EMA
     (eq. (9)); the lowest channels are masked to a cubic sparsity schedule; masked channels output 0."""
-    from lorabench.methods.reduction.loraprune import cubic_sparsity
+    from lorabench.methods.efficiency_pruning.loraprune import cubic_sparsity
     assert cubic_sparsity(5, 10, 70, 0.2) == 0.0 and cubic_sparsity(80, 10, 70, 0.2) == 0.2
     assert abs(cubic_sparsity(40, 10, 70, 0.2) - 0.2 * (1 - 0.5 ** 3)) < 1e-12
     group = method.groups[0]
@@ -716,7 +716,7 @@ CASES += [
 
 def layer_pruning_equations(model, method):
     """Layer pruning: the chosen layers are gone, the rest keep their order and weights, re-indexed."""
-    from lorabench.methods.reduction.layer_pruning import layer_stack, layers_to_keep
+    from lorabench.methods.efficiency_pruning.lora_layer_pruning import layer_stack, layers_to_keep
     assert layers_to_keep(8, 0.25, "top") == [0, 1, 2, 3, 4, 5]
     assert layers_to_keep(8, 0.25, "alternate") == [0, 1, 2, 3, 4, 6]
     assert layers_to_keep(2, 0.95, "top") == [0]

@@ -9,7 +9,7 @@ from tests.methods.tester import Case
 
 
 def pillow_equations(model, method):
-    from lorabench.methods.procedure.pillow import PromptMatcher, sample_without_replacement
+    from lorabench.methods.combining.pillow import PromptMatcher, sample_without_replacement
 
     matcher = model.pillow_matcher
     assert isinstance(matcher, PromptMatcher) and not matcher.active   # nothing prepended before training

@@ -8,7 +8,7 @@ from tests.methods.tester import Case
 
 def apiq_equations(model, method):
     from lorabench.methods.lora import LoraLinear
-    from lorabench.methods.quantized.apiq import ApiQVariant, UniformQuantLinear, clipped_quantize
+    from lorabench.methods.efficiency_quantization.apiq import ApiQVariant, UniformQuantLinear, clipped_quantize
 
     # the quantizer of sec. 3.2: range [sigmoid(beta) min, sigmoid(gamma) max], s = range / (2^b - 1),
     # z = round(-lo / s), Q = (clamp(round(W / s) + z, 0, 2^b - 1) - z) s, per group of inputs
@@ -59,7 +59,7 @@ def apiq_equations(model, method):
 
 def l4q_equations(model, method):
     from lorabench.methods.lora import LoraLinear
-    from lorabench.methods.quantized.l4q import L4QVariant, lsq_quantize
+    from lorabench.methods.efficiency_quantization.l4q import L4QVariant, lsq_quantize
 
     # LSQ+ on the merged weight: W_q = clamp(round((W' - b) / d), 0, 2^bits - 1) d + b, per group
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ from tests.methods.tester import Case
 
 def star_equations(model, method):
     from lorabench.methods.lora import LoraLinear
-    from lorabench.methods.procedure.star import (acquire_top, dynamic_uncertainty, dynamic_weight,
+    from lorabench.methods.combining.star import (acquire_top, dynamic_uncertainty, dynamic_weight,
                                                   mc_predictive_entropy, minmax, round_starts, scoring,
                                                   split_budget)
 

@@ -27,7 +27,7 @@ def trained(kind, options, steps=3):
 
 @pytest.mark.parametrize("kind", ["bert", "llama"])
 def test_prunes_within_smoke_steps_and_survives_save_load(kind, tmp_path):
-    from lorabench.methods.reduction.lorashear import backbone_parameters, remove_pruned_channels
+    from lorabench.methods.efficiency_pruning.lorashear import backbone_parameters, remove_pruned_channels
     model, method, _, result = trained(kind, SMOKE)
     total = sum(b.size for b in method.blocks)
     k = int(0.3 * total)
@@ -64,7 +64,7 @@ def test_prunes_within_smoke_steps_and_survives_save_load(kind, tmp_path):
 def test_attention_heads_are_pruned_and_removable(kind):
     """Heads as groups (Llama: a key/value head with its query heads): zero after the window, at least one head
     per layer is kept, and removing them (fewer heads, the attention reshapes with -1) keeps the function."""
-    from lorabench.methods.reduction.lorashear import backbone_parameters, remove_pruned_channels
+    from lorabench.methods.efficiency_pruning.lorashear import backbone_parameters, remove_pruned_channels
     model, method, _, result = trained(kind, dict(SMOKE, head_sparsity=0.5))
     mm = result.method_metrics
     heads = sum(g.size for g in method.heads)

@@ -168,7 +168,7 @@ def test_vera_equals_peft(kind):
     from peft import VeraConfig
     cfg = VeraConfig(r=16, target_modules=TARGETS, projection_prng_key=0, d_initial=0.1)
     pm, ours, method = build(kind, cfg, "vera", {"rank": 16, "target_modules": TARGETS, "d_initial": 0.1})
-    from lorabench.methods.vera import VeraLinear
+    from lorabench.methods.efficiency_freezing_sharing.vera import VeraLinear
     for mod, m in pm.named_modules():
         if hasattr(m, "vera_lambda_d") and "default" in getattr(m, "vera_lambda_d", {}):
             o = ours.get_submodule(mod.removeprefix("base_model.model."))

@@ -9,7 +9,7 @@ from lorabench import assets
 from lorabench.harness.train import TrainConfig, train
 from lorabench.methods import get_method
 from lorabench.methods.base import ApplyContext, load_adapter
-from lorabench.methods.procedure.pillow import prepend, sample_without_replacement
+from lorabench.methods.combining.pillow import prepend, sample_without_replacement
 from lorabench.tasks import get_task
 
 

@@ -9,7 +9,7 @@ import torch
 from lorabench.errors import UserError
 from lorabench.harness.train import TrainConfig, train
 from lorabench.methods import get_method
-from lorabench.methods.procedure.active_pool import predictive_probs
+from lorabench.methods.combining.active_pool import predictive_probs
 from tests.methods.tester import VOCAB, RandomTask, tiny_model
 
 
@@ -69,7 +69,7 @@ def test_trains_only_on_acquired_examples_within_the_budget():
 
 
 def test_acquisition_queries_the_most_uncertain_candidates(monkeypatch):
-    from lorabench.methods.procedure.star import STAR
+    from lorabench.methods.combining.star import STAR
     # both the base and the adapted model rank the examples by their 'u': μ is min-max(u)
     monkeypatch.setattr(STAR, "uncertainty",
                         lambda self, task, model, tok, examples, samples: torch.tensor([e["u"] for e in examples]))
@@ -85,7 +85,7 @@ def test_acquisition_queries_the_most_uncertain_candidates(monkeypatch):
 
 def test_the_base_model_uncertainty_is_the_untrained_model():
     """μ_b is scored with the tensors of step 0 swapped in (B = 0, the initial head), whatever training did."""
-    from lorabench.methods.procedure.star import swapped
+    from lorabench.methods.combining.star import swapped
     model, ctx = tiny_model("bert")
     method = get_method("star").from_options({"rank": 4, "mc_samples": 1})
     model = method.apply(model, ctx)
@@ -105,7 +105,7 @@ def test_the_base_model_uncertainty_is_the_untrained_model():
 
 def test_rounds_score_the_base_model_with_step_0_tensors_and_the_full_model_as_trained(monkeypatch):
     from lorabench.methods.lora import LoraLinear
-    from lorabench.methods.procedure.star import STAR
+    from lorabench.methods.combining.star import STAR
     calls = []
     original = STAR.uncertainty
 
@@ -179,7 +179,7 @@ def test_labels_stay_hidden_on_the_real_tasks():
 
 
 def test_a_task_without_labels_to_hide_is_refused():
-    from lorabench.methods.procedure.active_pool import pool_of
+    from lorabench.methods.combining.active_pool import pool_of
     from lorabench.tasks import get_task
     with pytest.raises(ValueError, match="supported kinds: classification, multiple-choice, generation"):
         pool_of(get_task("shakespeare-lm")())
