@@ -426,11 +426,11 @@ namespace {
 
 namespace lc = lorabench::cuda;
 
-lc::Q4DType cuda_dtype(at::ScalarType t) {
+lc::DType cuda_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return lc::Q4DType::kFloat32;
-    case at::kBFloat16: return lc::Q4DType::kBFloat16;
-    case at::kHalf: return lc::Q4DType::kFloat16;
+    case at::kFloat: return lc::DType::kFloat32;
+    case at::kBFloat16: return lc::DType::kBFloat16;
+    case at::kHalf: return lc::DType::kFloat16;
     default: TORCH_CHECK(false, "CUDA 4-bit kernels support float32, bfloat16 and float16, got ", t);
   }
 }
