@@ -170,8 +170,7 @@ class Kernels:
         else:
             y = torch.empty_like(u)
         u.addmm_(xa, B.T, beta=1.0, alpha=scale)
-        if bias is not None and mask is None:
-            bias = bias.to(u.dtype)  # the epilogue reads bias as u's dtype (csrc/lora_ops.cpp converts it)
+        assert bias is None or bias.dtype == x.dtype, "the binding refuses a bias of another dtype"
         self.dora_epilogue(y, u, g, None if mask is not None else bias, mask is not None)
         return y, xa, u, norm
 
