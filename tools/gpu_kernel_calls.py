@@ -3,8 +3,8 @@ tools/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck). With --de
 the same calls go to the CPU kernels, which proves the script itself runs.
 
 Kernels reached: dora_norm_kernel, dora_epilogue_kernel, dora_grad_kernel (lora.cu; dora_linear forward
-and backward, with and without bias); dequantize_kernel and gemv_kernel<T, 4|2|1> (nf4_int4.cu; batches 7
-and 16, NF4 and int4); shrink_kernel and expand_kernel (bgmv.cu; BGMV and SGMV); each in fp32 and bf16.
+and backward, with and without bias); dequantize_kernel and gemv_kernel<T, 7> (nf4_int4.cu; batch 7 and
+the dequantize path at 16, NF4 and int4); shrink_kernel and expand_kernel (bgmv.cu; BGMV and SGMV); each in fp32 and bf16.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def calls(device: str, dtype: torch.dtype) -> list[str]:
     i4 = I.Int4Weight(i4.packed.to(device), i4.scales.to(device), i4.zeros.to(device), i4.group_size)
     N.nf4_dequantize(nf4, dtype)
     I.int4_dequantize(i4, dtype)
-    for tokens in (7, 16):  # GEMV (4 + 2 + 1 rows) and the dequantize + GEMM path
+    for tokens in (7, 16):  # the GEMV (one launch of 7 rows) and the dequantize + GEMM path
         xs = rnd(tokens, 256)
         N.nf4_linear(xs, nf4)
         I.int4_linear(xs, i4)

@@ -129,10 +129,22 @@ void launch_gemv_nb(const Q4Params& p, const T* x, int64_t ldx, float* out, int6
 template <typename T>
 void launch_gemv(const Q4Params& p, const void* xv, int64_t ldx, int64_t B, float* out, int64_t ldo) {
   const T* x = static_cast<const T*>(xv);
-  int64_t b = 0;
-  for (; b + 4 <= B; b += 4) launch_gemv_nb<T, 4>(p, x + b * ldx, ldx, out + b * ldo, ldo);
-  for (; b + 2 <= B; b += 2) launch_gemv_nb<T, 2>(p, x + b * ldx, ldx, out + b * ldo, ldo);
-  for (; b < B; ++b) launch_gemv_nb<T, 1>(p, x + b * ldx, ldx, out + b * ldo, ldo);
+  // One launch per kMaxGemvBatch rows, so the packed weight is streamed once for any batch up to 8
+  // (batches 5-7 used to take 2-3 launches of 4, 2 and 1 rows, each reading the whole weight).
+  for (int64_t b = 0; b < B; b += kMaxGemvBatch) {
+    const T* xb = x + b * ldx;
+    float* ob = out + b * ldo;
+    switch (B - b < kMaxGemvBatch ? B - b : kMaxGemvBatch) {
+      case 1: launch_gemv_nb<T, 1>(p, xb, ldx, ob, ldo); break;
+      case 2: launch_gemv_nb<T, 2>(p, xb, ldx, ob, ldo); break;
+      case 3: launch_gemv_nb<T, 3>(p, xb, ldx, ob, ldo); break;
+      case 4: launch_gemv_nb<T, 4>(p, xb, ldx, ob, ldo); break;
+      case 5: launch_gemv_nb<T, 5>(p, xb, ldx, ob, ldo); break;
+      case 6: launch_gemv_nb<T, 6>(p, xb, ldx, ob, ldo); break;
+      case 7: launch_gemv_nb<T, 7>(p, xb, ldx, ob, ldo); break;
+      default: launch_gemv_nb<T, 8>(p, xb, ldx, ob, ldo); break;
+    }
+  }
 }
 
 }  // namespace

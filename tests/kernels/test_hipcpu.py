@@ -4,8 +4,8 @@ kernel promises it (NF4 / int4 dequantization).
 
 Kernels and what runs them here:
 - nf4_int4.cu: dequantize_kernel (fp32, bf16, fp16 out; NF4 with fp32 or double-quantized absmax; int4),
-  gemv_kernel<T, 1|2|4> (batches 1-8, so 5-7 run 2-3 launches; K up to 2080 = 65 chunks of 32, each lane
-  looping three times; K % 32 != 0 and fp64 take the dequantize path, as in the binding).
+  gemv_kernel<T, 1..8> (batches 1-8 in one launch, 9 and 16 in two; K up to 2080 = 65 chunks of 32, each
+  lane looping three times; K % 32 != 0 and fp64 take the dequantize path, as in the binding).
 - bgmv.cu: shrink_kernel and expand_kernel, BGMV (per-token slot) and SGMV (segments, empty ones
   included), fp32/bf16/fp16, non-contiguous rows, ranks 1..40 under a max_rank, slots padded with NaN
   past each rank (a read past the rank fails), bad slot indices and ranks (read nothing, as bgmv.h says).
@@ -116,7 +116,7 @@ def test_nf4_dequantize_equals_bitsandbytes(K):
        n_in=st.sampled_from([32, 64, 96, 100, 192, 1056, 2080]), n_out=st.integers(1, 24),
        rank=st.sampled_from([0, 1, 4]), dtype=st.sampled_from(ALL_DTYPES), blocksize=st.sampled_from([32, 64, 128]),
        double_quant=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
-# K = 2080: 65 chunks of 32 weights, so lane 0 of the GEMV's warp loops three times; batch 7 = 4 + 2 + 1.
+# K = 2080: 65 chunks of 32 weights, so lane 0 of the GEMV's warp loops three times; batch 7 in one launch.
 @example(tokens=7, n_in=2080, n_out=5, rank=4, dtype=torch.bfloat16, blocksize=64, double_quant=True, bias=True,
          seed=0)
 @example(tokens=1, n_in=1056, n_out=9, rank=0, dtype=torch.float16, blocksize=32, double_quant=False, bias=False,
