@@ -13,6 +13,24 @@ import os
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# No --use_fast_math: its approximate division and square root (DoRA's norms) and flushed denormals would
+# void the kernels' bit-exactness and precision claims (tests/kernels). tests/kernels/test_cuda_compile.py
+# compiles every .cu with these flags (it reads this literal).
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo",
+              "-gencode=arch=compute_80,code=sm_80",
+              "-gencode=arch=compute_90,code=sm_90"]
+
+
+def _nvcc_flags():
+    """NVCC_FLAGS, or with LORABENCH_CUDA_ARCHS=90 (comma-separated compute capabilities) code for those
+    architectures only: tools/gpu_check.sh builds for the local GPU, in half the time."""
+    archs = [a.strip() for a in os.environ.get("LORABENCH_CUDA_ARCHS", "").split(",") if a.strip()]
+    if not archs:
+        return NVCC_FLAGS
+    if not all(a.isdigit() for a in archs):
+        raise SystemExit(f"LORABENCH_CUDA_ARCHS must be compute capabilities such as 80,90; got {archs}")
+    return [f for f in NVCC_FLAGS if not f.startswith("-gencode")] + [
+        f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
 
 
 def _extensions():
@@ -46,9 +64,7 @@ def _extensions():
             define_macros=define_macros,
             extra_compile_args={
                 "cxx": cxx,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
-                         "-gencode=arch=compute_80,code=sm_80",
-                         "-gencode=arch=compute_90,code=sm_90"],
+                "nvcc": _nvcc_flags(),
             },
             extra_link_args=["-fopenmp"],
         )

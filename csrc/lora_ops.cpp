@@ -146,6 +146,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_linear(const Tensor& x, const Te
                                                        const Tensor& B, const Tensor& magnitude, double scale,
                                                        const optional<Tensor>& mask) {
   CHECK_FLOAT(x);
+  // The epilogue reads bias as x's dtype (a raw pointer on CUDA): another dtype would be misread.
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "dora_linear: bias.dtype is ", bias->scalar_type(),
+                " but x.dtype is ", x.scalar_type(), "; cast them to one dtype");
   const Tensor norm = dora_norm(weight, A, B, scale);    // (out,), acc dtype, detached (sec. 4.3)
   const Tensor g = magnitude.to(norm.scalar_type()) / norm;  // eq. (5): m / ||W + s B A||_c
   const Tensor xd = drop(x, mask);

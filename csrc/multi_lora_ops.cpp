@@ -7,6 +7,7 @@
 #include "cpu/bgmv.h"
 #ifdef LORABENCH_WITH_CUDA
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "cuda/bgmv.h"
 #endif
@@ -149,6 +150,16 @@ lc::DType cuda_dtype(at::ScalarType t) {
   }
 }
 
+// The dispatcher sends a call here when any argument is on a GPU: every tensor must be on x's (or out's)
+// device, or a kernel would dereference a host or another device's pointer (an illegal address, later).
+void check_device(const at::Tensor& ref, const char* ref_name,
+                  std::initializer_list<std::pair<const char*, const at::Tensor*>> tensors) {
+  for (const auto& [name, t] : tensors)
+    if (t != nullptr)
+      TORCH_CHECK(t->device() == ref.device(), name, " is on ", t->device(), " but ", ref_name, " is on ", ref.device(),
+                  ": every tensor of a multi-LoRA op must be on one CUDA device");
+}
+
 lc::MultiLoraParams base_params(const at::Tensor& W, const at::Tensor& ranks, int64_t n_tokens) {
   lc::MultiLoraParams p;
   p.dtype = cuda_dtype(W.scalar_type());
@@ -199,6 +210,8 @@ at::Tensor bgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
   check_shrink(x, A, ranks, scales);
   CHECK_I64(idx);
   TORCH_CHECK(idx.dim() == 1 && idx.size(0) == x.size(0), "idx must be (tokens,), got ", idx.sizes());
+  check_device(x, "x", {{"A", &A}, {"idx", &idx}, {"ranks", &ranks}, {"scales", &scales}});
+  const c10::cuda::CUDAGuard guard(x.device());
   return shrink_cuda(x, A, &idx, nullptr, nullptr, ranks, scales);
 }
 
@@ -207,6 +220,8 @@ void bgmv_expand_cuda(const at::Tensor& out, const at::Tensor& y, const at::Tens
   check_expand(out, y, B, ranks);
   CHECK_I64(idx);
   TORCH_CHECK(idx.dim() == 1 && idx.size(0) == out.size(0), "idx must be (tokens,), got ", idx.sizes());
+  check_device(out, "out", {{"y", &y}, {"B", &B}, {"idx", &idx}, {"ranks", &ranks}});
+  const c10::cuda::CUDAGuard guard(out.device());
   expand_cuda(out, y, B, &idx, nullptr, nullptr, ranks);
 }
 
@@ -214,6 +229,9 @@ at::Tensor sgmv_shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::
                             const at::Tensor& seg_idx, const at::Tensor& ranks, const at::Tensor& scales) {
   check_shrink(x, A, ranks, scales);
   check_segments(seg_starts, seg_idx);
+  check_device(x, "x", {{"A", &A}, {"seg_starts", &seg_starts}, {"seg_idx", &seg_idx}, {"ranks", &ranks},
+                        {"scales", &scales}});
+  const c10::cuda::CUDAGuard guard(x.device());
   return shrink_cuda(x, A, nullptr, &seg_starts, &seg_idx, ranks, scales);
 }
 
@@ -221,6 +239,9 @@ void sgmv_expand_cuda(const at::Tensor& out, const at::Tensor& y, const at::Tens
                       const at::Tensor& seg_idx, const at::Tensor& ranks) {
   check_expand(out, y, B, ranks);
   check_segments(seg_starts, seg_idx);
+  check_device(out, "out", {{"y", &y}, {"B", &B}, {"seg_starts", &seg_starts}, {"seg_idx", &seg_idx},
+                            {"ranks", &ranks}});
+  const c10::cuda::CUDAGuard guard(out.device());
   expand_cuda(out, y, B, nullptr, &seg_starts, &seg_idx, ranks);
 }
 #endif

@@ -426,11 +426,11 @@ namespace {
 
 namespace lc = lorabench::cuda;
 
-lc::Q4DType cuda_dtype(at::ScalarType t) {
+lc::DType cuda_dtype(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return lc::Q4DType::kFloat32;
-    case at::kBFloat16: return lc::Q4DType::kBFloat16;
-    case at::kHalf: return lc::Q4DType::kFloat16;
+    case at::kFloat: return lc::DType::kFloat32;
+    case at::kBFloat16: return lc::DType::kBFloat16;
+    case at::kHalf: return lc::DType::kFloat16;
     default: TORCH_CHECK(false, "CUDA 4-bit kernels support float32, bfloat16 and float16, got ", t);
   }
 }
@@ -512,7 +512,11 @@ at::Tensor q4_matmul_cuda(const at::Tensor& x, const lc::Q4Params& p) {
     }
     return y;
   }
-  return at::mm(x, q4_dequantize_cuda(p, x.options(), x.scalar_type()).t());
+  // W dequantized to x's dtype, the product in fp32 (cuBLAS sums in fp32 and writes fp32): finish() then adds
+  // bias and LoRA in fp32 and rounds once, as the CPU path does, instead of rounding the product first.
+  const at::Tensor w = q4_dequantize_cuda(p, x.options(), x.scalar_type());
+  if (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16) return at::mm(x, w.t(), at::kFloat);
+  return at::mm(x, w.t());
 }
 
 at::Tensor nf4_dequantize_cuda(const at::Tensor& packed, const at::Tensor& absmax, const OptTensor& absmax2,
@@ -533,6 +537,9 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(1), N = out_features;
   check_x(x, K, N, bias);
+  CHECK_CPU_OR_SAME(packed, x);
+  if (lora_A) CHECK_CPU_OR_SAME(*lora_A, x);
+  if (lora_B) CHECK_CPU_OR_SAME(*lora_B, x);
   std::vector<at::Tensor> keep;
   auto p = nf4_params(packed, absmax, absmax2, code2, offset, N, K, blocksize, keep);
   return finish(q4_matmul_cuda(x, p), x, bias, lora_A, lora_B, scale, 1);
@@ -551,6 +558,9 @@ at::Tensor int4_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const
                             const OptTensor& lora_B, double scale) {
   c10::cuda::CUDAGuard guard(x.device());
   std::vector<at::Tensor> keep;
+  CHECK_CPU_OR_SAME(packed, x);
+  if (lora_A) CHECK_CPU_OR_SAME(*lora_A, x);
+  if (lora_B) CHECK_CPU_OR_SAME(*lora_B, x);
   auto p = int4_params(packed, scales, zeros, group, keep);
   check_x(x, p.K, p.N, bias);
   const int64_t pool = lora_A && lora_A->dim() == 2 && lora_A->size(1) == p.K / group ? group : 1;

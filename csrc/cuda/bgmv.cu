@@ -4,11 +4,8 @@
 // shuffles). Expand: y[t, :r] staged in shared memory, one thread per output feature.
 // Only CUDA headers: compiled standalone by nvcc on machines without a GPU (CI), launched from
 // csrc/multi_lora_ops.cpp through csrc/cuda/bgmv.h.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include "bgmv.h"
+#include "runtime.h"
 
 namespace lorabench::cuda {
 namespace {
@@ -63,13 +60,13 @@ __global__ void shrink_kernel(MultiLoraParams p) {
   const T* a = static_cast<const T*>(p.w) + (l * p.max_rank + j) * p.in_features;  // A[l, j, :]
   float acc = 0.f;
   for (int64_t k = lane; k < p.in_features; k += 32) acc += to_float(x[k]) * to_float(a[k]);
-  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_down_sync(0xffffffffu, acc, offset);
+  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
   if (lane == 0) *dst = p.scales[l] * acc;  // eq. (3) of LoRA, shrink half
 }
 
 template <typename T>
 __global__ void expand_kernel(MultiLoraParams p) {
-  extern __shared__ float ys[];  // y[t, :r]
+  LORABENCH_DYNAMIC_SHARED(float, ys);  // y[t, :r]
   const int64_t t = blockIdx.x;
   const int64_t l = slot_of(p, t);
   if (l < 0) return;
@@ -92,17 +89,18 @@ void launch(const MultiLoraParams& p, dim3 grid, dim3 block, size_t smem) {
     case DType::kFloat32: K<float>::run(p, grid, block, smem, stream); break;
     case DType::kBFloat16: K<__nv_bfloat16>::run(p, grid, block, smem, stream); break;
     case DType::kFloat16: K<__half>::run(p, grid, block, smem, stream); break;
+    case DType::kFloat64: break;  // no fp64 kernel: the binding refuses it (cuda_dtype)
   }
 }
 
 template <typename T> struct Shrink {
   static void run(const MultiLoraParams& p, dim3 g, dim3 b, size_t smem, cudaStream_t s) {
-    shrink_kernel<T><<<g, b, smem, s>>>(p);
+    launch_kernel(shrink_kernel<T>, g, b, smem, s, p);
   }
 };
 template <typename T> struct Expand {
   static void run(const MultiLoraParams& p, dim3 g, dim3 b, size_t smem, cudaStream_t s) {
-    expand_kernel<T><<<g, b, smem, s>>>(p);
+    launch_kernel(expand_kernel<T>, g, b, smem, s, p);
   }
 };
 

@@ -6,12 +6,12 @@
 #pragma once
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace lorabench::cuda {
 
-enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
 struct MultiLoraParams {
-  DType dtype;
+  DType dtype;                  // fp32, bf16 or fp16
   const void* x = nullptr;      // shrink input (T, in), unit last stride
   int64_t x_row_stride = 0;
   void* out = nullptr;          // expand output (T, out), unit last stride, updated in place

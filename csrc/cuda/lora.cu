@@ -1,10 +1,7 @@
 // CUDA kernels of the fused LoRA / DoRA linear ops (DoRA: arXiv 2402.09353). See lora.h.
 // Includes only CUDA headers: compiles standalone with nvcc for sm_80 / sm_90.
 #include "lora.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "runtime.h"
 
 namespace lorabench::cuda {
 namespace {
@@ -138,7 +135,7 @@ int launch_dora_norm(const DoraNormParams& p, void* stream) {
   if (p.out == 0) return 0;
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    dora_norm_kernel<T><<<(unsigned)p.out, kNormThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    launch_kernel(dora_norm_kernel<T>, dim3((unsigned)p.out), dim3(kNormThreads), 0, static_cast<cudaStream_t>(stream), p);
   });
 }
 
@@ -148,7 +145,7 @@ int launch_dora_epilogue(const DoraEpilogueParams& p, void* stream) {
   const int64_t blocks = (n + 255) / 256 < 65535 * 8 ? (n + 255) / 256 : 65535 * 8;
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    dora_epilogue_kernel<T><<<(unsigned)blocks, 256, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    launch_kernel(dora_epilogue_kernel<T>, dim3((unsigned)blocks), dim3(256), 0, static_cast<cudaStream_t>(stream), p);
   });
 }
 
@@ -157,7 +154,7 @@ int launch_dora_grad(const DoraGradParams& p, void* stream) {
   const dim3 block(32, 8);
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    dora_grad_kernel<T><<<(unsigned)((p.out + 31) / 32), block, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    launch_kernel(dora_grad_kernel<T>, dim3((unsigned)((p.out + 31) / 32)), block, 0, static_cast<cudaStream_t>(stream), p);
   });
 }
 

@@ -10,9 +10,9 @@
 
 #include <cstdint>
 
-namespace lorabench::cuda {
+#include "dtype.h"
 
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+namespace lorabench::cuda {
 
 // norm[j] = sqrt(||W_j||^2 + sum_k B_jk (2 s WA_jk + s^2 BG_jk)); a, wa, bg, b, norm are acc-typed.
 // Rows where that sum is under cancellation x (||W_j||^2 + s^2 ||(BA)_j||^2) are recomputed from the

@@ -1,13 +1,10 @@
 // CUDA kernels of the 4-bit weight ops, see nf4_int4.h. Only CUDA headers: compiles standalone with
 // nvcc -c -std=c++17 for sm_80 / sm_90. Products and sums use __fmul_rn / __fadd_rn where the result must
 // equal bitsandbytes' dequantization bit for bit (nvcc would otherwise contract them into FMAs).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
 #include "nf4_int4.h"
+#include "runtime.h"
 
 namespace lorabench::cuda {
 namespace {
@@ -117,42 +114,56 @@ void launch_dequantize(const Q4Params& p, void* out) {
   const int64_t bytes = (n + 1) / 2;
   const int threads = 256;
   const int64_t blocks = (bytes + threads - 1) / threads;
-  dequantize_kernel<T><<<static_cast<unsigned>(blocks), threads, 0, static_cast<cudaStream_t>(p.stream)>>>(
-      p, static_cast<T*>(out), n);
+  launch_kernel(dequantize_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0,
+                static_cast<cudaStream_t>(p.stream), p, static_cast<T*>(out), n);
 }
 
 template <typename T, int NB>
 void launch_gemv_nb(const Q4Params& p, const T* x, int64_t ldx, float* out, int64_t ldo) {
   const int warps = 4;
   const int64_t blocks = (p.N + warps - 1) / warps;
-  gemv_kernel<T, NB><<<static_cast<unsigned>(blocks), warps * 32, 0, static_cast<cudaStream_t>(p.stream)>>>(
-      p, x, ldx, out, ldo);
+  launch_kernel(gemv_kernel<T, NB>, dim3(static_cast<unsigned>(blocks)), dim3(warps * 32), 0,
+                static_cast<cudaStream_t>(p.stream), p, x, ldx, out, ldo);
 }
 
 template <typename T>
 void launch_gemv(const Q4Params& p, const void* xv, int64_t ldx, int64_t B, float* out, int64_t ldo) {
   const T* x = static_cast<const T*>(xv);
-  int64_t b = 0;
-  for (; b + 4 <= B; b += 4) launch_gemv_nb<T, 4>(p, x + b * ldx, ldx, out + b * ldo, ldo);
-  for (; b + 2 <= B; b += 2) launch_gemv_nb<T, 2>(p, x + b * ldx, ldx, out + b * ldo, ldo);
-  for (; b < B; ++b) launch_gemv_nb<T, 1>(p, x + b * ldx, ldx, out + b * ldo, ldo);
+  // One launch per kMaxGemvBatch rows, so the packed weight is streamed once for any batch up to 8
+  // (batches 5-7 used to take 2-3 launches of 4, 2 and 1 rows, each reading the whole weight).
+  for (int64_t b = 0; b < B; b += kMaxGemvBatch) {
+    const T* xb = x + b * ldx;
+    float* ob = out + b * ldo;
+    switch (B - b < kMaxGemvBatch ? B - b : kMaxGemvBatch) {
+      case 1: launch_gemv_nb<T, 1>(p, xb, ldx, ob, ldo); break;
+      case 2: launch_gemv_nb<T, 2>(p, xb, ldx, ob, ldo); break;
+      case 3: launch_gemv_nb<T, 3>(p, xb, ldx, ob, ldo); break;
+      case 4: launch_gemv_nb<T, 4>(p, xb, ldx, ob, ldo); break;
+      case 5: launch_gemv_nb<T, 5>(p, xb, ldx, ob, ldo); break;
+      case 6: launch_gemv_nb<T, 6>(p, xb, ldx, ob, ldo); break;
+      case 7: launch_gemv_nb<T, 7>(p, xb, ldx, ob, ldo); break;
+      default: launch_gemv_nb<T, 8>(p, xb, ldx, ob, ldo); break;
+    }
+  }
 }
 
 }  // namespace
 
-void q4_dequantize_cuda(const Q4Params& p, void* out, Q4DType dtype) {
+void q4_dequantize_cuda(const Q4Params& p, void* out, DType dtype) {
   switch (dtype) {
-    case Q4DType::kFloat32: launch_dequantize<float>(p, out); break;
-    case Q4DType::kBFloat16: launch_dequantize<__nv_bfloat16>(p, out); break;
-    case Q4DType::kFloat16: launch_dequantize<__half>(p, out); break;
+    case DType::kFloat32: launch_dequantize<float>(p, out); break;
+    case DType::kBFloat16: launch_dequantize<__nv_bfloat16>(p, out); break;
+    case DType::kFloat16: launch_dequantize<__half>(p, out); break;
+    case DType::kFloat64: break;  // no fp64 kernel: the binding dequantizes to fp32 and converts
   }
 }
 
-void q4_gemv_cuda(const Q4Params& p, const void* x, int64_t ldx, Q4DType dtype, int64_t B, float* out, int64_t ldo) {
+void q4_gemv_cuda(const Q4Params& p, const void* x, int64_t ldx, DType dtype, int64_t B, float* out, int64_t ldo) {
   switch (dtype) {
-    case Q4DType::kFloat32: launch_gemv<float>(p, x, ldx, B, out, ldo); break;
-    case Q4DType::kBFloat16: launch_gemv<__nv_bfloat16>(p, x, ldx, B, out, ldo); break;
-    case Q4DType::kFloat16: launch_gemv<__half>(p, x, ldx, B, out, ldo); break;
+    case DType::kFloat32: launch_gemv<float>(p, x, ldx, B, out, ldo); break;
+    case DType::kBFloat16: launch_gemv<__nv_bfloat16>(p, x, ldx, B, out, ldo); break;
+    case DType::kFloat16: launch_gemv<__half>(p, x, ldx, B, out, ldo); break;
+    case DType::kFloat64: break;  // no fp64 kernel: the binding takes the dequantize path for fp64 x
   }
 }
 

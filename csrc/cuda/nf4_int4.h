@@ -8,9 +8,9 @@
 #pragma once
 #include <cstdint>
 
-namespace lorabench::cuda {
+#include "dtype.h"
 
-enum class Q4DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+namespace lorabench::cuda {
 
 struct Q4Params {
   const uint8_t* packed = nullptr;    // (ceil(n/2),) bytes
@@ -27,12 +27,12 @@ struct Q4Params {
 };
 
 // out (N * K values of `dtype`) = the dense weight, fp32 arithmetic then cast.
-void q4_dequantize_cuda(const Q4Params& p, void* out, Q4DType dtype);
+void q4_dequantize_cuda(const Q4Params& p, void* out, DType dtype);
 
 // out[b, n] (fp32, row stride ldo) = sum_k x[b, k] w[n, k] for b < B <= kMaxGemvBatch; x of `dtype`
 // with row stride ldx and unit column stride. Needs K % 32 == 0 (16-byte loads of 32 weights) and
 // 16-byte aligned rows. One warp per output row.
 constexpr int64_t kMaxGemvBatch = 8;
-void q4_gemv_cuda(const Q4Params& p, const void* x, int64_t ldx, Q4DType dtype, int64_t B, float* out, int64_t ldo);
+void q4_gemv_cuda(const Q4Params& p, const void* x, int64_t ldx, DType dtype, int64_t B, float* out, int64_t ldo);
 
 }  // namespace lorabench::cuda

@@ -220,3 +220,12 @@ def test_python_autograd_function(dropout):
     want = reference_with_grads(x, W, b, A, B, m, 0.7, mask, dy, torch.float64)[2:4]
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", backend_params(("cpu", "cuda")))
+def test_bias_of_another_dtype_is_refused(backend):
+    """The compiled op reads bias as x's dtype (a raw pointer in the CUDA epilogue): a float64 bias beside
+    float32 x is refused on every backend with the same message, never misread."""
+    x, W, b, A, B, m, _, _ = make_dora_inputs(3, 16, 8, 2, torch.float32, device_of(backend))
+    with pytest.raises(RuntimeError, match="bias.dtype is Double but x.dtype is Float"):
+        torch.ops.lorabench.dora_linear(x, W, b.double(), A, B, m, 1.0, None)

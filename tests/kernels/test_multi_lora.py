@@ -241,3 +241,22 @@ def test_reference_reads_like_the_math():
     torch.testing.assert_close(y, 0.5 * x @ A[0].T)
     out = reference.bgmv_expand(torch.zeros(1, 5), y, B, idx, ranks)
     torch.testing.assert_close(out, 0.5 * x @ A[0].T @ B[0].T)
+
+
+@pytest.mark.skipif(not available_backends()["cuda"][0], reason=available_backends()["cuda"][1])
+def test_cuda_refuses_tensors_on_another_device():
+    """A CPU ranks (or idx, scales, segments) beside a CUDA x gets a clear error naming the tensor, not an
+    illegal memory access later (csrc/multi_lora_ops.cpp, check_device)."""
+    g = torch.Generator().manual_seed(0)
+    A, B, ranks, scales = make_slots(2, 4, 8, 8, [4, 2], torch.float32, g, "cuda")
+    x, idx = torch.randn(3, 8, device="cuda"), torch.tensor([0, 1, -1], device="cuda")
+    for name, args in (("ranks", (x, A, idx, ranks.cpu(), scales)), ("idx", (x, A, idx.cpu(), ranks, scales)),
+                       ("scales", (x, A, idx, ranks, scales.cpu()))):
+        with pytest.raises(RuntimeError, match=f"{name} is on cpu but x is on cuda"):
+            torch.ops.lorabench.bgmv_shrink(*args)
+    starts, seg_idx = torch.tensor([0, 2, 3]), torch.tensor([1, 0], device="cuda")
+    with pytest.raises(RuntimeError, match="seg_starts is on cpu but x is on cuda"):
+        torch.ops.lorabench.sgmv_shrink(x, A, starts, seg_idx, ranks, scales)
+    y = torch.ops.lorabench.bgmv_shrink(x, A, idx, ranks, scales)
+    with pytest.raises(RuntimeError, match="ranks is on cpu but out is on cuda"):
+        torch.ops.lorabench.bgmv_expand(torch.zeros(3, 8, device="cuda"), y, B, idx, ranks.cpu())
