@@ -4,7 +4,9 @@ driver being `python -m lorabench run SUITE --backend ray --address ...` as a us
 
 - the smoke suite gives the same records as the local backend, apart from where and how long each trial ran;
 - a trial whose worker process is killed mid-trial is run again, and its record says so; the worker node
-  killed next, the suite finishes on the head, every trial recorded once;
+  killed next, the suite finishes on the head, every trial recorded once (in every run so far Ray had already
+  declared that node dead, heartbeats missed, seconds after the worker's kill, so the node's death has not
+  yet been seen to land mid-trial);
 - a driver killed mid-run leaves no trial running, and the same command resumes it, every trial recorded once.
 
 Starting a cluster takes 20-70 s on a 2-core machine, so the tests that start one are slow (.ci/run runs them).
