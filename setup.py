@@ -104,6 +104,9 @@ setup(
         "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
                  "selenium"],  # drives Debian's chromium in tests/test_report_browser.py
         "lm-eval": ["lm-eval"],
+        # `run --backend ray` (docs/scale.md) and its tests: the Ray that flwr[simulation] 1.42 pins, so that
+        # the runner and federated rounds share one Ray
+        "ray": ["ray[default]==2.55.1"],
     },
     entry_points={"console_scripts": ["lorabench=lorabench.cli:main"]},
     ext_modules=ext_modules,

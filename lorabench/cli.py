@@ -16,6 +16,14 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
 def cmd_run(args) -> int:
     from lorabench.runner.suite import load_suite
+    if args.backend != "ray":
+        for flag, value in (("--address", args.address), ("--retries", args.retries)):
+            if value is not None:
+                raise UserError(f"{flag} is an option of --backend ray (trials as Ray tasks on a cluster: "
+                                f"docs/scale.md); the local backend runs trials on this machine")
+    elif args.jobs is not None:
+        raise UserError("--jobs sets the trials run at once on this machine (the local backend); with --backend ray "
+                        "the cluster runs as many as its CPUs hold, each trial taking its train.threads CPUs (else 1)")
     if args.records:
         check_records_path(Path(args.records), "--records")
     suite = load_suite(args.suite, args.overrides)  # validates everything before any trial runs
@@ -34,8 +42,12 @@ def cmd_run(args) -> int:
         raise Stopped(signum)
     old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, progress=not args.no_progress,
-                        jobs=args.jobs)
+        if args.backend == "ray":
+            with ray_backend(args.address, args.retries) as backend:
+                ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout, backend=backend)
+        else:
+            ids = run_suite(suite, records_path, args.overrides, timeout_s=args.timeout,
+                            progress=not args.no_progress, jobs=args.jobs)
     except KeyboardInterrupt as e:
         from lorabench.runner.suite import trial_id
         wanted = {trial_id(t) for t in suite.trials()}
@@ -57,6 +69,16 @@ def cmd_run(args) -> int:
     print(f"Leaderboard: suite {suite.name} (records: {records_path})")
     print(render(list(latest.values())))
     return 0 if all(r.get("status") == "ok" for r in latest.values()) else 1
+
+
+def ray_backend(address: str | None, retries: int | None):
+    """The Ray backend (lorabench/runner/ray_backend.py), or an error saying how to install Ray."""
+    try:
+        from lorabench.runner.ray_backend import RETRIES, RayBackend
+    except ImportError as e:
+        raise UserError(f"--backend ray needs Ray ({e}): install it with `pip install -e '.[ray]'` "
+                        f"(ray[default]==2.55.1, the Ray of flwr[simulation])") from None
+    return RayBackend(address, RETRIES if retries is None else retries)
 
 
 def check_records_path(path: Path, flag: str) -> None:
@@ -236,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.add_argument("--jobs", type=int, default=None,
                    help="trials run at once, each in its own process (default: the suite's `jobs`, else 1)")
+    r.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: trials in processes on this machine (default); ray: each trial a Ray task on a "
+                        "cluster, with the same records (docs/scale.md)")
+    r.add_argument("--address", default=None,
+                   help="with --backend ray: the Ray cluster to join (HOST:PORT, as `ray start --head` prints it); "
+                        "none starts Ray on this machine for this run")
+    r.add_argument("--retries", type=int, default=None,
+                   help="with --backend ray: times a trial lost with its worker or node is run again (default 2)")
     r.set_defaults(func=cmd_run)
 
     ls = sub.add_parser("list", help="list methods, tasks, suites or assets")

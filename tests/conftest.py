@@ -18,3 +18,14 @@ def run_cli(*args: str, timeout: float = 900, cwd: Path | None = None) -> subpro
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def smoke_local(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """The smoke suite on the local backend, run once per session: tests/test_runner.py checks it end to end and
+    tests/test_ray_backend.py compares the Ray backend's records with it. One thread per trial (--jobs = the
+    cores this process may use), as each trial gets on the Ray backend (one CPU): the same arithmetic."""
+    records = tmp_path_factory.mktemp("smoke-local") / "smoke.jsonl"
+    jobs = len(os.sched_getaffinity(0))
+    proc = run_cli("run", "smoke", "--records", str(records), "--no-progress", "--jobs", str(jobs), timeout=1800)
+    return proc, records

@@ -30,10 +30,9 @@ def tiny_suite(tmp_path: Path, methods: str = "  - head\n  - lora\n  - full", na
     return p
 
 
-@pytest.mark.slow  # 96 trials: every method on two tiny models (~minutes on 2 cores)
-def test_smoke_suite_runs_every_method_end_to_end(tmp_path):
-    records = tmp_path / "smoke.jsonl"
-    proc = run_cli("run", "smoke", "--records", str(records), "--no-progress", timeout=1800)
+@pytest.mark.slow  # 106 trials: every method on two tiny models (~minutes on 2 cores)
+def test_smoke_suite_runs_every_method_end_to_end(smoke_local):
+    proc, records = smoke_local  # tests/conftest.py: run once, also compared with the Ray backend's records
     recs = read_records(records)
     failed = [(r["label"], r["task"], r.get("error")) for r in recs if r["status"] != "ok"]
     assert not failed, failed
@@ -118,6 +117,8 @@ def test_parallel_jobs_record_every_trial_once(tmp_path):
     (["run", "{bad}"], "Unknown method 'lroa'. Did you mean: lora"),
     (["run", "{malformed}"], "malformed YAML"),
     (["run", "quik"], "Unknown suite 'quik'. Did you mean: quick?"),
+    (["run", "{suite}", "--address", "10.0.0.5:6379"], "--address is an option of --backend ray"),
+    (["run", "{suite}", "--backend", "ray", "--jobs", "2"], "--jobs sets the trials run at once on this machine"),
 ])
 def test_bad_input_gets_one_clear_error_and_loses_no_record(tmp_path, args, message):
     suite = tiny_suite(tmp_path)
@@ -187,3 +188,19 @@ def test_records_made_on_another_split_are_not_resumed_over(tmp_path):
     assert proc.returncode == 2
     assert "was recorded on another split of rt-sentiment" in proc.stderr and "Raise the suite's `version`" in proc.stderr
     assert records.read_bytes() == before
+
+
+def test_the_local_backend_imports_no_ray():
+    # `--backend ray` is an extra (pip install -e '.[ray]'); the default runner must work without it
+    code = ("import sys, lorabench.cli, lorabench.runner.run, lorabench.runner.worker; "
+            "assert 'ray' not in sys.modules, 'ray imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_speedup_schedules_recorded_trial_times_longest_first():
+    from lorabench.runner.speedup import makespan, table
+    assert makespan([3, 3, 2, 2, 2], 2) == 7  # LPT: {3, 2, 2} and {3, 2}; the best is 6 ({3, 3}, {2, 2, 2})
+    assert makespan([5, 1, 1], 4) == 5  # never below the longest trial
+    assert makespan([1.0] * 8, 1) == 8 and makespan([1.0] * 8, 3) == 3
+    assert [round(s, 2) for _, _, s in table([1.0] * 8, [1, 2, 8])] == [1.0, 2.0, 8.0]

@@ -9,6 +9,7 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import platform
 import signal
 import sys
 import tempfile
@@ -47,14 +48,15 @@ def _context():
     return _CONTEXT
 
 
-def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1) -> dict:
+def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, threads: int | None = None) -> dict:
     """Run one trial in its own process; returns its result, or a failure describing the crash.
-    `jobs`: trials running at once, which share the cores (worker.default_threads)."""
+    `jobs`: trials running at once, which share the cores (worker.default_threads), unless `threads` (the
+    CPUs a cluster gave this trial: lorabench/runner/ray_backend.py) says how many to use."""
     with tempfile.TemporaryDirectory(prefix="lorabench-trial-") as d:
         result_path, log_path = os.path.join(d, "result.json"), os.path.join(d, "stderr.log")
         open(log_path, "wb").close()
         proc = _context().Process(target=worker.trial_main, args=(asdict(spec), result_path, log_path, progress,
-                                                                   worker.default_threads(jobs)),
+                                                                   threads or worker.default_threads(jobs)),
                                   name=f"trial-{spec.label}-{spec.task}-{spec.seed}")
         tail = bytearray()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -132,14 +134,16 @@ def check_splits(records: list[dict], specs: dict, records_path: Path) -> None:
 
 
 def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s: float | None = None,
-              progress: bool = True, log=_log, jobs: int | None = None) -> list[str]:
+              progress: bool = True, log=_log, jobs: int | None = None, backend=None) -> list[str]:
     """Run every trial of `suite` not yet in `records_path`. Returns the trial ids of the suite.
 
     `jobs` trials run at once (default: each task's `jobs`, else the suite's, else 1), each in its own
     process; every record is appended as soon as its trial ends, so a killed run loses only the
     trials in flight. A trial without `train.threads` gets the available cores / jobs threads
     (worker.default_threads; small models gain from jobs > 1, large ones lose, memory bandwidth
-    being shared).
+    being shared). `backend`: None runs the trials here; a RayBackend (lorabench/runner/ray_backend.py)
+    runs them as Ray tasks on a cluster, its nodes returning the results and this process alone
+    writing the records, which are the same but for where and how long each trial ran.
     """
     if jobs is not None and jobs < 1:
         raise UserError(f"--jobs (trials run at once) must be at least 1, got {jobs}")
@@ -162,26 +166,38 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
         done.add(tid)  # a trial listed twice (same id) runs once
         pending.append((name, tid, spec))
 
-    def one(name: str, tid: str, spec, n_jobs: int) -> dict:
-        log(f"{name}: running")
-        started, t0 = _now(), time.perf_counter()
-        result = run_one(spec, timeout_s, progress, n_jobs)
+    def record(tid: str, spec, result: dict, started: str, finished: str, wall_s: float, n_jobs: int | None,
+               where: dict) -> dict:
+        """A trial's record. `where`: the machine it ran on (provenance.environment() there, `node`,
+        `backend`, and the cluster's fields); none of it is part of the trial's identity."""
         return {
             "record_version": RECORD_VERSION, "trial_id": tid, "suite": suite.name,
             "suite_version": suite.version, "label": spec.label, "method": spec.method,
             "method_options": spec.method_options, "task": spec.task, "task_options": spec.task_options,
             "model": spec.model or _default_model(spec.task), "seed": spec.seed, "overrides": overrides,
-            "started_at": started, "finished_at": _now(), "wall_s": round(time.perf_counter() - t0, 3),
-            "jobs": n_jobs, **env, **result,
+            "started_at": started, "finished_at": finished, "wall_s": wall_s,
+            "jobs": n_jobs, **where, **result,
         }
+
+    here = env | {"backend": "local", "node": platform.node()}
+
+    def one(name: str, tid: str, spec, n_jobs: int) -> dict:
+        log(f"{name}: running")
+        started, t0 = _now(), time.perf_counter()
+        result = run_one(spec, timeout_s, progress, n_jobs)
+        return record(tid, spec, result, started, _now(), round(time.perf_counter() - t0, 3), n_jobs, here)
 
     def finish(name: str, record: dict) -> None:
         append_record(records_path, record)
+        where = f" on {record['node']}" if record.get("backend") == "ray" else ""
         if record["status"] == "ok":
-            log(f"{name}: {record['metric']} = {record['score']:.4f} ({record['wall_s']:.1f} s)")
+            log(f"{name}: {record['metric']} = {record['score']:.4f} ({record['wall_s']:.1f} s{where})")
         else:
             log(f"{name}: FAILED: {record['error']}")
 
+    if backend is not None:  # the cluster schedules; this process writes every record (finish)
+        backend.run(pending, timeout_s, record, finish, log)
+        return _next_seeds(suite, records_path, overrides, timeout_s, progress, log, jobs, backend, ids)
     # Consecutive trials with the same number of jobs run together; a task's trials are consecutive.
     groups: list[tuple[int, list]] = []
     for p in pending:
@@ -206,11 +222,15 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
                     fut.cancel()
                 _INTERRUPTED.set()
                 raise
-    # Tuning trials just recorded may have chosen the learning rate of the other seeds: run those next.
+    return _next_seeds(suite, records_path, overrides, timeout_s, progress, log, jobs, backend, ids)
+
+
+def _next_seeds(suite, records_path, overrides, timeout_s, progress, log, jobs, backend, ids) -> list[str]:
+    """Tuning trials just recorded may have chosen the learning rate of the other seeds: run those next."""
     records = read_records(records_path, warn=False)
     if {trial_id(t) for t in suite.trials(records)} - set(ids):
         log("learning rates chosen on the tuning seeds' validation scores: running the other seeds")
-        return run_suite(suite, records_path, overrides, timeout_s, progress, log, jobs)
+        return run_suite(suite, records_path, overrides, timeout_s, progress, log, jobs, backend)
     for task, label, seeds in suite.pending(records):
         log(f"{label} on {task}: seed(s) {', '.join(map(str, seeds))} wait for a learning rate: its tuning trials "
             f"are not all recorded ok with a validation score (see the failures above, or run the tuning seeds)")

@@ -1,0 +1,201 @@
+"""The Ray backend (issue 21, docs/scale.md) on a real two-node Ray cluster on the loopback interface: a head
+and a worker node, each its own `ray start` process with one CPU (lorabench/runner/ray_cluster.py), the
+driver being `python -m lorabench run SUITE --backend ray --address ...` as a user runs it.
+
+- the smoke suite gives the same records as the local backend, apart from where and how long each trial ran;
+- a trial whose worker process is killed mid-trial is run again, and its record says so; the worker node
+  killed next, the suite finishes on the head, every trial recorded once (in every run so far Ray had already
+  declared that node dead, heartbeats missed, seconds after the worker's kill, so the node's death has not
+  yet been seen to land mid-trial);
+- a driver killed mid-run leaves no trial running, and the same command resumes it, every trial recorded once.
+
+Starting a cluster takes 20-70 s on a 2-core machine, so the tests that start one are slow (.ci/run runs them).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lorabench.runner.records import read_records
+from lorabench.runner.suite import load_suite, trial_id
+from tests.conftest import REPO, run_cli
+
+# What may differ between two runs of the same trial: when, how long, how much memory (per-process
+# measurements), and where and how it was scheduled. Everything else (scores, per-example outcomes, losses,
+# curves, parameters, configs, provenance) must be equal.
+TIMING = {"started_at", "finished_at", "wall_s", "trial_seconds", "train_seconds", "eval_seconds",
+          "train_tokens_per_s", "eval_tokens_per_s", "peak_rss_mb", "rss_after_load_mb"}
+WHERE = {"node", "backend", "node_ip", "ray_node_id", "attempts", "lost_attempts", "jobs"}
+
+TINY = """suite: {name}
+version: 1
+seeds: [0, 1, 2, 3]
+train: {{steps: {steps}, batch_size: 4, eval_batch_size: 16, warmup_steps_for_throughput: 0}}
+tasks:
+  - {{name: rt-sentiment, model: tiny-bert, options: {{n_train: 16, n_eval: 16}}}}
+methods:
+  - head
+"""
+
+
+def comparable(record: dict) -> dict:
+    out = {k: v for k, v in record.items() if k not in TIMING | WHERE}
+    if isinstance(out.get("method_metrics"), dict):  # a method's own timings (star's scoring_seconds, ...)
+        out["method_metrics"] = {k: v for k, v in out["method_metrics"].items() if not k.endswith("_seconds")}
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    pytest.importorskip("ray", reason="the Ray backend's tests need Ray: pip install -e '.[ray]'")
+    from lorabench.runner.ray_cluster import LoopbackCluster
+    with LoopbackCluster(nodes=2, cpus_per_node=1) as c:
+        yield c
+
+
+def tiny_suite(tmp_path: Path, name: str, steps: int = 2) -> Path:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(TINY.format(name=name, steps=steps))
+    return p
+
+
+def trial_processes(group: int) -> list[int]:
+    """The trial processes running in a node's process group: children of a fork server (worker.py)."""
+    out = []
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ppid, pgid = int(stat[1]), int(stat[2])
+            if pgid == group and b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                    b"multiprocessing.forkserver" in Path(f"/proc/{ppid}/cmdline").read_bytes():
+                out.append(pid)
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return out
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def ray_run(suite, records: Path, address: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records), "--backend", "ray",
+            "--address", address, *args]
+
+
+@pytest.mark.parametrize("address,message", [
+    ("127.0.0.2:9", "--address 127.0.0.2:9: no Ray cluster answers there"),
+    ("nowhere", "--address 'nowhere' is not HOST:PORT"),
+])
+def test_an_address_without_a_cluster_gets_one_clear_error_at_once(tmp_path, address, message):
+    pytest.importorskip("ray", reason="the Ray backend's tests need Ray: pip install -e '.[ray]'")
+    records = tmp_path / "r.jsonl"
+    proc = run_cli("run", str(tiny_suite(tmp_path, "nowhere")), "--records", str(records), "--backend", "ray",
+                   "--address", address, timeout=300)  # ray.init alone would retry for minutes
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: " + message), proc.stderr[-2000:]
+    assert not records.exists()
+
+
+@pytest.mark.slow
+def test_smoke_suite_on_two_nodes_records_what_the_local_backend_records(cluster, smoke_local, tmp_path):
+    local_proc, local_path = smoke_local
+    assert local_proc.returncode == 0, local_proc.stderr[-2000:]
+    records = tmp_path / "smoke-ray.jsonl"
+    proc = run_cli("run", "smoke", "--records", str(records), "--backend", "ray", "--address", cluster.address,
+                   timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    ray_recs, local_recs = read_records(records), read_records(local_path)
+    expected = sorted(trial_id(t) for t in load_suite("smoke").trials())
+    assert sorted(r["trial_id"] for r in ray_recs) == expected, "every trial recorded once"
+    local = {r["trial_id"]: r for r in local_recs}
+    for r in ray_recs:
+        assert comparable(r) == comparable(local[r["trial_id"]]), r["label"] + " on " + r["task"]
+        assert r["backend"] == "ray" and r["attempts"] == 1 and r["threads"] == 1 and r["node"] and r["node_ip"]
+    assert all(r["outcomes"] for r in ray_recs if r["status"] == "ok"), "per-example outcomes travel back"
+    assert len({r["ray_node_id"] for r in ray_recs}) == 2, "both nodes ran trials"
+    n = len(expected)
+    assert f"progress: {n}/{n} done, 0 running, 0 failed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_leaves_no_trial_running_and_resumes(cluster, tmp_path):
+    suite = tiny_suite(tmp_path, "resume")
+    records = tmp_path / "r.jsonl"
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(ray_run(suite, records, cluster.address), cwd=REPO, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: read_records(records, warn=False) or driver.poll() is not None, 600, "a first record")
+    finally:
+        driver.kill()
+        driver.wait()
+    n_before = len(read_records(records, warn=False))
+    assert 1 <= n_before < 4, "the kill should land mid-suite: " + log.read_text()[-2000:]
+    # Ray ends the dead driver's job and kills its tasks; their trial processes die with them
+    wait_for(lambda: not any(trial_processes(cluster.node_group(i)) for i in range(2)), 120,
+             "the killed driver's trials to stop")
+    again = subprocess.run(ray_run(suite, records, cluster.address), cwd=REPO, capture_output=True, text=True,
+                           timeout=900)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"{n_before} already recorded" in again.stdout
+    ids = [r["trial_id"] for r in read_records(records)]
+    assert sorted(ids) == sorted(trial_id(t) for t in load_suite(str(suite)).trials()), "every trial once"
+
+
+@pytest.mark.slow
+def test_trial_lost_with_its_worker_then_its_node_is_run_again(tmp_path):
+    pytest.importorskip("ray", reason="the Ray backend's tests need Ray: pip install -e '.[ray]'")
+    from lorabench.runner.ray_cluster import LoopbackCluster
+    suite = tiny_suite(tmp_path, "faults", steps=40)  # long enough to be killed mid-trial
+    records = tmp_path / "r.jsonl"
+    log = tmp_path / "driver.log"
+    with LoopbackCluster(nodes=2, cpus_per_node=1) as cluster:  # its own: this test kills its worker node
+        worker_node = cluster.node_group(1)
+        with open(log, "w") as out:
+            driver = subprocess.Popen(ray_run(suite, records, cluster.address, "--retries", "2"), cwd=REPO,
+                                      stdout=out, stderr=subprocess.STDOUT)
+        try:
+            # 1. the Ray worker process running a trial on the worker node dies (the trial process's grandparent:
+            # Ray worker -> fork server -> trial)
+            trial = wait_for(lambda: trial_processes(worker_node), 600, "a trial on the worker node")[0]
+            os.kill(parent(parent(trial)), signal.SIGKILL)
+            wait_for(lambda: "attempt 1 lost" in log.read_text(), 300, "the driver to see the lost attempt")
+            # 2. the whole worker node dies, mid-trial when one runs there within a minute (on a loaded machine
+            # Ray may already have declared it dead, its heartbeats late: the suite must go on either way)
+            try:
+                wait_for(lambda: trial_processes(worker_node), 60, "another trial on the worker node")
+            except AssertionError:
+                pass
+            cluster.stop_node(1)
+            driver.wait(timeout=1200)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    text = log.read_text()
+    assert driver.returncode == 0, text[-3000:]
+    recs = read_records(records)
+    assert sorted(r["trial_id"] for r in recs) == sorted(trial_id(t) for t in load_suite(str(suite)).trials()), \
+        "every trial recorded once, none lost"
+    assert all(r["status"] == "ok" for r in recs), [r.get("error") for r in recs]
+    lost = [reason for r in recs for reason in r["lost_attempts"]]
+    assert 1 <= len(lost) == sum(r["attempts"] - 1 for r in recs) == text.count("submitted again"), text[-3000:]
+    assert any("WorkerCrashedError" in x for x in lost), lost
+    assert all(r["attempts"] <= 3 for r in recs), "--retries 2: three attempts at most"
