@@ -86,8 +86,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
-                 "selenium"],  # drives Debian's chromium in tests/test_report_browser.py
+                 "selenium",  # drives Debian's chromium in tests/test_report_browser.py
+                 "flwr[simulation]==1.42.0", "ray==2.55.1"],  # the clients scenario's tests (tests/test_federated.py)
         "lm-eval": ["lm-eval"],
+        # the clients scenario (lorabench/harness/clients.py): Flower's simulation engine, which runs on Ray
+        "federated": ["flwr[simulation]==1.42.0", "ray==2.55.1"],
     },
     entry_points={"console_scripts": ["lorabench=lorabench.cli:main"]},
     ext_modules=ext_modules,
