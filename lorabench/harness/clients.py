@@ -178,6 +178,9 @@ def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dic
         model.eval()
         ev = client_task.evaluate(model, tokenizer, cfg.eval_batch_size)
         metrics["personal-score"] = float(ev.metrics[task.metric.name])
+    if result.method_metrics.get("dp_steps"):  # DP-SGD: what the server's privacy accountant needs
+        metrics["dp-sample-rate"] = min(1.0, cfg.batch_size / len(train_part))
+        metrics["dp-sigma"] = float(result.method_metrics["dp_noise_multiplier"])
     for k, v in result.method_metrics.items():  # the method's mechanism, as this client ran it
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             metrics[f"method.{k}"] = v
@@ -232,6 +235,8 @@ def _strategy_class():
                              min_available_nodes=fed.clients)
             self.method, self.fed, self.state, self.log = method, fed, global_state, log
             self.slots: dict[int, int] = {}
+            self.dp_history: dict[int, list[tuple[float, float, int]]] = {}  # slot -> (sigma, q, steps) per round
+            self.dp_epsilon: float | None = None
             self.failures: list[dict] = []
             self.rounds: list[RoundLog] = []
             self._t = 0.0
@@ -294,10 +299,30 @@ def _strategy_class():
             for key in sorted({k for m in metrics for k in m if k.startswith("method.")}):
                 vals = [m[key] for m in metrics if key in m]
                 entry.method[key[len("method."):]] = round(sum(vals) / len(vals), 6)
+            for m in metrics:
+                if "dp-sigma" in m:
+                    self.dp_history.setdefault(int(m["slot"]), []).append(
+                        (float(m["dp-sigma"]), float(m["dp-sample-rate"]), int(m["method.dp_steps"])))
+            if self.dp_history:
+                self.dp_epsilon = dp_epsilon(self.dp_history, float(self.method.config.dp_delta))
+                entry.method["dp_epsilon"] = round(self.dp_epsilon, 6)
             entry.seconds = round(time.perf_counter() - self._t, 3)
             return ArrayRecord({"round": torch.tensor([server_round])}), None  # the state lives in self.state
 
     return LoraStrategy
+
+
+def dp_epsilon(history: dict[int, list[tuple[float, float, int]]], delta: float) -> float:
+    """The privacy budget epsilon at `delta` of the client that spent the most: opacus' RDP accountant over
+    every (noise multiplier, sample rate, steps) of each client's DP-SGD rounds (it assumes Poisson sampling
+    of each batch at that rate; the training loop shuffles and takes fixed-size batches)."""
+    from opacus.accountants import RDPAccountant
+    worst = 0.0
+    for steps in history.values():
+        acc = RDPAccountant()
+        acc.history = list(steps)
+        worst = max(worst, float(acc.get_epsilon(delta)))
+    return worst
 
 
 def _free_port() -> int:
@@ -489,5 +514,7 @@ def run_federated(spec, progress: bool = True) -> dict:
             "aggregation_error_max": round(max(errors), 8) if errors else None,
             "personal_score": personal[-1] if personal else None,
             "simulation_seconds": round(sim_seconds, 3),
+            "dp_epsilon": None if strategy.dp_epsilon is None else round(strategy.dp_epsilon, 6),
+            "dp_delta": float(method.config.dp_delta) if strategy.dp_epsilon is not None else None,
         },
     }

@@ -56,6 +56,7 @@ CASES = [
     Case("federa", {"rank": 2, "alpha": 4}, id="federa-llama", models=("llama",), atol=1e-4),
     Case("fedit", {"rank": 4, "alpha": 8}),
     Case("ffa-lora", {"rank": 4, "alpha": 8}, equations=ffa_equations),
+    Case("ffa-lora", {"rank": 4, "alpha": 8, "dp_noise_multiplier": 1.0}, id="ffa-lora-dp", models=("bert",)),
     Case("flexlora", {"rank": 4, "alpha": 8, "client_ranks": [2, 4]}, equations=hetero_equations),
     Case("hetlora", {"rank": 4, "alpha": 8, "client_ranks": [2, 4]}, equations=hetero_equations),
 ]
