@@ -87,10 +87,12 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
                  "selenium",  # drives Debian's chromium in tests/test_report_browser.py
-                 "flwr[simulation]==1.42.0", "ray==2.55.1"],  # the clients scenario's tests (tests/test_federated.py)
+                 # the clients scenario's tests (tests/test_federated.py)
+                 "flwr[simulation]==1.42.0", "ray==2.55.1", "opacus==1.6.0"],
         "lm-eval": ["lm-eval"],
-        # the clients scenario (lorabench/harness/clients.py): Flower's simulation engine, which runs on Ray
-        "federated": ["flwr[simulation]==1.42.0", "ray==2.55.1"],
+        # the clients scenario (lorabench/harness/clients.py): Flower's simulation engine, which runs on Ray;
+        # opacus for DP-SGD (ffa-lora's dp_noise_multiplier)
+        "federated": ["flwr[simulation]==1.42.0", "ray==2.55.1", "opacus==1.6.0"],
     },
     entry_points={"console_scripts": ["lorabench=lorabench.cli:main"]},
     ext_modules=ext_modules,
