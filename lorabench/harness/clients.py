@@ -33,8 +33,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from lorabench.config import from_dict, option
 from lorabench.errors import UserError
 from lorabench.harness import partitions
@@ -95,7 +93,8 @@ def _nbytes(state: dict) -> int:
 def aggregation_error(method, global_before: dict, uploads: list[dict], weights: list[float], global_after: dict) -> float:
     """||ΔW_agg - Σ_i w_i ΔW_i||_F / ||Σ_i w_i ΔW_i||_F over every adapted layer together, where ΔW_i is client
     i's update (its upload over the state it started from) and ΔW_agg the aggregated global model's."""
-    exact: dict[str, torch.Tensor] = {}
+    import torch
+    exact: dict = {}
     for u, w in zip(uploads, weights):
         for p, d in method.delta_weights({**global_before, **u}).items():
             exact[p] = exact.get(p, 0) + w * d
@@ -160,6 +159,7 @@ def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dic
     if rnd == fed.fail_round and slot in fed.fail_clients:
         raise RuntimeError(f"client {slot} failed in round {rnd} (fault injection: fail_clients)")
     t0 = time.perf_counter()
+    import torch
     torch.set_num_threads(1)  # one CPU per actor (client_resources)
     task, parts, base, tokenizer = _cached(spec, fed)
     train_part, test_part = parts[slot]
@@ -224,6 +224,7 @@ class RoundLog:
 
 
 def _strategy_class():
+    import torch
     from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
     from flwr.serverapp.strategy import FedAvg
 
@@ -355,6 +356,7 @@ def run_federated(spec, progress: bool = True) -> dict:
     import sys
 
     import ray
+    import torch
     import transformers
     from flwr.app import ArrayRecord
     from flwr.serverapp import ServerApp
