@@ -259,7 +259,7 @@ def test_federated_overrides(tmp_path):
 
 def ray_leftovers() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines() if "lbfl-" in ln]
+    return [ln for ln in out.splitlines() if "lorabench-flwr-" in ln]
 
 
 @pytest.mark.slow

@@ -431,7 +431,7 @@ def run_federated(spec, progress: bool = True) -> dict:
     score0 = evaluate_global(0)
     log(f"round 0: global {task.metric.name} {score0:.4f} (before training)")
     spec_data = asdict(spec)
-    ray_tmp = tempfile.mkdtemp(prefix="lbfl-", dir="/tmp")  # short: Ray's socket paths must stay under 107 bytes
+    ray_tmp = tempfile.mkdtemp(prefix="lorabench-flwr-", dir="/tmp")  # short: Ray's socket paths stay under 107 bytes
     backend = {
         # one CPU per client actor: Flower's pool holds exactly `actors` actors; a killed actor is restarted
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": fed.max_restarts,
