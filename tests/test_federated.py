@@ -320,3 +320,35 @@ def test_the_federated_suite_end_to_end_with_its_report(tmp_path):
     assert (out / "plots" / "federated-rt-sentiment-rounds.png").exists()
     assert (out / "plots" / "federated-rt-sentiment-mb.png").exists()
     assert not ray_leftovers(), "Ray processes left behind"
+
+
+# -- the report's federated section ------------------------------------------------------------------
+
+def fed_record(label, seed, score, personal, err, failures=0):
+    method, part = label.split("@")
+    return {"status": "ok", "task": "rt-sentiment", "label": label, "method": method, "seed": seed,
+            "metric": "accuracy", "score": score, "outcomes": None,
+            "federated": {"config": {"partition": part}, "initial_score": 0.5, "mb_per_round": 1.5, "mb_total": 3.0,
+                          "aggregation_error_mean": err, "aggregation_error_max": 2 * err, "label_skew": 0.4,
+                          "personal_score": personal, "simulation_seconds": 10.0,
+                          "failures": [{"round": 1, "client": 0, "reason": "x"}] * failures,
+                          "score_curve": [[1, score - 0.1, 1.5], [2, score, 3.0]]}}
+
+
+def test_report_section_aggregates_seeds_per_method_and_partition():
+    from lorabench.report import federated as F
+    recs = [fed_record("fedit@iid", 0, 0.70, 0.8, 0.05, failures=1), fed_record("fedit@iid", 1, 0.74, 0.9, 0.07),
+            fed_record("ffa-lora@iid", 0, 0.72, 0.85, 0.0), {"status": "failed", "label": "x@iid"}]
+    frame = F.federated_frame(recs)
+    assert list(frame["label"]) == ["fedit@iid", "ffa-lora@iid"]
+    fedit = frame.iloc[0]
+    assert fedit["n_seeds"] == 2 and fedit["score"] == pytest.approx(0.72) and fedit["score_ci95"] > 0
+    assert fedit["aggregation_error"] == pytest.approx(0.06) and fedit["aggregation_error_max"] == pytest.approx(0.14)
+    assert fedit["failed_client_rounds"] == 1 and fedit["personal_score"] == pytest.approx(0.85)
+    md = "\n".join(F.markdown(frame, ["federated-rt-sentiment-rounds.png"]))
+    assert "| rt-sentiment | iid | fedit | 2 | 0.720 ± " in md and "0.00e+00 / 0.00e+00" in md
+    assert "![rt-sentiment-rounds](plots/federated-rt-sentiment-rounds.png)" in md
+    pngs = F.plots(recs)
+    assert set(pngs) == {"federated-rt-sentiment-rounds.png", "federated-rt-sentiment-mb.png"}
+    assert all(p.png.startswith(b"\x89PNG") for p in pngs.values())
+    assert F.plots(recs)["federated-rt-sentiment-mb.png"].png == pngs["federated-rt-sentiment-mb.png"].png  # same bytes
