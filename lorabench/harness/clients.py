@@ -29,6 +29,7 @@ import copy
 import logging
 import os
 import signal
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -174,6 +175,8 @@ def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dic
     result = train(model, method, client_task, tokenizer, cfg, seed, progress=False)
     metrics = {"num-examples": len(train_part), "slot": slot, "train-loss": float(result.final_loss or 0.0),
                "train-seconds": round(result.train_seconds, 3)}
+    if result.train_tokens_per_s is not None:
+        metrics["train-tokens-per-s"] = float(result.train_tokens_per_s)
     if test_part:
         model.eval()
         ev = client_task.evaluate(model, tokenizer, cfg.eval_batch_size)
@@ -238,6 +241,7 @@ def _strategy_class():
             self.slots: dict[int, int] = {}
             self.dp_history: dict[int, list[tuple[float, float, int]]] = {}  # slot -> (sigma, q, steps) per round
             self.dp_epsilon: float | None = None
+            self.tokens_per_s: list[float] = []  # each client's median training tokens/s, every round
             self.failures: list[dict] = []
             self.rounds: list[RoundLog] = []
             self._t = 0.0
@@ -296,6 +300,7 @@ def _strategy_class():
             pers = [m["personal-score"] for m in metrics if "personal-score" in m]
             entry.personal_score = round(sum(pers) / len(pers), 6) if pers else None
             entry.train_loss = round(sum(m["train-loss"] for m in metrics) / len(metrics), 6)
+            self.tokens_per_s += [m["train-tokens-per-s"] for m in metrics if "train-tokens-per-s" in m]
             entry.method = self.method.round_summary(slots)
             for key in sorted({k for m in metrics for k in m if k.startswith("method.")}):
                 vals = [m[key] for m in metrics if key in m]
@@ -493,7 +498,8 @@ def run_federated(spec, progress: bool = True) -> dict:
         "paper": method.paper,
         "final_loss": rounds[-1].train_loss,
         "loss_curve": [r.train_loss for r in rounds if r.train_loss is not None],
-        "train_tokens_per_s": None,
+        # the median over clients and rounds of each client's median tokens/s (its steps after warm-up)
+        "train_tokens_per_s": round(statistics.median(strategy.tokens_per_s), 1) if strategy.tokens_per_s else None,
         "eval_tokens_per_s": round(final_ev.n_tokens / final_ev.seconds, 1) if final_ev.seconds > 0 else None,
         "train_seconds": round(sim_seconds, 3),
         "eval_seconds": round(final_ev.seconds, 3),
