@@ -128,6 +128,9 @@ def _cached(spec, fed: FederatedConfig):
     from lorabench.tasks import get_task
     key = (spec.task, repr(spec.task_options), spec.model, spec.seed, fed.clients, fed.partition, fed.test_fraction)
     if key not in _ACTOR_CACHE:
+        import transformers
+        transformers.utils.logging.set_verbosity_error()  # the load report, once per actor, is noise here
+        transformers.utils.logging.disable_progress_bar()
         _ACTOR_CACHE.clear()
         task = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}")
         parts = partitions.client_parts(task.split().train, fed.clients, fed.partition, fed.test_fraction)
@@ -394,7 +397,7 @@ def run_federated(spec, progress: bool = True) -> dict:
 
     def log(msg: str) -> None:
         if progress:
-            sys.stderr.write(f"[federated {spec.label} {fed.partition} seed {spec.seed}] {msg}\n")
+            sys.stderr.write(f"[federated {spec.label} seed {spec.seed}] {msg}\n")
             sys.stderr.flush()
 
     seed_everything(spec.seed)
@@ -405,6 +408,9 @@ def run_federated(spec, progress: bool = True) -> dict:
     global_state = method.initial_state(server_model)
     trainable = sum(p.numel() for _, p in method.trainable_parameters(server_model))
     total = sum(p.numel() for p in server_model.parameters())
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.ERROR)  # Flower's INFO lines per round: the trial logs its own
     strategy = _strategy_class()(method, fed, global_state, log)
     evals: dict[int, tuple[float, object]] = {}
 
@@ -447,9 +453,6 @@ def run_federated(spec, progress: bool = True) -> dict:
                       "object_store_memory": 100 * 2**20, "_temp_dir": ray_tmp,
                       "logging_level": logging.ERROR, "log_to_driver": bool(progress)},
     }
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.ERROR)
     t_sim = time.perf_counter()
     try:
         run_simulation(server_app=server, client_app=make_client_app(spec_data), num_supernodes=fed.clients,
