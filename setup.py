@@ -102,11 +102,16 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
-                 "selenium"],  # drives Debian's chromium in tests/test_report_browser.py
+                 "selenium",  # drives Debian's chromium in tests/test_report_browser.py
+                 # the clients scenario's tests (tests/test_federated.py)
+                 "flwr[simulation]==1.42.0", "ray==2.55.1", "opacus==1.6.0"],
         "lm-eval": ["lm-eval"],
         # `run --backend ray` (docs/scale.md) and its tests: the Ray that flwr[simulation] 1.42 pins, so that
         # the runner and federated rounds share one Ray
         "ray": ["ray[default]==2.55.1"],
+        # the clients scenario (lorabench/harness/clients.py): Flower's simulation engine, which runs on Ray;
+        # opacus for DP-SGD (ffa-lora's dp_noise_multiplier)
+        "federated": ["flwr[simulation]==1.42.0", "ray==2.55.1", "opacus==1.6.0"],
     },
     entry_points={"console_scripts": ["lorabench=lorabench.cli:main"]},
     ext_modules=ext_modules,

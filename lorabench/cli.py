@@ -89,7 +89,12 @@ def check_records_path(path: Path, flag: str) -> None:
 
 def suite_size(s: dict) -> int:
     """Trials a suite file defines, read from its YAML alone (Suite.size() without importing torch): one per
-    task x method x seed, times the learning-rate grid, whose tuning seeds alone run every rate."""
+    task x method x seed, times the learning-rate grid, whose tuning seeds alone run every rate, and times the
+    partitions of the clients scenario (`federated:`)."""
+    if s.get("federated") is not None:
+        parts = s.get("partitions") or ["iid"]
+        return len(s["tasks"]) * len(s["methods"]) * len(parts) * len(s.get("seeds", [0]) if isinstance(
+            s.get("seeds", [0]), list) else [0])
     seeds = s.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
     tune = s.get("tune_seeds")

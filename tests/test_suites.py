@@ -19,7 +19,7 @@ def test_every_shipped_suite_validates_and_expands(path):
         for method in suite.methods:
             grid = method.lr_grid or task.lr_grid or suite.lr_grid or [1]
             tune = suite.tune_seeds if suite.tune_seeds is not None and len(grid) > 1 else suite.seeds
-            expected += len(grid) * len(tune)
+            expected += len(grid) * len(tune) * len(suite.partitions or [None])  # the clients scenario: x partitions
     assert len(trials) == expected
     assert suite.size() == len(trials) + sum(len(seeds) for _, _, seeds in suite.pending())
     ids = [trial_id(t) for t in trials]

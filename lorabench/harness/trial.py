@@ -34,6 +34,7 @@ class TrialSpec:
     seed: int = 0
     train: dict = field(default_factory=dict)
     lm_eval: bool = False      # also score the trained model on its task through lm-evaluation-harness
+    federated: dict | None = None  # the clients scenario's options (lorabench/harness/clients.py), partition included
 
 
 # The classification head of transformers' sequence-classification models. BERT's pooler is part
@@ -61,6 +62,9 @@ def seed_everything(seed: int) -> None:
 
 
 def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
+    if spec.federated is not None:  # method x partition x seed on Flower's simulation: the clients scenario
+        from lorabench.harness.clients import run_federated
+        return run_federated(spec, progress=progress)
     import transformers
 
     from lorabench import assets

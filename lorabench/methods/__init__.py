@@ -125,6 +125,18 @@ METHODS.register_lazy("byom-lora", "lorabench.methods.efficiency_freezing_sharin
 METHODS.register_lazy("pillow", "lorabench.methods.combining.pillow:Pillow", family="combining", paper="2312.05621",
                       title='PILLOW: Enhancing Efficient Instruction Fine-tuning via Prompt Matching')
 
+# Issue 19: LoRA for federated learning, driven by the clients scenario (lorabench/harness/clients.py)
+METHODS.register_lazy("fedit", "lorabench.methods.federated.fedit:FedIT", family="federated", paper="2305.05644",
+                      title="Towards Building the Federated GPT: Federated Instruction Tuning")
+METHODS.register_lazy("ffa-lora", "lorabench.methods.federated.ffa_lora:FFALoRA", family="federated", paper="2403.12313",
+                      title="Improving LoRA in privacy-preserving federated learning")
+METHODS.register_lazy("flexlora", "lorabench.methods.federated.flexlora:FlexLoRA", family="federated", paper="2402.11505",
+                      title="Federated fine-tuning of large language models under heterogeneous language tasks and client resources")
+METHODS.register_lazy("federa", "lorabench.methods.federated.federa:FeDeRA", family="federated", paper="2404.18848",
+                      title="FeDeRA: Efficient fine-tuning of language models in federated learning leveraging weight decomposition")
+METHODS.register_lazy("hetlora", "lorabench.methods.federated.hetlora:HetLoRA", family="federated", paper="2401.06432",
+                      title="Heterogeneous LoRA for federated fine-tuning of on-device foundation models")
+
 
 def get_method(name: str):
     """The Method class registered as `name` (UserError with did-you-mean otherwise)."""

@@ -12,6 +12,8 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     curves.csv          per trial with a validation curve: plateau and the step reaching 95% (when any)
     plots/curves-TASK.png  validation curves (when any)
     failures.csv        every failed trial with its reason
+    federated.csv       the clients scenario (when any): per task, partition and method: global and personalised
+                        scores, MB communicated, aggregation error; plots/federated-TASK-{rounds,mb}.png
     findings.csv        the survey's headline claims, per task, with the numbers behind each verdict
     leaderboard.html    one self-contained page: sortable, filterable tables and the plots
     plots/TASK.png, plots/average.png
@@ -26,7 +28,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import UserError
-from lorabench.report import curves, findings, plots, tables
+from lorabench.report import curves, federated, findings, plots, tables
 from lorabench.report.html import render_html
 from lorabench.report.markdown import render_markdown
 
@@ -131,11 +133,14 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     pngs = plots.task_plots(rep.summary) if need_png and len(rep.summary) else {}
     if need_png:
         pngs.update(curves.curve_plots(rep.all_trials, rep.baselines))
+        pngs.update(federated.plots(records))  # the clients scenario (none without federated records)
+    fed = federated.federated_frame(records)
     written: list[Path] = []
     if "md" in formats:
         p = out / "LEADERBOARD.md"
         names = [f"plots/{n}" for n in pngs] if "png" in formats else []
-        p.write_text(render_markdown(rep, cov, claims, names, footer()), encoding="utf-8")
+        fed_md = federated.markdown(fed, [n for n in sorted(pngs) if n.startswith("federated-")] if names else [])
+        p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md), encoding="utf-8")
         written.append(p)
     if "csv" in formats:
         summary_cols = ["task", "family", "label", "method", "metric", "higher_is_better", "rank", "n_seeds",
@@ -147,6 +152,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
                   "lr_selection.csv": rep.lr_selection, "aggregate.csv": rep.aggregate}
         if len(rep.curves):
             frames["curves.csv"] = rep.curves
+        if len(fed):
+            frames["federated.csv"] = fed
         for name, df in frames.items():
             _csv(df, out / name)
             written.append(out / name)

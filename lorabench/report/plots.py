@@ -147,7 +147,8 @@ def figure_png(points: pd.DataFrame, title: str, metric: str, higher: bool, inte
             ax.errorbar([r[col]], [r["score"]], yerr=[[ci], [ci]] if interval else None, fmt="o",
                         color=_colour(r["family"]), markeredgecolor="black" if on else "none", markersize=7,
                         capsize=2, linewidth=1)
-        fp = p[[bool(f) for f in front]].sort_values(col, kind="stable")
+        # a boolean Series, not a list: an empty list would select no *columns* (no throughput recorded)
+        fp = p[pd.Series([bool(f) for f in front], index=p.index, dtype=bool)].sort_values(col, kind="stable")
         if len(fp):
             ax.plot(fp[col], fp["score"], "--", color="black", linewidth=1)
         if log:

@@ -20,6 +20,9 @@ lr_grid: [0.3, 1, 3]         # optional, also per task or per method (the most s
                              # the report keeps, per task and method, the rate with the best validation score
 tune_seeds: [0]              # optional, with lr_grid: only these seeds run the grid; every other seed runs
                              # once, at the rate they chose (read from the records: lorabench/runner/tuning.py)
+federated: {clients: 10, rounds: 5}   # optional: the clients scenario (lorabench/harness/clients.py options);
+partitions: [iid, dirichlet:0.3]      # with federated: one trial per method x partition x seed, labelled
+                                      # METHOD@PARTITION; every method must be of the federated family
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -45,7 +48,7 @@ if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite n
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
-            "tune_seeds"}
+            "tune_seeds", "federated", "partitions"}
 TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
@@ -111,6 +114,8 @@ class Suite:
     jobs: int = 1  # trials run at once (not part of a trial's identity)
     lr_grid: list[float] | None = None  # factors of each trial's learning rate (None = one rate)
     tune_seeds: list[int] | None = None  # with lr_grid: the seeds that run the grid (None = every seed)
+    federated: dict | None = None  # the clients scenario's options (None: single-task trials)
+    partitions: list[str] | None = None  # with federated: the partitions each method runs on
 
     def jobs_for(self, spec: TrialSpec) -> int:
         """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
@@ -149,6 +154,14 @@ class Suite:
                                      task_options=task.options, model=task.model or self.model,
                                      seed=seed, train=t, lm_eval=task.lm_eval)
 
+                if self.federated is not None:  # the clients scenario: method x partition x seed
+                    for part in self.partitions or ["iid"]:
+                        for seed in self.seeds:
+                            sp = spec(seed, train)
+                            sp.label = f"{method.label}@{part}"
+                            sp.federated = {**self.federated, "partition": part}
+                            out.append(sp)
+                    continue
                 if not grid:
                     out += [spec(seed, train) for seed in self.seeds]
                     continue
@@ -183,6 +196,8 @@ def trial_id(spec: TrialSpec) -> str:
     d = asdict(spec)
     if not d["lm_eval"]:
         del d["lm_eval"]  # trials without lm-eval keep the ids they had before the option existed
+    if d["federated"] is None:
+        del d["federated"]  # single-task trials keep the ids they had before the clients scenario
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -344,15 +359,60 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         from_dict(TrainConfig, merge(base_train, e.get("train") or {}), f"{where}: train")
         methods.append(MethodEntry(e["name"], label, dict(e.get("options") or {}), dict(e.get("train") or {}),
                                    check_grid(e.get("lr_grid"), k + ("lr_grid",))))
+    federated, parts = _federated(data, path, lines, methods, lr_grid)
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
-                 jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds)
+                 jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, federated=federated, partitions=parts)
+
+
+def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> tuple[dict | None, list | None]:
+    """The clients scenario's keys: `federated` options (checked against FederatedConfig), `partitions`."""
+    fed, parts = data.get("federated"), data.get("partitions")
+    if fed is None:
+        if parts is not None:
+            raise UserError(f"{_where(path, lines, ('partitions',))}: partitions needs a `federated:` mapping (the "
+                            f"clients scenario's options, e.g. {{clients: 10, rounds: 5}})")
+        return None, None
+    if not isinstance(fed, dict):
+        raise UserError(f"{_where(path, lines, ('federated',))}: federated must be a mapping of the clients scenario's "
+                        f"options (lorabench/harness/clients.py), got {fed!r}")
+    from lorabench.harness.clients import FederatedConfig
+    if "partition" in fed:
+        raise UserError(f"{_where(path, lines, ('federated', 'partition'))}: list partitions under the top-level "
+                        f"`partitions:` key (one trial per partition), not in federated:")
+    from_dict(FederatedConfig, fed, f"{_where(path, lines, ('federated',))}: federated")
+    from lorabench.harness.clients import check_machine
+    try:
+        check_machine(from_dict(FederatedConfig, fed, "federated"))  # actors and memory, before any trial starts
+    except UserError as e:
+        raise UserError(f"{_where(path, lines, ('federated',))}: {e}") from None
+    parts = parts if parts is not None else ["iid"]
+    if not isinstance(parts, list) or not parts or len(set(map(str, parts))) != len(parts):
+        raise UserError(f"{_where(path, lines, ('partitions',))}: partitions must be a non-empty list of distinct "
+                        f"partitions ('iid', 'dirichlet:ALPHA'), got {parts!r}")
+    from lorabench.harness.partitions import parse
+    for i, p in enumerate(parts):
+        try:
+            parse(str(p))
+        except UserError as e:
+            raise UserError(f"{_where(path, lines, ('partitions', i))}: {e}") from None
+    from lorabench.methods import METHODS
+    for i, m in enumerate(methods):
+        if METHODS.meta(m.name)["family"] != "federated":
+            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is not a federated method; a suite "
+                            f"with `federated:` runs the clients scenario, whose methods are: "
+                            f"{', '.join(n for n in METHODS.names() if METHODS.meta(n)['family'] == 'federated')}")
+    if lr_grid is not None or data.get("tune_seeds") is not None:
+        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with federated: "
+                        f"set train.lr per method")
+    return dict(fed), [str(p) for p in parts]
 
 
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | lr_grid=0.3,1,3 (multipliers; a subset runs part of a grid) | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
+                 "partitions=iid,dirichlet:0.3 | federated.<option>=V (the clients scenario) | "
                  "train.<option>=V | task.<option>=V (every task) | method.<option>=V (every method that has it) | "
                  "<method label>.<option>=V")
 
@@ -391,6 +451,12 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
                                 "and its other seeds would then run at a rate chosen from part of the grid")
             data["lr_grid"] = [value] if isinstance(value, (int, float)) else (
                 [_parse_value(v) for v in raw.split(",")] if isinstance(value, str) else value)
+        elif key == "partitions":
+            data["partitions"] = [v.strip() for v in str(raw).split(",") if v.strip()]
+        elif key.startswith("federated."):
+            from lorabench.harness.clients import FederatedConfig
+            from_dict(FederatedConfig, {key[10:]: value}, f"command line: {key}={raw.strip()}: federated")
+            data["federated"] = merge(data.get("federated") or {}, {key[10:]: value})
         elif key == "model":
             data["model"] = str(value)
             for t in data["tasks"]:

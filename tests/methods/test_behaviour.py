@@ -135,6 +135,14 @@ BEHAVIOURS = [
       "the LSQ step sizes and offsets are learnt", options={"group_size": 32}),
     B("byom-lora", lambda m: m["kept_rank"] < m["trained_rank"] and 0 < m["energy_kept"] < 1,
       "truncate the trained rank-r update to rank q < r, losing part of its energy"),
+    # federated (issue 19): a single-task trial is the client-side training alone; the rules of a round are
+    # tested on real client updates and through Flower in tests/test_federated.py
+    B("fedit", None, lora_by_construction=True), B("flexlora", None, lora_by_construction=True),
+    B("ffa-lora", lambda m: m["dp_steps"] > 0 and 0 <= m["dp_clipped_fraction"] <= 1,
+      "DP-SGD through opacus at every step", options={"dp_noise_multiplier": 0.5}),
+    B("federa", None),
+    B("hetlora", lambda m: m["rank_after_pruning"] < 8 and 0 < m["tail_norm_ratio"] < 1,
+      "rank self-pruning drops the weakest rank component", options={"prune_threshold": 0.99}),
     B("pillow", lambda m: m["prompt_matching"] and m["rl_steps"] > 0 and sum(m["selected_counts"]) > 0
       and m["policy_entropy_last"] < m["policy_entropy_first"],
       "train the prompt matcher by REINFORCE: its policy moves away from uniform", task=pillow_task),

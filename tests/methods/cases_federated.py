@@ -1,0 +1,62 @@
+"""Methods-table rows of the federated family (issue 19). A federated method's single-task trial is its
+client-side training alone; its rules of a round (download, aggregation, exactness) are tested with
+real client updates in tests/test_federated.py."""
+import torch
+
+from tests.methods.tester import Case
+
+
+def lora_layers(model):
+    from lorabench.methods.lora import LoraLinear
+    return [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+
+def ffa_equations(model, method):
+    """FFA-LoRA: A is frozen on every client, only B (and the head) train; A stays out of the upload."""
+    trained = {n for n, _ in method.trainable_parameters(model)}
+    assert not any(n.endswith("lora_A") for n in trained) and any(n.endswith("lora_B") for n in trained)
+    up = method.upload(model)
+    assert set(up) == trained
+
+
+def hetero_equations(model, method):
+    """HetLoRA/FlexLoRA: client i trains rank client_ranks[i % n] at the global rank's scale alpha / rank."""
+    client = method.for_client(0, 3)
+    assert client.client_rank == method.config.client_ranks[0]
+    for layer in lora_layers(model):
+        assert layer.rank == method.config.rank and layer.scale == method.config.alpha / method.config.rank
+    from lorabench.methods.federated.hetero import pad, svd_factors, truncate
+    state = {"l.lora_A": torch.randn(2, 6), "l.lora_B": torch.randn(5, 2)}
+    padded = pad(state, 4)
+    assert padded["l.lora_A"].shape == (4, 6)
+    torch.testing.assert_close(padded["l.lora_B"] @ padded["l.lora_A"], state["l.lora_B"] @ state["l.lora_A"])
+    torch.testing.assert_close(truncate(padded, 2)["l.lora_A"], state["l.lora_A"])
+    delta = torch.randn(5, 6)
+    b, a, err = svd_factors(delta, 5, 0.5)  # full rank: exact
+    torch.testing.assert_close(0.5 * b @ a, delta, atol=1e-5, rtol=1e-5)
+    assert err < 1e-6
+    assert svd_factors(delta, 2, 0.5)[2] > svd_factors(delta, 4, 0.5)[2] > 0
+
+
+def federa_equations(model, method):
+    """FeDeRA: s B A holds the r principal singular components of the pretrained W; W_res + s B A = W."""
+    from tests.methods.tester import tiny_model
+    original, _ = tiny_model("bert")
+    layer = lora_layers(model)[0]
+    name = next(n for n, m in model.named_modules() if m is layer)
+    w = original.get_submodule(name).weight
+    U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+    r = layer.rank
+    torch.testing.assert_close(layer.scale * layer.lora_B @ layer.lora_A, (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.base.weight + layer.scale * layer.lora_B @ layer.lora_A, w, atol=1e-5, rtol=1e-4)
+
+
+CASES = [
+    Case("federa", {"rank": 4, "alpha": 8}, models=("bert",), equations=federa_equations, atol=1e-4),
+    Case("federa", {"rank": 2, "alpha": 4}, id="federa-llama", models=("llama",), atol=1e-4),
+    Case("fedit", {"rank": 4, "alpha": 8}),
+    Case("ffa-lora", {"rank": 4, "alpha": 8}, equations=ffa_equations),
+    Case("ffa-lora", {"rank": 4, "alpha": 8, "dp_noise_multiplier": 1.0}, id="ffa-lora-dp", models=("bert",)),
+    Case("flexlora", {"rank": 4, "alpha": 8, "client_ranks": [2, 4]}, equations=hetero_equations),
+    Case("hetlora", {"rank": 4, "alpha": 8, "client_ranks": [2, 4]}, equations=hetero_equations),
+]

@@ -1,0 +1,354 @@
+"""The clients scenario (issue 19): partitions, the federated methods' rules on real client updates, the suite.
+
+Fast tests run clients' rounds in this process (`client_round`: tiny BERT on real Rotten Tomatoes
+reviews, the real training loop) and aggregate them with each method's rule; the slow tests run
+the same through Flower's simulation engine on Ray: a client that raises and one that is killed,
+and the `federated` suite end to end with its report.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from lorabench.errors import UserError
+from lorabench.harness import partitions
+from lorabench.harness.clients import FederatedConfig, aggregation_error, apply_method, client_round
+from lorabench.harness.trial import TrialSpec
+from lorabench.methods import METHODS, get_method
+from lorabench.config import from_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FED_METHODS = [n for n in METHODS.names() if METHODS.meta(n)["family"] == "federated"]
+
+
+# -- partitions ------------------------------------------------------------------------------------
+
+def labelled(n=200, classes=2):
+    return [{"text": f"t{i}", "label": i % classes} for i in range(n)]
+
+
+def test_iid_partition_is_disjoint_covering_and_balanced():
+    parts = partitions.partition_indices([e["label"] for e in labelled()], 10, "iid")
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(200))
+    assert {len(p) for p in parts} == {20}
+    assert parts == partitions.partition_indices([e["label"] for e in labelled()], 10, "iid"), "not deterministic"
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks():
+    ex = labelled(400)
+    skew = {p: partitions.label_skew(partitions.client_parts(ex, 10, p, 0.2)) for p in
+            ("iid", "dirichlet:100", "dirichlet:0.1")}
+    assert skew["iid"] < 0.05
+    assert skew["dirichlet:0.1"] > 0.3 > skew["dirichlet:100"], skew
+    for p in ("dirichlet:0.1",):
+        parts = partitions.client_parts(ex, 10, p, 0.2)
+        assert sum(len(tr) + len(te) for tr, te in parts) == 400
+        assert all(len(te) >= 1 and len(tr) >= 1 for tr, te in parts)
+
+
+@pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "noniid", "Dirichlet:0.3"])
+def test_bad_partition_names_say_what_is_valid(bad):
+    with pytest.raises(UserError, match=r"use 'iid' or 'dirichlet:ALPHA'"):
+        partitions.parse(bad)
+
+
+def test_too_few_examples_for_the_clients():
+    with pytest.raises(UserError, match="cannot give 10 clients"):
+        partitions.partition_indices([0, 1] * 5, 10, "iid")
+
+
+@pytest.mark.parametrize("options,pattern", [
+    ({"clients": 10, "fraction": 0.1}, r"fewer than 2 per round"),
+    ({"clients": 4, "kill_clients": [4]}, r"not clients 0\.\.3"),
+    ({"partition": "skewed"}, r"use 'iid' or 'dirichlet:ALPHA'"),
+    ({"rounds": 0}, r"rounds"),
+])
+def test_bad_federated_options(options, pattern):
+    with pytest.raises(UserError, match=pattern):
+        from_dict(FederatedConfig, options, "federated")
+
+
+# -- the methods' rules on real client updates (no Ray) ---------------------------------------------
+
+def spec_for(method: str, options: dict | None = None, **fed) -> TrialSpec:
+    return TrialSpec(suite="t", suite_version=1, label=method, method=method, method_options=options or {},
+                     task="rt-sentiment", task_options={"n_train": 60, "n_eval": 16}, model="tiny-bert", seed=0,
+                     train={"batch_size": 4, "eval_batch_size": 16, "lr": 1e-2, "schedule": "constant",
+                            "warmup_ratio": 0.0},
+                     federated={"clients": 3, "rounds": 1, "fraction": 1.0, "local_steps": 3, **fed})
+
+
+def server(spec: TrialSpec):
+    """The server's method, pristine base model and applied model, as run_federated builds them."""
+    from lorabench import assets
+    from lorabench.harness.trial import seed_everything
+    seed_everything(spec.seed)
+    base = assets.load_model("tiny-bert", head="seq-cls", num_labels=2, seed=spec.seed).model
+    method = get_method(spec.method).from_options(spec.method_options)
+    model = apply_method(spec, copy.deepcopy(base), "seq-cls", method)
+    return method, base, model
+
+
+def one_round(spec: TrialSpec, clients=(0, 1, 2)):
+    """Round 1 of `clients` through the method's download, client training, upload and aggregation."""
+    method, base, model = server(spec)
+    state = method.initial_state(model)
+    uploads, weights, sent = [], [], []
+    for slot in clients:
+        down = method.download(state, slot, 3)
+        sent.append(down)
+        up, metrics = client_round(asdict(spec), down, {"slot": slot, "server-round": 1})
+        assert metrics["slot"] == slot and metrics["num-examples"] > 0 and 0 <= metrics["personal-score"] <= 1
+        uploads.append(up)
+        weights.append(metrics["num-examples"])
+    new, used = method.aggregate(state, uploads, weights, list(clients), 3)
+    return method, base, state, uploads, used, new, sent
+
+
+def merged_weights(spec, base, method, states):
+    """W0 + ΔW of every adapted layer for each state, through the LoRA layers' own merge (an independent path)."""
+    out = []
+    for st in states:
+        m = apply_method(spec, copy.deepcopy(base), "seq-cls", copy.deepcopy(method))
+        method.load_global(m, st)
+        method.merge(m)
+        out.append({n: mod.base.weight.detach().clone() for n, mod in m.named_modules() if hasattr(mod, "lora_A")})
+    return out
+
+
+@pytest.mark.parametrize("name", ["fedit", "federa"])
+def test_fedavg_of_factors_is_inexact_and_the_error_matches_the_merged_weights(name):
+    spec = spec_for(name)
+    method, base, before, uploads, w, new, _ = one_round(spec)
+    err = aggregation_error(method, before, uploads, w, new)
+    assert err > 1e-3, f"FedAvg of A and B separately should not equal the mean of B_i A_i (error {err})"
+    # Independently: the mean of the clients' merged weights against the aggregated model's merged weight.
+    clients = merged_weights(spec, base, method, [{**before, **u} for u in uploads])
+    (glob,) = merged_weights(spec, base, method, [new])
+    (w0,) = merged_weights(spec, base, method, [{k: torch.zeros_like(v) if k.endswith("lora_B") else v
+                                                 for k, v in before.items()}])
+    num = sum(float(((glob[n] - sum(wi * c[n] for wi, c in zip(w, clients))) ** 2).sum()) for n in glob)
+    den = sum(float(((sum(wi * c[n] for wi, c in zip(w, clients)) - w0[n]) ** 2).sum()) for n in glob)
+    assert abs((num / den) ** 0.5 - err) < 1e-3 * max(err, 1e-3), ((num / den) ** 0.5, err)
+
+
+@pytest.mark.parametrize("name", ["ffa-lora", "flexlora"])
+def test_exact_aggregations_measure_zero_error(name):
+    spec = spec_for(name)
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    err = aggregation_error(method, before, uploads, w, new)
+    assert err < 1e-5, f"{name} aggregates exactly, measured error {err}"
+    if name == "ffa-lora":  # A is never sent, never trained, identical on every client
+        assert not any(k.endswith("lora_A") for s in sent + uploads for k in s)
+        fedit, _, model = server(spec_for("fedit"))
+        assert sum(t.numel() for t in uploads[0].values()) < sum(
+            p.numel() for _, p in fedit.trainable_parameters(model))
+
+
+def test_ffa_lora_with_dp_sgd_through_opacus_and_its_privacy_budget():
+    from lorabench.harness.clients import dp_epsilon
+    spec = spec_for("ffa-lora", {"dp_noise_multiplier": 1.0, "dp_max_grad_norm": 0.5})
+    plain = spec_for("ffa-lora")
+    method, _, model = server(spec)
+    state = method.initial_state(model)
+    down = method.download(state, 0, 3)
+    up_dp, m_dp = client_round(asdict(spec), down, {"slot": 0, "server-round": 1})
+    up, m = client_round(asdict(plain), down, {"slot": 0, "server-round": 1})
+    assert m_dp["method.dp_steps"] == 3 and m_dp["dp-sigma"] == 1.0 and 0 < m_dp["dp-sample-rate"] <= 1
+    assert 0 <= m_dp["method.dp_clipped_fraction"] <= 1 and m["method.dp_steps"] == 0 and "dp-sigma" not in m
+    assert any(not torch.equal(up_dp[k], up[k]) for k in up)  # clipped and noised: not the plain update
+    q = m_dp["dp-sample-rate"]
+    eps = dp_epsilon({0: [(1.0, q, 3)]}, 1e-5)
+    assert 0 < eps < float("inf")
+    assert dp_epsilon({0: [(1.0, q, 3)] * 5}, 1e-5) > eps > dp_epsilon({0: [(4.0, q, 3)]}, 1e-5)  # more steps, less noise
+    assert dp_epsilon({0: [(1.0, q, 3)], 1: [(1.0, q, 3)] * 2}, 1e-5) == dp_epsilon({1: [(1.0, q, 3)] * 2}, 1e-5)
+
+
+def test_flexlora_sends_each_client_its_rank_and_records_the_truncation():
+    spec = spec_for("flexlora", {"rank": 8, "client_ranks": [2, 4, 8]})
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    ranks = [s[next(k for k in s if k.endswith("lora_A"))].shape[0] for s in sent]
+    assert ranks == [2, 4, 8]
+    assert [u[next(k for k in u if k.endswith("lora_A"))].shape[0] for u in uploads] == [2, 4, 8]
+    errs = []
+    for slot in (0, 1, 2):  # round 2: the rank-r_i SVD of the exact aggregate, losing less as r_i grows
+        method.download(new, slot, 3)
+        errs.append(method.round_summary([slot])["truncation_error"])
+    assert errs[0] > errs[1] > errs[2] > 0, errs
+
+
+def test_hetlora_pads_truncates_prunes_and_weights_by_update_norm():
+    from lorabench.methods.federated.hetero import pad, truncate
+    spec = spec_for("hetlora", {"rank": 8, "client_ranks": [2, 8, 8], "prune_threshold": 0.99})
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    # self-pruning at a threshold of 0.99 always fires: every client dropped one rank component
+    assert [u[next(k for k in u if k.endswith("lora_A"))].shape[0] for u in uploads] == [1, 7, 7]
+    assert method.ranks == {0: 1, 1: 7, 2: 7} and method.rank_of(1) == 7
+    norms = [sum(float(d.norm() ** 2) for d in method.delta_weights({**before, **u}).values()) ** 0.5 for u in uploads]
+    assert w == pytest.approx([n / sum(norms) for n in norms])  # sparsity-weighted, not by data size
+    assert aggregation_error(method, before, uploads, w, new) > 1e-3  # factor averaging stays inexact
+    p = pad(uploads[0], 8)
+    assert torch.allclose(method.delta_weights({**before, **p})["bert.encoder.layer.0.attention.self.query"],
+                          method.delta_weights({**before, **uploads[0]})["bert.encoder.layer.0.attention.self.query"])
+    assert truncate(p, 1).keys() == uploads[0].keys()
+
+
+def test_every_federated_method_is_registered_with_its_paper():
+    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa"}
+    for n in FED_METHODS:
+        cls = get_method(n)
+        assert cls.family == "federated" and cls.paper
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+FED_SUITE = """suite: fed
+version: 1
+seeds: [0]
+federated: {clients: 4, rounds: 2}
+partitions: [iid, "dirichlet:0.5"]
+tasks: [rt-sentiment]
+methods: [fedit, ffa-lora]
+"""
+
+
+def write(tmp_path, text, name="fed"):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_a_federated_suite_runs_each_method_on_each_partition():
+    from lorabench.runner.suite import load_suite, trial_id
+    s = load_suite("federated")
+    trials = s.trials()
+    assert {t.label for t in trials} == {f"{m.label}@{p}" for m in s.methods for p in s.partitions}
+    assert all(t.federated["partition"] == t.label.split("@")[1] for t in trials)
+    assert len({trial_id(t) for t in trials}) == len(trials) == len(s.methods) * len(s.partitions) * len(s.seeds)
+
+
+@pytest.mark.parametrize("text,pattern", [
+    (FED_SUITE.replace("methods: [fedit, ffa-lora]", "methods: [fedit, lora]"), r"fed\.yaml:7: method 'lora' is not a federated"),
+    (FED_SUITE.replace('"dirichlet:0.5"', '"dirichlet:x"'), r"fed\.yaml:5: partition 'dirichlet:x' is not valid"),
+    (FED_SUITE.replace("rounds: 2}", "rounds: 2, clientz: 3}"), r"federated.*unknown key 'clientz'"),
+    (FED_SUITE.replace("federated: {clients: 4, rounds: 2}\n", ""), r"partitions needs a `federated:`"),
+])
+def test_bad_federated_suites(tmp_path, text, pattern):
+    from lorabench.runner.suite import load_suite
+    with pytest.raises(UserError, match=pattern):
+        load_suite(write(tmp_path, text))
+
+
+def test_federated_overrides(tmp_path):
+    from lorabench.runner.suite import load_suite
+    s = load_suite(write(tmp_path, FED_SUITE), ["partitions=iid", "federated.rounds=3"])
+    assert [t.federated for t in s.trials()] == [{"clients": 4, "rounds": 3, "partition": "iid"}] * 2
+    with pytest.raises(UserError, match=r"command line: federated.roundz=3: federated.*unknown key"):
+        load_suite(write(tmp_path, FED_SUITE), ["federated.roundz=3"])
+
+
+# -- Flower's simulation on Ray (slow: each run starts Ray and a client actor that imports torch) ---
+
+def ray_leftovers() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [ln for ln in out.splitlines() if "lorabench-flwr-" in ln]
+
+
+@pytest.mark.slow
+def test_a_client_that_raises_and_one_that_is_killed_do_not_stop_the_run():
+    from lorabench.harness.trial import run_trial
+    spec = spec_for("fedit", clients=4, rounds=2, fraction=1.0, local_steps=2, fail_clients=[2], kill_clients=[1])
+    out = run_trial(spec, progress=False)
+    fed = out["federated"]
+    r1, r2 = fed["rounds"]
+    assert 2 in r1["failed"] and 1 in r1["failed"], r1
+    reasons = {f["client"]: f["reason"] for f in fed["failures"] if f["round"] == 1}
+    assert "fault injection" in reasons[2]
+    assert r1["clients"] and set(r1["clients"]).isdisjoint({1, 2})  # the round completed with the others
+    assert 1 in r2["clients"] and 2 in r2["clients"], r2  # Ray restarted the killed actor; both are back
+    assert r1["aggregation_error"] > 0 and r2["aggregation_error"] > 0  # FedAvg of the factors: inexact
+    assert fed["mb_total"] > 0 and len(fed["score_curve"]) == 2
+    assert out["outcomes"]["n"] == 16
+    assert not ray_leftovers(), "Ray processes left behind"
+
+
+def run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """`python -m lorabench ARGS` in its own session: on a timeout the whole group goes (the runner's fork
+    server, the trial, its Ray instance), not only the CLI process."""
+    import signal
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-m", "lorabench", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"lorabench {' '.join(args[:2])} did not finish in {timeout:.0f} s: {err[-2000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_the_federated_suite_end_to_end_with_its_report(tmp_path):
+    """`run federated` at a tiny size (FFA-LoRA on a Dirichlet partition, 2 rounds), then `report`."""
+    records = tmp_path / "fed.jsonl"
+    args = ["tasks=rt-sentiment", "model=tiny-bert", "methods=ffa-lora", "partitions=dirichlet:0.3", "seeds=0",
+            "federated.rounds=2", "federated.clients=4", "federated.fraction=0.5", "federated.local_steps=2",
+            "federated.eval_every=1", "task.n_train=80", "task.n_eval=32", "train.batch_size=4", "train.lr=0.01"]
+    proc = run_cli(["run", "federated", "--records", str(records), "--no-progress", *args], timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (rec,) = [json.loads(x) for x in records.read_text().splitlines()]
+    assert rec["status"] == "ok", rec.get("error")
+    fed = rec["federated"]
+    assert rec["label"] == "ffa-lora@dirichlet:0.3" and fed["config"]["partition"] == "dirichlet:0.3"
+    assert fed["aggregation_error_max"] < 1e-5  # exact through Flower, measured
+    assert fed["mb_total"] > 0 and fed["label_skew"] > 0.1 and len(fed["score_curve"]) == 2
+    out = tmp_path / "report"
+    rep = run_cli(["report", str(records), "--out", str(out)], timeout=600)
+    assert rep.returncode == 0, rep.stderr[-3000:]
+    md = (out / "LEADERBOARD.md").read_text()
+    assert "## Federated (the clients scenario)" in md and "| rt-sentiment | dirichlet:0.3 | ffa-lora | 1 |" in md
+    assert (out / "federated.csv").read_text().count("\n") == 2  # header and the one row
+    assert (out / "plots" / "federated-rt-sentiment-rounds.png").exists()
+    assert (out / "plots" / "federated-rt-sentiment-mb.png").exists()
+    assert not ray_leftovers(), "Ray processes left behind"
+
+
+# -- the report's federated section ------------------------------------------------------------------
+
+def fed_record(label, seed, score, personal, err, failures=0):
+    method, part = label.split("@")
+    return {"status": "ok", "task": "rt-sentiment", "label": label, "method": method, "seed": seed,
+            "metric": "accuracy", "score": score, "outcomes": None,
+            "federated": {"config": {"partition": part}, "initial_score": 0.5, "mb_per_round": 1.5, "mb_total": 3.0,
+                          "aggregation_error_mean": err, "aggregation_error_max": 2 * err, "label_skew": 0.4,
+                          "personal_score": personal, "simulation_seconds": 10.0,
+                          "failures": [{"round": 1, "client": 0, "reason": "x"}] * failures,
+                          "score_curve": [[1, score - 0.1, 1.5], [2, score, 3.0]]}}
+
+
+def test_report_section_aggregates_seeds_per_method_and_partition():
+    from lorabench.report import federated as F
+    recs = [fed_record("fedit@iid", 0, 0.70, 0.8, 0.05, failures=1), fed_record("fedit@iid", 1, 0.74, 0.9, 0.07),
+            fed_record("ffa-lora@iid", 0, 0.72, 0.85, 0.0), {"status": "failed", "label": "x@iid"}]
+    frame = F.federated_frame(recs)
+    assert list(frame["label"]) == ["fedit@iid", "ffa-lora@iid"]
+    fedit = frame.iloc[0]
+    assert fedit["n_seeds"] == 2 and fedit["score"] == pytest.approx(0.72) and fedit["score_ci95"] > 0
+    assert fedit["aggregation_error"] == pytest.approx(0.06) and fedit["aggregation_error_max"] == pytest.approx(0.14)
+    assert fedit["failed_client_rounds"] == 1 and fedit["personal_score"] == pytest.approx(0.85)
+    md = "\n".join(F.markdown(frame, ["federated-rt-sentiment-rounds.png"]))
+    assert "| rt-sentiment | iid | fedit | 2 | 0.720 ± " in md and "0.00e+00 / 0.00e+00" in md
+    assert "![rt-sentiment-rounds](plots/federated-rt-sentiment-rounds.png)" in md
+    pngs = F.plots(recs)
+    assert set(pngs) == {"federated-rt-sentiment-rounds.png", "federated-rt-sentiment-mb.png"}
+    assert all(p.png.startswith(b"\x89PNG") for p in pngs.values())
+    assert F.plots(recs)["federated-rt-sentiment-mb.png"].png == pngs["federated-rt-sentiment-mb.png"].png  # same bytes
