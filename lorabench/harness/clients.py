@@ -476,20 +476,11 @@ def run_federated(spec, progress: bool = True) -> dict:
         if r.global_score is not None:
             curve.append([r.round, r.global_score, round(mb_cum, 6)])
     sizes = [len(tr) for tr, _ in parts]
-    metrics = {k: round(float(v), 6) for k, v in final_ev.metrics.items()}
+    from lorabench.harness.trial import scored_fields
     return {
-        "metric": task.metric.name,
-        "higher_is_better": task.metric.higher_is_better,
-        "score": metrics[task.metric.name],
-        "metrics": metrics,
-        "split_hash": split.hash,
-        "n_train": len(split.train),
-        "n_val": len(split.val),
-        "n_eval": len(split.eval),
+        **scored_fields(task, split, final_ev),
         "val_score": None,
         "val_curve": [],
-        "outcomes": None if final_ev.outcomes is None else final_ev.outcomes.to_record(split.part_hash("eval")),
-        "majority_label": task.majority_label(),
         "trained_steps": fed.local_steps * sum(len(r.clients) for r in rounds),
         "model_info": loaded.info,
         "trainable_params": trainable,

@@ -61,6 +61,25 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def scored_fields(task, split, ev) -> dict:
+    """The part of a record that says what was scored and how (metric, score, split sizes and hash,
+    per-example outcomes, the training split's majority label); shared by the single-task trial and
+    the clients scenario (lorabench/harness/clients.py)."""
+    metrics = {k: round(float(v), 6) for k, v in ev.metrics.items()}
+    return {
+        "metric": task.metric.name,
+        "higher_is_better": task.metric.higher_is_better,
+        "score": metrics[task.metric.name],
+        "metrics": metrics,
+        "split_hash": split.hash,
+        "n_train": len(split.train),
+        "n_val": len(split.val),
+        "n_eval": len(split.eval),
+        "outcomes": None if ev.outcomes is None else ev.outcomes.to_record(split.part_hash("eval")),
+        "majority_label": task.majority_label(),
+    }
+
+
 def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     if spec.federated is not None:  # method x partition x seed on Flower's simulation: the clients scenario
         from lorabench.harness.clients import run_federated
@@ -108,20 +127,10 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as d:
         adapter_bytes = method.save_adapter(model, os.path.join(d, "adapter.safetensors"))
 
-    metrics = {k: round(float(v), 6) for k, v in ev.metrics.items()}
     out = {
-        "metric": task.metric.name,
-        "higher_is_better": task.metric.higher_is_better,
-        "score": metrics[task.metric.name],
-        "metrics": metrics,
-        "split_hash": split.hash,
-        "n_train": len(split.train),
-        "n_val": len(split.val),
-        "n_eval": len(split.eval),
+        **scored_fields(task, split, ev),
         "val_score": val_score,
         "val_curve": result.val_curve,
-        "outcomes": None if ev.outcomes is None else ev.outcomes.to_record(split.part_hash("eval")),
-        "majority_label": task.majority_label(),
         "trained_steps": result.steps,
         "model_info": loaded.info,
         "trainable_params": trainable,
