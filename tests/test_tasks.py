@@ -1,9 +1,11 @@
 """Every task: a fixed split with a stable hash, a training batch the model accepts, an evaluation
 with the metric in range — run end to end on a tiny model through the real runner."""
 import json
+import warnings
 import math
 
 import pytest
+import torch
 
 from lorabench.runner.records import read_records
 from lorabench.tasks import TASKS, get_task
@@ -123,3 +125,78 @@ def test_group_by_length_pads_less_and_keeps_each_epochs_examples():
     # the same seed gives the same batches; another seed other batches
     first = lambda t, s: next(t.train_batches(tok, 16, seed=s))["input_ids"].tolist()
     assert first(grouped, 3) == first(grouped, 3) != first(grouped, 4)
+
+
+def _full_path_predictions(task, model, tok):
+    """One padded full sequence per option, as the scoring did before the shared prompt cache."""
+    from lorabench.tasks.causal import encode_pair
+    from lorabench.tasks.multiple_choice import full_sequence_logprobs
+    examples = task.examples("eval")
+    pairs = [encode_pair(tok, task.prompt(e), task.option_text(c), task.max_length) for e in examples
+             for c in e["choices"]]
+    with torch.no_grad():
+        flat = full_sequence_logprobs(model, pairs, tok.pad_token_id, 7)
+    scores, k = [], 0
+    for e in examples:
+        scores.append(flat[k:k + len(e["choices"])])
+        k += len(e["choices"])
+    return scores
+
+
+@pytest.mark.parametrize("name,max_length", [("socialiqa", 128), ("quartz", 24)])
+def test_shared_prompt_scoring_equals_one_full_sequence_per_option(name, max_length):
+    """Multi-token options (socialiqa; in one chunk with questions of fewer options) and prompts truncated per
+    option (quartz at 24 tokens: those questions take the full path) score as one padded full sequence per
+    option does, question by question."""
+    from lorabench import assets
+    from lorabench.tasks.multiple_choice import shared_prompt_logprobs
+    from lorabench.tasks.causal import encode_pair
+    torch.manual_seed(0)
+    lm = assets.load_model("tiny-llama", "causal-lm")
+    model, tok = lm.model.eval(), lm.tokenizer
+    task = get_task(name).from_options({"n_eval": 24, "max_length": max_length})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # the shared path must not have fallen back
+        ev = task.evaluate(model, tok, 7)
+    want = _full_path_predictions(task, model, tok)
+    assert ev.outcomes.pred == [int(s.argmax()) for s in want]
+    examples = task.examples("eval")
+    multi = [e for e in examples if max(len(tok(task.option_text(c), add_special_tokens=False)["input_ids"])
+                                        for c in e["choices"]) > 1]
+    if name == "socialiqa":
+        assert multi, "the check needs options of several tokens"
+    # and the scores themselves, on the shareable questions
+    idx = [i for i, e in enumerate(examples)
+           if len({tuple(encode_pair(tok, task.prompt(e), task.option_text(c), task.max_length)[0])
+                   for c in e["choices"]}) == 1]
+    if name == "quartz":
+        assert 0 < len(idx) < len(examples), "at 24 tokens some prompts are truncated per option, some not"
+    keep = {i: len(examples[i]["choices"]) - (k % 2) for k, i in enumerate(idx)}   # every other one loses its last
+    got = shared_prompt_logprobs(
+        model, [encode_pair(tok, task.prompt(examples[i]), task.option_text(examples[i]["choices"][0]),
+                            task.max_length)[0] for i in idx],
+        [[encode_pair(tok, task.prompt(examples[i]), task.option_text(c), task.max_length)[1]
+          for c in examples[i]["choices"][:keep[i]]] for i in idx], tok.pad_token_id)
+    for i, g in zip(idx, got):
+        assert torch.allclose(g, want[i][:keep[i]], rtol=1e-4, atol=1e-3), (i, g, want[i])
+
+
+def test_a_model_that_rewrites_its_inputs_is_scored_on_full_sequences_with_a_warning():
+    """A forward hook that shifts every input id (as Pillow's prompt prepending rewrites inputs) makes a
+    cached prompt score differently from the whole sequence: the task notices on its first chunk, warns,
+    and scores every question on full sequences, so the predictions equal the full path's."""
+    from lorabench import assets
+    torch.manual_seed(0)
+    lm = assets.load_model("tiny-llama", "causal-lm")
+    model, tok = lm.model.eval(), lm.tokenizer
+
+    def shift(module, args, kwargs):
+        if kwargs.get("cache") is not None:   # only the cached call: the prompt pass sees the real ids
+            kwargs["input_ids"] = (kwargs["input_ids"] + 1) % model.config.vocab_size
+        return args, kwargs
+
+    model.register_forward_pre_hook(shift, with_kwargs=True)
+    task = get_task("socialiqa").from_options({"n_eval": 24})
+    with pytest.warns(RuntimeWarning, match="shared prompt cache differs"):
+        ev = task.evaluate(model, tok, 7)
+    assert ev.outcomes.pred == [int(s.argmax()) for s in _full_path_predictions(task, model, tok)]

@@ -7,6 +7,7 @@ takes the argmax, `acc_norm` the argmax of the score divided by the option's len
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 
@@ -45,28 +46,127 @@ class MultipleChoiceTask(Task):
     @torch.no_grad()
     def evaluate(self, model, tokenizer, batch_size: int, part: str = "eval") -> EvalResult:
         examples = self.examples(part)
-        flat = [(i, j) for i, e in enumerate(examples) for j in range(len(e["choices"]))]
-        scores = torch.empty(len(flat))
-        n_tokens, t0 = 0, time.perf_counter()
-        for s in range(0, len(flat), batch_size):
-            chunk = flat[s:s + batch_size]
-            pairs = [encode_pair(tokenizer, self.prompt(examples[i]), self.option_text(examples[i]["choices"][j]),
-                                 self.max_length) for i, j in chunk]
-            batch = pad_pairs(pairs, tokenizer.pad_token_id, train=False)
-            scores[s:s + len(chunk)] = continuation_logprobs(model, batch)
-            n_tokens += int(batch["attention_mask"].sum())
-        pred, acc_norm, k = [], 0, 0
-        for e in examples:
-            n = len(e["choices"])
-            sc = scores[k:k + n]
+        t0 = time.perf_counter()
+        pairs = [[encode_pair(tokenizer, self.prompt(e), self.option_text(c), self.max_length) for c in e["choices"]]
+                 for e in examples]
+        scores: list[torch.Tensor | None] = [None] * len(examples)
+        # Questions whose options all keep the same (untruncated) prompt are scored with the prompt run once
+        # (shared_prompt_logprobs); the others, and every question if the shared path disagrees with the full
+        # one on the first chunk, one full sequence per option.
+        shared = [i for i, ps in enumerate(pairs) if all(c == ps[0][0] for c, _ in ps)]
+        full = sorted(set(range(len(examples))) - set(shared))
+        if shared:
+            shared.sort(key=lambda i: len(pairs[i][0][0]))   # chunks of similar prompt lengths: little padding
+            chunks = option_chunks(shared, [len(pairs[i]) for i in shared], batch_size)
+            first = chunks[0]
+            want = full_sequence_logprobs(model, [p for i in first for p in pairs[i]], tokenizer.pad_token_id, batch_size)
+            try:
+                got = shared_prompt_logprobs(model, [pairs[i][0][0] for i in first],
+                                             [[t for _, t in pairs[i]] for i in first], tokenizer.pad_token_id)
+                differs = None if torch.allclose(torch.cat(got), want, rtol=1e-4, atol=2e-3) else \
+                    f"max |diff| {float((torch.cat(got) - want).abs().max()):.3g}"
+            except (ValueError, TypeError, RuntimeError) as err:   # e.g. a method that refuses a cache (Pillow)
+                differs = f"{type(err).__name__}: {err}"
+            if differs is None:
+                for i, sc in zip(first, got):
+                    scores[i] = sc
+                for chunk in chunks[1:]:
+                    got = shared_prompt_logprobs(model, [pairs[i][0][0] for i in chunk],
+                                                 [[t for _, t in pairs[i]] for i in chunk], tokenizer.pad_token_id)
+                    for i, sc in zip(chunk, got):
+                        scores[i] = sc
+            else:   # the model does not score a cached prompt as it scores the whole sequence (e.g. it rewrites
+                    # its inputs, as Pillow's prompt prepending does): every question takes the full path
+                warnings.warn(f"{self.name}: scoring with a shared prompt cache differs from full sequences on this "
+                              f"model ({differs}); scoring full sequences", RuntimeWarning)
+                full = list(range(len(examples)))
+        if full:
+            flat = full_sequence_logprobs(model, [p for i in full for p in pairs[i]], tokenizer.pad_token_id, batch_size)
+            k = 0
+            for i in full:
+                scores[i] = flat[k:k + len(pairs[i])]
+                k += len(pairs[i])
+        n_tokens = sum(len(c) + len(t) for ps in pairs for c, t in ps)   # the option sequences scored (as lm-eval)
+        pred, acc_norm = [], 0
+        for e, sc in zip(examples, scores):
             lens = torch.tensor([len(self.option_text(c).encode()) for c in e["choices"]], dtype=torch.float)
             pred.append(int(sc.argmax().item()))
             acc_norm += int((sc / lens).argmax().item() == e["label"])
-            k += n
         labels = [int(e["label"]) for e in examples]
         correct = [int(p == y) for p, y in zip(pred, labels)]
         return EvalResult({"accuracy": sum(correct) / len(examples), "accuracy_norm": acc_norm / len(examples)},
                           n_tokens, time.perf_counter() - t0, Outcomes(correct, pred, labels))
+
+
+def option_chunks(order: list[int], n_options: list[int], batch_size: int) -> list[list[int]]:
+    """`order` cut into consecutive chunks of at most `batch_size` option sequences (at least one question each)."""
+    chunks, cur, width = [], [], 0
+    for i, n in zip(order, n_options):
+        if cur and width + n > batch_size:
+            chunks.append(cur)
+            cur, width = [], 0
+        cur.append(i)
+        width += n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+@torch.no_grad()
+def full_sequence_logprobs(model, pairs: list[tuple[list[int], list[int]]], pad_id: int,
+                           batch_size: int) -> torch.Tensor:
+    """log p(continuation | context) of each (context, continuation) pair, one padded sequence per pair."""
+    out = torch.empty(len(pairs))
+    for s in range(0, len(pairs), batch_size):
+        out[s:s + batch_size] = continuation_logprobs(model, pad_pairs(pairs[s:s + batch_size], pad_id, train=False))
+    return out
+
+
+@torch.no_grad()
+def shared_prompt_logprobs(model, prompts: list[list[int]], options: list[list[list[int]]],
+                           pad_id: int) -> list[torch.Tensor]:
+    """log p(option | prompt) for every option of every question, each prompt run once.
+
+    The prompts (right-padded) go through the model once with its key-value cache; the cache rows are
+    repeated for each question's options, which then run as a second, short batch after the padded
+    prompts (masked out, positions continuing from each prompt's own length). An option's first token
+    is scored from the prompt's last position, its k-th token from the option's (k-1)-th. The same sums
+    as `continuation_logprobs` over the full sequences, with the prompt computed once instead of once
+    per option (QuaRTz: 2 options, prompts ~10x longer than the options).
+    """
+    lens = torch.tensor([len(p) for p in prompts])
+    width = int(lens.max())
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, :len(p)] = torch.tensor(p)
+        mask[r, :len(p)] = 1
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    last = torch.log_softmax(out.logits[torch.arange(len(prompts)), lens - 1].float(), dim=-1)   # (Q, V)
+    rows = [(q, o) for q, opts in enumerate(options) for o in opts]
+    first = torch.tensor([float(last[q, o[0]]) for q, o in rows])
+    rest = torch.zeros(len(rows))
+    tail = max(len(o) for _, o in rows) - 1
+    if tail > 0:   # options of more than one token: their other tokens after the cached prompt
+        index = torch.tensor([q for q, _ in rows])
+        cache = out.cache   # transformers 5: `cache` (formerly past_key_values)
+        cache.reorder_cache(index)
+        oids = torch.full((len(rows), tail), pad_id, dtype=torch.long)
+        omask = torch.zeros_like(oids)
+        for r, (_, o) in enumerate(rows):
+            oids[r, :len(o) - 1] = torch.tensor(o[:-1])
+            omask[r, :len(o) - 1] = 1
+        pos = lens[index].unsqueeze(1) + torch.arange(tail)
+        logits = model(input_ids=oids, attention_mask=torch.cat([mask[index], omask], 1), position_ids=pos,
+                       cache=cache, use_cache=True).logits.float()
+        logp = torch.log_softmax(logits, dim=-1)                      # position k predicts option token k + 1
+        for r, (_, o) in enumerate(rows):
+            if len(o) > 1:
+                tgt = torch.tensor(o[1:])
+                rest[r] = logp[r, torch.arange(len(o) - 1), tgt].sum()
+    scores = first + rest
+    sizes = [len(opts) for opts in options]
+    return list(torch.split(scores, sizes))
 
 
 class QuaRTz(MultipleChoiceTask):

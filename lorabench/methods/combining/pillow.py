@@ -191,7 +191,7 @@ class Pillow(LoRA):
             return None
         if args or "input_ids" not in kwargs:
             raise ValueError("pillow: call the model with keyword arguments (input_ids=..., attention_mask=...)")
-        if kwargs.get("past_key_values") is not None:
+        if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:   # (transformers 5: cache)
             raise ValueError("pillow does not support decoding with a KV cache (generation tasks)")
         ids = kwargs["input_ids"]
         mask = kwargs.get("attention_mask", torch.ones_like(ids))
