@@ -73,6 +73,24 @@ def test_lr_grid_gives_one_trial_per_rate_under_the_same_label(tmp_path):
     assert sorted({t.train["lr"] for t in s.trials() if t.label == "lora-r4"}) == pytest.approx([base / 2, base * 2])
 
 
+def test_a_task_runs_its_own_subset_of_the_seeds_and_its_tuning_seed_is_kept(tmp_path):
+    text = GOOD.replace("seeds: [0, 1]", "seeds: [0, 1, 2]\nlr_grid: [0.5, 2]\ntune_seeds: [0]")
+    text = text.replace("  - rt-sentiment", "  - rt-sentiment\n  - {name: sarcasm, seeds: [0, 1]}")
+    s = load_suite(write(tmp_path, text))
+    seeds = lambda task: sorted({t.seed for t in s.trials() if t.task == task} |
+                                {x for tk, _, ss in s.pending() if tk == task for x in ss})
+    assert seeds("rt-sentiment") == [0, 1, 2] and seeds("sarcasm") == [0, 1]
+    assert s.size() == 2 * (2 + 2) + 2 * (2 + 1)        # per method: 2 rates on seed 0, then the other seeds
+    # a command-line seeds= keeps the task's seeds it lists: sarcasm runs none of seed 2
+    s = load_suite(write(tmp_path, text), ["seeds=0,2"])
+    assert {t.seed for t in s.trials() if t.task == "sarcasm"} == {0}
+    assert [x for tk, _, ss in s.pending() if tk == "sarcasm" for x in ss] == []
+    with pytest.raises(UserError, match=r"mine\.yaml:9: task sarcasm must run the tuning seeds \[0\]"):
+        load_suite(write(tmp_path, text.replace("seeds: [0, 1]}", "seeds: [1, 2]}")))
+    with pytest.raises(UserError, match=r"mine\.yaml:9: a task's seeds must be a non-empty list"):
+        load_suite(write(tmp_path, text.replace("seeds: [0, 1]}", "seeds: []}")))
+
+
 TUNED = """suite: tuned
 version: 1
 seeds: [0, 1, 2]

@@ -12,6 +12,8 @@ tasks:
   - {name: quartz, options: {n_eval: 200}, train: {steps: 50}}
   - {name: socialiqa, lm_eval: true}     # also scored by lm-evaluation-harness (record key lm_eval)
   - {name: sarcasm, jobs: 2, train: {threads: 1}}  # two trials at a time (default: the suite's jobs, else 1)
+  - {name: quartz, seeds: [0, 1]}   # a subset of the suite's seeds for this task (a costly one); a seeds= override
+                                    # on the command line keeps the task's seeds that it lists
 methods:
   - head
   - {name: lora, label: lora-r8, options: {rank: 8}, train: {lr: 1.0e-3}}
@@ -49,7 +51,7 @@ if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite n
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
             "tune_seeds", "federated", "partitions"}
-TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid"}
+TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
 
@@ -98,6 +100,7 @@ class TaskEntry:
     lm_eval: bool = False  # decoder tasks only: also score through lm-eval (lorabench.lmeval)
     jobs: int | None = None  # trials of this task run at once (None = the suite's jobs); not part of trial ids
     lr_grid: list[float] | None = None  # factors of the trial's learning rate (None = the suite's)
+    seeds: list[int] | None = None  # a subset of the suite's seeds for this task (None = all of them)
 
 
 @dataclass
@@ -144,6 +147,7 @@ class Suite:
         out, waiting = [], []
         by_id = {r.get("trial_id"): r for r in records or [] if r.get("status") == "ok"}
         for task in self.tasks:
+            seeds = [s for s in self.seeds if task.seeds is None or s in task.seeds]
             for method in self.methods:
                 train = merge(merge(self.train, task.train), method.train)
                 grid = method.lr_grid or task.lr_grid or self.lr_grid
@@ -156,26 +160,27 @@ class Suite:
 
                 if self.federated is not None:  # the clients scenario: method x partition x seed
                     for part in self.partitions or ["iid"]:
-                        for seed in self.seeds:
+                        for seed in seeds:
                             sp = spec(seed, train)
                             sp.label = f"{method.label}@{part}"
                             sp.federated = {**self.federated, "partition": part}
                             out.append(sp)
                     continue
                 if not grid:
-                    out += [spec(seed, train) for seed in self.seeds]
+                    out += [spec(seed, train) for seed in seeds]
                     continue
                 # one trial per rate; the label stays, the rate is chosen on validation
                 from lorabench.methods import get_method
                 base = train.get("lr") if train.get("lr") is not None else get_method(method.name).default_lr
                 rates = [float(f"{base * f:.6g}") for f in grid]
                 if len(rates) == 1:  # one rate: nothing to tune, every seed runs it
-                    out += [spec(seed, merge(train, {"lr": rates[0]})) for seed in self.seeds]
+                    out += [spec(seed, merge(train, {"lr": rates[0]})) for seed in seeds]
                     continue
                 tune = self.tune_seeds if self.tune_seeds is not None else self.seeds
+                tune = [seed for seed in tune if task.seeds is None or seed in task.seeds]
                 tuning = {lr: [spec(seed, merge(train, {"lr": lr})) for seed in tune] for lr in rates}
                 out += [sp for lr in rates for sp in tuning[lr]]  # needed by the other seeds, whatever seeds= selects
-                rest = [seed for seed in self.seeds if seed not in tune]
+                rest = [seed for seed in seeds if seed not in tune]
                 if not rest:
                     continue
                 from lorabench.runner.tuning import choose_rate
@@ -346,8 +351,21 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
             import importlib.util
             if importlib.util.find_spec("lm_eval") is None:
                 raise UserError(f"{where}: lm_eval: true needs lm-evaluation-harness: pip install lm-eval")
+        task_seeds = e.get("seeds")
+        if task_seeds is not None:
+            if isinstance(task_seeds, int) and not isinstance(task_seeds, bool):
+                task_seeds = [task_seeds]
+            ok = isinstance(task_seeds, list) and task_seeds and all(
+                isinstance(s, int) and not isinstance(s, bool) for s in task_seeds)
+            if not ok:
+                raise UserError(f"{_where(path, lines, k + ('seeds',))}: a task's seeds must be a non-empty list of "
+                                f"integer seeds (those of the suite's seeds {seeds} this task runs), got {task_seeds!r}")
+            if tune_seeds is not None and not set(tune_seeds) <= set(task_seeds):
+                raise UserError(f"{_where(path, lines, k + ('seeds',))}: task {e['name']} must run the tuning seeds "
+                                f"{tune_seeds} (tune_seeds), got seeds {task_seeds!r}")
         tasks.append(TaskEntry(e["name"], e.get("model"), dict(e.get("options") or {}), dict(e.get("train") or {}),
-                               lm_eval, check_jobs(e.get("jobs"), k + ("jobs",)), check_grid(e.get("lr_grid"), k + ("lr_grid",))))
+                               lm_eval, check_jobs(e.get("jobs"), k + ("jobs",)), check_grid(e.get("lr_grid"), k + ("lr_grid",)),
+                               task_seeds))
     methods, labels = [], set()
     for e, k in entries("methods", METHOD_KEYS, METHODS):
         where = _where(path, lines, k)
