@@ -191,3 +191,98 @@ def test_bad_merge_input():
     other = library(1, rank=3)
     with pytest.raises(ValueError, match="needs one rank"):
         factorwise([states[0], other[0]], [0.5, 0.5], SCALE)
+
+
+# -- the leave-one-task-out protocol (lorabench/harness/cross_task.py) ----------------------------------------
+
+@pytest.fixture
+def tiny_library(tmp_path, monkeypatch):
+    """The library cache in a temporary folder (the models and data stay in LORABENCH_HOME)."""
+    from lorabench.harness import multitask
+    monkeypatch.setattr(multitask, "library_dir", lambda: tmp_path / "library")
+    return tmp_path / "library"
+
+
+def cross_task_spec(method, options=None, seed=0, **ct):
+    from lorabench.harness.trial import TrialSpec
+    ct = {"pool": ["quartz", "sarcasm-mc", "rt-mc"], "k_shots": 3, "library_rank": 2, "library_alpha": 4.0,
+          "library_steps": 2, "library_batch_size": 2, "adapters_per_job": 2, **ct}
+    return TrialSpec(suite="t", suite_version=1, label=method, method=method, method_options=options or {},
+                     task="quartz", task_options={"n_eval": 6}, model="tiny-llama", seed=seed,
+                     train={"eval_batch_size": 16}, cross_task=ct)
+
+
+def test_leave_one_task_out_trial_end_to_end(tiny_library):
+    """A lorahub trial on tiny-llama: the library is trained (fused) and cached for the candidates only, the
+    composition searches with its budget, and the record carries the method's score beside the baselines of
+    the same seed, scored on the same eval examples."""
+    from lorabench.harness.trial import run_trial
+    rec = run_trial(cross_task_spec("lorahub", {"budget": 4}), progress=False)
+    ct = rec["cross_task"]
+    assert ct["held_out"] == "quartz" and ct["candidates"] == ["sarcasm-mc", "rt-mc"]
+    assert sorted(p.stem for p in tiny_library.iterdir()) == sorted(ct["library"].values())   # held-out not trained
+    assert ct["loss_evaluations"] == 4 and len(ct["weights"]) == 2
+    assert ct["compose_tokens"] == 4 * ct["kshot_tokens"] > 0
+    assert rec["n_eval"] == 6 and 0 <= rec["score"] <= 1
+    for name in ("zero-shot", "best-single"):
+        b = ct["baselines"][name]
+        assert 0 <= b["score"] <= 1 and b["outcomes"]["hash"] == rec["outcomes"]["hash"]
+    best = ct["baselines"]["best-single"]
+    assert best["adapter"] == min(best["kshot_losses"], key=best["kshot_losses"].get)
+    # a second trial (another seed, another method) reuses the cached library: no training
+    rec2 = run_trial(cross_task_spec("uniform-average", seed=1), progress=False)
+    assert rec2["cross_task"]["library"] == ct["library"]
+    assert rec2["cross_task"]["loss_evaluations"] == 0
+    errors = rec2["cross_task"]["merge_errors"]
+    assert errors["exact-cat"] < 1e-6 and errors["peft-cat"] < 1e-6 and errors["peft-linear"] > 1e-3
+    # the report reads them (the runner adds identity and status)
+    from lorabench.report.cross_task import cross_task_frame, markdown, merge_frame
+    records = [{**r, "task": "quartz", "label": m, "method": m, "seed": seed, "status": "ok"}
+               for r, m, seed in ((rec, "lorahub", 0), (rec2, "uniform-average", 1))]
+    frame = cross_task_frame(records)
+    assert set(frame["rule"]) == {"zero-shot", "best-single", "lorahub", "uniform-average"}
+    assert frame.set_index("rule").loc["zero-shot", "n_seeds"] == 2     # a baseline from every seed's record
+    md = "\n".join(markdown(frame, merge_frame(records)))
+    assert "| quartz | lorahub | 1 |" in md and "peft-linear" in md
+
+
+def test_composition_table_intervals_and_average():
+    """Synthetic records, 2 held-out tasks x 3 seeds: mean, interval over seeds, and the average row
+    (per seed, the mean over tasks, then the interval)."""
+    from lorabench.report.cross_task import cross_task_frame
+    scores = {("a", 0): 0.5, ("a", 1): 0.6, ("a", 2): 0.7, ("b", 0): 0.3, ("b", 1): 0.3, ("b", 2): 0.6}
+    recs = [{"status": "ok", "task": t, "label": "lorahub", "method": "lorahub", "seed": s, "score": v,
+             "cross_task": {"compose_tokens": 100, "kshot_tokens": 10, "candidates": ["x", "y"],
+                            "baselines": {"zero-shot": {"score": 0.25}, "best-single": {"score": 0.4}}}}
+            for (t, s), v in scores.items()]
+    f = cross_task_frame(recs).set_index(["held_out", "rule"])
+    assert f.loc[("a", "lorahub"), "score"] == pytest.approx(0.6)
+    assert f.loc[("a", "lorahub"), "best"] == pytest.approx(0.7)
+    assert f.loc[("a", "lorahub"), "spread"] == pytest.approx(0.1)
+    from scipy import stats as sps
+    per_seed = [0.4, 0.45, 0.65]
+    half = sps.t.ppf(0.975, 2) * np.std(per_seed, ddof=1) / np.sqrt(3)
+    avg = f.loc[("average (2 tasks)", "lorahub")]
+    assert avg["score"] == pytest.approx(np.mean(per_seed)) and avg["score_ci95"] == pytest.approx(half)
+    assert f.loc[("a", "zero-shot"), "score"] == pytest.approx(0.25) and f.loc[("a", "zero-shot"), "score_ci95"] == 0
+    assert f.loc[("a", "best-single"), "compose_tokens"] == 20    # k-shot tokens x candidates
+
+
+def test_cross_task_suite_loads_and_refuses_what_it_cannot_run(tmp_path):
+    from lorabench.errors import UserError
+    from lorabench.runner.suite import load_suite, trial_id
+    suite = load_suite("cross-task")
+    assert suite.cross_task is not None and {m.name for m in suite.methods} == {
+        n for n in __import__("lorabench.methods", fromlist=["METHODS"]).METHODS.names()
+        if get_method(n).family == "cross-task"}
+    trials = suite.trials()
+    assert len(trials) == len(suite.tasks) * len(suite.methods) * len(suite.seeds)
+    assert all(t.cross_task == suite.cross_task for t in trials)
+    assert len({trial_id(t) for t in trials}) == len(trials)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("suite: bad\nversion: 1\ntasks: [quartz]\nmethods: [lora]\ncross_task: {k_shots: 5}\n")
+    with pytest.raises(UserError, match="not a cross-task method"):
+        load_suite(str(bad))
+    bad.write_text("suite: bad\nversion: 1\ntasks: [quartz]\nmethods: [lorahub]\ncross_task: {k_shots: 0}\n")
+    with pytest.raises(UserError, match="k_shots"):
+        load_suite(str(bad))

@@ -2,8 +2,8 @@
 (`lorabench/harness/task_pool.py`), trained once, cached by its trial id as safetensors, and reused by
 every composition method (`lorabench/methods/cross_task/`).
 
-The library trains the way ASPEN does (Ye et al., "mLoRA: Fine-Tuning LoRA Adapters via Highly-Efficient
-Pipeline Parallelism in Multiple GPUs", arXiv 2312.02515; the survey's "parallel LoRA computing"): many
+The library trains the way ASPEN does (Ye et al., "ASPEN: High-Throughput LoRA Fine-Tuning of Large Language
+Models with a Single GPU", arXiv 2312.02515; the survey's "parallel LoRA computing"): many
 adapters in one job over one frozen base model. Each step takes one batch per adapter from that
 adapter's own task, stacks the rows into one batch (the rows of adapter l contiguous), runs the frozen
 base once over all of them, and adds each adapter's low-rank term to its own rows only through the
@@ -349,10 +349,12 @@ def bench_fused_vs_alone(model_name: str, tasks: list[str], rank: int = 8, batch
             loss.backward()
             opt_solo.step()
 
-    fused_s, solo_s, tokens = [], [], []
+    fused_s, solo_s, tokens, computed_fused, computed_alone = [], [], [], [], []
     for r in range(rounds + 1):   # round 0 warms up both
         batches = [next(s) for s in streams]
         n = sum(int(b["attention_mask"].sum()) for b in batches)
+        computed_fused.append(sum(b["input_ids"].shape[0] for b in batches) * max(b["input_ids"].shape[1] for b in batches))
+        computed_alone.append(sum(b["input_ids"].numel() for b in batches))   # positions run, padding included
         first, second = (fused_step, solo_steps) if r % 2 == 0 else (solo_steps, fused_step)
         times = {}
         for f in (first, second):
@@ -367,4 +369,7 @@ def bench_fused_vs_alone(model_name: str, tasks: list[str], rank: int = 8, batch
     solo_tps = statistics.median(n / t for n, t in zip(tokens, solo_s))
     return {"model": model_name, "tasks": tasks, "rank": rank, "rows_per_adapter": batch_size, "rounds": rounds,
             "threads": torch.get_num_threads(), "fused_tokens_per_s": round(fused_tps, 1),
-            "alone_tokens_per_s": round(solo_tps, 1), "ratio": round(fused_tps / solo_tps, 3)}
+            "alone_tokens_per_s": round(solo_tps, 1), "ratio": round(fused_tps / solo_tps, 3),
+            # padding: the fused batch pads every row to the longest row of all the adapters' batches
+            "positions_per_token_fused": round(sum(computed_fused[1:]) / sum(tokens), 3),
+            "positions_per_token_alone": round(sum(computed_alone[1:]) / sum(tokens), 3)}
