@@ -230,9 +230,13 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     best = ct["baselines"]["best-single"]
     assert best["adapter"] == min(best["kshot_losses"], key=best["kshot_losses"].get)
     # a second trial (another seed, another method) reuses the cached library: no training
-    rec2 = run_trial(cross_task_spec("uniform-average", seed=1), progress=False)
+    rec2 = run_trial(cross_task_spec("uniform-average", seed=1, merge_accuracy=["linear", "cat"]), progress=False)
     assert rec2["cross_task"]["library"] == ct["library"]
     assert rec2["cross_task"]["loss_evaluations"] == 0
+    merges = rec2["cross_task"]["merges"]
+    assert set(merges) == {"peft-linear", "peft-cat"}
+    assert merges["peft-cat"]["score"] == rec2["score"]   # cat at equal weights is the exact average: same predictions
+    assert merges["peft-cat"]["outcomes"]["hash"] == rec2["outcomes"]["hash"]
     errors = rec2["cross_task"]["merge_errors"]
     assert errors["exact-cat"] < 1e-6 and errors["peft-cat"] < 1e-6 and errors["peft-linear"] > 1e-3
     # the report reads them (the runner adds identity and status)
@@ -240,7 +244,8 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     records = [{**r, "task": "quartz", "label": m, "method": m, "seed": seed, "status": "ok"}
                for r, m, seed in ((rec, "lorahub", 0), (rec2, "uniform-average", 1))]
     frame = cross_task_frame(records)
-    assert set(frame["rule"]) == {"zero-shot", "best-single", "lorahub", "uniform-average"}
+    assert set(frame["rule"]) == {"zero-shot", "best-single", "lorahub", "uniform-average", "merge:peft-linear",
+                                  "merge:peft-cat"}
     assert frame.set_index("rule").loc["zero-shot", "n_seeds"] == 2     # a baseline from every seed's record
     md = "\n".join(markdown(frame, merge_frame(records)))
     assert "| quartz | lorahub | 1 |" in md and "peft-linear" in md
@@ -285,4 +290,7 @@ def test_cross_task_suite_loads_and_refuses_what_it_cannot_run(tmp_path):
         load_suite(str(bad))
     bad.write_text("suite: bad\nversion: 1\ntasks: [quartz]\nmethods: [lorahub]\ncross_task: {k_shots: 0}\n")
     with pytest.raises(UserError, match="k_shots"):
+        load_suite(str(bad))
+    bad.write_text("suite: bad\nversion: 1\ntasks: [quartz]\nmethods: [lorahub]\ncross_task: {merge_accuracy: [mean]}\n")
+    with pytest.raises(UserError, match="unknown peft combination type"):
         load_suite(str(bad))

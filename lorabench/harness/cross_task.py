@@ -43,6 +43,16 @@ class CrossTaskConfig:
     adapters_per_job: int = option(4, "library adapters trained together in one fused job", low=1)
     merge_errors: bool = option(True, "uniform-average trials: record every weight-space merge's error on the library")
     merge_density: float = option(0.5, "density of peft's ties/dare/magnitude_prune merges", low=0.0, high=1.0)
+    merge_accuracy: list[str] = option(
+        help="uniform-average trials: also score these peft merges of the candidates at equal weights on the eval "
+             "split (their accuracy cost against the exact average); names of peft.LoraModel.add_weighted_adapter's "
+             "combination types", default_factory=list)
+
+    def __post_init__(self):
+        from lorabench.methods.cross_task.merging import PEFT_TYPES
+        bad = [t for t in self.merge_accuracy if t not in PEFT_TYPES]
+        if bad:
+            raise ValueError(f"merge_accuracy: unknown peft combination type(s) {bad}; valid: {', '.join(PEFT_TYPES)}")
 
 
 def library_train(c: CrossTaskConfig):
@@ -181,6 +191,17 @@ def run_cross_task(spec, progress: bool = True) -> dict:
     }
     if c.merge_errors and spec.method == "uniform-average":
         block["merge_errors"] = merge_errors(states, scale, c)
+    if c.merge_accuracy and spec.method == "uniform-average":
+        from lorabench.methods.cross_task.merging import peft_merge
+        block["merges"] = {}
+        w = [1.0 / len(states)] * len(states)
+        for t in c.merge_accuracy:   # each peft merge of the same candidates, scored on the same examples
+            merged = peft_merge(states, w, scale, t, density=c.merge_density, svd_rank=c.library_rank, seed=0)
+            mev = evaluate(composer_for(base, merged, composers))
+            block["merges"][f"peft-{t}"] = {
+                "score": round(float(mev.metrics[task.metric.name]), 6),
+                "outcomes": mev.outcomes.to_record(split.part_hash("eval")) if mev.outcomes else None}
+        log(f"merges scored: { {k: v['score'] for k, v in block['merges'].items()} }")
     return {
         **scored_fields(task, split, ev),
         "cross_task": block,

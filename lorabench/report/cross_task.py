@@ -39,6 +39,8 @@ def _rows(records: list[dict]) -> dict[tuple[str, str], dict[int, tuple[float, l
     for r in cross_task_records(records):
         ct, seed, task = r["cross_task"], int(r["seed"]), r["task"]
         out.setdefault((task, r["label"]), {})[seed] = (float(r["score"]), _outcomes(r), float(ct.get("compose_tokens", 0)))
+        for name, m in (ct.get("merges") or {}).items():   # peft merges of the same candidates (uniform weights)
+            out.setdefault((task, f"merge:{name}"), {})[seed] = (float(m["score"]), _outcomes(m), 0.0)
         for name in BASELINES:   # the same for every method at a seed: the first record's is kept
             b = (ct.get("baselines") or {}).get(name)
             if b is not None:
@@ -102,7 +104,8 @@ def markdown(frame: pd.DataFrame, merges: pd.DataFrame) -> list[str]:
            "Each held-out task's adapter is left out of the library; the rules compose the other tasks' adapters "
            "using k examples of the held-out task (lorabench/harness/cross_task.py). *zero-shot*: the base model; "
            "*best-single*: the candidate adapter with the lowest k-shot loss; the others are registered methods of "
-           "the cross-task family. Score: mean over seeds (the seed draws the k shots and seeds the optimiser) with "
+           "the cross-task family; *merge:peft-T*: peft's add_weighted_adapter of type T over the same candidates at "
+           "equal weights (beside uniform-average, the exact average). Score: mean over seeds (the seed draws the k shots and seeds the optimiser) with "
            "its 95% interval; *best* and *spread* (standard deviation) over seeds; *k-shot tokens*: tokens of the "
            "held-out task the rule read to compose (loss evaluations x k-shot tokens).", "",
            "| held-out task | rule | seeds | score (95% CI) | best | spread | k-shot tokens |",
