@@ -198,8 +198,9 @@ def test_bad_merge_input():
 @pytest.fixture
 def tiny_library(tmp_path, monkeypatch):
     """The library cache in a temporary folder (the models and data stay in LORABENCH_HOME)."""
-    from lorabench.harness import multitask
+    from lorabench.harness import cross_task, multitask
     monkeypatch.setattr(multitask, "library_dir", lambda: tmp_path / "library")
+    monkeypatch.setattr(cross_task, "eval_cache_dir", lambda: tmp_path / "evals")
     return tmp_path / "library"
 
 
@@ -233,6 +234,10 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     rec2 = run_trial(cross_task_spec("uniform-average", seed=1, merge_accuracy=["linear", "cat"]), progress=False)
     assert rec2["cross_task"]["library"] == ct["library"]
     assert rec2["cross_task"]["loss_evaluations"] == 0
+    # the zero-shot evaluation is the same at every seed: computed once, read from the cache the second time
+    assert rec2["cross_task"]["baselines"]["zero-shot"] == ct["baselines"]["zero-shot"]
+    cached = list((tiny_library.parent / "evals").iterdir())
+    assert 2 <= len(cached) <= 3   # zero-shot once, the best single adapter per distinct choice
     merges = rec2["cross_task"]["merges"]
     assert set(merges) == {"peft-linear", "peft-cat"}
     assert merges["peft-cat"]["score"] == rec2["score"]   # cat at equal weights is the exact average: same predictions

@@ -94,6 +94,29 @@ def composer_for(base, state: dict, cache: dict) -> torch.nn.Module:
     return cache[rank].load(state)
 
 
+def eval_cache_dir():
+    from lorabench.assets.specs import home
+    return home() / "cross-task-evals"
+
+
+def cached_eval(key: dict, run) -> dict:
+    """{"score", "outcomes"} of a baseline's evaluation (the base model, a library adapter), computed once per
+    key and kept as JSON in $LORABENCH_HOME/cross-task-evals: the same evaluation recurs in every method's
+    trial at a seed, and across seeds. The key names everything the result depends on."""
+    import hashlib
+    import json
+    import os
+    path = eval_cache_dir() / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    out = run()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return out
+
+
 @torch.no_grad()
 def kshot_loss(model, batch) -> float:
     return float(model(**batch).loss)
@@ -145,7 +168,8 @@ def run_cross_task(spec, progress: bool = True) -> dict:
     scale = c.library_alpha / c.library_rank
 
     seed_everything(spec.seed)
-    loaded = assets.load_model(model_name, head="causal-lm", seed=spec.seed)
+    # the library's base model: a random-init model (tiny-llama) is drawn from the seed it is loaded with
+    loaded = assets.load_model(model_name, head="causal-lm", seed=c.library_seed)
     base, tok = loaded.model.eval(), loaded.tokenizer
     shots = kshot_examples(task, c.k_shots, spec.seed)
     batch = task.collate(shots, tok)
@@ -168,12 +192,22 @@ def run_cross_task(spec, progress: bool = True) -> dict:
     ev = evaluate(composer_for(base, comp.state, composers))
 
     # baselines of this seed, on the same eval examples
-    zero = evaluate(base)
+    split = task.split()
+
+    def scored(model) -> dict:
+        e = evaluate(model)
+        return {"score": round(float(e.metrics[task.metric.name]), 6),
+                "outcomes": e.outcomes.to_record(split.part_hash("eval")) if e.outcomes else None}
+    key = {"model": model_name, "model_sha256": loaded.info.get("sha256"), "model_seed": c.library_seed,
+           "task": spec.task,
+           "task_options": spec.task_options, "eval_hash": split.part_hash("eval"),
+           "eval_batch_size": train_cfg.eval_batch_size, "autocast": train_cfg.autocast}
+    zero = cached_eval({**key, "adapter": None}, lambda: scored(base))
     single_losses = [loss_fn({k: (v * scale if k.endswith(".lora_B") else v) for k, v in s.items()}) for s in states]
     best = min(range(len(states)), key=lambda i: single_losses[i])
     best_state = {k: (v * scale if k.endswith(".lora_B") else v) for k, v in states[best].items()}
-    best_ev = evaluate(composer_for(base, best_state, composers))
-    split = task.split()
+    best_ev = cached_eval({**key, "adapter": paths[candidates[best]].stem},
+                          lambda: scored(composer_for(base, best_state, composers)))
     block = {
         "config": asdict(c), "held_out": spec.task, "candidates": candidates,
         "library": {t: paths[t].stem for t in candidates}, "library_seconds": round(library_seconds, 3),
@@ -182,11 +216,9 @@ def run_cross_task(spec, progress: bool = True) -> dict:
         "compose_tokens": comp.loss_evaluations * kshot_tokens, "compose_seconds": round(compose_seconds, 3),
         "info": comp.info,
         "baselines": {
-            "zero-shot": {"score": round(float(zero.metrics[task.metric.name]), 6),
-                          "outcomes": zero.outcomes.to_record(split.part_hash("eval")) if zero.outcomes else None},
-            "best-single": {"score": round(float(best_ev.metrics[task.metric.name]), 6), "adapter": candidates[best],
-                            "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)},
-                            "outcomes": best_ev.outcomes.to_record(split.part_hash("eval")) if best_ev.outcomes else None},
+            "zero-shot": zero,
+            "best-single": {**best_ev, "adapter": candidates[best],
+                            "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)}},
         },
     }
     if c.merge_errors and spec.method == "uniform-average":
