@@ -264,4 +264,4 @@ def merge_errors(states: list[dict], scale: float, c: CrossTaskConfig) -> dict:
     for t in PEFT_TYPES:
         out[f"peft-{t}"] = merge_error(peft_merge(states, w, scale, t, density=c.merge_density,
                                                   svd_rank=c.library_rank, seed=0), exact)
-    return {k: round(v, 8) for k, v in out.items()}
+    return {k: float(f"{v:.4g}") for k, v in out.items()}   # 4 significant digits: an exact merge's ~1e-8 stays visible
