@@ -146,3 +146,15 @@ def test_adapter_id_depends_on_what_defines_the_adapter():
     assert a != adapter_id("quartz", "smollm2-135m", "h", lib, TrainConfig(steps=11), 0)
     assert a != adapter_id("socialiqa", "smollm2-135m", "h", lib, cfg, 0)
     assert a != adapter_id("quartz", "smollm2-135m", "h2", lib, cfg, 0)
+
+
+def test_an_adapters_init_depends_on_its_seed_not_its_slot():
+    """build_library seeds each adapter's init from its id: the same adapter in another slot or job starts
+    from the same factors (so the cache key need not name the job)."""
+    base, _ = tiny_model("llama")
+    a = FusedLibrary(copy.deepcopy(base), 2, 4, 8.0, init_seeds=[11, 22])
+    b = FusedLibrary(copy.deepcopy(base), 3, 4, 8.0, init_seeds=[33, 22, 11])
+    for name, t in a.adapter_state(0).items():
+        assert torch.equal(t, b.adapter_state(2)[name])
+    assert not torch.equal(a.adapter_state(0)[next(iter(a.adapter_state(0)))],
+                           a.adapter_state(1)[next(iter(a.adapter_state(1)))])

@@ -41,7 +41,7 @@ from lorabench.config import option
 from lorabench.harness.train import TrainConfig, lr_lambda
 from lorabench.tasks.causal import IGNORE
 
-LIBRARY_VERSION = 1   # part of every library adapter's id: bump when the way adapters are trained changes
+LIBRARY_VERSION = 2   # part of every library adapter's id: bump when the way adapters are trained changes (2: init seeded by id)
 
 
 # ---- the fused layer -------------------------------------------------------------------------------------
@@ -91,7 +91,8 @@ class MultiLoraLinear(nn.Module):
     `lora_B: (L, out, r)` (the SGMV weight layout); `segments` (set for each batch by `FusedLibrary`) says
     which rows use which slot."""
 
-    def __init__(self, base: nn.Linear, n_adapters: int, rank: int, scale: float):
+    def __init__(self, base: nn.Linear, n_adapters: int, rank: int, scale: float,
+                 generators: list[torch.Generator | None] | None = None):
         super().__init__()
         self.base, self.rank, self.scale = base, rank, scale
         base.weight.requires_grad_(False)
@@ -101,7 +102,8 @@ class MultiLoraLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(n_adapters, rank, base.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(n_adapters, base.out_features, rank, dtype=w.dtype, device=w.device))
         for l in range(n_adapters):  # as LoraLinear: A kaiming-uniform (nn.Linear's, PEFT's), B = 0
-            nn.init.kaiming_uniform_(self.lora_A.data[l], a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.lora_A.data[l], a=math.sqrt(5),
+                                     generator=generators[l] if generators else None)
         self.register_buffer("ranks", torch.full((n_adapters,), rank, dtype=torch.int64), persistent=False)
         self.register_buffer("scales", torch.full((n_adapters,), float(scale), dtype=torch.float32), persistent=False)
         self.segments: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -148,15 +150,20 @@ class FusedLibrary:
     """L LoRA adapters over one frozen causal LM, trained together (module docstring)."""
 
     def __init__(self, model: nn.Module, n_adapters: int, rank: int, alpha: float,
-                 target_modules: list[str] | None = None):
+                 target_modules: list[str] | None = None, init_seeds: list[int] | None = None):
+        """`init_seeds`: one per adapter, so that an adapter's initial A depends on its own seed only, not on
+        which slot or job it trains in (None: torch's global generator)."""
         from lorabench.methods.base import ApplyContext, replace_module, resolve_targets
         for p in model.parameters():
             p.requires_grad_(False)
         self.model, self.n = model, n_adapters
         self.names = resolve_targets(model, target_modules, ApplyContext(model.config.model_type, []))
+        if init_seeds is not None and len(init_seeds) != n_adapters:
+            raise ValueError(f"init_seeds has {len(init_seeds)} seeds for {n_adapters} adapters")
+        gens = None if init_seeds is None else [torch.Generator().manual_seed(s) for s in init_seeds]
         self.layers: list[MultiLoraLinear] = []
         for name in self.names:
-            layer = MultiLoraLinear(model.get_submodule(name), n_adapters, rank, alpha / rank)
+            layer = MultiLoraLinear(model.get_submodule(name), n_adapters, rank, alpha / rank, gens)
             replace_module(model, name, layer)
             self.layers.append(layer)
 
@@ -253,7 +260,8 @@ def train_fused(fused: FusedLibrary, tasks: list, tokenizer, cfg: TrainConfig, s
 
 def adapter_id(task: str, model: str, split_hash: str, lib: LibraryConfig, train: TrainConfig, seed: int) -> str:
     """The trial id of a library adapter: a hash of everything that defines it (not of how many adapters
-    shared its job: fused training gives each adapter the losses it would have alone)."""
+    shared its job: each adapter's initial factors come from a generator seeded by its id, and fused training
+    gives it the losses it would have alone)."""
     spec = {"scenario": "cross-task-library", "version": LIBRARY_VERSION, "task": task, "model": model,
             "split_hash": split_hash, "rank": lib.rank, "alpha": lib.alpha, "target_modules": lib.target_modules,
             "train": {k: v for k, v in asdict(train).items()
@@ -298,7 +306,8 @@ def build_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: 
         group = todo[j:j + lib.adapters_per_job]
         seed_everything(seed)
         loaded = assets.load_model(model_name, head="causal-lm", seed=seed)
-        fused = FusedLibrary(loaded.model, len(group), lib.rank, lib.alpha, lib.target_modules)
+        fused = FusedLibrary(loaded.model, len(group), lib.rank, lib.alpha, lib.target_modules,
+                             init_seeds=[int(paths[t].stem[:8], 16) for t in group])   # from the adapter id
         res = train_fused(fused, [objs[t] for t in group], loaded.tokenizer, train, [seed] * len(group),
                           loaded.tokenizer.pad_token_id)
         for l, t in enumerate(group):
