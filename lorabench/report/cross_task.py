@@ -7,7 +7,7 @@ recorded, else over seeds), the best and the spread (standard deviation) over se
 the rule read to compose (loss evaluations x tokens of the k shots). The average row averages each seed's
 scores over the held-out tasks first, then takes the interval over seeds.
 
-Merge table (uniform-average records): each weight-space merge of the candidates at equal weights against
+Merge table (uniform-average records), per held-out task: each weight-space merge of its candidates at equal weights against
 the exact Σ (1/N) s B_i A_i, the relative Frobenius error over all layers (0 = exact).
 """
 from __future__ import annotations
@@ -84,12 +84,14 @@ def cross_task_frame(records: list[dict]) -> pd.DataFrame:
 
 
 def merge_frame(records: list[dict]) -> pd.DataFrame:
-    errors: dict[str, list[float]] = {}
+    """Per held-out task (its candidates are the library adapters merged) and merge: the error over trials."""
+    errors: dict[tuple[str, str], list[float]] = {}
     for r in cross_task_records(records):
         for k, v in (r["cross_task"].get("merge_errors") or {}).items():
-            errors.setdefault(k, []).append(float(v))
-    return pd.DataFrame([{"merge": k, "n": len(v), "error_mean": float(np.mean(v)), "error_max": float(np.max(v))}
-                         for k, v in sorted(errors.items())], columns=["merge", "n", "error_mean", "error_max"])
+            errors.setdefault((r["task"], k), []).append(float(v))
+    return pd.DataFrame([{"held_out": t, "merge": k, "n": len(v), "error_mean": float(np.mean(v)),
+                          "error_max": float(np.max(v))} for (t, k), v in sorted(errors.items())],
+                        columns=["held_out", "merge", "n", "error_mean", "error_max"])
 
 
 def _f(v, digits=3) -> str:
@@ -119,7 +121,8 @@ def markdown(frame: pd.DataFrame, merges: pd.DataFrame) -> list[str]:
                 "against the exact ΔW = Σ (1/N) s B_i A_i, over all adapted layers (0 = exact up to rounding; "
                 "lorabench/methods/cross_task/merging.py). peft's factor-wise types (linear, ties, dare_*, "
                 "magnitude_prune) sum the factors, so their product has cross terms B_i A_j.", "",
-                "| merge | trials | error (mean) | error (max) |", "|---|---|---|---|"]
+                "| held-out task (its candidates merged) | merge | trials | error (mean) | error (max) |",
+                "|---|---|---|---|---|"]
         for _, r in merges.iterrows():
-            out.append(f"| {r['merge']} | {r['n']} | {r['error_mean']:.2e} | {r['error_max']:.2e} |")
+            out.append(f"| {r['held_out']} | {r['merge']} | {r['n']} | {r['error_mean']:.2e} | {r['error_max']:.2e} |")
     return out + [""]
