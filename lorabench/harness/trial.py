@@ -35,6 +35,7 @@ class TrialSpec:
     train: dict = field(default_factory=dict)
     lm_eval: bool = False      # also score the trained model on its task through lm-evaluation-harness
     federated: dict | None = None  # the clients scenario's options (lorabench/harness/clients.py), partition included
+    cross_task: dict | None = None  # the cross-task scenario's options (lorabench/harness/cross_task.py)
 
 
 # The classification head of transformers' sequence-classification models. BERT's pooler is part
@@ -81,6 +82,9 @@ def scored_fields(task, split, ev) -> dict:
 
 
 def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
+    if spec.cross_task is not None:  # composition method x held-out task x seed: the cross-task scenario
+        from lorabench.harness.cross_task import run_cross_task
+        return run_cross_task(spec, progress=progress)
     if spec.federated is not None:  # method x partition x seed on Flower's simulation: the clients scenario
         from lorabench.harness.clients import run_federated
         return run_federated(spec, progress=progress)

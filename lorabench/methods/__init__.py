@@ -137,6 +137,14 @@ METHODS.register_lazy("federa", "lorabench.methods.federated.federa:FeDeRA", fam
 METHODS.register_lazy("hetlora", "lorabench.methods.federated.hetlora:HetLoRA", family="federated", paper="2401.06432",
                       title="Heterogeneous LoRA for federated fine-tuning of on-device foundation models")
 
+# Issue 17: cross-task generalization, composition rules driven by the multi-task scenario (lorabench/harness/cross_task.py)
+METHODS.register_lazy("lorahub", "lorabench.methods.cross_task.lorahub:LoraHub", family="cross-task", paper="2307.13269",
+                      title="LoraHub: Efficient Cross-Task Generalization via Dynamic LoRA Composition")
+METHODS.register_lazy("lora-arithmetic", "lorabench.methods.cross_task.lora_arithmetic:LoraArithmetic", family="cross-task",
+                      paper="2306.14870", title="Composing Parameter-Efficient Modules with Arithmetic Operations")
+METHODS.register_lazy("uniform-average", "lorabench.methods.cross_task.uniform_average:UniformAverage", family="cross-task",
+                      paper="2203.05482", title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time (the uniform soup, of task adapters)")
+
 
 def get_method(name: str):
     """The Method class registered as `name` (UserError with did-you-mean otherwise)."""

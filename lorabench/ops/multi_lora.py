@@ -21,7 +21,9 @@ with `idx = seg_idx.repeat_interleave(diff(seg_starts))` (that is its reference)
 dtypes: x, A, B, out in fp32, bf16 or fp16 (all the same); y is fp32 (the low-rank activation is
 kept in fp32 between shrink and expand, as vLLM does); idx, seg_*, ranks are int64.
 Backends: `reference` (pure PyTorch, always), `cpu` (lorabench._C), `cuda` (lorabench._C built with
-CUDA). These are inference ops (no autograd): serving never trains the adapters.
+CUDA). These are inference ops (no autograd): serving never trains the adapters. Training many adapters
+at once (the cross-task library) gives them a backward built from the same ops: `SgmvLoRA` in
+lorabench/harness/multitask.py.
 """
 from __future__ import annotations
 

@@ -14,6 +14,9 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     failures.csv        every failed trial with its reason
     federated.csv       the clients scenario (when any): per task, partition and method: global and personalised
                         scores, MB communicated, aggregation error; plots/federated-TASK-{rounds,mb}.png
+    cross-task.csv      the cross-task scenario (when any): per held-out task and rule (baselines and composition
+                        methods): score over seeds with its interval, best, spread, k-shot tokens
+    cross-task-merges.csv   each weight-space merge's error against the exact weighted sum
     findings.csv        the survey's headline claims, per task, with the numbers behind each verdict
     leaderboard.html    one self-contained page: sortable, filterable tables and the plots
     plots/TASK.png, plots/average.png
@@ -28,7 +31,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import UserError
-from lorabench.report import curves, federated, findings, plots, tables
+from lorabench.report import cross_task, curves, federated, findings, plots, tables
 from lorabench.report.html import render_html
 from lorabench.report.markdown import render_markdown
 
@@ -135,11 +138,13 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
         pngs.update(curves.curve_plots(rep.all_trials, rep.baselines))
         pngs.update(federated.plots(records))  # the clients scenario (none without federated records)
     fed = federated.federated_frame(records)
+    cross, merges = cross_task.cross_task_frame(records), cross_task.merge_frame(records)
     written: list[Path] = []
     if "md" in formats:
         p = out / "LEADERBOARD.md"
         names = [f"plots/{n}" for n in pngs] if "png" in formats else []
         fed_md = federated.markdown(fed, [n for n in sorted(pngs) if n.startswith("federated-")] if names else [])
+        fed_md += cross_task.markdown(cross, merges)   # the cross-task scenario's section (none without its records)
         p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md), encoding="utf-8")
         written.append(p)
     if "csv" in formats:
@@ -154,6 +159,10 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
             frames["curves.csv"] = rep.curves
         if len(fed):
             frames["federated.csv"] = fed
+        if len(cross):
+            frames["cross-task.csv"] = cross
+        if len(merges):
+            frames["cross-task-merges.csv"] = merges
         for name, df in frames.items():
             _csv(df, out / name)
             written.append(out / name)

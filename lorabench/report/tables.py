@@ -35,7 +35,7 @@ metric higher_is_better score metrics split_hash n_train n_eval model_info train
 adapter_bytes train method_config family paper final_loss loss_curve train_tokens_per_s eval_tokens_per_s
 train_seconds eval_seconds method_metrics peak_rss_mb rss_after_load_mb trial_seconds
 cuda_max_allocated_mb cuda_max_reserved_mb jobs lm_eval node backend node_ip ray_node_id attempts lost_attempts
-n_val val_score val_curve outcomes majority_label trained_steps
+n_val val_score val_curve outcomes majority_label trained_steps cross_task
 """.split())
 REQUIRED = ("task", "label", "method", "seed")
 

@@ -25,6 +25,9 @@ tune_seeds: [0]              # optional, with lr_grid: only these seeds run the 
 federated: {clients: 10, rounds: 5}   # optional: the clients scenario (lorabench/harness/clients.py options);
 partitions: [iid, dirichlet:0.3]      # with federated: one trial per method x partition x seed, labelled
                                       # METHOD@PARTITION; every method must be of the federated family
+cross_task: {k_shots: 5}     # optional: the cross-task scenario's leave-one-task-out protocol
+                             # (lorabench/harness/cross_task.py options); each task is held out in turn, one
+                             # trial per method x held-out task x seed; every method must be of the cross-task family
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -50,7 +53,7 @@ if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite n
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
-            "tune_seeds", "federated", "partitions"}
+            "tune_seeds", "federated", "partitions", "cross_task"}
 TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
@@ -119,6 +122,7 @@ class Suite:
     tune_seeds: list[int] | None = None  # with lr_grid: the seeds that run the grid (None = every seed)
     federated: dict | None = None  # the clients scenario's options (None: single-task trials)
     partitions: list[str] | None = None  # with federated: the partitions each method runs on
+    cross_task: dict | None = None  # the cross-task scenario's options (None: single-task trials)
 
     def jobs_for(self, spec: TrialSpec) -> int:
         """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
@@ -158,6 +162,12 @@ class Suite:
                                      task_options=task.options, model=task.model or self.model,
                                      seed=seed, train=t, lm_eval=task.lm_eval)
 
+                if self.cross_task is not None:  # the cross-task scenario: method x held-out task x seed
+                    for seed in seeds:
+                        sp = spec(seed, train)
+                        sp.cross_task = dict(self.cross_task)
+                        out.append(sp)
+                    continue
                 if self.federated is not None:  # the clients scenario: method x partition x seed
                     for part in self.partitions or ["iid"]:
                         for seed in seeds:
@@ -203,6 +213,8 @@ def trial_id(spec: TrialSpec) -> str:
         del d["lm_eval"]  # trials without lm-eval keep the ids they had before the option existed
     if d["federated"] is None:
         del d["federated"]  # single-task trials keep the ids they had before the clients scenario
+    if d.get("cross_task") is None:
+        d.pop("cross_task", None)  # nor the cross-task scenario
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -378,12 +390,14 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
         methods.append(MethodEntry(e["name"], label, dict(e.get("options") or {}), dict(e.get("train") or {}),
                                    check_grid(e.get("lr_grid"), k + ("lr_grid",))))
     federated, parts = _federated(data, path, lines, methods, lr_grid)
+    cross_task = _cross_task(data, path, lines, methods, lr_grid)
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
-                 jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, federated=federated, partitions=parts)
+                 jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, federated=federated, partitions=parts,
+                 cross_task=cross_task)
 
 
 def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> tuple[dict | None, list | None]:
@@ -429,8 +443,33 @@ def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], 
     return dict(fed), [str(p) for p in parts]
 
 
+def _cross_task(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> dict | None:
+    """The cross-task scenario's `cross_task` options (checked against CrossTaskConfig)."""
+    ct = data.get("cross_task")
+    if ct is None:
+        return None
+    if not isinstance(ct, dict):
+        raise UserError(f"{_where(path, lines, ('cross_task',))}: cross_task must be a mapping of the cross-task "
+                        f"scenario's options (lorabench/harness/cross_task.py), got {ct!r}")
+    if data.get("federated") is not None:
+        raise UserError(f"{_where(path, lines, ('cross_task',))}: a suite runs one scenario: cross_task or federated")
+    from lorabench.harness.cross_task import CrossTaskConfig
+    from_dict(CrossTaskConfig, ct, f"{_where(path, lines, ('cross_task',))}: cross_task")
+    from lorabench.methods import METHODS
+    for i, m in enumerate(methods):
+        if METHODS.meta(m.name)["family"] != "cross-task":
+            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is not a cross-task method; a "
+                            f"suite with `cross_task:` runs the leave-one-task-out protocol, whose methods are: "
+                            f"{', '.join(n for n in METHODS.names() if METHODS.meta(n)['family'] == 'cross-task')}")
+    if lr_grid is not None or data.get("tune_seeds") is not None:
+        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with cross_task: "
+                        f"nothing is trained per trial")
+    return dict(ct)
+
+
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | lr_grid=0.3,1,3 (multipliers; a subset runs part of a grid) | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
                  "partitions=iid,dirichlet:0.3 | federated.<option>=V (the clients scenario) | "
+                 "cross_task.<option>=V (the cross-task scenario) | "
                  "train.<option>=V | task.<option>=V (every task) | method.<option>=V (every method that has it) | "
                  "<method label>.<option>=V")
 
@@ -475,6 +514,10 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             from lorabench.harness.clients import FederatedConfig
             from_dict(FederatedConfig, {key[10:]: value}, f"command line: {key}={raw.strip()}: federated")
             data["federated"] = merge(data.get("federated") or {}, {key[10:]: value})
+        elif key.startswith("cross_task."):
+            from lorabench.harness.cross_task import CrossTaskConfig
+            from_dict(CrossTaskConfig, {key[11:]: value}, f"command line: {key}={raw.strip()}: cross_task")
+            data["cross_task"] = merge(data.get("cross_task") or {}, {key[11:]: value})
         elif key == "model":
             data["model"] = str(value)
             for t in data["tasks"]:

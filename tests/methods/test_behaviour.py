@@ -143,6 +143,10 @@ BEHAVIOURS = [
     B("federa", None),
     B("hetlora", lambda m: m["rank_after_pruning"] < 8 and 0 < m["tail_norm_ratio"] < 1,
       "rank self-pruning drops the weakest rank component", options={"prune_threshold": 0.99}),
+    # cross-task (issue 17): a single-task trial trains one library adapter (LoRA); the composition rules
+    # are tested on library adapters in tests/test_cross_task.py
+    B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
+    B("uniform-average", None, lora_by_construction=True),
     B("pillow", lambda m: m["prompt_matching"] and m["rl_steps"] > 0 and sum(m["selected_counts"]) > 0
       and m["policy_entropy_last"] < m["policy_entropy_first"],
       "train the prompt matcher by REINFORCE: its policy moves away from uniform", task=pillow_task),

@@ -1,0 +1,267 @@
+"""The cross-task scenario's leave-one-task-out protocol (issue 17; docs/cross-task.md), LoRAHub's protocol
+(arXiv 2307.13269, sec. 4) scaled down to one core.
+
+One trial = a composition method (family `cross-task`) x a held-out task x a seed:
+
+1. the library: one LoRA per pool task (lorabench/harness/multitask.py, trained fused and cached by
+   adapter id, shared by every trial); the candidates are the pool's adapters except the held-out task's;
+2. the seed draws k examples (the "k shots") from the held-out task's training split;
+3. the method composes the candidates (`CompositionMethod.compose`), scoring composed adapters by their
+   loss on the k shots (LoRAHub's nevergrad search, arithmetic's λ grid; uniform averaging uses none);
+4. the composed adapter is scored on the held-out task's eval split, as every trial is.
+
+Each record carries, beside the method's score, the baselines of the same seed: zero-shot (the base model)
+and the best single candidate chosen by k-shot loss, scored on the same eval examples; and what the
+composition cost (k-shot loss evaluations, tokens). The uniform-average trial also records, on the real
+library, the error of every weight-space merge against the exact weighted sum (methods/cross_task/merging.py).
+"""
+from __future__ import annotations
+
+import copy
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lorabench.config import from_dict, option
+from lorabench.errors import UserError
+
+
+@dataclass
+class CrossTaskConfig:
+    pool: list[str] | None = option(None, "the library's tasks (None: the 13 of lorabench/harness/task_pool.py); "
+                                          "the held-out task's own adapter is never a candidate")
+    k_shots: int = option(5, "examples of the held-out task the composition may see (LoRAHub: 5)", low=1, high=256)
+    library_rank: int = option(8, "LoRA rank of every library adapter", low=1, high=256)
+    library_alpha: float = option(16.0, "LoRA alpha of every library adapter", low=0.0)
+    library_steps: int = option(100, "training steps of every library adapter", low=1)
+    library_batch_size: int = option(8, "examples per step of every library adapter", low=1)
+    library_lr: float = option(5e-4, "learning rate of every library adapter (AdamW, linear decay)", low=0.0)
+    library_seed: int = option(0, "the library is trained once, at this seed, for every trial seed", low=0)
+    adapters_per_job: int = option(4, "library adapters trained together in one fused job", low=1)
+    merge_errors: bool = option(True, "uniform-average trials: record every weight-space merge's error on the library")
+    merge_density: float = option(0.5, "density of peft's ties/dare/magnitude_prune merges", low=0.0, high=1.0)
+    merge_accuracy: list[str] = option(
+        help="uniform-average trials: also score these peft merges of the candidates at equal weights on the eval "
+             "split (their accuracy cost against the exact average); names of peft.LoraModel.add_weighted_adapter's "
+             "combination types", default_factory=list)
+
+    def __post_init__(self):
+        from lorabench.methods.cross_task.merging import PEFT_TYPES
+        bad = [t for t in self.merge_accuracy if t not in PEFT_TYPES]
+        if bad:
+            raise ValueError(f"merge_accuracy: unknown peft combination type(s) {bad}; valid: {', '.join(PEFT_TYPES)}")
+
+
+def library_train(c: CrossTaskConfig):
+    from lorabench.harness.train import TrainConfig
+    return TrainConfig(steps=c.library_steps, batch_size=c.library_batch_size, lr=c.library_lr,
+                       warmup_steps_for_throughput=0)
+
+
+def kshot_examples(task, k: int, seed: int) -> list[dict]:
+    train = task.split().train
+    if len(train) < k:
+        raise UserError(f"task {task.name} has {len(train)} training examples, fewer than k_shots={k}")
+    return random.Random(seed).sample(train, k)
+
+
+class Composer:
+    """The base model with a LoRA layer on every library layer, into which composed adapters are loaded."""
+
+    def __init__(self, base: torch.nn.Module, layers: list[str], rank: int):
+        from lorabench.methods import get_method
+        from lorabench.methods.base import ApplyContext
+        self.rank, self.layers = rank, layers
+        self.method = get_method("lora").from_options({"rank": rank, "alpha": float(rank), "target_modules": layers})
+        self.model = self.method.apply(copy.deepcopy(base), ApplyContext(base.config.model_type, []))
+        self.model.eval()
+
+    def load(self, state: dict) -> torch.nn.Module:
+        """`state` (scale folded into B) at scale 1: alpha = rank."""
+        self.method.load_adapter_state_dict(self.model, state)
+        return self.model
+
+
+def composer_for(base, state: dict, cache: dict) -> torch.nn.Module:
+    from lorabench.methods.cross_task.base import layer_prefixes
+    layers = layer_prefixes(state)
+    rank = state[f"{layers[0]}.lora_A"].shape[0]
+    if rank not in cache:
+        cache[rank] = Composer(base, layers, rank)
+    return cache[rank].load(state)
+
+
+def eval_cache_dir():
+    from lorabench.assets.specs import home
+    return home() / "cross-task-evals"
+
+
+def cached_eval(key: dict, run) -> dict:
+    """{"score", "outcomes"} of a baseline's evaluation (the base model, a library adapter), computed once per
+    key and kept as JSON in $LORABENCH_HOME/cross-task-evals: the same evaluation recurs in every method's
+    trial at a seed, and across seeds. The key names everything the result depends on."""
+    import hashlib
+    import json
+    import os
+    path = eval_cache_dir() / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24] + ".json")
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    out = run()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return out
+
+
+@torch.no_grad()
+def kshot_loss(model, batch) -> float:
+    return float(model(**batch).loss)
+
+
+def run_cross_task(spec, progress: bool = True) -> dict:
+    """One leave-one-task-out trial; returns the result part of its record."""
+    import transformers
+
+    from lorabench import assets
+    from lorabench.harness import task_pool
+    from lorabench.harness.multitask import LibraryConfig, build_library, load_library_adapter
+    from lorabench.harness.train import TrainConfig, precision
+    from lorabench.harness.trial import scored_fields, seed_everything
+    from lorabench.measure.memory import peak_rss_mb
+    from lorabench.methods import get_method
+    from lorabench.methods.cross_task.base import CompositionMethod
+    from lorabench.tasks import get_task
+
+    t_start = time.perf_counter()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    c = from_dict(CrossTaskConfig, spec.cross_task, "cross_task")
+    train_cfg = from_dict(TrainConfig, spec.train, "train")
+    method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
+    if not isinstance(method, CompositionMethod):
+        raise UserError(f"method {spec.method!r} is not a composition method (family 'cross-task'); the cross-task "
+                        f"scenario needs its compose rule")
+    task = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}")
+    if task.kind != "multiple-choice":
+        raise UserError(f"task {spec.task}: the cross-task scenario composes adapters of multiple-choice tasks "
+                        f"(one output space); {spec.task} is a {task.kind} task")
+    pool = list(c.pool) if c.pool is not None else list(task_pool.POOL)
+    candidates = [t for t in pool if t != spec.task]
+    if not candidates:
+        raise UserError(f"cross_task.pool={pool} leaves no candidate adapter once {spec.task} is held out")
+    model_name = spec.model or task.default_model
+
+    def log(msg: str) -> None:
+        if progress:
+            sys.stderr.write(f"[cross-task {spec.label} on {spec.task} seed {spec.seed}] {msg}\n")
+            sys.stderr.flush()
+
+    lib = LibraryConfig(rank=c.library_rank, alpha=c.library_alpha, adapters_per_job=c.adapters_per_job)
+    t_lib = time.perf_counter()
+    paths = build_library(candidates, model_name, lib, library_train(c), seed=c.library_seed, progress=progress)
+    library_seconds = time.perf_counter() - t_lib
+    states = [load_library_adapter(paths[t]) for t in candidates]
+    scale = c.library_alpha / c.library_rank
+
+    seed_everything(spec.seed)
+    # the library's base model: a random-init model (tiny-llama) is drawn from the seed it is loaded with
+    loaded = assets.load_model(model_name, head="causal-lm", seed=c.library_seed)
+    base, tok = loaded.model.eval(), loaded.tokenizer
+    shots = kshot_examples(task, c.k_shots, spec.seed)
+    batch = task.collate(shots, tok)
+    kshot_tokens = int(batch["attention_mask"].sum())
+    composers: dict = {}
+
+    def loss_fn(state) -> float:
+        with precision(train_cfg):
+            return kshot_loss(composer_for(base, state, composers), batch)
+
+    def evaluate(model):
+        model.eval()
+        with precision(train_cfg):
+            return task.evaluate(model, tok, train_cfg.eval_batch_size)
+
+    t0 = time.perf_counter()
+    comp = method.compose(states, scale, loss_fn, spec.seed)
+    compose_seconds = time.perf_counter() - t0
+    log(f"composed: weights {[round(w, 3) for w in comp.weights]} after {comp.loss_evaluations} k-shot evaluations")
+    ev = evaluate(composer_for(base, comp.state, composers))
+
+    # baselines of this seed, on the same eval examples
+    split = task.split()
+
+    def scored(model) -> dict:
+        e = evaluate(model)
+        return {"score": round(float(e.metrics[task.metric.name]), 6),
+                "outcomes": e.outcomes.to_record(split.part_hash("eval")) if e.outcomes else None}
+    key = {"model": model_name, "model_sha256": loaded.info.get("sha256"), "model_seed": c.library_seed,
+           "task": spec.task,
+           "task_options": spec.task_options, "eval_hash": split.part_hash("eval"),
+           "eval_batch_size": train_cfg.eval_batch_size, "autocast": train_cfg.autocast}
+    zero = cached_eval({**key, "adapter": None}, lambda: scored(base))
+    single_losses = [loss_fn({k: (v * scale if k.endswith(".lora_B") else v) for k, v in s.items()}) for s in states]
+    best = min(range(len(states)), key=lambda i: single_losses[i])
+    best_state = {k: (v * scale if k.endswith(".lora_B") else v) for k, v in states[best].items()}
+    best_ev = cached_eval({**key, "adapter": paths[candidates[best]].stem},
+                          lambda: scored(composer_for(base, best_state, composers)))
+    block = {
+        "config": asdict(c), "held_out": spec.task, "candidates": candidates,
+        "library": {t: paths[t].stem for t in candidates}, "library_seconds": round(library_seconds, 3),
+        "k_shots": c.k_shots, "kshot_tokens": kshot_tokens,
+        "weights": [round(w, 6) for w in comp.weights], "loss_evaluations": comp.loss_evaluations,
+        "compose_tokens": comp.loss_evaluations * kshot_tokens, "compose_seconds": round(compose_seconds, 3),
+        "info": comp.info,
+        "baselines": {
+            "zero-shot": zero,
+            "best-single": {**best_ev, "adapter": candidates[best],
+                            "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)}},
+        },
+    }
+    if c.merge_errors and spec.method == "uniform-average":
+        block["merge_errors"] = merge_errors(states, scale, c)
+    if c.merge_accuracy and spec.method == "uniform-average":
+        from lorabench.methods.cross_task.merging import peft_merge
+        block["merges"] = {}
+        w = [1.0 / len(states)] * len(states)
+        for t in c.merge_accuracy:   # each peft merge of the same candidates, scored on the same examples
+            merged = peft_merge(states, w, scale, t, density=c.merge_density, svd_rank=c.library_rank, seed=0)
+            mev = evaluate(composer_for(base, merged, composers))
+            block["merges"][f"peft-{t}"] = {
+                "score": round(float(mev.metrics[task.metric.name]), 6),
+                "outcomes": mev.outcomes.to_record(split.part_hash("eval")) if mev.outcomes else None}
+        log(f"merges scored: { {k: v['score'] for k, v in block['merges'].items()} }")
+    return {
+        **scored_fields(task, split, ev),
+        "cross_task": block,
+        "model_info": loaded.info,
+        "trainable_params": 0,   # nothing is trained in the trial (the library is trained once, cached)
+        "method_config": method.config_dict(),
+        "family": method.family,
+        "paper": method.paper,
+        "train": asdict(train_cfg),
+        "eval_tokens_per_s": round(ev.n_tokens / ev.seconds, 1) if ev.seconds > 0 else None,
+        "eval_seconds": round(ev.seconds, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "trial_seconds": round(time.perf_counter() - t_start, 3),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def merge_errors(states: list[dict], scale: float, c: CrossTaskConfig) -> dict:
+    """Each merge of the candidates at equal weights against the exact weighted sum Σ (1/N) s B_i A_i:
+    relative Frobenius error over all layers (methods/cross_task/merging.py)."""
+    from lorabench.methods.cross_task.merging import PEFT_TYPES, exact_delta, exact_merge, merge_error, peft_merge
+    from lorabench.methods.cross_task.uniform_average import concatenated
+    n = len(states)
+    w = [1.0 / n] * n
+    exact = exact_delta(states, w, scale)
+    out = {"exact-cat": merge_error(concatenated(states, w, scale), exact),
+           f"exact-svd-r{c.library_rank}": merge_error(exact_merge(states, w, scale, c.library_rank), exact)}
+    for t in PEFT_TYPES:
+        out[f"peft-{t}"] = merge_error(peft_merge(states, w, scale, t, density=c.merge_density,
+                                                  svd_rank=c.library_rank, seed=0), exact)
+    return {k: float(f"{v:.4g}") for k, v in out.items()}   # 4 significant digits: an exact merge's ~1e-8 stays visible

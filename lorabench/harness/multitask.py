@@ -1,0 +1,384 @@
+"""The multi-task scenario's adapter library (issue 17; docs/cross-task.md): one LoRA per pool task
+(`lorabench/harness/task_pool.py`), trained once, cached by its trial id as safetensors, and reused by
+every composition method (`lorabench/methods/cross_task/`).
+
+The library trains the way ASPEN does (Ye et al., "ASPEN: High-Throughput LoRA Fine-Tuning of Large Language
+Models with a Single GPU", arXiv 2312.02515; the survey's "parallel LoRA computing"): many
+adapters in one job over one frozen base model. Each step takes one batch per adapter from that
+adapter's own task, stacks the rows into one batch (the rows of adapter l contiguous), runs the frozen
+base once over all of them, and adds each adapter's low-rank term to its own rows only through the
+multi-adapter SGMV kernels (`lorabench.ops.multi_lora`, after Punica arXiv 2310.18547):
+
+    h[i] = W0 x[i] + s B_l A_l x[i]          l = the adapter of row i   (eq. (3) of LoRA, per row)
+
+The loss of the step is the sum of the adapters' own losses (each the mean over its rows' target
+tokens, as the single-task loop's); adapters share no parameter and rows do not interact (causal
+attention within a row), so the gradient of adapter l is the gradient of its own loss. AdamW acts
+element-wise and gradient clipping is done per adapter, so each adapter follows the same trajectory as
+training it alone with `lorabench.harness.train.train` (tests/test_multitask.py checks the losses step
+by step, within rounding).
+
+The SGMV ops are inference ops; `SgmvLoRA` gives them a backward: the input gradient goes back through
+the same two kernels with the slots transposed (g B_l then A_l), and each adapter's weight gradients
+are one GEMM over its own segment of rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorabench.config import option
+from lorabench.harness.train import TrainConfig, lr_lambda
+from lorabench.tasks.causal import IGNORE
+
+LIBRARY_VERSION = 2   # part of every library adapter's id: bump when the way adapters are trained changes (2: init seeded by id)
+
+
+# ---- the fused layer -------------------------------------------------------------------------------------
+
+class SgmvLoRA(torch.autograd.Function):
+    """delta[i] = s_l B_l A_l x[i] for the tokens of segment l, with its backward (eq. (3) of LoRA):
+
+        forward:   y = s x A_l^T  (sgmv_shrink),   delta = y B_l^T   (sgmv_expand)
+        backward:  u = s g B_l    (sgmv_shrink with B_l^T as the slot),  dx = u A_l  (sgmv_expand with A_l^T)
+                   dB_l = g_seg^T y_seg,   dA_l = u_seg^T x_seg          (one GEMM per segment)
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, seg_starts, seg_idx, ranks, scales):
+        from lorabench.ops import multi_lora
+        y = multi_lora.sgmv_shrink(x, A, seg_starts, seg_idx, ranks, scales)          # (T, R) fp32
+        delta = torch.zeros(x.shape[0], B.shape[1], dtype=x.dtype, device=x.device)  # (T, out)
+        multi_lora.sgmv_expand(delta, y, B, seg_starts, seg_idx, ranks)
+        ctx.save_for_backward(x, A, B, seg_starts, seg_idx, ranks, scales, y)
+        return delta
+
+    @staticmethod
+    def backward(ctx, g):
+        from lorabench.ops import multi_lora
+        x, A, B, seg_starts, seg_idx, ranks, scales, y = ctx.saved_tensors
+        g = g.contiguous()
+        Bt = B.transpose(1, 2).contiguous()                                           # (L, R, out): a shrink slot
+        u = multi_lora.sgmv_shrink(g, Bt, seg_starts, seg_idx, ranks, scales)         # (T, R) = s g B_l
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x)
+            multi_lora.sgmv_expand(dx, u, A.transpose(1, 2).contiguous(), seg_starts, seg_idx, ranks)  # u A_l
+        dA, dB = torch.zeros_like(A), torch.zeros_like(B)
+        starts = seg_starts.tolist()
+        for s, l in enumerate(seg_idx.tolist()):
+            a, b = starts[s], starts[s + 1]
+            if l < 0 or a == b:
+                continue
+            r = int(ranks[l])
+            dB[l, :, :r] += (g[a:b].T.float() @ y[a:b, :r]).to(B.dtype)               # (out, r)
+            dA[l, :r] += (u[a:b, :r].T @ x[a:b].float()).to(A.dtype)                  # (r, in)
+        return dx, dA, dB, None, None, None, None
+
+
+class MultiLoraLinear(nn.Module):
+    """A frozen linear layer with L LoRA adapters stacked in slots, `lora_A: (L, r, in)` and
+    `lora_B: (L, out, r)` (the SGMV weight layout); `segments` (set for each batch by `FusedLibrary`) says
+    which rows use which slot."""
+
+    def __init__(self, base: nn.Linear, n_adapters: int, rank: int, scale: float,
+                 generators: list[torch.Generator | None] | None = None):
+        super().__init__()
+        self.base, self.rank, self.scale = base, rank, scale
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.zeros(n_adapters, rank, base.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(n_adapters, base.out_features, rank, dtype=w.dtype, device=w.device))
+        for l in range(n_adapters):  # as LoraLinear: A kaiming-uniform (nn.Linear's, PEFT's), B = 0
+            nn.init.kaiming_uniform_(self.lora_A.data[l], a=math.sqrt(5),
+                                     generator=generators[l] if generators else None)
+        self.register_buffer("ranks", torch.full((n_adapters,), rank, dtype=torch.int64), persistent=False)
+        self.register_buffer("scales", torch.full((n_adapters,), float(scale), dtype=torch.float32), persistent=False)
+        self.segments: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.segments is None:
+            raise RuntimeError("MultiLoraLinear: no segments set; run the model through FusedLibrary")
+        x2 = x.reshape(-1, x.shape[-1])                                               # (T, in), T = rows * length
+        delta = SgmvLoRA.apply(x2, self.lora_A, self.lora_B, *self.segments, self.ranks, self.scales)
+        return self.base(x) + delta.reshape(*x.shape[:-1], -1)
+
+
+# ---- the fused model and its training loop ---------------------------------------------------------------
+
+@dataclass
+class LibraryConfig:
+    """How every adapter of the library is trained (one LoRA per task, the same recipe for each)."""
+    rank: int = option(8, "LoRA rank of every library adapter", low=1, high=256)
+    alpha: float = option(16.0, "LoRA alpha (scale alpha / rank, eq. (3) of LoRA)", low=0.0)
+    target_modules: list[str] | None = option(
+        None, "modules to adapt (name suffixes); None = every linear layer of the transformer blocks")
+    adapters_per_job: int = option(4, "adapters trained together in one fused job (ASPEN-style)", low=1)
+
+
+def stack_rows(batches: list[dict], pad_id: int) -> tuple[dict, list[int]]:
+    """One right-padded batch of every adapter's rows, adapter by adapter; the row count of each."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+
+    def pad(t, value):
+        return F.pad(t, (0, width - t.shape[1]), value=value)
+    out = {"input_ids": torch.cat([pad(b["input_ids"], pad_id) for b in batches]),
+           "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
+           "labels": torch.cat([pad(b["labels"], IGNORE) for b in batches])}
+    return out, [b["input_ids"].shape[0] for b in batches]
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """transformers' causal-LM loss: mean cross-entropy of token t+1 from position t, ignoring -100."""
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+
+
+class FusedLibrary:
+    """L LoRA adapters over one frozen causal LM, trained together (module docstring)."""
+
+    def __init__(self, model: nn.Module, n_adapters: int, rank: int, alpha: float,
+                 target_modules: list[str] | None = None, init_seeds: list[int] | None = None):
+        """`init_seeds`: one per adapter, so that an adapter's initial A depends on its own seed only, not on
+        which slot or job it trains in (None: torch's global generator)."""
+        from lorabench.methods.base import ApplyContext, replace_module, resolve_targets
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model, self.n = model, n_adapters
+        self.names = resolve_targets(model, target_modules, ApplyContext(model.config.model_type, []))
+        if init_seeds is not None and len(init_seeds) != n_adapters:
+            raise ValueError(f"init_seeds has {len(init_seeds)} seeds for {n_adapters} adapters")
+        gens = None if init_seeds is None else [torch.Generator().manual_seed(s) for s in init_seeds]
+        self.layers: list[MultiLoraLinear] = []
+        for name in self.names:
+            layer = MultiLoraLinear(model.get_submodule(name), n_adapters, rank, alpha / rank, gens)
+            replace_module(model, name, layer)
+            self.layers.append(layer)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers for p in (layer.lora_A, layer.lora_B)]
+
+    def set_rows(self, rows: list[int], length: int) -> None:
+        """Rows are stacked adapter by adapter: adapter l's tokens are one segment of the flattened batch."""
+        counts = torch.tensor([r * length for r in rows], dtype=torch.int64)
+        seg_starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        seg_idx = torch.arange(len(rows), dtype=torch.int64)
+        for layer in self.layers:
+            layer.segments = (seg_starts, seg_idx)
+
+    def adapter_state(self, slot: int) -> dict[str, torch.Tensor]:
+        """Slot `slot` as a plain `lora` adapter (the names LoRA.adapter_state_dict gives)."""
+        out = {}
+        for name, layer in zip(self.names, self.layers):
+            out[f"{name}.lora_A"] = layer.lora_A.detach()[slot].clone()
+            out[f"{name}.lora_B"] = layer.lora_B.detach()[slot].clone()
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in zip(self.names, self.layers):
+            layer.lora_A[slot].copy_(state[f"{name}.lora_A"])
+            layer.lora_B[slot].copy_(state[f"{name}.lora_B"])
+
+    def losses(self, batches: list[dict], pad_id: int) -> list[torch.Tensor]:
+        """Each adapter's own loss on its own batch, from one forward pass over all the rows."""
+        batch, rows = stack_rows(batches, pad_id)
+        self.set_rows(rows, batch["input_ids"].shape[1])
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out, start = [], 0
+        for r in rows:
+            out.append(causal_lm_loss(logits[start:start + r], batch["labels"][start:start + r]))
+            start += r
+        return out
+
+    def clip_per_adapter(self, max_norm: float) -> None:
+        """torch.nn.utils.clip_grad_norm_ applied to each adapter's own gradients (its slot of every layer)."""
+        for l in range(self.n):
+            grads = [g[l] for layer in self.layers for g in (layer.lora_A.grad, layer.lora_B.grad)]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef)
+
+
+@dataclass
+class FusedResult:
+    losses: list[list[float]] = field(default_factory=list)   # [adapter][step]
+    tokens_per_s: float | None = None                          # median over steps after warm-up
+    seconds: float = 0.0
+
+
+def train_fused(fused: FusedLibrary, tasks: list, tokenizer, cfg: TrainConfig, seeds: list[int],
+                pad_id: int) -> FusedResult:
+    """The single-task loop of lorabench/harness/train.py, for L adapters at once: the same optimizer
+    (AdamW), schedule, per-adapter clipping and batches (task l's `train_batches` at seed l)."""
+    if len(tasks) != fused.n or len(seeds) != fused.n:
+        raise ValueError(f"{fused.n} adapters need {fused.n} tasks and seeds, got {len(tasks)} and {len(seeds)}")
+    lr = cfg.lr if cfg.lr is not None else 5e-4
+    optimizer = torch.optim.AdamW(fused.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    streams = [t.train_batches(tokenizer, cfg.batch_size, s) for t, s in zip(tasks, seeds)]
+    fused.model.train()
+    result, rates, t_start = FusedResult(losses=[[] for _ in tasks]), [], time.perf_counter()
+    for step in range(cfg.steps):
+        batches = [next(s) for s in streams]
+        t0 = time.perf_counter()
+        losses = fused.losses(batches, pad_id)
+        total = torch.stack(losses).sum()   # adapters share no parameter: d total / d adapter l = d loss_l
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"loss is {total.item()} at step {step} (diverged); lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.max_grad_norm is not None:
+            fused.clip_per_adapter(cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        dt = time.perf_counter() - t0
+        if step >= cfg.warmup_steps_for_throughput:
+            rates.append(sum(int(b["attention_mask"].sum()) for b in batches) / dt)
+        for l, loss in enumerate(losses):
+            result.losses[l].append(loss.item())
+    fused.model.eval()
+    result.tokens_per_s = statistics.median(rates) if rates else None
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+# ---- the library: ids, cache, training ------------------------------------------------------------------
+
+def adapter_id(task: str, model: str, split_hash: str, lib: LibraryConfig, train: TrainConfig, seed: int) -> str:
+    """The trial id of a library adapter: a hash of everything that defines it (not of how many adapters
+    shared its job: each adapter's initial factors come from a generator seeded by its id, and fused training
+    gives it the losses it would have alone)."""
+    spec = {"scenario": "cross-task-library", "version": LIBRARY_VERSION, "task": task, "model": model,
+            "split_hash": split_hash, "rank": lib.rank, "alpha": lib.alpha, "target_modules": lib.target_modules,
+            "train": {k: v for k, v in asdict(train).items()
+                      if k in ("steps", "batch_size", "lr", "weight_decay", "warmup_ratio", "schedule",
+                               "max_grad_norm", "autocast")},
+            "seed": seed}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def library_dir() -> Path:
+    from lorabench.assets.specs import home
+    return home() / "adapter-library"
+
+
+def save_library_adapter(path: Path, state: dict[str, torch.Tensor], lib: LibraryConfig, info: dict) -> None:
+    """As a plain `lora` adapter (lorabench.methods.base.load_adapter reads it), written atomically."""
+    from safetensors.torch import save_file
+    config = {"target_modules": lib.target_modules, "rank": lib.rank, "alpha": lib.alpha}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"method": "lora", "config": json.dumps(config), "library": json.dumps(info, sort_keys=True)})
+    os.replace(tmp, path)
+
+
+def load_library_adapter(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def build_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: TrainConfig, seed: int = 0,
+                  root: Path | None = None, progress: bool = True) -> dict[str, Path]:
+    """The library adapter of each task, trained (fused, `lib.adapters_per_job` at a time) unless cached."""
+    from lorabench import assets
+    from lorabench.harness.trial import seed_everything
+    from lorabench.tasks import get_task
+    root = root or library_dir()
+    objs = {t: get_task(t).from_options({}, where=f"task {t}") for t in tasks}
+    paths = {t: root / f"{adapter_id(t, model_name, objs[t].split().hash, lib, train, seed)}.safetensors" for t in tasks}
+    todo = [t for t in tasks if not paths[t].exists()]
+    for j in range(0, len(todo), lib.adapters_per_job):
+        group = todo[j:j + lib.adapters_per_job]
+        seed_everything(seed)
+        loaded = assets.load_model(model_name, head="causal-lm", seed=seed)
+        fused = FusedLibrary(loaded.model, len(group), lib.rank, lib.alpha, lib.target_modules,
+                             init_seeds=[int(paths[t].stem[:8], 16) for t in group])   # from the adapter id
+        res = train_fused(fused, [objs[t] for t in group], loaded.tokenizer, train, [seed] * len(group),
+                          loaded.tokenizer.pad_token_id)
+        for l, t in enumerate(group):
+            info = {"task": t, "model": model_name, "seed": seed, "final_loss": res.losses[l][-1],
+                    "fused_with": group, "tokens_per_s_job": res.tokens_per_s}
+            save_library_adapter(paths[t], fused.adapter_state(l), lib, info)
+            if progress:
+                print(f"library: {t} trained (final loss {res.losses[l][-1]:.4f}) -> {paths[t]}", flush=True)
+    return paths
+
+
+# ---- throughput: fused against one adapter at a time ------------------------------------------------------
+
+def bench_fused_vs_alone(model_name: str, tasks: list[str], rank: int = 8, batch_size: int = 2, rounds: int = 3,
+                         seed: int = 0) -> dict:
+    """Training tokens/s of one fused step over len(tasks) adapters against the same batches trained one
+    adapter at a time through the single-task path (a `lora` model, F.linear), rounds interleaved; each
+    side's median step time over `rounds`. Forward, backward and AdamW step are timed on both sides."""
+    from lorabench import assets
+    from lorabench.harness.trial import seed_everything
+    from lorabench.methods import get_method
+    from lorabench.methods.base import ApplyContext
+    from lorabench.tasks import get_task
+    import copy
+    seed_everything(seed)
+    loaded = assets.load_model(model_name, head="causal-lm", seed=seed)
+    tok = loaded.tokenizer
+    objs = [get_task(t).from_options({}, where=f"task {t}") for t in tasks]
+    streams = [t.train_batches(tok, batch_size, seed) for t in objs]
+    method = get_method("lora").from_options({"rank": rank, "alpha": 2.0 * rank})
+    solo = method.apply(copy.deepcopy(loaded.model), ApplyContext(loaded.model.config.model_type, [], seed))
+    fused = FusedLibrary(loaded.model, len(tasks), rank, 2.0 * rank)
+    opt_fused = torch.optim.AdamW(fused.parameters(), lr=1e-4)
+    opt_solo = torch.optim.AdamW([p for _, p in method.trainable_parameters(solo)], lr=1e-4)
+    fused.model.train()
+    solo.train()
+
+    def fused_step(batches):
+        loss = torch.stack(fused.losses(batches, tok.pad_token_id)).sum()
+        opt_fused.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_fused.step()
+
+    def solo_steps(batches):
+        for b in batches:   # the adapter's state would be swapped in here; its step is what is timed
+            loss = solo(**b).loss
+            opt_solo.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_solo.step()
+
+    fused_s, solo_s, tokens, computed_fused, computed_alone = [], [], [], [], []
+    for r in range(rounds + 1):   # round 0 warms up both
+        batches = [next(s) for s in streams]
+        n = sum(int(b["attention_mask"].sum()) for b in batches)
+        computed_fused.append(sum(b["input_ids"].shape[0] for b in batches) * max(b["input_ids"].shape[1] for b in batches))
+        computed_alone.append(sum(b["input_ids"].numel() for b in batches))   # positions run, padding included
+        first, second = (fused_step, solo_steps) if r % 2 == 0 else (solo_steps, fused_step)
+        times = {}
+        for f in (first, second):
+            t0 = time.perf_counter()
+            f(batches)
+            times[f] = time.perf_counter() - t0
+        if r > 0:
+            fused_s.append(times[fused_step])
+            solo_s.append(times[solo_steps])
+            tokens.append(n)
+    fused_tps = statistics.median(n / t for n, t in zip(tokens, fused_s))
+    solo_tps = statistics.median(n / t for n, t in zip(tokens, solo_s))
+    return {"model": model_name, "tasks": tasks, "rank": rank, "rows_per_adapter": batch_size, "rounds": rounds,
+            "threads": torch.get_num_threads(), "fused_tokens_per_s": round(fused_tps, 1),
+            "alone_tokens_per_s": round(solo_tps, 1), "ratio": round(fused_tps / solo_tps, 3),
+            # padding: the fused batch pads every row to the longest row of all the adapters' batches
+            "positions_per_token_fused": round(sum(computed_fused[1:]) / sum(tokens), 3),
+            "positions_per_token_alone": round(sum(computed_alone[1:]) / sum(tokens), 3)}
