@@ -35,6 +35,7 @@ class TrialSpec:
     train: dict = field(default_factory=dict)
     lm_eval: bool = False      # also score the trained model on its task through lm-evaluation-harness
     federated: dict | None = None  # the clients scenario's options (lorabench/harness/clients.py), partition included
+    continual: dict | None = None  # the sequence scenario's order and options (lorabench/harness/sequence.py)
 
 
 # The classification head of transformers' sequence-classification models. BERT's pooler is part
@@ -84,6 +85,9 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     if spec.federated is not None:  # method x partition x seed on Flower's simulation: the clients scenario
         from lorabench.harness.clients import run_federated
         return run_federated(spec, progress=progress)
+    if spec.continual is not None:  # method x order x seed, tasks one after another: the sequence scenario
+        from lorabench.harness.sequence import run_sequence
+        return run_sequence(spec, progress=progress)
     import transformers
 
     from lorabench import assets
