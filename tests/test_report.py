@@ -319,7 +319,10 @@ def test_standard_suite_covers_every_registered_method():
     # federated methods have their own board, the clients scenario's suite (issue 19)
     federated = {n for n in METHODS.names() if METHODS.meta(n)["family"] == "federated"}
     assert federated <= {m.name for m in load_suite("federated").methods}
-    missing = sorted(set(METHODS.names()) - listed - federated)
+    # so do the continual methods: the sequence scenario's suite (issue 18)
+    continual = {n for n in METHODS.names() if METHODS.meta(n)["family"] == "continual"}
+    assert continual <= {m.name for m in load_suite("continual").methods}
+    missing = sorted(set(METHODS.names()) - listed - federated - continual)
     assert not missing, (f"suites/standard.yaml lacks registered method(s): {', '.join(missing)}; add one line each "
                          f"under 'methods:' (and re-run the standard suite for them)")
     assert {t.name for t in suite.tasks} >= {"rt-sentiment", "sarcasm", "quartz"}

@@ -155,3 +155,5 @@ METHODS.register_lazy("o-lora", "lorabench.methods.continual.o_lora:OLoRA", fami
                       title="Orthogonal Subspace Learning for Language Model Continual Learning (O-LoRA)")
 METHODS.register_lazy("inflora", "lorabench.methods.continual.inflora:InfLoRA", family="continual", paper="2404.00228",
                       title="InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning")
+METHODS.register_lazy("i-lora", "lorabench.methods.continual.i_lora:ILoRA", family="continual", paper="2402.18865",
+                      title="I-LoRA: Analyzing and Reducing Catastrophic Forgetting in Parameter-Efficient Tuning")

@@ -64,7 +64,17 @@ class InfLoRA(SequentialLoRA):
         self.designed_rank = 0.0
 
     def freeze_adapter(self, layer: LoraLinear) -> None:
-        layer.lora_A.requires_grad_(False)  # B_t is designed, never trained; A_t (our lora_B) trains
+        # B_t (our lora_A) is designed from data, never trained: a buffer, not a parameter; A_t (lora_B) trains
+        a = layer.lora_A.detach().clone()
+        del layer.lora_A
+        layer.register_buffer("lora_A", a)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The trained tensors and every designed B_t (a buffer), which the update needs."""
+        out = super().adapter_state_dict(model)
+        for name, layer in self.lora_named(model):
+            out[f"{name}.lora_A"] = layer.lora_A.detach()
+        return out
 
     # -- the layers' inputs --------------------------------------------------------------------------
     @torch.no_grad()

@@ -46,6 +46,9 @@ class ReplayLoRA(SequentialLoRA):
         # one stream over the whole memory: every remembered example is equally likely, whatever its task
         return mixed_batches([(current, max(1, batch_size - k_old)), (self.buffer, k_old)], tokenizer, seed)
 
+    def on_train_end(self, state) -> None:
+        state.metrics["buffer_examples"] = len(self.buffer)  # a single-task trial: an empty memory, LoRA
+
     def end_task(self, model: nn.Module, stage: Stage) -> dict:
         train = stage.task.split().train
         rng = random.Random(stage.seed * 1009 + stage.t)
