@@ -50,9 +50,6 @@ PLANNED_NOTES = {
     # (lorabench/harness/sequence.py, docs/continual.md)
     "GS-LoRA": "its own protocol, continual forgetting (forget chosen classes, keep the rest) with group-sparse "
                "LoRA per block and its own metrics; not built yet (the sequence scenario would drive it)",
-    "Task arithmetic with LoRA for continual learning": (
-        "a LoRA per task, merged by task arithmetic (the sum of the task vectors) and then tuned on a small "
-        "memory; per-task-lora's adapters and replay-lora's buffer are its parts, not built yet"),
     "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs; needs the "
              "cross-task scenario's mixture layer, not built yet",
     "PrivateLoRA": "split computation (the heavy base on the server, the low-rank A and B on the device): "

@@ -188,8 +188,39 @@ def test_i_lora_slow_learner_is_the_moving_average_and_the_consistency_acts_on_r
     assert all(torch.equal(method._fast(model)[k].detach(), fast[k]) for k in fast), "the fast learner not restored"
 
 
+def test_task_arithmetic_merges_the_task_vectors_then_restores_the_pretrained_weights():
+    from lorabench.harness.sequence import StageTask
+    model, ctx = tiny_model("llama")
+    original, _ = tiny_model("llama")
+    torch.manual_seed(0)
+    method = get_method("task-arithmetic").from_options({"rank": 4, "buffer_per_task": 4, "merge_scale": 0.5,
+                                                         "memory_steps": 3})
+    model = method.apply(model, ctx)
+    tasks, tok = [_MC("a", 20), _MC("b", 20), _MC("c", 20)], _Tok()
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0, schedule="constant",
+                      warmup_steps_for_throughput=0)
+    for t in (0, 1):
+        stage = Stage(t=t, tasks=tasks, seed=0, tokenizer=tok, batch_size=4, lr=1e-2)
+        method.begin_task(model, stage)
+        train(model, method, StageTask(stage, method), tok, cfg, seed=t, progress=False)
+        m = method.end_task(model, stage)
+    assert m["task_vectors_merged"] == 2 and m["memory_loss_last"] is not None and len(method.vectors) == 2
+    for name, layer in method.lora_named(model):
+        w0 = original.get_submodule(name).weight
+        expected = w0 + 0.5 * sum(layer.scale * v[f"{name}.lora_B"] @ v[f"{name}.lora_A"] for v in method.vectors)
+        torch.testing.assert_close(layer.base.weight, expected, atol=1e-5, rtol=1e-5)  # W0 + λ Σ ΔW_s
+    assert any(float(layer.lora_B.detach().abs().max()) > 0 for _, layer in method.lora_named(model)), \
+        "the memory fine-tuning trained no adapter on the merged model"
+    assert not torch.equal(method.vectors[0][f"{name}.lora_B"], method.vectors[1][f"{name}.lora_B"])
+    method.begin_task(model, Stage(t=2, tasks=tasks, seed=0, tokenizer=tok, batch_size=4))
+    for name, layer in method.lora_named(model):  # the next task vector trains from W0
+        torch.testing.assert_close(layer.base.weight, original.get_submodule(name).weight, atol=1e-5, rtol=0)
+        assert float(layer.lora_B.detach().abs().max()) == 0
+
+
 def test_every_continual_method_is_registered_with_its_paper():
-    assert {"seq-lora", "per-task-lora", "replay-lora", "multitask-lora", "o-lora", "inflora", "i-lora"} <= set(CONTINUAL)
+    assert {"seq-lora", "per-task-lora", "replay-lora", "multitask-lora", "o-lora", "inflora", "i-lora",
+            "task-arithmetic"} <= set(CONTINUAL)
     for name in CONTINUAL:
         cls = get_method(name)
         assert cls.family == "continual" and cls.paper == METHODS.meta(name)["paper"]

@@ -161,7 +161,8 @@ def run_sequence(spec, progress: bool = True) -> dict:
     outcomes: list[list[str | None]] = [[None] * T for _ in range(T)]
     stages, losses, rates, train_seconds = [], [], [], 0.0
     for t in range(T):
-        stage = Stage(t=t, tasks=tasks, seed=spec.seed, tokenizer=tokenizer, batch_size=train_cfg.batch_size)
+        stage = Stage(t=t, tasks=tasks, seed=spec.seed, tokenizer=tokenizer, batch_size=train_cfg.batch_size,
+                      lr=train_cfg.lr)
         stage_seed = spec.seed * 1000 + t  # each stage its own batches, the same in every run
         seed_everything(stage_seed)
         method.begin_task(model, stage)

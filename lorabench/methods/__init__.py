@@ -157,3 +157,5 @@ METHODS.register_lazy("inflora", "lorabench.methods.continual.inflora:InfLoRA", 
                       title="InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning")
 METHODS.register_lazy("i-lora", "lorabench.methods.continual.i_lora:ILoRA", family="continual", paper="2402.18865",
                       title="I-LoRA: Analyzing and Reducing Catastrophic Forgetting in Parameter-Efficient Tuning")
+METHODS.register_lazy("task-arithmetic", "lorabench.methods.continual.task_arithmetic:TaskArithmetic", family="continual",
+                      paper="2311.02428", title="Task Arithmetic with LoRA for Continual Learning")

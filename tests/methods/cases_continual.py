@@ -51,5 +51,6 @@ CASES = [
     Case("o-lora", {"rank": 4, "alpha": 8, "ortho_lambda": 0.5}, equations=o_lora_equations),
     Case("inflora", {"rank": 4, "alpha": 8}, models=("llama",), equations=inflora_equations),
     Case("i-lora", {"rank": 4, "alpha": 8, "buffer_per_task": 4}),
+    Case("task-arithmetic", {"rank": 4, "alpha": 8, "buffer_per_task": 4}),
     Case("inflora", {"rank": 2, "alpha": 4}, id="inflora-bert", models=("bert",)),
 ]

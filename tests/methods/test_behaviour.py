@@ -148,6 +148,7 @@ BEHAVIOURS = [
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),
     B("replay-lora", None, lora_by_construction=True), B("multitask-lora", None, lora_by_construction=True),
     B("o-lora", None, lora_by_construction=True),
+    B("task-arithmetic", None, lora_by_construction=True),
     B("i-lora", lambda m: m["ema_updates"] > 0 and m["slow_fast_distance"] > 0,
       "the slow learner follows the fast one by a moving average", lora_by_construction=True, kind="llama"),
     B("inflora", lambda m: m["designed"] == 1 and m["designed_rank_mean"] > 0 and m["interference"] == 0,

@@ -38,6 +38,7 @@ class Stage:
     seed: int
     tokenizer: object = None
     batch_size: int = 8
+    lr: float | None = None   # the trial's learning rate (None: the method's default), for training a method runs itself
 
     @property
     def task(self):
