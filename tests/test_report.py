@@ -273,9 +273,10 @@ def test_record_order_does_not_change_the_tables(tmp_path):
 # --- the published leaderboard ---------------------------------------------------------------
 
 # Each published report and the committed records it is generated from: the boards' leaderboard in
-# results/, and the budget curves (suites/budget.yaml) in results/budget/, kept apart so that the
-# curves' long LoRA runs never enter a board's tables.
-PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)))
+# results/, the budget curves (suites/budget.yaml) in results/budget/, kept apart so that the
+# curves' long LoRA runs never enter a board's tables, and the continual runs in results/continual/.
+PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)),
+             (RESULTS / "continual", ("continual",)))  # the sequence scenario (docs/continual.md)
 
 
 def published_reports() -> list[tuple[Path, list[Path]]]:
