@@ -90,7 +90,10 @@ def check_records_path(path: Path, flag: str) -> None:
 def suite_size(s: dict) -> int:
     """Trials a suite file defines, read from its YAML alone (Suite.size() without importing torch): one per
     task x method x seed, times the learning-rate grid, whose tuning seeds alone run every rate, and times the
-    partitions of the clients scenario (`federated:`)."""
+    partitions of the clients scenario (`federated:`); a continual suite: one per method x order x seed."""
+    if s.get("continual") is not None:
+        seeds = s.get("seeds", [0])
+        return len(s.get("orders") or {}) * len(s["methods"]) * len(seeds if isinstance(seeds, list) else [seeds])
     if s.get("federated") is not None:
         parts = s.get("partitions") or ["iid"]
         return len(s["tasks"]) * len(s["methods"]) * len(parts) * len(s.get("seeds", [0]) if isinstance(

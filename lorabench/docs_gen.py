@@ -46,6 +46,12 @@ PLANNED_NOTES = {
     "A fast, performant, secure distributed training framework for large language model": (
         "what is measurable here is the LoRA part (which tensors leave the client, how many bytes, at what "
         "accuracy); its secure enclaves (TEE) cannot be measured on this machine"),
+    # continual entries (issue 18) not implemented yet: what each needs beyond the sequence scenario
+    # (lorabench/harness/sequence.py, docs/continual.md)
+    "GS-LoRA": "its own protocol, continual forgetting (forget chosen classes, keep the rest) with group-sparse "
+               "LoRA per block and its own metrics; not built yet (the sequence scenario would drive it)",
+    "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs; needs the "
+             "cross-task scenario's mixture layer, not built yet",
     "PrivateLoRA": "split computation (the heavy base on the server, the low-rank A and B on the device): "
                    "measurable here as activations sent per token and accuracy; not built yet",
 }

@@ -273,9 +273,10 @@ def test_record_order_does_not_change_the_tables(tmp_path):
 # --- the published leaderboard ---------------------------------------------------------------
 
 # Each published report and the committed records it is generated from: the boards' leaderboard in
-# results/, and the budget curves (suites/budget.yaml) in results/budget/, kept apart so that the
-# curves' long LoRA runs never enter a board's tables.
-PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)))
+# results/, the budget curves (suites/budget.yaml) in results/budget/, kept apart so that the
+# curves' long LoRA runs never enter a board's tables, and the continual runs in results/continual/.
+PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)),
+             (RESULTS / "continual", ("continual",)))  # the sequence scenario (docs/continual.md)
 
 
 def published_reports() -> list[tuple[Path, list[Path]]]:
@@ -322,7 +323,10 @@ def test_standard_suite_covers_every_registered_method():
     # cross-task composition rules (issue 17) are scored by the multi-task scenario, not on single-task boards
     cross_task = {n for n in METHODS.names() if METHODS.meta(n)["family"] == "cross-task"}
     assert cross_task <= {m.name for m in load_suite("cross-task").methods}
-    missing = sorted(set(METHODS.names()) - listed - federated - cross_task)
+    # so do the continual methods: the sequence scenario's suite (issue 18)
+    continual = {n for n in METHODS.names() if METHODS.meta(n)["family"] == "continual"}
+    assert continual <= {m.name for m in load_suite("continual").methods}
+    missing = sorted(set(METHODS.names()) - listed - federated - cross_task - continual)
     assert not missing, (f"suites/standard.yaml lacks registered method(s): {', '.join(missing)}; add one line each "
                          f"under 'methods:' (and re-run the standard suite for them)")
     assert {t.name for t in suite.tasks} >= {"rt-sentiment", "sarcasm", "quartz"}

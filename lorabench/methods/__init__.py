@@ -149,3 +149,21 @@ METHODS.register_lazy("uniform-average", "lorabench.methods.cross_task.uniform_a
 def get_method(name: str):
     """The Method class registered as `name` (UserError with did-you-mean otherwise)."""
     return METHODS.get(name)
+
+# Issue 18: LoRA for continual learning, driven by the sequence scenario (lorabench/harness/sequence.py)
+METHODS.register_lazy("seq-lora", "lorabench.methods.continual.seq_lora:SeqLoRA", family="continual", paper="1706.08840",
+                      title="Sequential LoRA: one adapter fine-tuned on each task in turn (the forgetting reference)")
+METHODS.register_lazy("per-task-lora", "lorabench.methods.continual.per_task_lora:PerTaskLoRA", family="continual", paper="1706.08840",
+                      title="A new LoRA per task, the task known at test time (the upper reference)")
+METHODS.register_lazy("replay-lora", "lorabench.methods.continual.replay_lora:ReplayLoRA", family="continual", paper="1902.10486",
+                      title="Experience replay with a small episodic memory, one LoRA adapter")
+METHODS.register_lazy("multitask-lora", "lorabench.methods.continual.multitask_lora:MultitaskLoRA", family="continual", paper="2310.14152",
+                      title="Multi-task LoRA: one adapter trained jointly on every task seen so far (the joint reference)")
+METHODS.register_lazy("o-lora", "lorabench.methods.continual.o_lora:OLoRA", family="continual", paper="2310.14152",
+                      title="Orthogonal Subspace Learning for Language Model Continual Learning (O-LoRA)")
+METHODS.register_lazy("inflora", "lorabench.methods.continual.inflora:InfLoRA", family="continual", paper="2404.00228",
+                      title="InfLoRA: Interference-Free Low-Rank Adaptation for Continual Learning")
+METHODS.register_lazy("i-lora", "lorabench.methods.continual.i_lora:ILoRA", family="continual", paper="2402.18865",
+                      title="I-LoRA: Analyzing and Reducing Catastrophic Forgetting in Parameter-Efficient Tuning")
+METHODS.register_lazy("task-arithmetic", "lorabench.methods.continual.task_arithmetic:TaskArithmetic", family="continual",
+                      paper="2311.02428", title="Task Arithmetic with LoRA for Continual Learning")

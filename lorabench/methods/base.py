@@ -40,6 +40,7 @@ FAMILIES = {
     "efficiency-quantization": "Efficiency: parameter quantization",
     "efficiency-parallel": "Efficiency: parallel LoRA computing",
     "federated": "LoRA for federated learning",
+    "continual": "LoRA for continual learning (beyond fine-tuning; lifelong mixtures)",
     "applications": "Applications of LoRA",
 }
 

@@ -17,6 +17,10 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     cross-task.csv      the cross-task scenario (when any): per held-out task and rule (baselines and composition
                         methods): score over seeds with its interval, best, spread, k-shot tokens
     cross-task-merges.csv   each weight-space merge's error against the exact weighted sum
+    continual.csv       the sequence scenario (when any): per order and method: ACC, BWT, FWT with intervals, paired
+                        differences from seq-lora, adapter norms; continual_sweeps.csv (penalty weights swept);
+                        plots/continual-ORDER.png (the matrix R as heat maps). Continual records are reported there
+                        only: their score is a sequence's, not a task's, so the per-task tables leave them out.
     findings.csv        the survey's headline claims, per task, with the numbers behind each verdict
     leaderboard.html    one self-contained page: sortable, filterable tables and the plots
     plots/TASK.png, plots/average.png
@@ -31,7 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import UserError
-from lorabench.report import cross_task, curves, federated, findings, plots, tables
+from lorabench.report import continual, cross_task, curves, federated, findings, plots, tables
 from lorabench.report.html import render_html
 from lorabench.report.markdown import render_markdown
 
@@ -129,7 +133,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     first in the report's notes (tables.build)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rep = tables.build(records, notes)
+    sequences = continual.continual_records(records)
+    rep = tables.build([r for r in records if not isinstance(r.get("continual"), dict)], notes)
     claims = findings.evaluate(rep.trials)
     cov = coverage(rep)
     need_png = "png" in formats or "html" in formats or "md" in formats
@@ -137,6 +142,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     if need_png:
         pngs.update(curves.curve_plots(rep.all_trials, rep.baselines))
         pngs.update(federated.plots(records))  # the clients scenario (none without federated records)
+        pngs.update(continual.plots(sequences))  # the sequence scenario (none without continual records)
     fed = federated.federated_frame(records)
     cross, merges = cross_task.cross_task_frame(records), cross_task.merge_frame(records)
     written: list[Path] = []
@@ -145,7 +151,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
         names = [f"plots/{n}" for n in pngs] if "png" in formats else []
         fed_md = federated.markdown(fed, [n for n in sorted(pngs) if n.startswith("federated-")] if names else [])
         fed_md += cross_task.markdown(cross, merges)   # the cross-task scenario's section (none without its records)
-        p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md), encoding="utf-8")
+        cont_md = continual.markdown(sequences, [n for n in sorted(pngs) if n.startswith("continual-")] if names else [])
+        p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md, cont_md), encoding="utf-8")
         written.append(p)
     if "csv" in formats:
         summary_cols = ["task", "family", "label", "method", "metric", "higher_is_better", "rank", "n_seeds",
@@ -163,12 +170,17 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
             frames["cross-task.csv"] = cross
         if len(merges):
             frames["cross-task-merges.csv"] = merges
+        if sequences:
+            frames["continual.csv"] = continual.continual_frame(sequences)
+            sw = continual.sweeps(sequences)
+            if len(sw):
+                frames["continual_sweeps.csv"] = sw
         for name, df in frames.items():
             _csv(df, out / name)
             written.append(out / name)
     if "html" in formats:
         p = out / "leaderboard.html"
-        p.write_text(render_html(rep, cov, claims, pngs, footer()), encoding="utf-8")
+        p.write_text(render_html(rep, cov, claims, pngs, footer(), continual.html(sequences, pngs)), encoding="utf-8")
         written.append(p)
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)

@@ -74,6 +74,8 @@ def pval(v) -> tuple[str, object]:
 
 def leaderboard_tables(rep: Report) -> list[Table]:
     out = []
+    if "task" not in rep.summary.columns:  # no single-task trials (a report of scenario records alone)
+        return out
     for task, g in rep.summary.groupby("task", sort=True):
         higher = bool(g["higher_is_better"].iloc[0]) if g["higher_is_better"].iloc[0] is not None else True
         metric = f"{g['metric'].iloc[0]} {'↑' if higher else '↓'} (mean ± 95% interval)"

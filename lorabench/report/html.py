@@ -79,7 +79,8 @@ def plot_html(name: str, plot: Plot, table_anchor: str | None) -> str:
             f'src="data:image/png;base64,{src}"><map name="map-{esc(name)}">{areas}</map></div>')
 
 
-def render_html(rep: Report, coverage: list[str], claims, plots: dict[str, bytes], footer: str) -> str:
+def render_html(rep: Report, coverage: list[str], claims, plots: dict[str, bytes], footer: str,
+                continual: list[str] | None = None) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              "<title>lorabench leaderboard</title>", f"<style>{CSS}</style>", f"<script>{JS}</script>",
              "</head><body>", "<h1>lorabench leaderboard</h1>",
@@ -106,6 +107,7 @@ def render_html(rep: Report, coverage: list[str], claims, plots: dict[str, bytes
         plot = plots.get(f"{t.title}.png")
         if plot:
             parts.append(plot_html(t.title, plot, t.anchor))
+    parts += continual or []  # the sequence scenario's section (lorabench/report/continual.py)
     parts += ["<h2>Average rank</h2>", html_table(D.average_rank_table(rep))]
     s, d = D.paired_tables(rep)
     parts += ["<h2>Paired comparison against LoRA</h2>",

@@ -123,7 +123,12 @@ def check_splits(records: list[dict], specs: dict, records_path: Path) -> None:
         if spec is None or r.get("status") != "ok" or not r.get("split_hash"):
             continue
         key = json.dumps([spec.task, spec.task_options], sort_keys=True)
-        if key not in seen:
+        if spec.continual is not None:  # a sequence: its tasks' split hashes in order
+            key = json.dumps(spec.continual["tasks"], sort_keys=True)
+        if key not in seen and spec.continual is not None:
+            from lorabench.harness.sequence import order_tasks, sequence_split_hash
+            seen[key] = sequence_split_hash([t.split().hash for t in order_tasks(spec)])
+        elif key not in seen:
             seen[key] = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}").split().hash
         if r["split_hash"] != seen[key]:
             raise UserError(

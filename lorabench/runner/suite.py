@@ -28,6 +28,10 @@ partitions: [iid, dirichlet:0.3]      # with federated: one trial per method x p
 cross_task: {k_shots: 5}     # optional: the cross-task scenario's leave-one-task-out protocol
                              # (lorabench/harness/cross_task.py options); each task is held out in turn, one
                              # trial per method x held-out task x seed; every method must be of the cross-task family
+continual: {validate: true}           # optional: the sequence scenario (lorabench/harness/sequence.py options);
+orders:                               # with continual: named task orders (names from tasks:), one trial per
+  order-1: [rt-mc, sarcasm-mc, crepe] # method x order x seed, labelled METHOD@ORDER, train.steps steps per
+                                      # task; every method must be of the continual family
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -53,7 +57,7 @@ if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite n
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
-            "tune_seeds", "federated", "partitions", "cross_task"}
+            "tune_seeds", "federated", "partitions", "cross_task", "continual", "orders"}
 TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
@@ -123,6 +127,8 @@ class Suite:
     federated: dict | None = None  # the clients scenario's options (None: single-task trials)
     partitions: list[str] | None = None  # with federated: the partitions each method runs on
     cross_task: dict | None = None  # the cross-task scenario's options (None: single-task trials)
+    continual: dict | None = None  # the sequence scenario's options (None: no sequences)
+    orders: dict[str, list[str]] | None = None  # with continual: order name -> task names, in training order
 
     def jobs_for(self, spec: TrialSpec) -> int:
         """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
@@ -150,6 +156,8 @@ class Suite:
         from lorabench.harness.trial import TrialSpec
         out, waiting = [], []
         by_id = {r.get("trial_id"): r for r in records or [] if r.get("status") == "ok"}
+        if self.continual is not None:  # the sequence scenario: method x order x seed
+            return self._sequences(), []
         for task in self.tasks:
             seeds = [s for s in self.seeds if task.seeds is None or s in task.seeds]
             for method in self.methods:
@@ -207,6 +215,24 @@ class Suite:
         return out, waiting
 
 
+    def _sequences(self) -> list[TrialSpec]:
+        from lorabench.harness.trial import TrialSpec
+        entries = {t.name: t for t in self.tasks}
+        out = []
+        for method in self.methods:
+            for order, names in (self.orders or {}).items():
+                first = entries[names[0]]
+                train = merge(merge(self.train, first.train), method.train)
+                tasks = [{"name": n, "options": dict(entries[n].options)} for n in names]
+                for seed in self.seeds:
+                    out.append(TrialSpec(suite=self.name, suite_version=self.version, label=f"{method.label}@{order}",
+                                         method=method.name, method_options=method.options, task=first.name,
+                                         task_options=first.options, model=first.model or self.model, seed=seed,
+                                         train=train, continual={"order": order, "tasks": tasks,
+                                                                 "config": dict(self.continual)}))
+        return out
+
+
 def trial_id(spec: TrialSpec) -> str:
     d = asdict(spec)
     if not d["lm_eval"]:
@@ -215,6 +241,8 @@ def trial_id(spec: TrialSpec) -> str:
         del d["federated"]  # single-task trials keep the ids they had before the clients scenario
     if d.get("cross_task") is None:
         d.pop("cross_task", None)  # nor the cross-task scenario
+    if d["continual"] is None:
+        del d["continual"]  # ... and before the sequence scenario
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -391,13 +419,14 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
                                    check_grid(e.get("lr_grid"), k + ("lr_grid",))))
     federated, parts = _federated(data, path, lines, methods, lr_grid)
     cross_task = _cross_task(data, path, lines, methods, lr_grid)
+    continual, orders = _continual(data, path, lines, methods, tasks, lr_grid)
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
                  jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, federated=federated, partitions=parts,
-                 cross_task=cross_task)
+                 cross_task=cross_task, continual=continual, orders=orders)
 
 
 def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> tuple[dict | None, list | None]:
@@ -465,11 +494,66 @@ def _cross_task(data: dict, path: Path, lines: dict, methods: list[MethodEntry],
         raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with cross_task: "
                         f"nothing is trained per trial")
     return dict(ct)
+def _continual(data: dict, path: Path, lines: dict, methods: list[MethodEntry], tasks: list[TaskEntry],
+               lr_grid) -> tuple[dict | None, dict | None]:
+    """The sequence scenario's keys: `continual` options (checked against ContinualConfig), `orders`."""
+    cont, orders = data.get("continual"), data.get("orders")
+    if cont is None:
+        if orders is not None:
+            raise UserError(f"{_where(path, lines, ('orders',))}: orders needs a `continual:` mapping (the sequence "
+                            f"scenario's options; `continual: {{}}` for the defaults)")
+        return None, None
+    if not isinstance(cont, dict):
+        raise UserError(f"{_where(path, lines, ('continual',))}: continual must be a mapping of the sequence "
+                        f"scenario's options (lorabench/harness/sequence.py), got {cont!r}")
+    if data.get("federated") is not None or data.get("cross_task") is not None:
+        other = "federated" if data.get("federated") is not None else "cross_task"
+        raise UserError(f"{_where(path, lines, ('continual',))}: a suite runs one scenario: `continual:` and "
+                        f"`{other}:` cannot be combined")
+    from lorabench.harness.sequence import ContinualConfig
+    from_dict(ContinualConfig, cont, f"{_where(path, lines, ('continual',))}: continual")
+    names = [t.name for t in tasks]
+    if not isinstance(orders, dict) or not orders:
+        raise UserError(f"{_where(path, lines, ('orders',) if orders is not None else ('continual',))}: a continual "
+                        f"suite needs `orders:`, a mapping of order names to lists of task names from tasks: "
+                        f"({', '.join(names)}), e.g. {{order-1: [{', '.join(names[:3])}]}}")
+    if len(set(names)) != len(names):
+        raise UserError(f"{_where(path, lines, ('tasks',))}: with continual:, each task is listed once (its "
+                        f"options are the same in every order)")
+    out = {}
+    for name, seq in orders.items():
+        where = _where(path, lines, ('orders', name))
+        if not isinstance(seq, list) or not seq or not all(isinstance(x, str) for x in seq):
+            raise UserError(f"{where}: order {name!r} must be a non-empty list of task names, got {seq!r}")
+        bad = [x for x in seq if x not in names]
+        if bad:
+            raise UserError(f"{where}: order {name!r} names {', '.join(bad)}, not in this suite's tasks: "
+                            f"{', '.join(names)}")
+        if len(set(seq)) != len(seq):
+            raise UserError(f"{where}: order {name!r} lists a task twice: {seq}")
+        out[str(name)] = list(seq)
+    from lorabench.tasks import get_task
+    for i, t in enumerate(tasks):
+        if get_task(t.name).kind != "multiple-choice":
+            raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {get_task(t.name).kind} task; the "
+                            f"sequence scenario trains one model on tasks sharing one output space: multiple-choice "
+                            f"tasks (the cross-task pool, lorabench/harness/task_pool.py)")
+    from lorabench.methods import METHODS
+    for i, m in enumerate(methods):
+        if METHODS.meta(m.name)["family"] != "continual":
+            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is not a continual method; a "
+                            f"suite with `continual:` runs the sequence scenario, whose methods are: "
+                            f"{', '.join(n for n in METHODS.names() if METHODS.meta(n)['family'] == 'continual')}")
+    if lr_grid is not None or data.get("tune_seeds") is not None:
+        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with continual: "
+                        f"set train.lr per method, and sweep a penalty weight with one label per value")
+    return dict(cont), out
 
 
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | lr_grid=0.3,1,3 (multipliers; a subset runs part of a grid) | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
                  "partitions=iid,dirichlet:0.3 | federated.<option>=V (the clients scenario) | "
                  "cross_task.<option>=V (the cross-task scenario) | "
+                 "orders=a,b (subset) | continual.<option>=V (the sequence scenario) | "
                  "train.<option>=V | task.<option>=V (every task) | method.<option>=V (every method that has it) | "
                  "<method label>.<option>=V")
 
@@ -518,6 +602,18 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             from lorabench.harness.cross_task import CrossTaskConfig
             from_dict(CrossTaskConfig, {key[11:]: value}, f"command line: {key}={raw.strip()}: cross_task")
             data["cross_task"] = merge(data.get("cross_task") or {}, {key[11:]: value})
+        elif key == "orders":
+            wanted = [v.strip() for v in str(raw).split(",") if v.strip()]
+            have = list(data.get("orders") or {}) if isinstance(data.get("orders"), dict) else []
+            bad = [w for w in wanted if w not in have]
+            if bad:
+                raise UserError(f"command line: override orders=: {', '.join(bad)} not in suite {path.stem}; its "
+                                f"orders: {', '.join(have) or 'none (not a continual suite)'}")
+            data["orders"] = {k: v for k, v in data["orders"].items() if k in wanted}
+        elif key.startswith("continual."):
+            from lorabench.harness.sequence import ContinualConfig
+            from_dict(ContinualConfig, {key[10:]: value}, f"command line: {key}={raw.strip()}: continual")
+            data["continual"] = merge(data.get("continual") or {}, {key[10:]: value})
         elif key == "model":
             data["model"] = str(value)
             for t in data["tasks"]:

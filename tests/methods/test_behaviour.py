@@ -147,6 +147,16 @@ BEHAVIOURS = [
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
     B("uniform-average", None, lora_by_construction=True),
+    # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
+    # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
+    B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),
+    B("replay-lora", None, lora_by_construction=True), B("multitask-lora", None, lora_by_construction=True),
+    B("o-lora", None, lora_by_construction=True),
+    B("task-arithmetic", None, lora_by_construction=True),
+    B("i-lora", lambda m: m["ema_updates"] > 0 and m["slow_fast_distance"] > 0,
+      "the slow learner follows the fast one by a moving average", lora_by_construction=True, kind="llama"),
+    B("inflora", lambda m: m["designed"] == 1 and m["designed_rank_mean"] > 0 and m["interference"] == 0,
+      "B_t designed from the task's layer inputs and frozen, A_t trained"),
     B("pillow", lambda m: m["prompt_matching"] and m["rl_steps"] > 0 and sum(m["selected_counts"]) > 0
       and m["policy_entropy_last"] < m["policy_entropy_first"],
       "train the prompt matcher by REINFORCE: its policy moves away from uniform", task=pillow_task),

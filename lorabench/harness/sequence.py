@@ -1,0 +1,253 @@
+"""The sequence scenario: continual learning, one trial = method x order x seed (issue 18; docs/continual.md).
+
+A trial whose spec carries `continual` options runs here instead of `trial.run_trial`'s single task
+(docs/architecture.md, "Where things live"; suites/continual.yaml):
+
+- the order's tasks (multiple-choice tasks sharing one output space, lorabench/harness/task_pool.py)
+  are trained one after another on one model, `train.steps` steps each, with the one training loop
+  (`harness/train.py`); the method takes part through its stage hooks (lorabench/methods/continual/base.py:
+  a fresh adapter, replayed examples, a designed subspace, per-task adapters);
+- before any training, every task is scored on the base model (b_j, the zero-shot row that forward
+  transfer is measured against); after stage i every task is scored again on its eval part, filling
+  row i of the accuracy matrix R (R[i][j] = accuracy on task j after training on tasks 0..i), the
+  tasks not trained yet included (`score_unseen`), which forward transfer needs;
+- the metrics (exact definitions in docs/continual.md): ACC = mean_j R[T-1][j]; GEM's backward transfer
+  BWT = mean_{j<T-1} (R[T-1][j] - R[j][j]); GEM's forward transfer FWT = mean_{j>0} (R[j-1][j] - b_j)
+  (Lopez-Paz & Ranzato, arXiv 1706.08840, sec. 2);
+- with `validate`, every task's validation part is scored after the last stage: the score a penalty
+  weight (O-LoRA's lambda) is chosen on, never the eval part's.
+
+The record has the single-task fields a runner needs (metric, score = ACC, the sequence's split hash)
+and a `continual` block with R, b, the per-example outcomes of every entry (for intervals that carry
+the evaluation sample's variance), every stage's training and mechanism metrics, and the newest
+adapter's norm after every stage; the report's continual section reads it (lorabench/report/continual.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+
+from lorabench.config import from_dict, option
+from lorabench.errors import UserError
+
+
+@dataclass
+class ContinualConfig:
+    score_unseen: bool = option(True, "after every stage also score the tasks not trained yet (R above its "
+                                      "diagonal): forward transfer needs R[j-1][j]; false skips them (FWT is then "
+                                      "not measured)")
+    validate: bool = option(False, "after the last stage also score every task's validation part: the score a "
+                                   "penalty weight (O-LoRA's lambda) is chosen on")
+
+
+# -- the metrics (docs/continual.md) --------------------------------------------------------------
+
+def average_accuracy(R: list[list[float | None]]) -> float:
+    """ACC = (1/T) Σ_j R[T-1][j]: the mean accuracy over every task after the last stage."""
+    last = R[-1]
+    return sum(last) / len(last)
+
+
+def backward_transfer(R: list[list[float | None]]) -> float | None:
+    """GEM's BWT = 1/(T-1) Σ_{j<T-1} (R[T-1][j] - R[j][j]) (arXiv 1706.08840, sec. 2); negative = forgetting.
+    None for a sequence of one task."""
+    T = len(R)
+    if T < 2:
+        return None
+    return sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1)
+
+
+def forward_transfer(R: list[list[float | None]], b: list[float]) -> float | None:
+    """GEM's FWT = 1/(T-1) Σ_{j>0} (R[j-1][j] - b_j) (arXiv 1706.08840, sec. 2), b_j the base model's
+    accuracy on task j before any training; None when the unseen tasks were not scored or T = 1."""
+    T = len(R)
+    if T < 2 or any(R[j - 1][j] is None for j in range(1, T)):
+        return None
+    return sum(R[j - 1][j] - b[j] for j in range(1, T)) / (T - 1)
+
+
+def sequence_split_hash(split_hashes: list[str]) -> str:
+    """The hash of a sequence's splits: its tasks' split hashes in order."""
+    return hashlib.sha256("\x00".join(split_hashes).encode()).hexdigest()[:16]
+
+
+def order_tasks(spec) -> list:
+    """The task objects of a continual spec's order, each with its suite options; all multiple choice."""
+    from lorabench.tasks import get_task
+    tasks = []
+    for e in spec.continual["tasks"]:
+        task = get_task(e["name"]).from_options(e.get("options") or {}, where=f"task {e['name']}")
+        if task.kind != "multiple-choice":
+            raise UserError(f"task {e['name']}: the sequence scenario trains one model on tasks that share one "
+                            f"output space (the likelihood of each option, lorabench/harness/task_pool.py); "
+                            f"{e['name']} is a {task.kind} task. Use multiple-choice tasks, e.g. the pool's")
+        tasks.append(task)
+    return tasks
+
+
+class StageTask:
+    """The task one stage trains on, as the training loop sees it: its batches are the method's
+    (`stage_batches`: the current task's, mixed with a replay buffer, or every task seen so far)."""
+
+    def __init__(self, stage, method):
+        self.stage, self.method = stage, method
+        self.name = f"{stage.task.name} (stage {stage.t + 1}/{len(stage.tasks)})"
+
+    def train_batches(self, tokenizer, batch_size: int, seed: int):
+        return self.method.stage_batches(self.stage, tokenizer, batch_size, seed)
+
+
+def _pack(correct: list[int]) -> str:
+    return "".join(map(str, correct))
+
+
+def run_sequence(spec, progress: bool = True) -> dict:
+    """Run one continual trial (method x order x seed); returns the result part of its record."""
+    import sys
+
+    import torch
+    import transformers
+
+    from lorabench import assets
+    from lorabench.harness.train import TrainConfig, precision, train
+    from lorabench.harness.trial import seed_everything
+    from lorabench.measure.memory import peak_rss_mb
+    from lorabench.methods import get_method
+    from lorabench.methods.base import ApplyContext
+    from lorabench.methods.continual.base import SequentialLoRA, Stage
+
+    t_start = time.perf_counter()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    train_cfg = from_dict(TrainConfig, spec.train, "train")
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    cfg = from_dict(ContinualConfig, spec.continual.get("config") or {}, "continual")
+    tasks = order_tasks(spec)
+    method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
+    if not isinstance(method, SequentialLoRA):
+        raise UserError(f"method {spec.method!r} is not a continual method (family 'continual'); the sequence "
+                        f"scenario needs its stage hooks (lorabench/methods/continual/base.py)")
+    order = spec.continual.get("order", "order")
+
+    def log(msg: str) -> None:
+        if progress:
+            sys.stderr.write(f"[continual {spec.label} seed {spec.seed}] {msg}\n")
+            sys.stderr.flush()
+
+    seed_everything(spec.seed)
+    loaded = assets.load_model(spec.model or tasks[0].default_model, head="causal-lm", seed=spec.seed)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    ctx = ApplyContext(architecture=model.config.model_type, head_modules=[], seed=spec.seed)
+    seed_everything(spec.seed)
+    model = method.apply(model, ctx)
+    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
+    total = sum(p.numel() for p in model.parameters())
+    T = len(tasks)
+
+    def score(task, m, part: str = "eval"):
+        m.eval()
+        with precision(train_cfg):
+            return task.evaluate(m, tokenizer, train_cfg.eval_batch_size, part=part)
+
+    eval_seconds = 0.0
+    t0 = time.perf_counter()
+    zero = [score(task, model) for task in tasks]  # B = 0 at init: the base model's accuracy, b_j
+    eval_seconds += time.perf_counter() - t0
+    b = [round(float(ev.metrics["accuracy"]), 6) for ev in zero]
+    log(f"before training: {', '.join(f'{t.name} {x:.3f}' for t, x in zip(tasks, b))}")
+    R: list[list[float | None]] = [[None] * T for _ in range(T)]
+    outcomes: list[list[str | None]] = [[None] * T for _ in range(T)]
+    stages, losses, rates, train_seconds = [], [], [], 0.0
+    for t in range(T):
+        stage = Stage(t=t, tasks=tasks, seed=spec.seed, tokenizer=tokenizer, batch_size=train_cfg.batch_size,
+                      lr=train_cfg.lr)
+        stage_seed = spec.seed * 1000 + t  # each stage its own batches, the same in every run
+        seed_everything(stage_seed)
+        method.begin_task(model, stage)
+        result = train(model, method, StageTask(stage, method), tokenizer, train_cfg, stage_seed, progress=progress)
+        train_seconds += result.train_seconds
+        norm = method.adapter_norm(model)  # the newest adapter, before end_task folds or stores it
+        stage_metrics = {**result.method_metrics, **method.end_task(model, stage)}
+        t0 = time.perf_counter()
+        for j, task in enumerate(tasks):
+            if j > t and not cfg.score_unseen:
+                continue
+            with method.scoring(model, j, stage) as m:
+                ev = score(task, m)
+            R[t][j] = round(float(ev.metrics["accuracy"]), 6)
+            outcomes[t][j] = _pack(ev.outcomes.correct)
+        eval_seconds += time.perf_counter() - t0
+        losses += result.loss_curve
+        if result.train_tokens_per_s is not None:
+            rates.append(result.train_tokens_per_s)
+        stages.append({"stage": t, "task": tasks[t].name, "steps": result.steps,
+                       "final_loss": None if result.final_loss is None else round(result.final_loss, 6),
+                       "train_seconds": round(result.train_seconds, 3), "adapter_norm": round(norm, 6),
+                       "method_metrics": stage_metrics})
+        log(f"stage {t + 1}/{T} ({tasks[t].name}): loss {result.final_loss}, adapter norm {norm:.4f}; R[{t}] = "
+            + ", ".join("-" if x is None else f"{x:.3f}" for x in R[t]))
+    val = None
+    if cfg.validate:
+        last = Stage(t=T - 1, tasks=tasks, seed=spec.seed, tokenizer=tokenizer, batch_size=train_cfg.batch_size)
+        val = []
+        for j, task in enumerate(tasks):
+            with method.scoring(model, j, last) as m:
+                val.append(round(float(score(task, m, part="val").metrics["accuracy"]), 6))
+    acc, bwt, fwt = average_accuracy(R), backward_transfer(R), forward_transfer(R, b)
+    splits = [task.split() for task in tasks]
+    import statistics
+    return {
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "score": round(acc, 6),
+        "metrics": {"accuracy": round(acc, 6), "bwt": None if bwt is None else round(bwt, 6),
+                    "fwt": None if fwt is None else round(fwt, 6)},
+        "split_hash": sequence_split_hash([s.hash for s in splits]),
+        "n_train": sum(len(s.train) for s in splits),
+        "n_val": sum(len(s.val) for s in splits),
+        "n_eval": sum(len(s.eval) for s in splits),
+        "outcomes": None,
+        "majority_label": None,
+        "val_score": None if val is None else round(sum(val) / len(val), 6),
+        "val_curve": [],
+        "trained_steps": sum(s["steps"] for s in stages),
+        "model_info": loaded.info,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": None,
+        "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
+        "method_config": method.config_dict(),
+        "family": method.family,
+        "paper": method.paper,
+        "final_loss": stages[-1]["final_loss"],
+        "loss_curve": losses,
+        "train_tokens_per_s": round(statistics.median(rates), 1) if rates else None,
+        "eval_tokens_per_s": None,
+        "train_seconds": round(train_seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "method_metrics": stages[-1]["method_metrics"],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "trial_seconds": round(time.perf_counter() - t_start, 3),
+        "threads": torch.get_num_threads(),
+        "continual": {
+            "order": order,
+            "tasks": [task.name for task in tasks],
+            "config": asdict(cfg),
+            "split_hashes": [s.hash for s in splits],
+            "eval_hashes": [s.part_hash("eval") for s in splits],
+            "n_eval": [len(s.eval) for s in splits],
+            "zero_shot": b,
+            "zero_shot_outcomes": [_pack(ev.outcomes.correct) for ev in zero],
+            "R": R,
+            "outcomes": outcomes,  # outcomes[i][j]: task j's eval examples after stage i, "1" = correct
+            "acc": round(acc, 6),
+            "bwt": None if bwt is None else round(bwt, 6),
+            "fwt": None if fwt is None else round(fwt, 6),
+            "val": val,
+            "val_acc": None if val is None else round(sum(val) / len(val), 6),
+            "stages": stages,
+            "adapter_norms": [s["adapter_norm"] for s in stages],
+        },
+    }
