@@ -103,13 +103,16 @@ def suite_size(s: dict) -> int:
     tune = s.get("tune_seeds")
     n = 0
     for t in s["tasks"]:
+        own = t.get("seeds") if isinstance(t, dict) else None   # a task's own subset of the seeds
+        own = None if own is None else (own if isinstance(own, list) else [own])
+        task_seeds = [x for x in seeds if own is None or x in own]
         for m in s["methods"]:
             grid = (m.get("lr_grid") if isinstance(m, dict) else None) or (
                 t.get("lr_grid") if isinstance(t, dict) else None) or s.get("lr_grid") or [1]
             if len(grid) > 1 and tune:
-                n += len(grid) * len(tune) + len([x for x in seeds if x not in tune])
+                n += len(grid) * len(tune) + len([x for x in task_seeds if x not in tune])
             else:
-                n += len(grid) * len(seeds)
+                n += len(grid) * len(task_seeds)
     return n
 
 
