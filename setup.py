@@ -99,6 +99,7 @@ setup(
         "scipy",       # t quantiles and tests of the report (lorabench/report/stats.py)
         "statsmodels",  # Holm's multiple-comparison correction
         "rliable",     # IQM and probability of improvement across tasks (only rliable.metrics is imported)
+        "nevergrad==1.0.12",  # LoRAHub's gradient-free search over the adapters' weights (methods/cross_task/lorahub.py)
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
