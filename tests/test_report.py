@@ -276,7 +276,9 @@ def test_record_order_does_not_change_the_tables(tmp_path):
 # results/, the budget curves (suites/budget.yaml) in results/budget/, kept apart so that the
 # curves' long LoRA runs never enter a board's tables, and the continual runs in results/continual/.
 PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)),
-             (RESULTS / "continual", ("continual",)))  # the sequence scenario (docs/continual.md)
+             (RESULTS / "continual", ("continual",)),   # the sequence scenario (docs/continual.md)
+             (RESULTS / "cross-task", ("cross-task",)),  # the leave-one-task-out protocol (docs/cross-task.md)
+             (RESULTS / "claims", ("claims",)))          # the claims board (docs/leaderboard.md)
 
 
 def published_reports() -> list[tuple[Path, list[Path]]]:
