@@ -58,28 +58,31 @@ class MultipleChoiceTask(Task):
         if shared:
             shared.sort(key=lambda i: len(pairs[i][0][0]))   # chunks of similar prompt lengths: little padding
             chunks = option_chunks(shared, [len(pairs[i]) for i in shared], batch_size)
+
+            def cached(chunk: list[int]) -> list[torch.Tensor]:
+                return shared_prompt_logprobs(model, [pairs[i][0][0] for i in chunk],
+                                              [[t for _, t in pairs[i]] for i in chunk], tokenizer.pad_token_id)
+
             first = chunks[0]
             want = full_sequence_logprobs(model, [p for i in first for p in pairs[i]], tokenizer.pad_token_id, batch_size)
             try:
-                got = shared_prompt_logprobs(model, [pairs[i][0][0] for i in first],
-                                             [[t for _, t in pairs[i]] for i in first], tokenizer.pad_token_id)
-                differs = None if torch.allclose(torch.cat(got), want, rtol=1e-4, atol=2e-3) else \
-                    f"max |diff| {float((torch.cat(got) - want).abs().max()):.3g}"
+                got = torch.cat(cached(first))
+                differs = None if torch.allclose(got, want, rtol=1e-4, atol=2e-3) else \
+                    f"max |diff| {float((got - want).abs().max()):.3g}"
             except (ValueError, TypeError, RuntimeError) as err:   # e.g. a method that refuses a cache (Pillow)
                 differs = f"{type(err).__name__}: {err}"
+            # the first chunk is scored either way: the cached scores when they agree, else the full ones
+            for i, sc in zip(first, torch.split(want if differs else got, [len(pairs[i]) for i in first])):
+                scores[i] = sc
             if differs is None:
-                for i, sc in zip(first, got):
-                    scores[i] = sc
                 for chunk in chunks[1:]:
-                    got = shared_prompt_logprobs(model, [pairs[i][0][0] for i in chunk],
-                                                 [[t for _, t in pairs[i]] for i in chunk], tokenizer.pad_token_id)
-                    for i, sc in zip(chunk, got):
+                    for i, sc in zip(chunk, cached(chunk)):
                         scores[i] = sc
             else:   # the model does not score a cached prompt as it scores the whole sequence (e.g. it rewrites
-                    # its inputs, as Pillow's prompt prepending does): every question takes the full path
+                    # its inputs, as Pillow's prompt prepending does): every other question takes the full path
                 warnings.warn(f"{self.name}: scoring with a shared prompt cache differs from full sequences on this "
                               f"model ({differs}); scoring full sequences", RuntimeWarning)
-                full = list(range(len(examples)))
+                full = sorted(set(full) | {i for chunk in chunks[1:] for i in chunk})
         if full:
             flat = full_sequence_logprobs(model, [p for i in full for p in pairs[i]], tokenizer.pad_token_id, batch_size)
             k = 0
