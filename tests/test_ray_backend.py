@@ -31,6 +31,10 @@ from tests.conftest import REPO, run_cli
 TIMING = {"started_at", "finished_at", "wall_s", "trial_seconds", "train_seconds", "eval_seconds",
           "train_tokens_per_s", "eval_tokens_per_s", "peak_rss_mb", "rss_after_load_mb"}
 WHERE = {"node", "backend", "node_ip", "ray_node_id", "attempts", "lost_attempts", "jobs"}
+# How the run was invoked, not what a trial computed: the Ray run selects its methods with `methods=...`,
+# the local run it is compared with ran the whole smoke suite (the trial ids, which hash the trial's
+# config, must still be equal).
+INVOCATION = {"overrides"}
 
 TINY = """suite: {name}
 version: 1
@@ -44,7 +48,7 @@ methods:
 
 
 def comparable(record: dict) -> dict:
-    out = {k: v for k, v in record.items() if k not in TIMING | WHERE}
+    out = {k: v for k, v in record.items() if k not in TIMING | WHERE | INVOCATION}
     if isinstance(out.get("method_metrics"), dict):  # a method's own timings (star's scoring_seconds, ...)
         out["method_metrics"] = {k: v for k, v in out["method_metrics"].items() if not k.endswith("_seconds")}
     return out
@@ -134,6 +138,7 @@ def test_smoke_suite_on_two_nodes_records_what_the_local_backend_records(cluster
     local = {r["trial_id"]: r for r in local_recs}
     for r in ray_recs:
         assert comparable(r) == comparable(local[r["trial_id"]]), r["label"] + " on " + r["task"]
+        assert r["overrides"] == [f"methods={RAY_SMOKE_METHODS}"], r["overrides"]
         assert r["backend"] == "ray" and r["attempts"] == 1 and r["threads"] == 1 and r["node"] and r["node_ip"]
     assert all(r["outcomes"] for r in ray_recs if r["status"] == "ok"), "per-example outcomes travel back"
     assert len({r["ray_node_id"] for r in ray_recs}) == 2, "both nodes ran trials"
