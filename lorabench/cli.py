@@ -89,8 +89,9 @@ def check_records_path(path: Path, flag: str) -> None:
 
 def suite_size(s: dict) -> int:
     """Trials a suite file defines, read from its YAML alone (Suite.size() without importing torch): one per
-    task x method x seed, times the learning-rate grid, whose tuning seeds alone run every rate, and times the
-    partitions of the clients scenario (`federated:`); a continual suite: one per method x order x seed."""
+    task x method x seed, times the learning-rate grid, whose tuning seeds (on the tuning task alone, with
+    tune_task) run every rate, and times the partitions of the clients scenario (`federated:`); a continual
+    suite: one per method x order x seed."""
     if s.get("continual") is not None:
         seeds = s.get("seeds", [0])
         return len(s.get("orders") or {}) * len(s["methods"]) * len(seeds if isinstance(seeds, list) else [seeds])
@@ -109,7 +110,10 @@ def suite_size(s: dict) -> int:
         for m in s["methods"]:
             grid = (m.get("lr_grid") if isinstance(m, dict) else None) or (
                 t.get("lr_grid") if isinstance(t, dict) else None) or s.get("lr_grid") or [1]
-            if len(grid) > 1 and tune:
+            name = t.get("name") if isinstance(t, dict) else t
+            if len(grid) > 1 and s.get("tune_task") is not None and name != s["tune_task"]:
+                n += len(task_seeds)   # the grid runs on the tuning task only: one trial per seed here
+            elif len(grid) > 1 and tune:
                 n += len(grid) * len(tune) + len([x for x in task_seeds if x not in tune])
             else:
                 n += len(grid) * len(task_seeds)

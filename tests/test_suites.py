@@ -20,6 +20,8 @@ def test_every_shipped_suite_validates_and_expands(path):
     for task in suite.tasks if suite.orders is None else []:
         for method in suite.methods:
             grid = method.lr_grid or task.lr_grid or suite.lr_grid or [1]
+            if suite.tune_task is not None and task.name != suite.tune_task.name and len(grid) > 1:
+                continue  # these wait for the tuning task's grid (pending, counted by size())
             tune = suite.tune_seeds if suite.tune_seeds is not None and len(grid) > 1 else suite.seeds
             expected += len(grid) * len(tune) * len(suite.partitions or [None])  # the clients scenario: x partitions
     assert len(trials) == expected
@@ -125,6 +127,86 @@ def test_tune_seeds_run_the_grid_then_the_other_seeds_at_the_rate_validation_cho
     from lorabench.report import tables
     sel = tables.build(recs).lr_selection
     assert list(sel[sel["chosen"]]["lr"]) == [chosen]
+
+
+TUNE_TASK = """suite: tunetask
+version: 1
+seeds: [0, 1, 2]
+lr_grid: [0.5, 2]
+tune_seeds: [0]
+tune_task: rt-sentiment
+train: {steps: 3, batch_size: 4, eval_batch_size: 8, lr: 1.0e-2, warmup_steps_for_throughput: 0}
+tasks:
+  - {name: rt-sentiment, model: tiny-bert, options: {n_train: 32, n_eval: 16, n_val: 16, max_length: 16}}
+  - {name: sarcasm, model: tiny-bert, options: {n_train: 32, n_eval: 16, n_val: 16, max_length: 16}, seeds: [0, 1],
+     train: {lr: 2.0e-2}}
+methods:
+  - lora
+  - {name: head, train: {lr: 1.0e-1}}
+"""
+
+
+def test_tune_task_runs_the_grid_on_one_task_and_every_other_task_at_the_factor_chosen_there(tmp_path):
+    from tests.conftest import run_cli
+    path = write(tmp_path, TUNE_TASK, "tunetask")
+    s = load_suite(path)
+    assert s.tune_task.name == "rt-sentiment"
+    # only the tuning task's grid on its tuning seed runs first; sarcasm waits for it, all its seeds
+    assert sorted((t.task, t.label, t.seed, t.train["lr"]) for t in s.trials()) == [
+        ("rt-sentiment", "head", 0, 5e-2), ("rt-sentiment", "head", 0, 2e-1),
+        ("rt-sentiment", "lora", 0, 5e-3), ("rt-sentiment", "lora", 0, 2e-2)]
+    assert sorted(s.pending()) == [("rt-sentiment", "head", [1, 2]), ("rt-sentiment", "lora", [1, 2]),
+                                   ("sarcasm", "head", [0, 1]), ("sarcasm", "lora", [0, 1])]
+    assert s.size() == 2 * (2 + 2) + 2 * 2
+    from lorabench.cli import suite_size
+    import yaml
+    assert suite_size(yaml.safe_load(TUNE_TASK)) == s.size()
+    records = tmp_path / "r.jsonl"
+    # a part that leaves the tuning task out has nothing to run until the tuning task's grid is recorded
+    proc = run_cli("run", path, "tasks=sarcasm", "--records", str(records), "--no-progress")
+    assert proc.returncode == 0 and not records.exists(), proc.stdout + proc.stderr
+    assert "lora on sarcasm: seed(s) 0, 1 wait for a learning rate: its tuning trials on rt-sentiment" in proc.stdout
+    assert "run the grid on the tuning task: tasks=rt-sentiment" in proc.stdout
+    proc = run_cli("run", path, "tasks=rt-sentiment", "--records", str(records), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = read_records(records)
+    factor = {}
+    for label, base in (("lora", 1e-2), ("head", 1e-1)):
+        tune = {r["train"]["lr"]: r["val_score"] for r in recs if r["label"] == label and r["seed"] == 0}
+        chosen = max(sorted(tune), key=lambda lr: tune[lr])
+        factor[label] = round(chosen / base, 6)
+        assert factor[label] in (0.5, 2.0)
+    # the other part: sarcasm's seeds at each method's own scale there (lora: sarcasm's train.lr 2e-2; head: its
+    # own 1e-1) times the factor its grid chose on rt-sentiment
+    sarcasm_base = (("lora", 2e-2), ("head", 1e-1))
+    s = load_suite(path, ["tasks=sarcasm"])
+    assert s.tune_task.name == "rt-sentiment" and s.pending(recs) == []
+    assert sorted((t.label, t.seed, t.train["lr"]) for t in s.trials(recs)) == sorted(
+        (label, seed, pytest.approx(base * factor[label])) for label, base in sarcasm_base for seed in (0, 1))
+    proc = run_cli("run", path, "tasks=sarcasm", "--records", str(records), "--no-progress")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sar = [r for r in read_records(records) if r["task"] == "sarcasm"]
+    assert sorted((r["label"], r["seed"]) for r in sar) == [("head", 0), ("head", 1), ("lora", 0), ("lora", 1)]
+    assert {r["label"]: r["train"]["lr"] for r in sar} == {k: pytest.approx(b * factor[k]) for k, b in sarcasm_base}
+
+
+@pytest.mark.parametrize("edit,pattern", [
+    (lambda t: t.replace("tune_task: rt-sentiment", "tune_task: rt-sentimnet"),
+     r"tunetask\.yaml:6: tune_task 'rt-sentimnet' is not one of the suite's tasks; valid: rt-sentiment, sarcasm"),
+    (lambda t: t.replace("tune_task: rt-sentiment", "tune_task: [rt-sentiment]"),
+     r"tune_task must be the name of one of the suite's tasks"),
+    (lambda t: t.replace("lr_grid: [0.5, 2]\n", "").replace("tune_seeds: [0]\n", ""),
+     r"tune_task needs an lr_grid"),
+])
+def test_a_bad_tune_task_gets_one_clear_error(tmp_path, edit, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_suite(write(tmp_path, edit(TUNE_TASK), "tunetask"))
+
+
+def test_an_lr_grid_override_is_refused_where_a_tuning_task_chooses_for_the_others(tmp_path):
+    text = TUNE_TASK.replace("tune_seeds: [0]\n", "")
+    with pytest.raises(UserError, match="it has tune_task"):
+        load_suite(write(tmp_path, text, "tunetask"), ["lr_grid=0.5"])
 
 
 @pytest.mark.parametrize("text,pattern", [

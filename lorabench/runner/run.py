@@ -234,11 +234,14 @@ def _next_seeds(suite, records_path, overrides, timeout_s, progress, log, jobs, 
     """Tuning trials just recorded may have chosen the learning rate of the other seeds: run those next."""
     records = read_records(records_path, warn=False)
     if {trial_id(t) for t in suite.trials(records)} - set(ids):
-        log("learning rates chosen on the tuning seeds' validation scores: running the other seeds")
+        log("learning rates chosen on the tuning seeds' validation scores: running the other seeds"
+            + (f" and the tasks that take the factor chosen on {suite.tune_task.name}" if suite.tune_task else ""))
         return run_suite(suite, records_path, overrides, timeout_s, progress, log, jobs, backend)
     for task, label, seeds in suite.pending(records):
+        where = suite.tune_task.name if suite.tune_task is not None else task
+        how = (f"run the grid on the tuning task: tasks={where}" if where != task else "run the tuning seeds")
         log(f"{label} on {task}: seed(s) {', '.join(map(str, seeds))} wait for a learning rate: its tuning trials "
-            f"are not all recorded ok with a validation score (see the failures above, or run the tuning seeds)")
+            f"on {where} are not all recorded ok with a validation score (see the failures above, or {how})")
     return ids
 
 

@@ -22,6 +22,10 @@ lr_grid: [0.3, 1, 3]         # optional, also per task or per method (the most s
                              # the report keeps, per task and method, the rate with the best validation score
 tune_seeds: [0]              # optional, with lr_grid: only these seeds run the grid; every other seed runs
                              # once, at the rate they chose (read from the records: lorabench/runner/tuning.py)
+tune_task: rt-sentiment      # optional, with lr_grid: only this task runs the grid; on every other task each
+                             # seed runs once at the factor of the grid chosen there (the factor, not the rate:
+                             # a method's scale comes from its train.lr or default_lr, as on the tuning task);
+                             # a tasks= override that leaves the tuning task out still reads its choice
 federated: {clients: 10, rounds: 5}   # optional: the clients scenario (lorabench/harness/clients.py options);
 partitions: [iid, dirichlet:0.3]      # with federated: one trial per method x partition x seed, labelled
                                       # METHOD@PARTITION; every method must be of the federated family
@@ -57,7 +61,7 @@ if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite n
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
-            "tune_seeds", "federated", "partitions", "cross_task", "continual", "orders"}
+            "tune_seeds", "tune_task", "federated", "partitions", "cross_task", "continual", "orders"}
 TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
@@ -124,6 +128,8 @@ class Suite:
     jobs: int = 1  # trials run at once (not part of a trial's identity)
     lr_grid: list[float] | None = None  # factors of each trial's learning rate (None = one rate)
     tune_seeds: list[int] | None = None  # with lr_grid: the seeds that run the grid (None = every seed)
+    tune_task: TaskEntry | None = None  # with lr_grid: the one task that runs the grid (None = every task);
+    # its entry is kept even when a tasks= override leaves it out, so its choice can still be read
     federated: dict | None = None  # the clients scenario's options (None: single-task trials)
     partitions: list[str] | None = None  # with federated: the partitions each method runs on
     cross_task: dict | None = None  # the cross-task scenario's options (None: single-task trials)
@@ -188,31 +194,50 @@ class Suite:
                     out += [spec(seed, train) for seed in seeds]
                     continue
                 # one trial per rate; the label stays, the rate is chosen on validation
-                from lorabench.methods import get_method
-                base = train.get("lr") if train.get("lr") is not None else get_method(method.name).default_lr
+                base = method_scale(method, train)
                 rates = [float(f"{base * f:.6g}") for f in grid]
                 if len(rates) == 1:  # one rate: nothing to tune, every seed runs it
                     out += [spec(seed, merge(train, {"lr": rates[0]})) for seed in seeds]
                     continue
-                tune = self.tune_seeds if self.tune_seeds is not None else self.seeds
-                tune = [seed for seed in tune if task.seeds is None or seed in task.seeds]
-                tuning = {lr: [spec(seed, merge(train, {"lr": lr})) for seed in tune] for lr in rates}
+                if self.tune_task is not None and task.name != self.tune_task.name:
+                    # the grid runs on the tuning task only: every seed here runs at the factor chosen there
+                    factor = self._tuned_factor(method, by_id)
+                    if factor is None:
+                        waiting.append((task.name, method.label, seeds))
+                    else:
+                        out += [spec(seed, merge(train, {"lr": float(f"{base * factor:.6g}")})) for seed in seeds]
+                    continue
+                tuning = {lr: [spec(seed, merge(train, {"lr": lr})) for seed in self._tune_seeds(task)] for lr in rates}
                 out += [sp for lr in rates for sp in tuning[lr]]  # needed by the other seeds, whatever seeds= selects
-                rest = [seed for seed in seeds if seed not in tune]
+                rest = [seed for seed in seeds if seed not in self._tune_seeds(task)]
                 if not rest:
                     continue
-                from lorabench.runner.tuning import choose_rate
-                scores = {lr: [by_id[trial_id(sp)].get("val_score") if trial_id(sp) in by_id else None
-                               for sp in specs] for lr, specs in tuning.items()}
-                done = all(v is not None for vals in scores.values() for v in vals)
-                from lorabench.tasks import get_task
-                higher = get_task(task.name).metric.higher_is_better
-                chosen = choose_rate(scores, higher) if done else None
+                chosen = chosen_rate(task.name, tuning, by_id)
                 if chosen is None:
                     waiting.append((task.name, method.label, rest))
                     continue
                 out += [spec(seed, merge(train, {"lr": chosen})) for seed in rest]
         return out, waiting
+
+    def _tune_seeds(self, task: TaskEntry) -> list[int]:
+        tune = self.tune_seeds if self.tune_seeds is not None else self.seeds
+        return [seed for seed in tune if task.seeds is None or seed in task.seeds]
+
+    def _tuned_factor(self, method: MethodEntry, by_id: dict) -> float | None:
+        """The factor of the grid that the tuning task's trials chose for `method` (None until they are all
+        recorded with validation scores)."""
+        from lorabench.harness.trial import TrialSpec
+        task = self.tune_task
+        train = merge(merge(self.train, task.train), method.train)
+        grid = method.lr_grid or task.lr_grid or self.lr_grid
+        base = method_scale(method, train)
+        by_rate = {float(f"{base * f:.6g}"): f for f in grid}
+        tuning = {lr: [TrialSpec(suite=self.name, suite_version=self.version, label=method.label, method=method.name,
+                                 method_options=method.options, task=task.name, task_options=task.options,
+                                 model=task.model or self.model, seed=seed, train=merge(train, {"lr": lr}),
+                                 lm_eval=task.lm_eval) for seed in self._tune_seeds(task)] for lr in by_rate}
+        chosen = chosen_rate(task.name, tuning, by_id)
+        return None if chosen is None else by_rate[chosen]
 
 
     def _sequences(self) -> list[TrialSpec]:
@@ -231,6 +256,25 @@ class Suite:
                                          train=train, continual={"order": order, "tasks": tasks,
                                                                  "config": dict(self.continual)}))
         return out
+
+
+def method_scale(method: MethodEntry, train: dict) -> float:
+    """The rate a method's grid multiplies: its train.lr (suite, task, method merged), else its default_lr."""
+    if train.get("lr") is not None:
+        return train["lr"]
+    from lorabench.methods import get_method
+    return get_method(method.name).default_lr
+
+
+def chosen_rate(task: str, tuning: dict, by_id: dict) -> float | None:
+    """The rate the recorded tuning trials (rate -> specs) choose on validation; None until all are recorded."""
+    from lorabench.runner.tuning import choose_rate
+    from lorabench.tasks import get_task
+    scores = {lr: [by_id[trial_id(sp)].get("val_score") if trial_id(sp) in by_id else None for sp in specs]
+              for lr, specs in tuning.items()}
+    if not all(v is not None for vals in scores.values() for v in vals):
+        return None
+    return choose_rate(scores, get_task(task).metric.higher_is_better)
 
 
 def trial_id(spec: TrialSpec) -> str:
@@ -282,8 +326,16 @@ def load_suite(name_or_path: str, overrides: list[str] | None = None) -> Suite:
         data = _to_python(node, (), lines) if node is not None else None
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    full = data
     data = apply_overrides(data, overrides or [], path)
-    return validate(data, path, lines)
+    left_out = any(o.partition("=")[0].strip() == "tasks" for o in overrides or [])
+    suite = validate(data, path, lines, tune_task_may_be_left_out=left_out)
+    if left_out and suite.tune_task is None and isinstance(data, dict) and data.get("tune_task") is not None:
+        # tasks= left the tuning task out: the other tasks' rates still come from its recorded grid, so its
+        # entry is read from the suite with every other override applied
+        rest = [o for o in overrides if o.partition("=")[0].strip() != "tasks"]
+        suite.tune_task = validate(apply_overrides(full, rest, path), path, lines).tune_task
+    return suite
 
 
 def _where(path: Path, lines: dict, key: tuple) -> str:
@@ -298,7 +350,7 @@ def _check_keys(obj: dict, allowed: set, path: Path, lines: dict, key: tuple, wh
             raise UserError(unknown_key_message(str(k), sorted(allowed), f"{_where(path, lines, key + (k,))}: {what}"))
 
 
-def validate(data: Any, path: Path, lines: dict) -> Suite:
+def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool = False) -> Suite:
     from lorabench.harness.train import TrainConfig
     from lorabench.methods import METHODS
     from lorabench.tasks import TASKS
@@ -420,12 +472,29 @@ def validate(data: Any, path: Path, lines: dict) -> Suite:
     federated, parts = _federated(data, path, lines, methods, lr_grid)
     cross_task = _cross_task(data, path, lines, methods, lr_grid)
     continual, orders = _continual(data, path, lines, methods, tasks, lr_grid)
+    tune_task = None
+    if data.get("tune_task") is not None:
+        name, where = data["tune_task"], _where(path, lines, ("tune_task",))
+        names = [t.name for t in tasks]
+        if not isinstance(name, str):
+            raise UserError(f"{where}: tune_task must be the name of one of the suite's tasks ({', '.join(names)}), "
+                            f"got {name!r}")
+        if lr_grid is None and not any(t.lr_grid for t in tasks) and not any(m.lr_grid for m in methods):
+            raise UserError(f"{where}: tune_task needs an lr_grid (the task that tunes a learning-rate grid); "
+                            f"this suite has none")
+        if federated is not None or cross_task is not None or continual is not None:
+            raise UserError(f"{where}: tune_task is for single-task trials; this suite runs a scenario")
+        if name in names:
+            tune_task = tasks[names.index(name)]
+        elif not tune_task_may_be_left_out:
+            raise UserError(f"{where}: tune_task {name!r} is not one of the suite's tasks; valid: {', '.join(names)}")
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise UserError(f"{_where(path, lines, ('model',))}: model must be an asset name or path, got {model!r}")
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
-                 jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, federated=federated, partitions=parts,
+                 jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, tune_task=tune_task, federated=federated,
+                 partitions=parts,
                  cross_task=cross_task, continual=continual, orders=orders)
 
 
@@ -587,9 +656,10 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             data["seeds"] = [value] if isinstance(value, int) else (
                 [_parse_value(v) for v in raw.split(",")] if isinstance(value, str) else value)
         elif key == "lr_grid":
-            if data.get("tune_seeds"):
-                raise UserError(f"command line: lr_grid= cannot be overridden in suite {path.stem}: it has tune_seeds, "
-                                "and its other seeds would then run at a rate chosen from part of the grid")
+            if data.get("tune_seeds") or data.get("tune_task"):
+                which = "tune_seeds" if data.get("tune_seeds") else "tune_task"
+                raise UserError(f"command line: lr_grid= cannot be overridden in suite {path.stem}: it has {which}, "
+                                "and its other seeds or tasks would then run at a rate chosen from part of the grid")
             data["lr_grid"] = [value] if isinstance(value, (int, float)) else (
                 [_parse_value(v) for v in raw.split(",")] if isinstance(value, str) else value)
         elif key == "partitions":
