@@ -353,7 +353,7 @@ def test_coverage_says_which_part_of_the_suite_was_run_and_flags_budget_override
         recs.append(record(spec.task, spec.label, spec.seed, 0.8, trial_id=trial_id(spec), suite="standard",
                            suite_version=suite.version, overrides=["tasks=rt-sentiment", "seeds=0,1,2"]))
     (line,) = coverage(tables.build(recs))
-    assert f"that is 2 of the {len(specs)} trials its suite file defines now" in line
+    assert f"that is 2 of the {suite.size()} trials its suite file defines now" in line
     assert "Not yet run: tasks quartz, sarcasm" in line and "overrides" not in line
     recs[0]["overrides"] = ["train.steps=3"]
     (line,) = coverage(tables.build(recs))
@@ -363,3 +363,19 @@ def test_coverage_says_which_part_of_the_suite_was_run_and_flags_budget_override
     recs[1].update(wall_s=75.0)  # no `jobs`: one at a time
     line, busy = coverage(tables.build(recs))
     assert f"standard v{suite.version} {specs[0].task} 2 min." in busy  # (90 / 2 + 75) s = 2 min
+
+
+def test_coverage_counts_the_trials_that_wait_for_a_tuned_learning_rate():
+    """A board with tune_seeds: its other seeds' trials are not runnable before the grid is recorded, but they are
+    trials the suite defines: the coverage line counts them (it said "24 of the 96" of claims' 152 before)."""
+    from lorabench.report.build import coverage
+    from lorabench.runner.suite import load_suite, trial_id
+    suite = load_suite("claims")
+    spec = suite.trials()[0]
+    recs = [record(spec.task, spec.label, spec.seed, 0.8, trial_id=trial_id(spec), suite="claims",
+                   suite_version=suite.version)]
+    waiting = sum(len(seeds) for _, _, seeds in suite.pending(recs))
+    assert waiting > 0 and suite.size() > len(suite.trials(recs))
+    (line,) = coverage(tables.build(recs))
+    assert (f"that is 1 of the {suite.size()} trials its suite file defines now ({waiting} of them wait for a "
+            f"learning rate their tuning trials choose)") in line, line

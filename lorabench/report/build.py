@@ -87,12 +87,16 @@ def coverage(rep: tables.Report) -> list[str]:
             continue
         specs = s.trials(rep.records)
         done = [sp for sp in specs if trial_id(sp) in recorded]
-        missing_tasks = sorted({sp.task for sp in specs} - {sp.task for sp in done})
-        missing_methods = sorted({sp.label for sp in specs} - {sp.label for sp in done})
+        pend = s.pending(rep.records)
+        missing_tasks = sorted(({sp.task for sp in specs} | {t for t, _, _ in pend}) - {sp.task for sp in done})
+        missing_methods = sorted(({sp.label for sp in specs} | {m for _, m, _ in pend}) - {sp.label for sp in done})
         part = f" Not yet run: tasks {', '.join(missing_tasks) or 'none'}"
         part += f"; methods never run {', '.join(missing_methods) or 'none'}."
-        lines.append(what + f"; that is {len(done)} of the {len(specs)} trials its suite file defines now"
-                     + ("." if len(done) == len(specs) else "." + part))
+        total = s.size()  # the trials waiting for a learning rate chosen on the tuning trials included
+        waiting = sum(len(seeds) for _, _, seeds in pend)
+        wait = (f" ({waiting} of them wait for a learning rate their tuning trials choose)" if waiting else "")
+        lines.append(what + f"; that is {len(done)} of the {total} trials its suite file defines now{wait}"
+                     + ("." if len(done) == total else "." + part))
     # The machine time of each part: trial wall times over the trials that ran at once (record `jobs`).
     busy: dict[tuple, float] = {}
     for r in rep.records:
