@@ -379,3 +379,13 @@ def test_coverage_counts_the_trials_that_wait_for_a_tuned_learning_rate():
     (line,) = coverage(tables.build(recs))
     assert (f"that is 1 of the {suite.size()} trials its suite file defines now ({waiting} of them wait for a "
             f"learning rate their tuning trials choose)") in line, line
+
+
+def test_coverage_counts_every_recorded_trial_of_a_grid_not_only_the_chosen_rate():
+    from lorabench.report.build import coverage
+    recs = [record("rt-sentiment", "lora", 0, 0.8, suite="gridded", val_score=v, trial_id=f"t{lr}")
+            for lr, v in ((1e-4, 0.7), (1e-3, 0.8), (1e-2, 0.6))]
+    for r, lr in zip(recs, (1e-4, 1e-3, 1e-2)):
+        r["train"] = dict(r["train"], lr=lr)
+    (line,) = coverage(tables.build(recs))
+    assert "suite gridded v1: 3 trial(s) recorded (3 ok; 1 at the chosen learning rates)" in line, line

@@ -69,7 +69,12 @@ def coverage(rep: tables.Report) -> list[str]:
         return lines
     recorded = {r.get("trial_id") for r in rep.records}
     for (suite, version), g in t.groupby(["suite", "suite_version"], sort=True, dropna=False):
-        what = (f"suite {suite} v{version}: {len(g)} trial(s) recorded ({int((g['status'] == 'ok').sum())} ok), "
+        mine = [r for r in rep.records if str(r.get("suite")) == str(suite)
+                and str(r.get("suite_version")) == str(version)]
+        n_ok = sum(1 for r in mine if r.get("status") == "ok")
+        # rep.trials keeps only the chosen learning rate of a grid; the grid's other rates are trials too
+        chosen = f"; {len(g)} at the chosen learning rates" if len(g) != len(mine) else ""
+        what = (f"suite {suite} v{version}: {len(mine)} trial(s) recorded ({n_ok} ok{chosen}), "
                 f"tasks {', '.join(sorted(set(g['task'])))}, seeds {', '.join(map(str, sorted(set(g['seed']))))}, "
                 f"{len(set(g['label']))} method(s)")
         sel = ("tasks=", "methods=", "seeds=")  # subset selectors keep trial ids; anything else changes the budget
