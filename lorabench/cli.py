@@ -50,10 +50,12 @@ def cmd_run(args) -> int:
                             progress=not args.no_progress, jobs=args.jobs)
     except KeyboardInterrupt as e:
         from lorabench.runner.suite import trial_id
-        wanted = {trial_id(t) for t in suite.trials()}
-        have = {r.get("trial_id") for r in read_records(records_path, warn=False)} & wanted
+        # With a tuned grid the other seeds' (or tasks') trials exist once their tuning trials are recorded:
+        # count against the trials the records define now, out of all the suite (selection) runs
+        recs = read_records(records_path, warn=False)
+        have = {r.get("trial_id") for r in recs} & {trial_id(t) for t in suite.trials(recs)}
         how = f"stopped by {signal.Signals(e.args[0]).name}" if isinstance(e, Stopped) else "interrupted"
-        print(f"\n{how}: {len(have)} of {len(wanted)} trials of suite {suite.name} are recorded in "
+        print(f"\n{how}: {len(have)} of {suite.size()} trials of suite {suite.name} are recorded in "
               f"{records_path} (the trial that was running is not); run the same command again to resume",
               file=sys.stderr)
         return 128 + e.args[0] if isinstance(e, Stopped) else 130

@@ -116,6 +116,30 @@ def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs, sig):
     assert not [p for p in below if _alive(p)], "trial processes outlived the run"
 
 
+def test_a_stopped_tuned_run_counts_the_trials_its_tuning_trials_define(tmp_path, monkeypatch, capsys):
+    """With tune_seeds the other seeds' trials exist once the grid is recorded: the stop message counts them (it
+    counted only the grid's trials, "2 of 2", while the suite runs 4)."""
+    from lorabench import cli
+    from lorabench.runner import run as run_module
+    from lorabench.runner.records import append_record
+    from lorabench.runner.suite import load_suite, trial_id
+    path = tmp_path / "tunedstop.yaml"
+    path.write_text(ONE_TRIAL.format(name="tunedstop").replace("seeds: [0]", "seeds: [0, 1, 2]")
+                    + "lr_grid: [0.5, 2]\ntune_seeds: [0]\n")
+    records = tmp_path / "r.jsonl"
+
+    def run_suite(suite, records_path, *args, **kwargs):   # the grid is recorded, then Ctrl-C
+        for k, spec in enumerate(suite.trials()):
+            append_record(records_path, {"trial_id": trial_id(spec), "status": "ok", "val_score": 0.5 + k / 10,
+                                         "task": spec.task, "label": spec.label, "seed": spec.seed})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "run_suite", run_suite)
+    assert load_suite(str(path)).size() == 4
+    assert cli.main(["run", str(path), "--records", str(records), "--no-progress"]) == 130
+    assert "interrupted: 2 of 4 trials of suite tunedstop are recorded" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("override,message", [
     ("train.stesp=5", "error: command line: train.stesp=5: train: unknown key 'stesp'. Did you mean: steps?"),
     ("train.steps=abc", "error: command line: train.steps=abc: train.steps: expected an integer, got 'abc'"),
