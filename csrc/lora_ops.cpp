@@ -107,6 +107,11 @@ void dora_grad(const Tensor& dy, const Tensor& u, const Tensor& g, const Tensor&
     const c10::cuda::CUDAGuard guard(dy.device());
     cuda::DoraGradParams p{dy.data_ptr(), u.data_ptr(), g.data_ptr(), norm.data_ptr(), du.data_ptr(), dm.data_ptr(),
                            dy.size(0), dy.size(1), cuda_dtype(dy.scalar_type())};
+    Tensor partial;  // the token blocks' partial sums of dm (acc-typed, as dm)
+    if (const int64_t n = cuda::dora_grad_workspace(p); n > 0) {
+      partial = at::empty({n}, dm.options());
+      p.partial = partial.data_ptr();
+    }
     check_launch(cuda::launch_dora_grad(p, stream()), "dora_linear_backward");
     return;
   }

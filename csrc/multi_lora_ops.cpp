@@ -175,14 +175,22 @@ at::Tensor shrink_cuda(const at::Tensor& x, const at::Tensor& A, const at::Tenso
                        const at::Tensor* seg_idx, const at::Tensor& ranks, const at::Tensor& scales) {
   const at::Tensor xr = row_major(x), Ac = A.contiguous(), r = ranks.contiguous(), s = scales.contiguous();
   at::Tensor i, ss, si;
-  at::Tensor y = at::empty({x.size(0), A.size(1)}, x.options().dtype(at::kFloat));
+  // SGMV's tiles write the tokens its segments cover (all of them when the offsets are valid, which the CUDA
+  // path does not check on the host): zero-filled so that no token is left unwritten.
+  at::Tensor y = idx ? at::empty({x.size(0), A.size(1)}, x.options().dtype(at::kFloat))
+                     : at::zeros({x.size(0), A.size(1)}, x.options().dtype(at::kFloat));
   auto p = base_params(Ac, r, x.size(0));
   if (idx) { i = idx->contiguous(); p.idx = i.data_ptr<int64_t>(); }
   else { ss = seg_starts->contiguous(); si = seg_idx->contiguous(); p.seg_starts = ss.data_ptr<int64_t>();
          p.seg_idx = si.data_ptr<int64_t>(); p.n_segments = si.numel(); }
   p.x = xr.data_ptr(); p.x_row_stride = xr.stride(0); p.y_out = y.data_ptr<float>(); p.scales = s.data_ptr<float>();
   p.max_rank = A.size(1); p.in_features = A.size(2);
-  if (p.n_segments == 0 && !idx) { y.zero_(); return y; }
+  if (p.n_segments == 0 && !idx) return y;
+  at::Tensor workspace;  // BGMV at few tokens splits `in` across blocks: their partial sums
+  if (const int64_t n = lc::multi_lora_shrink_workspace(p); n > 0) {
+    workspace = at::empty({n}, y.options());
+    p.y_partial = workspace.data_ptr<float>();
+  }
   lc::multi_lora_shrink_cuda(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

@@ -7,8 +7,10 @@
 #                compile test, the device and dtype checks)
 #   4 sanitizer  compute-sanitizer memcheck and racecheck on one call of every kernel
 #                (tools/gpu_kernel_calls.py), where compute-sanitizer is installed
-#   5 bench      NF4 / int4 GEMV (batch 1 and 8; 4096x4096, 4096x11008), lora_linear, BGMV/SGMV
-#                (bench serving), JSON into OUT
+#   5 bench      NF4 / int4 GEMV (batch 1 and 8; 4096x4096, 4096x11008: the vectorised x loads),
+#                lora_linear, dora_linear forward+backward (the 2-D DoRA gradient kernel), BGMV/SGMV
+#                (bench serving: decode batch 64 and prefill 8 x 32, then decode batch 1, where BGMV
+#                splits `in` across blocks, and one 512-token prefill, SGMV's grouped GEMM), JSON into OUT
 # Each step's log and its seconds go to OUT (default results/kernels/gpu); the exit status is the number
 # of failed steps. --dry-run (on a CPU, in CI): every step but the CUDA build and the CUDA-only ones; the
 # kernel calls then run on the CPU backend and the benchmarks on tiny shapes, into a temporary OUT.
@@ -91,18 +93,22 @@ if [ "$DRY" = 1 ]; then
   QUANT=(--tokens 1 --shapes 128x64 --rounds 1 --sample 0.001 --option bw_gib=0.01)
   LORA=(--tokens 1 --shapes 128x64 --ranks 4 --rounds 1 --sample 0.001 --modes fwd)
   SERVING=(--n-adapters 1,2 --rounds 1 --decode-batch 2 --prefill-batch 1 --prefill-len 8)
+  SERVING1=(--n-adapters 1 --rounds 1 --decode-batch 1 --prefill-batch 1 --prefill-len 8)
   DTYPE=float32
 else
   QUANT=(--tokens 1,8 --shapes 4096x4096,4096x11008 --rounds 5)
   LORA=(--tokens 1,16,512 --shapes 4096x4096 --ranks 16 --rounds 5)
   SERVING=(--preset llama-7b-2l --n-adapters 1,8,32 --rounds 3)
+  SERVING1=(--preset llama-7b-2l --n-adapters 1,8 --rounds 3 --decode-batch 1 --prefill-batch 1 --prefill-len 512)
   DTYPE=bfloat16
 fi
 for op in nf4_linear int4_linear; do
   step "bench_$op" 120 "$PY" -m lorabench bench kernels --op "$op" --device "$DEVICE" --dtype "$DTYPE" "${QUANT[@]}" --out "$OUT"
 done
 step bench_lora_linear 120 "$PY" -m lorabench bench kernels --op lora_linear --device "$DEVICE" --dtype "$DTYPE" "${LORA[@]}" --out "$OUT"
+step bench_dora_linear 120 "$PY" -m lorabench bench kernels --op dora_linear --device "$DEVICE" --dtype "$DTYPE" "${LORA[@]}" --out "$OUT"
 step bench_serving 180 "$PY" -m lorabench bench serving --device "$DEVICE" --dtype "$DTYPE" "${SERVING[@]}" --out "$OUT"
+step bench_serving_batch1 120 "$PY" -m lorabench bench serving --device "$DEVICE" --dtype "$DTYPE" "${SERVING1[@]}" --out "$OUT/batch1"
 
 echo "gpu_check.sh: $FAILED failed step(s) in $(( $(date +%s) - START )) s; logs and JSON in $OUT"
 exit $FAILED

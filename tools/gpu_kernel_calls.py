@@ -3,8 +3,12 @@ tools/gpu_check.sh runs under compute-sanitizer (memcheck, racecheck). With --de
 the same calls go to the CPU kernels, which proves the script itself runs.
 
 Kernels reached: dora_norm_kernel, dora_epilogue_kernel, dora_grad_kernel (lora.cu; dora_linear forward
-and backward, with and without bias); dequantize_kernel and gemv_kernel<T, 7> (nf4_int4.cu; batch 7 and
-the dequantize path at 16, NF4 and int4); shrink_kernel and expand_kernel (bgmv.cu; BGMV and SGMV); each in fp32 and bf16.
+and backward, with and without bias, at 5 tokens and at 130, where dora_grad_reduce_kernel adds three
+blocks of tokens); dequantize_kernel and gemv_kernel<T, 7> (nf4_int4.cu; batch 7 with x aligned and one
+element off, the dequantize path at 16, NF4 and int4); bgmv_shrink_kernel<T, 1> (5 tokens, and 1 token at
+in 2048, where shrink_reduce_kernel adds the splits of `in`), bgmv_shrink_kernel<T, 4> (64 tokens),
+bgmv_expand_kernel, sgmv_shrink_kernel and sgmv_expand_kernel (bgmv.cu; a 40-token segment over two tiles);
+each in fp32 and bf16.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ def calls(device: str, dtype: torch.dtype) -> list[str]:
     for bias in (b, None):
         y = dora_linear(x, W, bias, A, B, m, 2.0)
         y.sum().backward()
+    dora_linear(rnd(130, 96), W, b, A, B, m, 2.0).sum().backward()  # three blocks of 64 tokens in the gradient
     done.append("dora_linear fwd+bwd")
     w = torch.randn(64, 256, generator=g)
     nf4 = N.nf4_quantize(w, 64, double_quant=True)
@@ -44,6 +49,9 @@ def calls(device: str, dtype: torch.dtype) -> list[str]:
         xs = rnd(tokens, 256)
         N.nf4_linear(xs, nf4)
         I.int4_linear(xs, i4)
+    shifted = torch.empty(7 * 256 + 1, device=device, dtype=dtype)[1:].view(7, 256)  # the GEMV's scalar x loads
+    shifted.copy_(rnd(7, 256))
+    N.nf4_linear(shifted, nf4)
     done.append("nf4/int4 dequantize + linear")
     L, R = 3, 16
     As, Bs = rnd(L, R, 96), rnd(L, 70, R)
@@ -56,6 +64,15 @@ def calls(device: str, dtype: torch.dtype) -> list[str]:
     starts, seg_idx = torch.tensor([0, 2, 2, 5], device=device), torch.tensor([1, 0, 2], device=device)
     y = multi_lora.sgmv_shrink(xs, As, starts, seg_idx, ranks, scales)
     multi_lora.sgmv_expand(rnd(5, 70), y, Bs, starts, seg_idx, ranks)
+    wide = rnd(L, R, 2048)  # 1 token: `in` split across blocks, then the second pass
+    y = multi_lora.bgmv_shrink(rnd(1, 2048), wide, idx[:1], ranks, scales)
+    multi_lora.bgmv_expand(rnd(1, 70), y, Bs, idx[:1], ranks)
+    idx64 = torch.arange(64, device=device) % L  # 64 tokens x rank 16: four rows of A per block
+    multi_lora.bgmv_shrink(rnd(64, 96), As, idx64, ranks, scales)
+    starts, seg_idx = torch.tensor([0, 40, 45], device=device), torch.tensor([2, 0], device=device)
+    x45 = rnd(45, 96)
+    y = multi_lora.sgmv_shrink(x45, As, starts, seg_idx, ranks, scales)
+    multi_lora.sgmv_expand(rnd(45, 70), y, Bs, starts, seg_idx, ranks)
     done.append("bgmv/sgmv shrink + expand")
     if device == "cuda":
         torch.cuda.synchronize()

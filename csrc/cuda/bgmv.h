@@ -16,7 +16,9 @@ struct MultiLoraParams {
   int64_t x_row_stride = 0;
   void* out = nullptr;          // expand output (T, out), unit last stride, updated in place
   int64_t out_row_stride = 0;
-  float* y_out = nullptr;       // shrink output (T, R) fp32 contiguous: every element written
+  float* y_out = nullptr;       // shrink output (T, R) fp32 contiguous: every element written (SGMV: of
+                                // the tokens its segments cover; the binding zero-fills y first)
+  float* y_partial = nullptr;   // BGMV shrink workspace, multi_lora_shrink_workspace(p) floats (or nullptr if 0)
   const float* y_in = nullptr;  // expand input (T, R) fp32 contiguous
   const void* w = nullptr;      // A (L, R, in) for shrink, B (L, out, R) for expand; contiguous
   const int64_t* idx = nullptr;         // (T,) slot per token (BGMV), or nullptr with segments
@@ -31,6 +33,9 @@ struct MultiLoraParams {
 
 // y[t, :r] = scales[l] x[t] A[l, :r]^T, y[t, r:] = 0 (and y[t] = 0 without an adapter).
 void multi_lora_shrink_cuda(const MultiLoraParams& p);
+// Floats of fp32 workspace (p.y_partial) the shrink needs: > 0 when BGMV splits `in` across blocks (few
+// tokens), 0 otherwise. Depends on the sizes, idx and dtype of p only.
+int64_t multi_lora_shrink_workspace(const MultiLoraParams& p);
 // out[t] += y[t, :r] B[l, :, :r]^T.
 void multi_lora_expand_cuda(const MultiLoraParams& p);
 

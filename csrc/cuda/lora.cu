@@ -90,19 +90,23 @@ __global__ void dora_epilogue_kernel(DoraEpilogueParams p) {
   }
 }
 
-// Block of 32 x 8 threads covers 32 columns; the 8 rows of threads stride over tokens, then a
-// shared-memory reduction gives dm for the 32 columns. du is written in the same pass.
+// Block (x, y) of 32 x 8 threads: columns 32 x .. 32 x + 31 over tokens [y tpb, (y + 1) tpb), tpb =
+// tokens_per_block; its 8 rows of threads stride over those tokens, then a shared-memory reduction in row
+// order gives the block's sum for the 32 columns: dm itself when the grid has one block of tokens, else a
+// partial sum for dora_grad_reduce_kernel. du is written in the same pass.
 template <typename T>
-__global__ void dora_grad_kernel(DoraGradParams p) {
+__global__ void dora_grad_kernel(DoraGradParams p, int64_t tokens_per_block) {
   using A = typename Acc<T>::type;
   const int64_t j = blockIdx.x * 32 + threadIdx.x;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  const int64_t t_end = t_begin + tokens_per_block < p.tokens ? t_begin + tokens_per_block : p.tokens;
   const T* dy = static_cast<const T*>(p.dy);
   const T* u = static_cast<const T*>(p.u);
   T* du = static_cast<T*>(p.du);
   A acc = 0;
   if (j < p.out) {
     const A gj = static_cast<const A*>(p.g)[j];
-    for (int64_t t = threadIdx.y; t < p.tokens; t += blockDim.y) {
+    for (int64_t t = t_begin + threadIdx.y; t < t_end; t += blockDim.y) {
       const A d = to_acc(dy[t * p.out + j]);
       du[t * p.out + j] = from_acc<T>(d * gj);
       acc += d * to_acc(u[t * p.out + j]);
@@ -113,8 +117,34 @@ __global__ void dora_grad_kernel(DoraGradParams p) {
   __syncthreads();
   if (threadIdx.y == 0 && j < p.out) {
     for (int r = 1; r < blockDim.y; ++r) acc += part[r][threadIdx.x];
-    static_cast<A*>(p.dm)[j] = acc / static_cast<const A*>(p.norm)[j];
+    if (gridDim.y == 1) static_cast<A*>(p.dm)[j] = acc / static_cast<const A*>(p.norm)[j];
+    else static_cast<A*>(p.partial)[static_cast<int64_t>(blockIdx.y) * p.out + j] = acc;
   }
+}
+
+// dm[j] = (sum of the token blocks' partial sums, in block order) / norm[j].
+template <typename T>
+__global__ void dora_grad_reduce_kernel(DoraGradParams p, int64_t blocks) {
+  using A = typename Acc<T>::type;
+  const int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (j >= p.out) return;
+  const A* partial = static_cast<const A*>(p.partial);
+  A acc = 0;
+  for (int64_t b = 0; b < blocks; ++b) acc += partial[b * p.out + j];
+  static_cast<A*>(p.dm)[j] = acc / static_cast<const A*>(p.norm)[j];
+}
+
+// Tokens per block of the gradient kernel: kDoraGradTokens (8 per row of threads), more only where the
+// grid's y dimension (at most 65535) would overflow.
+constexpr int64_t kDoraGradTokens = 64;
+int64_t grad_tokens_per_block(int64_t tokens) {
+  const int64_t min_tpb = (tokens + 65534) / 65535;
+  const int64_t tpb = min_tpb > kDoraGradTokens ? min_tpb : kDoraGradTokens;
+  return (tpb + 7) / 8 * 8;
+}
+int64_t grad_token_blocks(int64_t tokens) {
+  const int64_t tpb = grad_tokens_per_block(tokens);
+  return tokens == 0 ? 1 : (tokens + tpb - 1) / tpb;
 }
 
 template <typename F>
@@ -149,12 +179,23 @@ int launch_dora_epilogue(const DoraEpilogueParams& p, void* stream) {
   });
 }
 
+int64_t dora_grad_workspace(const DoraGradParams& p) {
+  const int64_t blocks = grad_token_blocks(p.tokens);
+  return blocks > 1 ? blocks * p.out : 0;
+}
+
 int launch_dora_grad(const DoraGradParams& p, void* stream) {
   if (p.out == 0) return 0;
+  const int64_t blocks = grad_token_blocks(p.tokens);
+  if (blocks > 1 && p.partial == nullptr) return static_cast<int>(cudaErrorInvalidValue);
   const dim3 block(32, 8);
+  const dim3 grid((unsigned)((p.out + 31) / 32), (unsigned)blocks);
+  auto s = static_cast<cudaStream_t>(stream);
   return dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_kernel(dora_grad_kernel<T>, dim3((unsigned)((p.out + 31) / 32)), block, 0, static_cast<cudaStream_t>(stream), p);
+    launch_kernel(dora_grad_kernel<T>, grid, block, 0, s, p, grad_tokens_per_block(p.tokens));
+    if (blocks > 1)
+      launch_kernel(dora_grad_reduce_kernel<T>, dim3((unsigned)((p.out + 255) / 256)), dim3(256), 0, s, p, blocks);
   });
 }
 

@@ -42,6 +42,8 @@ struct DoraEpilogueParams {
 };
 
 // du[t, j] = dy[t, j] g[j];  dm[j] = sum_t dy[t, j] u[t, j] / norm[j]
+// A 2-D grid: blocks of 32 columns x kDoraGradTokens tokens; with more than one block of tokens, each
+// writes its partial sums to `partial` and a second pass adds them in block order (deterministic).
 struct DoraGradParams {
   const void* dy;      // (tokens, out), dtype
   const void* u;       // (tokens, out), dtype
@@ -51,7 +53,10 @@ struct DoraGradParams {
   void* dm;            // (out,), acc
   int64_t tokens, out;
   DType dtype;
+  void* partial = nullptr;  // dora_grad_workspace(p) acc-typed elements, or nullptr when that is 0
 };
+// Elements (of the acc type: float, or double for fp64) of p.partial the gradient kernel needs.
+int64_t dora_grad_workspace(const DoraGradParams& p);
 
 // Each returns 0 on success or the cudaError_t of the launch; stream is a cudaStream_t.
 int launch_dora_norm(const DoraNormParams& p, void* stream);

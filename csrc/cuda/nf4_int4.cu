@@ -5,6 +5,7 @@
 
 #include "nf4_int4.h"
 #include "runtime.h"
+#include "vec.h"
 
 namespace lorabench::cuda {
 namespace {
@@ -57,10 +58,27 @@ __global__ void dequantize_kernel(Q4Params p, T* out, int64_t n) {
   if (i + 1 < n) out[i + 1] = from_float<T>(w1);
 }
 
+// x[k0 .. k0 + 32) of one row as fp32: eight (fp32) or four (bf16 / fp16) 16-byte loads when the row is
+// 16-byte aligned (vec_x, checked on the host), else 32 scalar loads.
+template <typename T>
+__device__ __forceinline__ void load_x32(const T* __restrict__ src, bool vec_x, float* dst) {
+  if (vec_x) {
+    constexpr int n = VecWidth<T>::value;
+#pragma unroll
+    for (int v = 0; v < 32 / n; ++v) load16(src + v * n, dst + v * n);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 32; ++i) dst[i] = to_float<T>(src[i]);
+  }
+}
+
 // One warp per output row; each lane reads 16 bytes (32 weights, one group since group % 32 == 0 and
-// the 32 weights start at a multiple of 32) per step, so the packed row is streamed once, coalesced.
+// the 32 weights start at a multiple of 32) per step, so the packed row is streamed once, coalesced, and
+// the matching 32 x values of each batch row as 16-byte vectors (bitsandbytes' kgemm_4bit_inference_naive
+// loads x the same way): a lane's x reads are contiguous, not scalar loads 32 weights apart.
 template <typename T, int NB>
-__global__ void gemv_kernel(Q4Params p, const T* __restrict__ x, int64_t ldx, float* __restrict__ out, int64_t ldo) {
+__global__ void gemv_kernel(Q4Params p, const T* __restrict__ x, int64_t ldx, bool vec_x, float* __restrict__ out,
+                            int64_t ldo) {
   __shared__ float lut[16];
   load_lut(p, lut);
   const int warps = blockDim.x / 32;
@@ -77,27 +95,30 @@ __global__ void gemv_kernel(Q4Params p, const T* __restrict__ x, int64_t ldx, fl
     const int64_t g = (n * K + c * 32) / p.group;
     const float s = group_scale(p, g);
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-    float part[NB], xsum[NB];
-#pragma unroll
-    for (int b = 0; b < NB; ++b) part[b] = xsum[b] = 0.f;
+    float w[32];  // the 32 decoded weights, element k0 + i in w[i]
 #pragma unroll
     for (int wi = 0; wi < 4; ++wi) {
 #pragma unroll
       for (int by = 0; by < 4; ++by) {
         const uint32_t b8 = (words[wi] >> (8 * by)) & 0xffu;
         const float w0 = lut[b8 >> 4], w1 = lut[b8 & 15u];
-        const int64_t k = c * 32 + wi * 8 + by * 2;
-#pragma unroll
-        for (int b = 0; b < NB; ++b) {
-          const float x0 = to_float<T>(x[b * ldx + k]), x1 = to_float<T>(x[b * ldx + k + 1]);
-          part[b] = fmaf(w1, x1, fmaf(w0, x0, part[b]));
-          xsum[b] += x0 + x1;
-        }
+        w[wi * 8 + by * 2] = w0;
+        w[wi * 8 + by * 2 + 1] = w1;
       }
     }
     const float z = p.zero != nullptr ? p.zero[g] : 0.f;
 #pragma unroll
-    for (int b = 0; b < NB; ++b) acc[b] = fmaf(part[b], s, fmaf(xsum[b], z, acc[b]));
+    for (int b = 0; b < NB; ++b) {
+      float xv[32];
+      load_x32(x + b * ldx + c * 32, vec_x, xv);
+      float part = 0.f, xsum = 0.f;
+#pragma unroll
+      for (int i = 0; i < 32; i += 2) {
+        part = fmaf(w[i + 1], xv[i + 1], fmaf(w[i], xv[i], part));
+        xsum += xv[i] + xv[i + 1];
+      }
+      acc[b] = fmaf(part, s, fmaf(xsum, z, acc[b]));
+    }
   }
 #pragma unroll
   for (int b = 0; b < NB; ++b) {
@@ -122,8 +143,11 @@ template <typename T, int NB>
 void launch_gemv_nb(const Q4Params& p, const T* x, int64_t ldx, float* out, int64_t ldo) {
   const int warps = 4;
   const int64_t blocks = (p.N + warps - 1) / warps;
+  // 16-byte x loads need every row start aligned: the base and the row stride (K % 32 == 0 makes ldx = K
+  // a multiple of 16 bytes; a view at an odd offset is not); otherwise the same kernel loads x by scalars.
+  const bool vec_x = aligned16(x) && (ldx * static_cast<int64_t>(sizeof(T))) % 16 == 0;
   launch_kernel(gemv_kernel<T, NB>, dim3(static_cast<unsigned>(blocks)), dim3(warps * 32), 0,
-                static_cast<cudaStream_t>(p.stream), p, x, ldx, out, ldo);
+                static_cast<cudaStream_t>(p.stream), p, x, ldx, vec_x, out, ldo);
 }
 
 template <typename T>

@@ -31,7 +31,8 @@ void q4_dequantize_cuda(const Q4Params& p, void* out, DType dtype);
 
 // out[b, n] (fp32, row stride ldo) = sum_k x[b, k] w[n, k] for b < B <= kMaxGemvBatch; x of `dtype`
 // with row stride ldx and unit column stride. Needs K % 32 == 0 (16-byte loads of 32 weights) and
-// 16-byte aligned rows. One warp per output row.
+// 16-byte aligned packed rows. One warp per output row; x is read by 16-byte vectors where its rows are
+// 16-byte aligned, by scalars otherwise.
 constexpr int64_t kMaxGemvBatch = 8;
 void q4_gemv_cuda(const Q4Params& p, const void* x, int64_t ldx, DType dtype, int64_t B, float* out, int64_t ldo);
 

@@ -4,6 +4,7 @@
 // Each call launches, waits for the kernels (HIP-CPU's streams run asynchronously) and returns 0 or
 // the HIP error code. dtype is the integer of lorabench::cuda::DType.
 #include <cstdint>
+#include <vector>
 
 #include "../cuda/bgmv.h"
 #include "../cuda/lora.h"
@@ -72,7 +73,10 @@ int lb_dora_epilogue(void* y, const void* u, const void* g, const void* bias, in
 
 int lb_dora_grad(const void* dy, const void* u, const void* g, const void* norm, void* du, void* dm, int64_t tokens,
                  int64_t out, int dtype) {
-  const lc::DoraGradParams p{dy, u, g, norm, du, dm, tokens, out, static_cast<lc::DType>(dtype)};
+  lc::DoraGradParams p{dy, u, g, norm, du, dm, tokens, out, static_cast<lc::DType>(dtype)};
+  // the acc type's elements: double for fp64, float otherwise
+  std::vector<double> workspace(static_cast<size_t>(lc::dora_grad_workspace(p)));
+  p.partial = workspace.empty() ? nullptr : workspace.data();
   return finish(lc::launch_dora_grad(p, nullptr));
 }
 
@@ -86,6 +90,8 @@ int lb_multi_lora_shrink(int dtype, const void* x, int64_t x_row_stride, float* 
   p.y_out = y_out;
   p.scales = scales;
   p.in_features = in_features;
+  std::vector<float> workspace(static_cast<size_t>(lc::multi_lora_shrink_workspace(p)));
+  p.y_partial = workspace.empty() ? nullptr : workspace.data();
   lc::multi_lora_shrink_cuda(p);
   return finish(static_cast<int>(cudaGetLastError()));
 }

@@ -211,10 +211,11 @@ class Kernels:
     def shrink(self, x, A, ranks, scales, idx=None, seg_starts=None, seg_idx=None):
         xr = x if x.stride(-1) == 1 else x.contiguous()
         Ac, r, s = A.contiguous(), ranks.contiguous(), scales.contiguous()
-        y = torch.empty(x.shape[0], A.shape[1], dtype=torch.float32)
+        # SGMV zero-filled, as the binding does (its tiles write the tokens the segments cover)
+        y = (torch.empty if idx is not None else torch.zeros)(x.shape[0], A.shape[1], dtype=torch.float32)
         keep, (pi, ps, psi, nseg) = self._slots(idx, seg_starts, seg_idx)
         if idx is None and nseg == 0:
-            return y.zero_()
+            return y
         self._call("lb_multi_lora_shrink", DTYPE_CODE[A.dtype], xr.data_ptr(), xr.stride(0), y.data_ptr(),
                    Ac.data_ptr(), pi, ps, psi, nseg, r.data_ptr(), s.data_ptr(), x.shape[0], A.shape[0], A.shape[1],
                    A.shape[2])

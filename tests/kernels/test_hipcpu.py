@@ -5,12 +5,16 @@ kernel promises it (NF4 / int4 dequantization).
 Kernels and what runs them here:
 - nf4_int4.cu: dequantize_kernel (fp32, bf16, fp16 out; NF4 with fp32 or double-quantized absmax; int4),
   gemv_kernel<T, 1..8> (batches 1-8 in one launch, 9 and 16 in two; K up to 2080 = 65 chunks of 32, each
-  lane looping three times; K % 32 != 0 and fp64 take the dequantize path, as in the binding).
-- bgmv.cu: shrink_kernel and expand_kernel, BGMV (per-token slot) and SGMV (segments, empty ones
-  included), fp32/bf16/fp16, non-contiguous rows, ranks 1..40 under a max_rank, slots padded with NaN
-  past each rank (a read past the rank fails), bad slot indices and ranks (read nothing, as bgmv.h says).
-- lora.cu: dora_norm_kernel (with its cancellation path), dora_epilogue_kernel, dora_grad_kernel, in
-  fp32, bf16, fp16 and fp64.
+  lane looping three times; x by 16-byte vectors, and by scalars one element off alignment: the same
+  bits; K % 32 != 0 and fp64 take the dequantize path, as in the binding).
+- bgmv.cu: BGMV's bgmv_shrink_kernel<T, 1 or 4 rows> (`in` split across the block and, at few tokens,
+  across blocks with shrink_reduce_kernel adding the splits), bgmv_expand_kernel (lane groups of 1..32
+  per output); SGMV's grouped GEMM sgmv_shrink_kernel / sgmv_expand_kernel (tiles of 32 tokens per
+  segment, empty segments included); fp32/bf16/fp16, 16-byte and scalar loads, non-contiguous rows,
+  ranks 1..130 under a max_rank, slots padded with NaN past each rank (a read past the rank fails), bad
+  slot indices and ranks (read nothing, as bgmv.h says).
+- lora.cu: dora_norm_kernel (with its cancellation path), dora_epilogue_kernel, dora_grad_kernel over
+  blocks of 64 tokens with dora_grad_reduce_kernel (deterministic), in fp32, bf16, fp16 and fp64.
 
 Skipped, with the reason, where HIP-CPU or libtbb-dev is missing. test_mutations_are_caught (slow) plants
 bugs in copies of the sources and checks that these checks fail on each.
@@ -125,6 +129,27 @@ def test_nf4_linear_against_reference(K, tokens, n_in, n_out, rank, dtype, block
     check_nf4_linear(K, tokens, n_in, n_out, rank, dtype, blocksize, double_quant, bias, seed)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_gemv_vector_and_scalar_x_loads_agree(K, dtype, tokens):
+    """The GEMV loads x by 16-byte vectors where its rows are 16-byte aligned and by scalars otherwise (a
+    view one element into its storage): the same sums in the same order, so the same bits, and both
+    within the rule of the fp64 truth. K = 2080: 65 chunks, lanes loop three times."""
+    n_in, n_out = 2080, 5
+    x, w, _, _, _ = _q4_inputs(tokens, n_in, n_out, 0, dtype, 4, False)
+    state = N.nf4_quantize(w, 64, True)
+    p = K.nf4_params(*state.tensors(), n_out, n_in, 64)
+    shifted = torch.empty(tokens * n_in + 1, dtype=dtype)[1:].view(tokens, n_in)  # rows at an odd offset
+    shifted.copy_(x)
+    assert x.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    vec, scalar = K.q4_gemv(p, x), K.q4_gemv(p, shifted)
+    assert torch.equal(vec, scalar), f"max diff {(vec - scalar).abs().max()}"
+    t = state.tensors()
+    truth = N._nf4_linear_ref(x.double(), *t, n_out, 64, None, None, None, 0.5)
+    assert_within_rule(f"gemv {dtype} unaligned x", K.nf4_linear(shifted, *t, n_out, 64, None, None, None, 0.5),
+                       N._nf4_linear_ref(x, *t, n_out, 64, None, None, None, 0.5), truth)
+
+
 @SETTINGS
 @given(rows=st.integers(1, 30), groups=st.integers(1, 5), group=st.sampled_from(I.GROUP_SIZES),
        dtype=st.sampled_from(ALL_DTYPES), seed=st.integers(0, 2**16))
@@ -199,6 +224,79 @@ def test_sgmv_against_truth(K, n_tokens, n_slots, max_rank, dtype, cuts, empty, 
     check_multi_lora(K, x, A, B, idx, ranks, scales, out0, seg=(starts, seg_idx))
 
 
+def _offset_rows(t, extra):
+    """t's values in rows `extra` elements longer than t's: unit column stride, row stride not a multiple of
+    a 16-byte vector (the kernels' scalar paths)."""
+    wide = torch.empty(t.shape[0], t.shape[1] + extra, dtype=t.dtype)
+    wide[:, : t.shape[1]] = t
+    return wide[:, : t.shape[1]]
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_tokens=st.sampled_from([1, 2, 3, 5, 40, 64]), n_slots=st.integers(1, 4),
+       max_rank=st.sampled_from([1, 7, 16, 26, 64, 80, 130]), n_in=st.sampled_from([8, 100, 1030, 2500, 4096]),
+       n_out=st.sampled_from([1, 33, 200]), dtype=st.sampled_from(DTYPES), mix=st.sampled_from(MIXES),
+       layout=st.sampled_from(["contiguous", "offset_rows"]), seed=st.integers(0, 2**16))
+# batch 1 at rank 16, in 4096: `in` split over 4 blocks, 16-byte loads, a second pass adds the splits
+@example(n_tokens=1, n_slots=2, max_rank=16, n_in=4096, n_out=200, dtype=torch.bfloat16, mix="distinct",
+         layout="contiguous", seed=0)
+# 3 splits of 1024, 1024, 452; scalar loads in fp16 (2500 % 8 != 0); the expand's 16 lanes per output
+@example(n_tokens=3, n_slots=3, max_rank=80, n_in=2500, n_out=33, dtype=torch.float16, mix="with_none",
+         layout="contiguous", seed=1)
+# tokens x rank >= 1024: 4 rows of A per block (26 = 6 x 4 + 2), rows at an odd stride (scalar loads)
+@example(n_tokens=40, n_slots=3, max_rank=26, n_in=100, n_out=200, dtype=torch.float32, mix="uniform",
+         layout="offset_rows", seed=2)
+@example(n_tokens=64, n_slots=2, max_rank=16, n_in=1030, n_out=33, dtype=torch.bfloat16, mix="zipf1.5",
+         layout="contiguous", seed=3)
+# 16-byte loads with 4 rows per block; and over 3 splits of 840, 840, 820 (the last share shorter)
+@example(n_tokens=64, n_slots=3, max_rank=16, n_in=100, n_out=200, dtype=torch.float32, mix="skewed",
+         layout="contiguous", seed=4)
+@example(n_tokens=3, n_slots=2, max_rank=16, n_in=2500, n_out=1, dtype=torch.float32, mix="identical",
+         layout="contiguous", seed=5)
+def test_bgmv_split_and_vector_paths(K, n_tokens, n_slots, max_rank, n_in, n_out, dtype, mix, layout, seed):
+    """The BGMV kernels' paths: `in` split across a block and (few tokens) across blocks with a second
+    pass, 1 or 4 rows of A per block, 16-byte or scalar loads (in or the row stride not a multiple of the
+    vector, rank past the vector), the expand's lane groups of 1..32 threads per output; rank 1..130."""
+    x, A, B, idx, ranks, scales, out0 = _multi_inputs(n_tokens, n_slots, max_rank, n_in, n_out, dtype, mix, False,
+                                                      seed)
+    if layout == "offset_rows":
+        x, out0 = _offset_rows(x, 1), _offset_rows(out0, 3)
+    check_multi_lora(K, x, A, B, idx, ranks, scales, out0)
+
+
+def _segments(n_tokens, lengths):
+    """seg_starts for segments of the given lengths, the last one taking the rest of the tokens."""
+    bounds = [0]
+    for n in lengths:
+        bounds.append(min(n_tokens, bounds[-1] + n))
+    bounds.append(n_tokens)
+    return torch.tensor(bounds, dtype=torch.int64)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n_tokens=st.integers(0, 100), n_slots=st.integers(1, 4), max_rank=st.sampled_from([1, 5, 16, 17, 40, 80]),
+       n_in=st.sampled_from([1, 64, 130]), n_out=st.sampled_from([1, 64, 150]), dtype=st.sampled_from(DTYPES),
+       lengths=st.lists(st.integers(0, 70), max_size=4), layout=st.sampled_from(["contiguous", "offset_rows"]),
+       seed=st.integers(0, 2**16))
+# one 70-token segment (tiles of 32, 32, 6) then an empty one and 30 tokens; ranks past one tile of 16
+@example(n_tokens=100, n_slots=3, max_rank=40, n_in=130, n_out=150, dtype=torch.bfloat16, lengths=[70, 0],
+         layout="contiguous", seed=0)
+@example(n_tokens=33, n_slots=2, max_rank=80, n_in=64, n_out=64, dtype=torch.float32, lengths=[0, 32],
+         layout="offset_rows", seed=1)
+def test_sgmv_grouped_gemm_tiles(K, n_tokens, n_slots, max_rank, n_in, n_out, dtype, lengths, layout, seed):
+    """SGMV's grouped GEMM: tiles of 32 tokens within each segment (segments longer than a tile, partial
+    and empty ones), tiles of 16 rows of A / 64 outputs and stages of 64 of `in` / 16 of the rank, all
+    with remainders; segments without adapter (-1); rows at an odd stride."""
+    x, A, B, _, ranks, scales, out0 = _multi_inputs(n_tokens, n_slots, max_rank, n_in, n_out, dtype, "uniform",
+                                                    False, seed)
+    if layout == "offset_rows":
+        x, out0 = _offset_rows(x, 1), _offset_rows(out0, 3)
+    starts = _segments(n_tokens, lengths)
+    seg_idx = torch.randint(-1, n_slots, (starts.numel() - 1,), generator=torch.Generator().manual_seed(seed))
+    idx = seg_idx.repeat_interleave(starts.diff())
+    check_multi_lora(K, x, A, B, idx, ranks, scales, out0, seg=(starts, seg_idx))
+
+
 def test_bad_indices_and_ranks_read_nothing(K):
     """The CUDA binding does not read indices on the host (that would synchronise): the kernels treat a
     slot outside [0, n_slots) as no adapter and clamp ranks to [0, max_rank] (bgmv.h). Slots past the
@@ -258,6 +356,28 @@ def test_dora_against_reference(K, tokens, n_in, n_out, rank, dtype, scale, bias
     check_dora(K, tokens, n_in, n_out, rank, dtype, scale, bias=bias, dropout=dropout, layout=layout)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("tokens,n_out", [(64, 33), (65, 1), (129, 70), (200, 40)])
+def test_dora_grad_token_blocks(K, dtype, tokens, n_out):
+    """The gradient kernel's 2-D grid: blocks of 64 tokens (one full block, one and a token, three with a
+    partial last one) whose partial sums of dm a second pass adds in block order; run twice, the same bits."""
+    check_dora(K, tokens, 48, n_out, 8, dtype, 0.5, bias=False)
+    g = torch.Generator().manual_seed(5)
+    dy, u = torch.randn(tokens, n_out, generator=g).to(dtype), torch.randn(tokens, n_out, generator=g).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gain, norm = torch.rand(n_out, generator=g).to(acc) + 0.5, torch.rand(n_out, generator=g).to(acc) + 0.5
+    runs = []
+    for _ in range(2):
+        du, dm = torch.empty_like(dy), torch.empty_like(norm)
+        K._call("lb_dora_grad", dy.data_ptr(), u.data_ptr(), gain.data_ptr(), norm.data_ptr(), du.data_ptr(),
+                dm.data_ptr(), tokens, n_out, H.DTYPE_CODE[dtype])
+        runs.append((du, dm))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), "not deterministic"
+    truth = (dy.double() * u.double()).sum(0) / norm.double()
+    torch.testing.assert_close(runs[0][1].double(), truth, rtol=1e-5 if acc == torch.float32 else 1e-12, atol=1e-5)
+    assert torch.equal(runs[0][0], (dy.to(acc) * gain).to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_dora_norm_cancellation_path(K, dtype):
     """W_j = -s B_j A + a small remainder: the expanded norm cancels, and the kernel recomputes those rows
@@ -291,13 +411,24 @@ MUTATIONS = {
         "nf4_int4.cu", "for (int64_t c = lane; c < K / 32; c += 32) {", "for (int64_t c = lane; c < K / 32; c += 64) {"),
     "gemv: warp reduction starts at offset 8": (
         "nf4_int4.cu", "for (int off = 16; off > 0; off >>= 1) v +=", "for (int off = 8; off > 0; off >>= 1) v +="),
-    "sgmv: segment bound off by one": (
-        "bgmv.cu", "if (p.seg_starts[mid] <= t) lo = mid; else hi = mid;",
-        "if (p.seg_starts[mid] < t) lo = mid; else hi = mid;"),
-    "shrink: one row past the rank": (
-        "bgmv.cu", "if (l < 0 || j >= rank_of(p, l)) {", "if (l < 0 || j > rank_of(p, l)) {"),
-    "expand: accumulates without the rank's last column": (
-        "bgmv.cu", "for (int64_t j = 0; j < r; ++j) acc += ys[j]", "for (int64_t j = 1; j < r; ++j) acc += ys[j]"),
+    "gemv: x's 16-byte vectors loaded into each other's places": (
+        "nf4_int4.cu", "for (int v = 0; v < 32 / n; ++v) load16(src + v * n, dst + v * n);",
+        "for (int v = 0; v < 32 / n; ++v) load16(src + v * n, dst + (v ^ 1) * n);"),
+    "bgmv shrink: one row past the rank": (
+        "bgmv.cu", "const int64_t rows = r - j0 < 0 ? 0 : (r - j0 > ROWS ? ROWS : r - j0);",
+        "const int64_t rows = r - j0 < 0 ? 0 : (r - j0 > ROWS ? ROWS : r - j0 + 1);"),
+    "bgmv shrink: the second pass leaves out the first split of `in`": (
+        "bgmv.cu", "for (int64_t s = 0; s < splits; ++s) sum +=", "for (int64_t s = 1; s < splits; ++s) sum +="),
+    "bgmv expand: the lane group's reduction stops halfway": (
+        "bgmv.cu", "for (int offset = lanes / 2; offset > 0; offset /= 2) acc +=",
+        "for (int offset = lanes / 4; offset > 0; offset /= 2) acc +="),
+    "sgmv: a segment's last tile one token short": (
+        "bgmv.cu", "found[2] = found[1] + kTileM < b ? found[1] + kTileM : b;",
+        "found[2] = found[1] + kTileM < b ? found[1] + kTileM : b - 1;"),
+    "sgmv shrink: the second half of a tile's tokens reads the first half's x": (
+        "bgmv.cu", "acc[1] = fmaf(xs[tm + 16][kk], av, acc[1]);", "acc[1] = fmaf(xs[tm][kk], av, acc[1]);"),
+    "sgmv expand: reads one column past the rank": (
+        "bgmv.cu", "bs[nn][kk] = (o < p.out_features && j < r)", "bs[nn][kk] = (o < p.out_features && j <= r)"),
     "dora norm: cancellation rows not recomputed": (
         "lora.cu", "if (sq < static_cast<A>(p.cancellation) * (w_sq + s * s * ba_sq)) {", "if (false) {"),
     "dora grad: one row of threads left out of the reduction": (
@@ -305,6 +436,8 @@ MUTATIONS = {
         "for (int r = 2; r < blockDim.y; ++r) acc += part[r][threadIdx.x];"),
     "dora epilogue: bias of column 0 for all": (
         "lora.cu", "if (bias) v += to_acc(bias[j]);", "if (bias) v += to_acc(bias[0]);"),
+    "dora grad: the second pass leaves out the first block of tokens": (
+        "lora.cu", "for (int64_t b = 0; b < blocks; ++b) acc +=", "for (int64_t b = 1; b < blocks; ++b) acc +="),
 }
 
 
@@ -318,7 +451,14 @@ def run_checks(K) -> None:
     x, A, B, _, ranks, scales, out0 = _multi_inputs(9, 3, 12, 40, 33, torch.float32, "uniform", False, 1)
     starts, seg_idx = torch.tensor([0, 3, 3, 5, 9]), torch.tensor([0, 2, 1, 2])
     check_multi_lora(K, x, A, B, seg_idx.repeat_interleave(starts.diff()), ranks, scales, out0, seg=(starts, seg_idx))
+    # BGMV at 2 tokens, in 2048: 16-byte loads, `in` split over two blocks; the expand's lane groups
+    check_multi_lora(K, *_multi_inputs(2, 2, 16, 2048, 40, torch.bfloat16, "distinct", False, 2))
+    # SGMV over tiles: a 40-token segment (tiles of 32 and 8), ranks up to 20 (two tiles of 16 rows)
+    x, A, B, _, ranks, scales, out0 = _multi_inputs(70, 3, 20, 130, 100, torch.float32, "uniform", False, 3)
+    starts, seg_idx = torch.tensor([0, 40, 40, 45, 70]), torch.tensor([0, 2, 1, 2])
+    check_multi_lora(K, x, A, B, seg_idx.repeat_interleave(starts.diff()), ranks, scales, out0, seg=(starts, seg_idx))
     check_dora(K, 33, 300, 70, 16, torch.float32, 2.0, bias=True)
+    check_dora(K, 130, 40, 50, 4, torch.float32, 0.5)  # three blocks of tokens in the gradient kernel
     test_dora_norm_cancellation_path(K, torch.float32)
 
 
