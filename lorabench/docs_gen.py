@@ -66,8 +66,6 @@ PLANNED_NOTES = {
                         "left: the two-stage schedule (the adapter library of multitask.py could seed the experts)",
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
-    "MTLoRA": "task-agnostic and task-specific LoRA modules in a hierarchical vision transformer (arXiv 2403.20320); "
-              "left: the task-specific modules per task id beside a shared one",
     "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "
                  "(lorabench/ops, harness/multitask.py) compute the same thing (an adapter index per row); left: "
                  "FLoRA's element-wise form and its throughput against BGMV",

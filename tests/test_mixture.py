@@ -152,6 +152,21 @@ def test_multilora_sums_parallel_modules_with_learnt_scales():
     torch.testing.assert_close(m(x), m.base(x) + x @ dw.T, atol=1e-5, rtol=1e-5)
 
 
+def test_mtlora_adds_the_shared_module_and_the_examples_own_task_module_only():
+    m = layer(router="task-specific", experts=4, shared_experts=1, rank=2).eval()
+    x = torch.randn(3, 5, 12)
+    m.routing.task_ids = torch.tensor([0, 2, -1])
+    expected = torch.stack([x[0] @ (m.delta_weight(0) + m.delta_weight(1)).T,
+                            x[1] @ (m.delta_weight(0) + m.delta_weight(3)).T,
+                            x[2] @ m.delta_weight(0).T])                    # an unseen task: the shared module alone
+    torch.testing.assert_close(m(x), m.base(x) + expected, atol=1e-5, rtol=1e-5)
+    m.routing.task_ids = torch.tensor([0, 3, 0])
+    with pytest.raises(ValueError, match="no task-specific expert"):
+        m(x)
+    with pytest.raises(ValueError, match="more experts"):
+        MixtureConfig(router="task-specific", experts=1, shared_experts=1)
+
+
 def test_mola_puts_more_experts_in_higher_layers():
     model, ctx = tiny_model("llama")
     method = get_method("mola").from_options({"rank": 2, "experts_by_depth": [2, 6]})
@@ -179,7 +194,8 @@ def test_task_ids_in_a_batch_route_the_model_and_never_reach_it():
 
 
 def test_every_mixture_is_registered_in_the_cross_task_family_with_its_paper():
-    assert set(MIXTURES) == {"mixlora", "loramoe", "moelora", "sira", "mola", "multilora", "llava-mole", "octavius"}
+    assert set(MIXTURES) == {"mixlora", "loramoe", "moelora", "sira", "mola", "multilora", "llava-mole", "octavius",
+                             "mtlora"}
     for n in MIXTURES:
         cls = get_method(n)
         assert cls.paper and cls.paper in (cls.__doc__ or ""), n

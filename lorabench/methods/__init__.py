@@ -160,6 +160,8 @@ METHODS.register_lazy("multilora", "lorabench.methods.cross_task.multilora:Multi
                       title="MultiLoRA: Democratizing LoRA for Better Multi-Task Learning")
 METHODS.register_lazy("llava-mole", "lorabench.methods.cross_task.llava_mole:LLaVAMoLE", family="cross-task", paper="2401.16160",
                       title="LLaVA-MoLE: Sparse Mixture of LoRA Experts for Mitigating Data Conflicts in Instruction Finetuning MLLMs")
+METHODS.register_lazy("mtlora", "lorabench.methods.cross_task.mtlora:MTLoRA", family="cross-task", paper="2403.20320",
+                      title="MTLoRA: Low-rank adaptation approach for efficient multi-task learning")
 METHODS.register_lazy("octavius", "lorabench.methods.cross_task.octavius:Octavius", family="cross-task", paper="2311.02684",
                       title="Octavius: Mitigating Task Interference in MLLMs via LoRA-MoE")
 

@@ -17,4 +17,5 @@ CASES = [
     Case("multilora", {"experts": 3, "rank": 2}),
     Case("llava-mole", {"experts": 3, "rank": 2}),
     Case("octavius", {"experts": 3, "rank": 2}),
+    Case("mtlora", {"experts": 3, "rank": 2}),
 ]

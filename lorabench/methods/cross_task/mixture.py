@@ -10,6 +10,8 @@ The router's gates g (one row per token) come from
 - `topk`:    p = softmax(W_r x), g = p on the k largest, renormalised, 0 elsewhere (MixLoRA eq. (3))
 - `task`:    g = softmax(W_g E_t[task])  from a task embedding, the same for every token of an example
              (MOELoRA eq. (6))
+- `task-specific`: g = 1 on the shared (task-agnostic) experts and on the example's own task's expert, 0 elsewhere
+             (MTLoRA's task-agnostic and task-specific modules)
 - `static`:  g = s, one learnable scale per expert (MultiLoRA's horizontal parallel LoRAs)
 at token level (x is the token's input) or sequence level (x is the mean of the example's non-pad token inputs:
 one gate per example, Octavius' instance-level routing). Options: SiRA's expert capacity (each expert takes at most
@@ -56,10 +58,13 @@ class MixtureConfig(MethodConfig):
               "r_e uses the first r_e rows of its A", )
     alpha: float = option(8.0, "each expert's update is scaled by alpha / rank (LoRA eq. (3))", low=0.0)
     dropout: float = option(0.0, "dropout on the experts' input", low=0.0, high=0.99)
-    router: Literal["softmax", "topk", "task", "static"] = option(
+    router: Literal["softmax", "topk", "task", "task-specific", "static"] = option(
         "softmax", "the gate: 'softmax' dense over all experts (LoRAMoE), 'topk' the k largest renormalised "
-                   "(MixLoRA, SiRA), 'task' from a learnt task embedding (MOELoRA), 'static' one learnt scale per "
-                   "expert (MultiLoRA)")
+                   "(MixLoRA, SiRA), 'task' from a learnt task embedding (MOELoRA), 'task-specific' the shared "
+                   "experts plus the one expert of the example's task, gate 1 each (MTLoRA), 'static' one learnt "
+                   "scale per expert (MultiLoRA)")
+    shared_experts: int = option(1, "with router=task-specific: experts 0..shared_experts-1 serve every task "
+                                    "(task-agnostic); expert shared_experts + t serves task t", low=0)
     top_k: int = option(2, "with router=topk: experts per token", low=1, high=256)
     renormalize: bool = option(True, "with router=topk: renormalise the k chosen probabilities to sum to 1 "
                                      "(Mixtral, MixLoRA); false keeps p_e itself (Switch Transformer: with k = 1 the "
@@ -98,7 +103,10 @@ class MixtureConfig(MethodConfig):
                                  f"each between 1 and rank={self.rank}")
         if self.experts_by_depth is not None and (not self.experts_by_depth or min(self.experts_by_depth) < 1):
             raise ValueError(f"experts_by_depth={self.experts_by_depth} must be a non-empty list of positive counts")
-        if self.balance != "none" and self.router in ("task", "static"):
+        if self.router == "task-specific" and self.shared_experts >= self.experts:
+            raise ValueError(f"router=task-specific needs more experts ({self.experts}) than shared_experts "
+                             f"({self.shared_experts}): one expert per task after the shared ones")
+        if self.balance != "none" and self.router in ("task", "task-specific", "static"):
             raise ValueError(f"balance={self.balance!r} balances a router of tokens; router={self.router!r} does not "
                              f"route by input; use balance=none")
 
@@ -168,6 +176,19 @@ class MixtureLinear(nn.Module):
         c = self.c
         if c.router == "static":
             return self.expert_scale.expand(B, T, self.E)
+        if c.router == "task-specific":   # MTLoRA: the task-agnostic experts + the example's task-specific one
+            ids = self.routing.task_ids
+            ids = torch.zeros(B, dtype=torch.long) if ids is None or ids.shape[0] != B else ids
+            n_specific = self.E - c.shared_experts
+            if bool((ids >= n_specific).any()):
+                raise ValueError(f"task id {int(ids.max())} has no task-specific expert: this layer has {n_specific} "
+                                 f"(experts={self.E} - shared_experts={c.shared_experts}); set experts to "
+                                 f"shared_experts + the number of training tasks")
+            g = torch.zeros(B, self.E, device=x.device, dtype=x.dtype)
+            g[:, : c.shared_experts] = 1.0
+            known = ids >= 0                  # a task never trained (-1): the shared experts alone
+            g[known.nonzero().flatten(), (c.shared_experts + ids[known]).to(x.device)] = 1.0
+            return g[:, None, :].expand(B, T, self.E)
         if c.router == "task":
             ids = self.routing.task_ids
             ids = torch.zeros(B, dtype=torch.long) if ids is None or ids.shape[0] != B else ids
@@ -261,7 +282,7 @@ class MixtureLinear(nn.Module):
         s["tokens"] += n
         s["load"] += (g.abs() * m).sum((0, 1)).float().cpu()        # gate mass per expert
         s["prob"] += (p * m).sum((0, 1)).float().cpu()
-        if self.c.router != "static":
+        if self.c.router not in ("static", "task-specific"):
             ent = -(p.clamp(min=1e-12).log() * p).sum(-1)               # (B, T) the router's entropy per token
             s["entropy"] += float((ent * mask).sum())
         if hasattr(self, "_capacity"):
@@ -377,7 +398,8 @@ class MixtureMethod(Method):
         out = {"expert_load": [round(float(x), 4) for x in load / len(layers)],
                "experts_per_layer": [m.E for m in layers],
                "load_cv": round(sum(cvs) / len(cvs), 4),
-               "router_entropy": round(ent / tok, 4) if tok and self.config.router != "static" else None}
+               "router_entropy": round(ent / tok, 4) if tok and self.config.router not in ("static", "task-specific")
+               else None}
         if self.config.capacity_factor is not None:
             out["capacity_dropped_fraction"] = round(dropped / assigned, 4) if assigned else 0.0
         return out
