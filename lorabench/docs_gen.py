@@ -62,8 +62,6 @@ PLANNED_NOTES = {
               "per-expert scalings gate the experts in a second pass (arXiv 2402.07148); needs the two-pass forward",
     "MoCLE": "experts conditioned on clusters of instruction embeddings (k-means) plus a universal expert "
              "(arXiv 2312.12379); the task gate could take cluster ids; left: the clustering and the universal expert",
-    "Mixture-of-LoRAs": "experts trained one per task first, then a router trained over them (arXiv 2403.03432); "
-                        "left: the two-stage schedule (the adapter library of multitask.py could seed the experts)",
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
     "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "

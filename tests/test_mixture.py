@@ -167,6 +167,35 @@ def test_mtlora_adds_the_shared_module_and_the_examples_own_task_module_only():
         MixtureConfig(router="task-specific", experts=1, shared_experts=1)
 
 
+def test_mixture_of_loras_trains_expert_t_on_task_t_first_then_supervises_the_router_by_task():
+    from lorabench.methods.base import TrainState
+    model, ctx = tiny_model("llama")
+    torch.manual_seed(0)
+    method = get_method("mixture-of-loras").from_options({"experts": 2, "rank": 2, "teacher_forcing": 0.5})
+    model = method.apply(model, ctx)
+    b = batch_for("llama")
+    ids = torch.tensor([0, 1, 1, 0])
+    state = TrainState(model, None, None, step=0, total_steps=10)
+    method.on_step_begin(state)                              # first stage: every example through its task's expert
+    model.train()
+    model(**b, task_ids=ids).loss.backward()
+    for m in method.mixture_layers(model):
+        g, _, _ = m.gates(torch.randn(4, 3, m.in_features))
+        assert torch.equal(g[:, 0, :], torch.nn.functional.one_hot(ids, 2).float())
+        assert m.router.weight.grad is None or float(m.router.weight.grad.abs().sum()) == 0   # the LM loss skips it
+    aux = method.extra_loss(state)                           # ... while the router learns the task labels
+    assert aux is not None and float(aux.detach()) > 0
+    state.step = 5
+    method.on_step_begin(state)                              # second stage: the router decides, one expert each
+    m = method.mixture_layers(model)[0]
+    g, p, _ = m.gates(torch.randn(4, 3, m.in_features))
+    assert ((g > 0).sum(-1) == 1).all() and torch.equal(g[:, 0], g[:, 1])
+    assert state.metrics["teacher_forced_steps"] == 1
+    # the supervision is -log p(task) of the example's sequence-level distribution
+    m.routing.task_ids = ids
+    torch.testing.assert_close(m.task_ce_loss(p), -p[torch.arange(4), 0, ids].log().mean())
+
+
 def test_mola_puts_more_experts_in_higher_layers():
     model, ctx = tiny_model("llama")
     method = get_method("mola").from_options({"rank": 2, "experts_by_depth": [2, 6]})
@@ -195,7 +224,7 @@ def test_task_ids_in_a_batch_route_the_model_and_never_reach_it():
 
 def test_every_mixture_is_registered_in_the_cross_task_family_with_its_paper():
     assert set(MIXTURES) == {"mixlora", "loramoe", "moelora", "sira", "mola", "multilora", "llava-mole", "octavius",
-                             "mtlora"}
+                             "mtlora", "mixture-of-loras"}
     for n in MIXTURES:
         cls = get_method(n)
         assert cls.paper and cls.paper in (cls.__doc__ or ""), n

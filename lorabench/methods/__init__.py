@@ -162,6 +162,8 @@ METHODS.register_lazy("llava-mole", "lorabench.methods.cross_task.llava_mole:LLa
                       title="LLaVA-MoLE: Sparse Mixture of LoRA Experts for Mitigating Data Conflicts in Instruction Finetuning MLLMs")
 METHODS.register_lazy("mtlora", "lorabench.methods.cross_task.mtlora:MTLoRA", family="cross-task", paper="2403.20320",
                       title="MTLoRA: Low-rank adaptation approach for efficient multi-task learning")
+METHODS.register_lazy("mixture-of-loras", "lorabench.methods.cross_task.mixture_of_loras:MixtureOfLoras", family="cross-task",
+                      paper="2403.03432", title="Mixture-of-LoRAs: An efficient multitask tuning method for large language models")
 METHODS.register_lazy("octavius", "lorabench.methods.cross_task.octavius:Octavius", family="cross-task", paper="2311.02684",
                       title="Octavius: Mitigating Task Interference in MLLMs via LoRA-MoE")
 

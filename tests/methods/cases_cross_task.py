@@ -18,4 +18,5 @@ CASES = [
     Case("llava-mole", {"experts": 3, "rank": 2}),
     Case("octavius", {"experts": 3, "rank": 2}),
     Case("mtlora", {"experts": 3, "rank": 2}),
+    Case("mixture-of-loras", {"experts": 3, "rank": 2}),
 ]

@@ -160,6 +160,8 @@ BEHAVIOURS = [
     B("octavius", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0, "one gate per example"),
     B("mtlora", lambda m: m["expert_load"][0] == m["expert_load"][1] == 0.5 and sum(m["expert_load"][2:]) == 0,
       "the shared module and task 0's own, no other task's"),
+    B("mixture-of-loras", lambda m: 0 < m["teacher_forced_steps"] < STEPS and m["aux_loss_last"] > 0,
+      "the experts first, teacher-forced by task, then the router supervised by the task label"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
     # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),

@@ -72,9 +72,15 @@ class MixtureConfig(MethodConfig):
     level: Literal["token", "sequence"] = option(
         "token", "route each token ('token') or each example by the mean of its tokens' inputs ('sequence', "
                  "Octavius' instance-level gate)")
-    balance: Literal["none", "switch", "lbc"] = option(
-        "none", "auxiliary balancing loss: 'switch' E Σ_e f_e P_e (MixLoRA eq. (6), from Switch Transformer), "
-                "'lbc' LoRAMoE's localized balancing constraint (its eq. (7)-(9)), 'none'")
+    balance: Literal["none", "switch", "lbc", "task-ce"] = option(
+        "none", "auxiliary router loss: 'switch' E Σ_e f_e P_e (MixLoRA eq. (6), from Switch Transformer), "
+                "'lbc' LoRAMoE's localized balancing constraint (its eq. (7)-(9)), 'task-ce' the cross-entropy of "
+                "the router's distribution against the example's task id, expert t for task t (Mixture-of-LoRAs' "
+                "domain-label supervision), 'none'")
+    teacher_forcing: float = option(
+        0.0, "fraction of the training steps, at the start, in which each example uses its own task's expert "
+             "(expert t for task t, gate 1) whatever the router says: the experts are trained one per task first "
+             "(Mixture-of-LoRAs' first stage)", low=0.0, high=1.0)
     balance_weight: float = option(0.01, "weight of the balancing loss in the training loss", low=0.0)
     lbc_delta: float = option(0.1, "LoRAMoE's δ: experts of a sample's own type weigh 1+δ in its importance, the "
                                    "others 1-δ", low=0.0, high=1.0)
@@ -106,6 +112,12 @@ class MixtureConfig(MethodConfig):
         if self.router == "task-specific" and self.shared_experts >= self.experts:
             raise ValueError(f"router=task-specific needs more experts ({self.experts}) than shared_experts "
                              f"({self.shared_experts}): one expert per task after the shared ones")
+        if self.balance == "task-ce" and (self.router not in ("softmax", "topk") or self.level != "sequence"):
+            raise ValueError("balance=task-ce supervises one routing decision per example: use router=topk or "
+                             "softmax with level=sequence")
+        if self.teacher_forcing > 0 and self.router in ("task", "task-specific", "static"):
+            raise ValueError(f"teacher_forcing trains expert t on task t before the router takes over; "
+                             f"router={self.router!r} does not take over")
         if self.balance != "none" and self.router in ("task", "task-specific", "static"):
             raise ValueError(f"balance={self.balance!r} balances a router of tokens; router={self.router!r} does not "
                              f"route by input; use balance=none")
@@ -118,6 +130,7 @@ class Routing:
         self.task_ids: torch.Tensor | None = None   # (B,) long, -1 = a task the mixture has not trained on
         self.mask: torch.Tensor | None = None       # (B, T) of the current call
         self.default_task = 0
+        self.force_task = False                     # teacher forcing: expert t for task t, whatever the router says
         self.trained_tasks = 1                      # task ids 0..trained_tasks-1 trained (for the unknown-task gate)
 
     def hook(self, module, args, kwargs):
@@ -166,7 +179,7 @@ class MixtureLinear(nn.Module):
         """(B, T) 1 for a real token of this call (the model's mask, its last T columns under a KV cache)."""
         B, T = x.shape[0], x.shape[1]
         m = self.routing.mask
-        if m is None or m.shape[0] != B:
+        if m is None or m.shape[0] != B or getattr(self, "_pooled", False):
             return torch.ones(B, T, device=x.device)
         return m[:, -T:].to(x.device, torch.float32)
 
@@ -210,6 +223,12 @@ class MixtureLinear(nn.Module):
         mask = self._token_mask(x)
         p = self._probs(x, mask)
         g = p
+        if self.routing.force_task and self.training and self.routing.task_ids is not None:
+            ids = self.routing.task_ids.to(x.device)
+            ok = (ids >= 0) & (ids < self.E)
+            g = torch.zeros_like(p)
+            g[ok.nonzero().flatten(), :, ids[ok]] = 1.0               # (B, T, E): each example its task's expert
+            return g, p, mask
         if c.router == "topk":   # MixLoRA eq. (3): the top-k of softmax(W_r x), renormalised over those k
             k = min(c.top_k, self.E)
             val, idx = p.topk(k, dim=-1)
@@ -237,6 +256,20 @@ class MixtureLinear(nn.Module):
         P = (p * m).sum((0, 1)) / m.sum().clamp(min=1)
         return self.E * (f * P).sum()
 
+    def task_ce_loss(self, p: torch.Tensor) -> torch.Tensor:
+        """Mixture-of-LoRAs' domain-label supervision: -log p_t of the example's task t under the router's
+        (sequence-level) distribution, averaged over the examples whose task has an expert."""
+        ids = self.routing.task_ids
+        B = p.shape[0]
+        if ids is None or ids.shape[0] != B:
+            return p.sum() * 0.0
+        ids = ids.to(p.device)
+        ok = (ids >= 0) & (ids < self.E)
+        if not bool(ok.any()):
+            return p.sum() * 0.0
+        logp = p[:, 0, :].clamp(min=1e-12).log()                       # (B, E): one distribution per example
+        return -logp[ok.nonzero().flatten(), ids[ok]].mean()
+
     def lbc_loss(self, g: torch.Tensor, mask: torch.Tensor, sample_types: torch.Tensor) -> torch.Tensor:
         """LoRAMoE's localized balancing constraint: Q[e, m] = Σ_tokens of sample m g_e (the importance, eq. (7)),
         I[e, m] = 1+δ where expert e's type is sample m's, else 1-δ (eq. (8)), Z = I ∘ Q, loss σ²(Z)/μ(Z) (eq. (9))."""
@@ -251,8 +284,9 @@ class MixtureLinear(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        squeeze = x.dim() == 2
-        x3 = x[None] if squeeze else x                                   # (B, T, k)
+        squeeze = x.dim() == 2   # (B, k): one vector per example (BERT's pooler), a sequence of one token
+        x3 = x[:, None, :] if squeeze else x                             # (B, T, k)
+        self._pooled = squeeze
         g, p, mask = self.gates(x3)
         h = F.dropout(x3, self.c.dropout, self.training) if self.c.dropout > 0 else x3
         u = F.linear(h, self.lora_A) * self.rank_mask                   # (B, T, E*r): every A_e x at once
@@ -262,9 +296,11 @@ class MixtureLinear(nn.Module):
         if self.training and self.c.balance != "none":
             if self.c.balance == "switch":
                 self.aux = self.switch_loss(g, p, mask)
+            elif self.c.balance == "task-ce":
+                self.aux = self.task_ce_loss(p)
             else:
                 self.aux = self.lbc_loss(g, mask, self.sample_types(x3.shape[0]))
-        return out[0] if squeeze else out
+        return out[:, 0] if squeeze else out
 
     def sample_types(self, B: int) -> torch.Tensor:
         """LoRAMoE's sample type per example: 0 for a world-knowledge task, 1 for a downstream task."""
@@ -322,7 +358,7 @@ class MixtureMethod(Method):
                    "layers (0 = perfectly balanced)",
         "router_entropy": "the router's mean entropy per token, in nats (log E = uniform)",
         "aux_loss_last": "the balancing loss added at the last step (0 without one)",
-        "experts_per_layer": "the number of experts of each adapted layer, in model order (MoLA: more in higher layers)",
+        "experts_per_layer": "the number of experts per transformer block, lowest first (MoLA: more in higher layers)",
     }
 
     def __init__(self, config=None):
@@ -344,7 +380,9 @@ class MixtureMethod(Method):
         n_layers = max(depth.values()) + 1 if depth else 1
         for name in names:
             E = self.experts_for(depth.get(name, 0), n_layers)
-            replace_module(model, name, MixtureLinear(model.get_submodule(name), self.config, E, self.routing))
+            layer = MixtureLinear(model.get_submodule(name), self.config, E, self.routing)
+            layer.depth = depth.get(name, 0)
+            replace_module(model, name, layer)
         model.register_forward_pre_hook(self.routing.hook, with_kwargs=True)
         return model
 
@@ -371,7 +409,15 @@ class MixtureMethod(Method):
         for m in self.mixture_layers(state.model):
             m.reset_stats()
 
+    def on_step_begin(self, state: TrainState) -> None:
+        # teacher forcing for the first `teacher_forcing` of the steps (Mixture-of-LoRAs: experts first, then routing)
+        forced = state.step < round(self.config.teacher_forcing * state.total_steps)
+        self.routing.force_task = forced
+        if forced:
+            state.metrics["teacher_forced_steps"] = state.metrics.get("teacher_forced_steps", 0) + 1
+
     def on_train_end(self, state: TrainState) -> None:
+        self.routing.force_task = False
         state.metrics.update(self.router_metrics(state.model))
         state.metrics.setdefault("aux_loss_last", 0.0)
 
@@ -396,7 +442,7 @@ class MixtureMethod(Method):
             if reset:
                 m.reset_stats()
         out = {"expert_load": [round(float(x), 4) for x in load / len(layers)],
-               "experts_per_layer": [m.E for m in layers],
+               "experts_per_layer": [E for _, E in sorted({getattr(m, "depth", 0): m.E for m in layers}.items())],
                "load_cv": round(sum(cvs) / len(cvs), 4),
                "router_entropy": round(ent / tok, 4) if tok and self.config.router not in ("static", "task-specific")
                else None}
