@@ -93,7 +93,11 @@ def suite_size(s: dict) -> int:
     """Trials a suite file defines, read from its YAML alone (Suite.size() without importing torch): one per
     task x method x seed, times the learning-rate grid, whose tuning seeds (on the tuning task alone, with
     tune_task) run every rate, and times the partitions of the clients scenario (`federated:`); a continual
-    suite: one per method x order x seed."""
+    suite: one per method x order x seed; a mixture suite (the cross-task protocol (b)): one per method x split x
+    seed."""
+    if s.get("mixture") is not None:
+        seeds = s.get("seeds", [0])
+        return len(s.get("splits") or {}) * len(s["methods"]) * len(seeds if isinstance(seeds, list) else [seeds])
     if s.get("continual") is not None:
         seeds = s.get("seeds", [0])
         return len(s.get("orders") or {}) * len(s["methods"]) * len(seeds if isinstance(seeds, list) else [seeds])

@@ -50,8 +50,23 @@ PLANNED_NOTES = {
     # (lorabench/harness/sequence.py, docs/continual.md)
     "GS-LoRA": "its own protocol, continual forgetting (forget chosen classes, keep the rest) with group-sparse "
                "LoRA per block and its own metrics; not built yet (the sequence scenario would drive it)",
-    "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs; needs the "
-             "cross-task scenario's mixture layer, not built yet",
+    "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs: the mixture "
+             "layer exists (lorabench/methods/cross_task/mixture.py); left: its open-book/closed-book QA protocol "
+             "and data",
+    # mixtures of LoRA experts (issue 17) not implemented yet: what each needs beyond the mixture layer
+    # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
+    "MixLoRA: Multimodal": "conditional selection of rank-1 factors (arXiv 2402.15896: instance-conditioned routers "
+                           "pick r columns of A and r rows of B from factor pools, B's conditioned on A's); not "
+                           "the top-k expert router of the registered `mixlora` (Li et al., arXiv 2404.15159)",
+    "X-LoRA": "a scaling head on the hidden states of a first pass with the adapters off, whose per-layer, "
+              "per-expert scalings gate the experts in a second pass (arXiv 2402.07148); needs the two-pass forward",
+    "MoCLE": "experts conditioned on clusters of instruction embeddings (k-means) plus a universal expert "
+             "(arXiv 2312.12379); the task gate could take cluster ids; left: the clustering and the universal expert",
+    "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
+             "experts with a generic path; no vision model here",
+    "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "
+                 "(lorabench/ops, harness/multitask.py) compute the same thing (an adapter index per row); left: "
+                 "FLoRA's element-wise form and its throughput against BGMV",
     "PrivateLoRA": "split computation (the heavy base on the server, the low-rank A and B on the device): "
                    "measurable here as activations sent per token and accuracy; not built yet",
 }

@@ -37,6 +37,7 @@ class TrialSpec:
     federated: dict | None = None  # the clients scenario's options (lorabench/harness/clients.py), partition included
     cross_task: dict | None = None  # the cross-task scenario's options (lorabench/harness/cross_task.py)
     continual: dict | None = None  # the sequence scenario's order and options (lorabench/harness/sequence.py)
+    mixture: dict | None = None  # protocol (b)'s split and options (lorabench/harness/mixture.py)
 
 
 # The classification head of transformers' sequence-classification models. BERT's pooler is part
@@ -89,6 +90,9 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     if spec.federated is not None:  # method x partition x seed on Flower's simulation: the clients scenario
         from lorabench.harness.clients import run_federated
         return run_federated(spec, progress=progress)
+    if spec.mixture is not None:  # method x split x seed, multi-task training: the cross-task protocol (b)
+        from lorabench.harness.mixture import run_mixture
+        return run_mixture(spec, progress=progress)
     if spec.continual is not None:  # method x order x seed, tasks one after another: the sequence scenario
         from lorabench.harness.sequence import run_sequence
         return run_sequence(spec, progress=progress)

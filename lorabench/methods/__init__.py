@@ -144,6 +144,28 @@ METHODS.register_lazy("lora-arithmetic", "lorabench.methods.cross_task.lora_arit
                       paper="2306.14870", title="Composing Parameter-Efficient Modules with Arithmetic Operations")
 METHODS.register_lazy("uniform-average", "lorabench.methods.cross_task.uniform_average:UniformAverage", family="cross-task",
                       paper="2203.05482", title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time (the uniform soup, of task adapters)")
+# ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
+# the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
+METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",
+                      title="MixLoRA (Li et al.): Enhancing Large Language Models Fine-Tuning with LoRA-based Mixture of Experts")
+METHODS.register_lazy("loramoe", "lorabench.methods.cross_task.loramoe:LoRAMoE", family="cross-task", paper="2312.09979",
+                      title="LoRAMoE: Alleviate World Knowledge Forgetting in Large Language Models via MoE-Style Plugin")
+METHODS.register_lazy("moelora", "lorabench.methods.cross_task.moelora:MOELoRA", family="cross-task", paper="2310.18339",
+                      title="MOELoRA: An MoE-based Parameter Efficient Fine-Tuning Method for Multi-task Medical Applications")
+METHODS.register_lazy("sira", "lorabench.methods.cross_task.sira:SiRA", family="cross-task", paper="2311.09179",
+                      title="SiRA: Sparse Mixture of Low Rank Adaptation")
+METHODS.register_lazy("mola", "lorabench.methods.cross_task.mola:MoLA", family="cross-task", paper="2402.08562",
+                      title="MoLA: Higher Layers Need More LoRA Experts")
+METHODS.register_lazy("multilora", "lorabench.methods.cross_task.multilora:MultiLoRA", family="cross-task", paper="2311.11501",
+                      title="MultiLoRA: Democratizing LoRA for Better Multi-Task Learning")
+METHODS.register_lazy("llava-mole", "lorabench.methods.cross_task.llava_mole:LLaVAMoLE", family="cross-task", paper="2401.16160",
+                      title="LLaVA-MoLE: Sparse Mixture of LoRA Experts for Mitigating Data Conflicts in Instruction Finetuning MLLMs")
+METHODS.register_lazy("mtlora", "lorabench.methods.cross_task.mtlora:MTLoRA", family="cross-task", paper="2403.20320",
+                      title="MTLoRA: Low-rank adaptation approach for efficient multi-task learning")
+METHODS.register_lazy("mixture-of-loras", "lorabench.methods.cross_task.mixture_of_loras:MixtureOfLoras", family="cross-task",
+                      paper="2403.03432", title="Mixture-of-LoRAs: An efficient multitask tuning method for large language models")
+METHODS.register_lazy("octavius", "lorabench.methods.cross_task.octavius:Octavius", family="cross-task", paper="2311.02684",
+                      title="Octavius: Mitigating Task Interference in MLLMs via LoRA-MoE")
 
 
 def get_method(name: str):

@@ -17,6 +17,8 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     cross-task.csv      the cross-task scenario (when any): per held-out task and rule (baselines and composition
                         methods): score over seeds with its interval, best, spread, k-shot tokens
     cross-task-merges.csv   each weight-space merge's error against the exact weighted sum
+    mixture.csv         the cross-task protocol (b) (when any): per split, task and method, accuracy with its interval
+                        over seeds x examples, zero-shot rows, training and held-out averages (report/mixture.py)
     continual.csv       the sequence scenario (when any): per order and method: ACC, BWT, FWT with intervals, paired
                         differences from seq-lora, adapter norms; continual_sweeps.csv (penalty weights swept);
                         plots/continual-ORDER.png (the matrix R as heat maps). Continual records are reported there
@@ -35,7 +37,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import UserError
-from lorabench.report import continual, cross_task, curves, federated, findings, plots, tables
+from lorabench.report import continual, cross_task, curves, federated, findings, mixture, plots, tables
 from lorabench.report.html import render_html
 from lorabench.report.markdown import render_markdown
 
@@ -143,7 +145,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sequences = continual.continual_records(records)
-    rep = tables.build([r for r in records if not isinstance(r.get("continual"), dict)], notes)
+    rep = tables.build([r for r in records if not isinstance(r.get("continual"), dict)
+                        and not isinstance(r.get("mixture"), dict)], notes)   # scenario records: their own sections
     claims = findings.evaluate(rep.trials)
     cov = coverage(rep)
     need_png = "png" in formats or "html" in formats or "md" in formats
@@ -154,12 +157,14 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
         pngs.update(continual.plots(sequences))  # the sequence scenario (none without continual records)
     fed = federated.federated_frame(records)
     cross, merges = cross_task.cross_task_frame(records), cross_task.merge_frame(records)
+    mix = mixture.mixture_frame(records)
     written: list[Path] = []
     if "md" in formats:
         p = out / "LEADERBOARD.md"
         names = [f"plots/{n}" for n in pngs] if "png" in formats else []
         fed_md = federated.markdown(fed, [n for n in sorted(pngs) if n.startswith("federated-")] if names else [])
         fed_md += cross_task.markdown(cross, merges)   # the cross-task scenario's section (none without its records)
+        fed_md += mixture.markdown(mix)   # its protocol (b) (none without mixture records)
         cont_md = continual.markdown(sequences, [n for n in sorted(pngs) if n.startswith("continual-")] if names else [])
         p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md, cont_md), encoding="utf-8")
         written.append(p)
@@ -179,6 +184,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
             frames["cross-task.csv"] = cross
         if len(merges):
             frames["cross-task-merges.csv"] = merges
+        if len(mix):
+            frames["mixture.csv"] = mix
         if sequences:
             frames["continual.csv"] = continual.continual_frame(sequences)
             sw = continual.sweeps(sequences)

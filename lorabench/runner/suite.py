@@ -36,6 +36,10 @@ continual: {validate: true}           # optional: the sequence scenario (loraben
 orders:                               # with continual: named task orders (names from tasks:), one trial per
   order-1: [rt-mc, sarcasm-mc, crepe] # method x order x seed, labelled METHOD@ORDER, train.steps steps per
                                       # task; every method must be of the continual family
+mixture: {knowledge_tasks: []}        # optional: the cross-task protocol (b) (lorabench/harness/mixture.py options);
+splits:                               # with mixture: named splits of the pool (names from tasks:), one trial per
+  split-a: {train: [quartz, rt-mc], held_out: [tomi]}  # method x split x seed, labelled METHOD@SPLIT; every method
+                                      # is a mixture of LoRA experts (cross-task family) or lora
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -61,7 +65,8 @@ if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite n
 
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
-            "tune_seeds", "tune_task", "federated", "partitions", "cross_task", "continual", "orders"}
+            "tune_seeds", "tune_task", "federated", "partitions", "cross_task", "continual", "orders", "mixture",
+            "splits"}
 TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
@@ -135,6 +140,8 @@ class Suite:
     cross_task: dict | None = None  # the cross-task scenario's options (None: single-task trials)
     continual: dict | None = None  # the sequence scenario's options (None: no sequences)
     orders: dict[str, list[str]] | None = None  # with continual: order name -> task names, in training order
+    mixture: dict | None = None  # protocol (b)'s options (None: no multi-task mixture training)
+    splits: dict[str, dict] | None = None  # with mixture: split name -> {train: [...], held_out: [...]}
 
     def jobs_for(self, spec: TrialSpec) -> int:
         """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
@@ -164,6 +171,8 @@ class Suite:
         by_id = {r.get("trial_id"): r for r in records or [] if r.get("status") == "ok"}
         if self.continual is not None:  # the sequence scenario: method x order x seed
             return self._sequences(), []
+        if self.mixture is not None:  # the cross-task protocol (b): method x split x seed
+            return self._splits(), []
         for task in self.tasks:
             seeds = [s for s in self.seeds if task.seeds is None or s in task.seeds]
             for method in self.methods:
@@ -258,6 +267,25 @@ class Suite:
         return out
 
 
+    def _splits(self) -> list[TrialSpec]:
+        from lorabench.harness.trial import TrialSpec
+        entries = {t.name: t for t in self.tasks}
+        out = []
+        for method in self.methods:
+            for name, sp in (self.splits or {}).items():
+                first = entries[sp["train"][0]]
+                train = merge(merge(self.train, first.train), method.train)
+                block = {"split": name, "config": dict(self.mixture),
+                         "train": [{"name": n, "options": dict(entries[n].options)} for n in sp["train"]],
+                         "held_out": [{"name": n, "options": dict(entries[n].options)} for n in sp["held_out"]]}
+                for seed in self.seeds:
+                    out.append(TrialSpec(suite=self.name, suite_version=self.version, label=f"{method.label}@{name}",
+                                         method=method.name, method_options=method.options, task=first.name,
+                                         task_options=first.options, model=first.model or self.model, seed=seed,
+                                         train=train, mixture=copy.deepcopy(block)))
+        return out
+
+
 def method_scale(method: MethodEntry, train: dict) -> float:
     """The rate a method's grid multiplies: its train.lr (suite, task, method merged), else its default_lr."""
     if train.get("lr") is not None:
@@ -287,6 +315,8 @@ def trial_id(spec: TrialSpec) -> str:
         d.pop("cross_task", None)  # nor the cross-task scenario
     if d["continual"] is None:
         del d["continual"]  # ... and before the sequence scenario
+    if d.get("mixture") is None:
+        d.pop("mixture", None)  # ... and before protocol (b)
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -472,6 +502,7 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
     federated, parts = _federated(data, path, lines, methods, lr_grid)
     cross_task = _cross_task(data, path, lines, methods, lr_grid)
     continual, orders = _continual(data, path, lines, methods, tasks, lr_grid)
+    mixture, splits = _mixture(data, path, lines, methods, tasks, lr_grid)
     tune_task = None
     if data.get("tune_task") is not None:
         name, where = data["tune_task"], _where(path, lines, ("tune_task",))
@@ -482,7 +513,7 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
         if lr_grid is None and not any(t.lr_grid for t in tasks) and not any(m.lr_grid for m in methods):
             raise UserError(f"{where}: tune_task needs an lr_grid (the task that tunes a learning-rate grid); "
                             f"this suite has none")
-        if federated is not None or cross_task is not None or continual is not None:
+        if federated is not None or cross_task is not None or continual is not None or mixture is not None:
             raise UserError(f"{where}: tune_task is for single-task trials; this suite runs a scenario")
         if name in names:
             tune_task = tasks[names.index(name)]
@@ -494,8 +525,8 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
     return Suite(name=data["suite"], version=data["version"], description=str(data.get("description", "")),
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
                  jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, tune_task=tune_task, federated=federated,
-                 partitions=parts,
-                 cross_task=cross_task, continual=continual, orders=orders)
+                 partitions=parts, cross_task=cross_task, continual=continual, orders=orders, mixture=mixture,
+                 splits=splits)
 
 
 def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> tuple[dict | None, list | None]:
@@ -619,10 +650,81 @@ def _continual(data: dict, path: Path, lines: dict, methods: list[MethodEntry], 
     return dict(cont), out
 
 
+def _mixture(data: dict, path: Path, lines: dict, methods: list[MethodEntry], tasks: list[TaskEntry],
+             lr_grid) -> tuple[dict | None, dict | None]:
+    """The cross-task protocol (b)'s keys: `mixture` options (checked against MixtureProtocolConfig), `splits`."""
+    mix, splits = data.get("mixture"), data.get("splits")
+    if mix is None:
+        if splits is not None:
+            raise UserError(f"{_where(path, lines, ('splits',))}: splits needs a `mixture:` mapping (protocol (b)'s "
+                            f"options; `mixture: {{}}` for the defaults)")
+        return None, None
+    if not isinstance(mix, dict):
+        raise UserError(f"{_where(path, lines, ('mixture',))}: mixture must be a mapping of protocol (b)'s options "
+                        f"(lorabench/harness/mixture.py), got {mix!r}")
+    other = [k for k in ("federated", "cross_task", "continual") if data.get(k) is not None]
+    if other:
+        raise UserError(f"{_where(path, lines, ('mixture',))}: a suite runs one scenario: `mixture:` and "
+                        f"`{other[0]}:` cannot be combined")
+    from lorabench.harness.mixture import MixtureProtocolConfig
+    from_dict(MixtureProtocolConfig, mix, f"{_where(path, lines, ('mixture',))}: mixture")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise UserError(f"{_where(path, lines, ('tasks',))}: with mixture:, each task is listed once (its options are "
+                        f"the same in every split)")
+    if not isinstance(splits, dict) or not splits:
+        raise UserError(f"{_where(path, lines, ('splits',) if splits is not None else ('mixture',))}: a mixture suite "
+                        f"needs `splits:`, a mapping of split names to {{train: [...], held_out: [...]}} with task "
+                        f"names from tasks: ({', '.join(names)})")
+    out = {}
+    for name, sp in splits.items():
+        where = _where(path, lines, ('splits', name))
+        if not isinstance(sp, dict) or set(sp) != {"train", "held_out"}:
+            raise UserError(f"{where}: split {name!r} must be a mapping with exactly the keys train and held_out "
+                            f"(lists of task names), got {sp!r}")
+        tr, ho = sp["train"], sp["held_out"]
+        for key, seq in (("train", tr), ("held_out", ho)):
+            if not isinstance(seq, list) or not all(isinstance(x, str) for x in seq) or (key == "train" and not seq):
+                raise UserError(f"{where}: {key} of split {name!r} must be a list of task names"
+                                f"{' (at least one)' if key == 'train' else ''}, got {seq!r}")
+            bad = [x for x in seq if x not in names]
+            if bad:
+                raise UserError(f"{where}: split {name!r} names {', '.join(bad)}, not in this suite's tasks: "
+                                f"{', '.join(names)}")
+        both = sorted(set(tr) & set(ho))
+        if both or len(set(tr)) != len(tr) or len(set(ho)) != len(ho):
+            raise UserError(f"{where}: split {name!r} lists a task twice{f' (in train and held_out: {both})' if both else ''}")
+        bad = [t for t in mix.get("knowledge_tasks") or [] if t not in tr]
+        if bad:
+            raise UserError(f"{_where(path, lines, ('mixture', 'knowledge_tasks'))}: knowledge_tasks {bad} are not "
+                            f"training tasks of split {name!r}: {tr}")
+        out[str(name)] = {"train": list(tr), "held_out": list(ho)}
+    from lorabench.tasks import get_task
+    for i, t in enumerate(tasks):
+        if get_task(t.name).kind != "multiple-choice":
+            raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {get_task(t.name).kind} task; "
+                            f"protocol (b) trains one model on tasks sharing one output space: multiple-choice tasks "
+                            f"(the cross-task pool, lorabench/harness/task_pool.py)")
+    from lorabench.methods import METHODS
+    from lorabench.methods.cross_task.mixture import MixtureMethod
+    valid = ["lora"] + [n for n in METHODS.names() if METHODS.meta(n)["family"] == "cross-task"
+                        and issubclass(METHODS.get(n), MixtureMethod)]
+    for i, m in enumerate(methods):
+        if m.name not in valid:
+            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is neither a mixture of LoRA "
+                            f"experts nor lora; a suite with `mixture:` runs the cross-task protocol (b), whose "
+                            f"methods are: {', '.join(valid)}")
+    if lr_grid is not None or data.get("tune_seeds") is not None:
+        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with mixture: "
+                        f"set train.lr per method")
+    return dict(mix), out
+
+
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | lr_grid=0.3,1,3 (multipliers; a subset runs part of a grid) | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
                  "partitions=iid,dirichlet:0.3 | federated.<option>=V (the clients scenario) | "
                  "cross_task.<option>=V (the cross-task scenario) | "
                  "orders=a,b (subset) | continual.<option>=V (the sequence scenario) | "
+                 "splits=a,b (subset) | mixture.<option>=V (the cross-task protocol (b)) | "
                  "train.<option>=V | task.<option>=V (every task) | method.<option>=V (every method that has it) | "
                  "<method label>.<option>=V")
 
@@ -680,6 +782,18 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
                 raise UserError(f"command line: override orders=: {', '.join(bad)} not in suite {path.stem}; its "
                                 f"orders: {', '.join(have) or 'none (not a continual suite)'}")
             data["orders"] = {k: v for k, v in data["orders"].items() if k in wanted}
+        elif key == "splits":
+            wanted = [v.strip() for v in str(raw).split(",") if v.strip()]
+            have = list(data.get("splits") or {}) if isinstance(data.get("splits"), dict) else []
+            bad = [w for w in wanted if w not in have]
+            if bad:
+                raise UserError(f"command line: override splits=: {', '.join(bad)} not in suite {path.stem}; its "
+                                f"splits: {', '.join(have) or 'none (not a mixture suite)'}")
+            data["splits"] = {k: v for k, v in data["splits"].items() if k in wanted}
+        elif key.startswith("mixture."):
+            from lorabench.harness.mixture import MixtureProtocolConfig
+            from_dict(MixtureProtocolConfig, {key[8:]: value}, f"command line: {key}={raw.strip()}: mixture")
+            data["mixture"] = merge(data.get("mixture") or {}, {key[8:]: value})
         elif key.startswith("continual."):
             from lorabench.harness.sequence import ContinualConfig
             from_dict(ContinualConfig, {key[10:]: value}, f"command line: {key}={raw.strip()}: continual")

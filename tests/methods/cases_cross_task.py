@@ -1,10 +1,22 @@
 """Methods-table rows of the cross-task family (issue 17). A composition method's single-task trial trains
 one LoRA adapter, the kind the library holds; its composition rule is tested on library adapters in
-tests/test_cross_task.py."""
+tests/test_cross_task.py. A mixture of LoRA experts trains its experts and router on the task like any method
+(B = 0 at init: the base model's outputs)."""
 from tests.methods.tester import Case
 
 CASES = [
     Case("lorahub", {"rank": 4, "alpha": 8}),
     Case("lora-arithmetic", {"rank": 4, "alpha": 8}),
     Case("uniform-average", {"rank": 4, "alpha": 8}),
+    # mixtures of LoRA experts (lorabench/methods/cross_task/mixture.py); their routers in tests/test_mixture.py
+    Case("mixlora", {"experts": 3, "rank": 2}),
+    Case("loramoe", {"experts": 4, "rank": 2}),
+    Case("moelora", {"experts": 3, "rank": 2, "task_dim": 8}),
+    Case("sira", {"experts": 4, "rank": 2}),
+    Case("mola", {"rank": 2, "experts_by_depth": [2, 3]}),
+    Case("multilora", {"experts": 3, "rank": 2}),
+    Case("llava-mole", {"experts": 3, "rank": 2}),
+    Case("octavius", {"experts": 3, "rank": 2}),
+    Case("mtlora", {"experts": 3, "rank": 2}),
+    Case("mixture-of-loras", {"experts": 3, "rank": 2}),
 ]

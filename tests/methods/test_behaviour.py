@@ -147,6 +147,21 @@ BEHAVIOURS = [
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
     B("uniform-average", None, lora_by_construction=True),
+    # mixtures of LoRA experts: the router acts (a single-task trial is task 0 for MOELoRA's gate); what each
+    # router does across tasks is tested in tests/test_mixture.py
+    B("mixlora", lambda m: m["aux_loss_last"] > 0 and m["router_entropy"] > 0, "top-2 routing with a balancing loss"),
+    B("loramoe", lambda m: m["aux_loss_last"] > 0, "dense routing with the localized balancing constraint"),
+    B("moelora", lambda m: m["router_entropy"] > 0 and len(m["expert_load"]) == 4, "a task-conditioned gate"),
+    B("sira", lambda m: m["capacity_dropped_fraction"] > 0, "expert capacity drops over-capacity tokens"),
+    B("mola", lambda m: m["experts_per_layer"][0] < m["experts_per_layer"][-1], "more experts in higher layers",
+      kind="llama"),
+    B("multilora", lambda m: m["load_cv"] > 0, "learnt per-module scales move apart"),
+    B("llava-mole", lambda m: m["aux_loss_last"] > 0 and m["load_cv"] > 0, "top-1 routing"),
+    B("octavius", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0, "one gate per example"),
+    B("mtlora", lambda m: m["expert_load"][0] == m["expert_load"][1] == 0.5 and sum(m["expert_load"][2:]) == 0,
+      "the shared module and task 0's own, no other task's"),
+    B("mixture-of-loras", lambda m: 0 < m["teacher_forced_steps"] < STEPS and m["aux_loss_last"] > 0,
+      "the experts first, teacher-forced by task, then the router supervised by the task label"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
     # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),

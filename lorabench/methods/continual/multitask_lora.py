@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from lorabench.methods.continual.base import SequentialLoRA, Stage, collate_mixed, endless
 
 
@@ -26,17 +28,22 @@ class MultitaskLoRA(SequentialLoRA):
         return round_robin(seen, tokenizer, batch_size, seed)
 
 
-def round_robin(tasks: list, tokenizer, batch_size: int, seed: int):
+def round_robin(tasks: list, tokenizer, batch_size: int, seed: int, task_ids: bool = False):
     """Endless batches whose examples cycle through `tasks` in turn (task i of every len(tasks) examples), each
     task's examples in its own seeded shuffled epochs: equal shares of every task, even when a batch holds
-    fewer examples than there are tasks."""
+    fewer examples than there are tasks. With `task_ids`, each batch also holds `task_ids` (B,): the index in
+    `tasks` of each example's task (for methods that route by task, lorabench/harness/mixture.py)."""
     streams = [(task, task.split().train, endless(len(task.split().train), random.Random(seed * 7919 + i)))
                for i, task in enumerate(tasks)]
     k = 0
     while True:
-        items = []
+        items, ids = [], []
         for _ in range(batch_size):
             task, train, it = streams[k % len(streams)]
             items.append((task, train[next(it)]))
+            ids.append(k % len(streams))
             k += 1
-        yield collate_mixed(items, tokenizer)
+        batch = collate_mixed(items, tokenizer)
+        if task_ids:
+            batch["task_ids"] = torch.tensor(ids, dtype=torch.long)
+        yield batch
