@@ -37,8 +37,6 @@ OUT_OF_SCOPE = [
 # Federated entries not implemented yet (issue 19): what each needs beyond the clients scenario
 # (lorabench/harness/clients.py), shown as the reason of its "planned" row.
 PLANNED_NOTES = {
-    "SLoRA": "a sparse fine-tuning stage over the clients, then LoRA initialised from the SVD of the "
-             "aggregated sparse update (a two-stage client)",
     "FedMS": "a mixture of sparsely activated foundation models per device; needs several expert models on "
              "each client (the multi-adapter kernels' mixture layer)",
     "pFedLoRA": "model-heterogeneous personalisation (a client-specific model with a shared homogeneous LoRA "

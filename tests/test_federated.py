@@ -201,8 +201,38 @@ def test_hetlora_pads_truncates_prunes_and_weights_by_update_norm():
     assert truncate(p, 1).keys() == uploads[0].keys()
 
 
+def test_slora_sparse_stage_then_lora_from_the_svd_of_the_aggregated_sparse_update():
+    spec = spec_for("slora", {"stage1_rounds": 1, "density": 0.05})
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    # stage 1: only the masked entries (and the head) travel, the mask never does
+    for st in sent + uploads:
+        assert any(k.endswith(".sparse_values") for k in st) and not any(k.endswith(("lora_A", "lora_B")) for k in st)
+    q = "bert.encoder.layer.0.attention.self.query"
+    assert uploads[0][f"{q}.sparse_values"].numel() == len(method.masks[q]) == round(0.05 * method.shapes[q][0] * method.shapes[q][1])
+    assert any(not torch.equal(u[f"{q}.sparse_values"], uploads[0][f"{q}.sparse_values"]) for u in uploads[1:])
+    summary = method.round_summary([0, 1, 2])
+    assert summary["stage"] == 1 and summary["switch_round"] == 1 and 0.04 < summary["mask_density"] < 0.06
+    assert 0 < summary["energy_retained"] < 1
+    # the switch: s B A is the rank-r SVD of the exact FedAvg of the clients' sparse updates, W0 unchanged
+    mean = sum(wi * method.sparse_deltas({**before, **u})[q] for wi, u in zip(w, uploads))
+    U, S, Vh = torch.linalg.svd(mean)
+    r = method.config.rank
+    got = method.delta_scale() * new[f"{q}.lora_B"] @ new[f"{q}.lora_A"]
+    torch.testing.assert_close(got, (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-5, rtol=1e-3)
+    assert not any(k.endswith(".sparse_values") for k in new)
+    # the round's aggregation error is what the SVD dropped of the sparse update: sqrt(1 - energy retained)
+    err = aggregation_error(method, before, uploads, w, new)
+    assert err == pytest.approx((1 - method.energy) ** 0.5, rel=1e-4)
+    # stage 2: clients train and send the LoRA factors from that start
+    up, m = client_round(asdict(spec), method.download(new, 1, 3), {"slot": 1, "server-round": 2})
+    assert m["method.stage"] == 2 and not any(k.endswith(".sparse_values") for k in up)
+    assert not torch.equal(up[f"{q}.lora_A"], new[f"{q}.lora_A"])
+    method.aggregate(new, [up], [1.0], [1], 3)
+    assert method.round_summary([1])["stage"] == 2 and method.switch_round == 1
+
+
 def test_every_federated_method_is_registered_with_its_paper():
-    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa"}
+    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora"}
     for n in FED_METHODS:
         cls = get_method(n)
         assert cls.family == "federated" and cls.paper

@@ -136,6 +136,8 @@ METHODS.register_lazy("federa", "lorabench.methods.federated.federa:FeDeRA", fam
                       title="FeDeRA: Efficient fine-tuning of language models in federated learning leveraging weight decomposition")
 METHODS.register_lazy("hetlora", "lorabench.methods.federated.hetlora:HetLoRA", family="federated", paper="2401.06432",
                       title="Heterogeneous LoRA for federated fine-tuning of on-device foundation models")
+METHODS.register_lazy("slora", "lorabench.methods.federated.slora:SLoRA", family="federated", paper="2308.06522",
+                      title="SLoRA: Federated parameter efficient fine-tuning of language models")
 
 # Issue 17: cross-task generalization, composition rules driven by the multi-task scenario (lorabench/harness/cross_task.py)
 METHODS.register_lazy("lorahub", "lorabench.methods.cross_task.lorahub:LoraHub", family="cross-task", paper="2307.13269",

@@ -51,6 +51,30 @@ def federa_equations(model, method):
     torch.testing.assert_close(layer.base.weight + layer.scale * layer.lora_B @ layer.lora_A, w, atol=1e-5, rtol=1e-4)
 
 
+def slora_equations(model, method):
+    """SLoRA stage 1: only the masked entries of each weight train, ΔW_s is zero off the fixed random mask, and the
+    mask is a function of the seed and the layer's name; the switch gives s B A = the rank-r SVD of ΔW_s."""
+    from lorabench.methods.federated.slora import SparseDelta, mask_index
+    trained = {n for n, _ in method.trainable_parameters(model)}
+    assert any(n.endswith("sparse_values") for n in trained) and not any(n.endswith(("lora_A", "lora_B")) for n in trained)
+    name, layer = next((n, m) for n, m in model.named_modules() if hasattr(m, "sparse_values"))
+    numel = layer.out_features * layer.in_features
+    assert torch.equal(layer.sparse_index, mask_index(0, name, numel, method.config.density))
+    assert not torch.equal(mask_index(0, name, numel, 0.25), mask_index(1, name, numel, 0.25))
+    with torch.no_grad():
+        layer.sparse_values.normal_()
+    dense = SparseDelta.dense(layer)
+    assert int((dense != 0).sum()) == len(layer.sparse_index) == max(1, round(method.config.density * numel))
+    factors, energy = method.svd_init({name: dense})
+    U, S, Vh = torch.linalg.svd(dense)
+    r = method.config.rank
+    torch.testing.assert_close(method.scale() * factors[f"{name}.lora_B"] @ factors[f"{name}.lora_A"],
+                               (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-5, rtol=1e-4)
+    assert abs(energy - float((S[:r] ** 2).sum() / (S ** 2).sum())) < 1e-5
+    with torch.no_grad():
+        layer.sparse_values.zero_()
+
+
 CASES = [
     Case("federa", {"rank": 4, "alpha": 8}, models=("bert",), equations=federa_equations, atol=1e-4),
     Case("federa", {"rank": 2, "alpha": 4}, id="federa-llama", models=("llama",), atol=1e-4),
@@ -59,4 +83,7 @@ CASES = [
     Case("ffa-lora", {"rank": 4, "alpha": 8, "dp_noise_multiplier": 1.0}, id="ffa-lora-dp", models=("bert",)),
     Case("flexlora", {"rank": 4, "alpha": 8, "client_ranks": [2, 4]}, equations=hetero_equations),
     Case("hetlora", {"rank": 4, "alpha": 8, "client_ranks": [2, 4]}, equations=hetero_equations),
+    # stage 1 only (stage1_ratio 1): the switch makes A and B trainable mid-run, which the table's "only the
+    # trainable tensors change" check cannot express; test_behaviour.py runs both stages and the switch
+    Case("slora", {"rank": 4, "alpha": 8, "density": 0.25, "stage1_ratio": 1.0}, equations=slora_equations),
 ]

@@ -143,6 +143,8 @@ BEHAVIOURS = [
     B("federa", None),
     B("hetlora", lambda m: m["rank_after_pruning"] < 8 and 0 < m["tail_norm_ratio"] < 1,
       "rank self-pruning drops the weakest rank component", options={"prune_threshold": 0.99}),
+    B("slora", lambda m: m["switch_step"] > 0 and m["stage"] == 2 and 0 < m["energy_retained"] <= 1
+      and 0 < m["mask_density"] < 0.05, "sparse fine-tuning, then LoRA from the SVD of the sparse update"),
     # cross-task (issue 17): a single-task trial trains one library adapter (LoRA); the composition rules
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
