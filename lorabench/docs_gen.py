@@ -39,8 +39,6 @@ OUT_OF_SCOPE = [
 PLANNED_NOTES = {
     "FedMS": "a mixture of sparsely activated foundation models per device; needs several expert models on "
              "each client (the multi-adapter kernels' mixture layer)",
-    "pFedLoRA": "model-heterogeneous personalisation (a client-specific model with a shared homogeneous LoRA "
-                "adapter, trained by alternating updates)",
     "A fast, performant, secure distributed training framework for large language model": (
         "what is measurable here is the LoRA part (which tensors leave the client, how many bytes, at what "
         "accuracy); its secure enclaves (TEE) cannot be measured on this machine"),

@@ -231,8 +231,46 @@ def test_slora_sparse_stage_then_lora_from_the_svd_of_the_aggregated_sparse_upda
     assert method.round_summary([1])["stage"] == 2 and method.switch_round == 1
 
 
+def test_pfedlora_shares_the_homogeneous_adapter_and_keeps_each_local_model_on_its_client():
+    from lorabench.harness.clients import stateful_client_round
+    spec = spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 8]})
+    method, _, model = server(spec)
+    state = method.initial_state(model)
+    assert state and all(k.endswith(("lora_A", "lora_B")) for k in state)  # only the shared adapter exists globally
+    q = "bert.encoder.layer.0.attention.self.query"
+    uploads, kept = [], []
+    for slot in (0, 1):
+        up, m, personal = stateful_client_round(asdict(spec), method.download(state, slot, 3),
+                                                {"slot": slot, "server-round": 1}, None)
+        assert set(up) == set(state), "only the homogeneous adapter travels"
+        assert personal[f"{q}.local_A"].shape[0] == [2, 8][slot] == m["method.local_rank"]  # local models differ
+        assert "classifier.weight" in personal and not any(k.startswith("classifier") for k in up)
+        assert 0 < m["method.local_share"] < 1 and 0 <= m["personal-score"] <= 1
+        uploads.append(up)
+        kept.append(personal)
+    # iterative training: the global adapter moved in the second phase, the local model in the first
+    assert not torch.equal(uploads[0][f"{q}.lora_B"], state[f"{q}.lora_B"])
+    assert float(kept[0][f"{q}.local_B"].abs().sum()) > 0
+    new, w = method.aggregate(state, uploads, [1.0, 1.0], [0, 1], 3)
+    torch.testing.assert_close(new[f"{q}.lora_B"], (uploads[0][f"{q}.lora_B"] + uploads[1][f"{q}.lora_B"]) / 2)
+    assert method.round_summary([0, 1]) == {"local_ranks": [2, 8]} and m["method.resumed_local"] == 0.0
+    # round 2: client 0 starts from the local model it kept; without it, from scratch: different models
+    down = method.download(new, 0, 3)
+    _, m2, again = stateful_client_round(asdict(spec), down, {"slot": 0, "server-round": 2}, kept[0])
+    assert m2["method.resumed_local"] == 1.0
+    _, _, fresh = stateful_client_round(asdict(spec), down, {"slot": 0, "server-round": 2}, None)
+    assert not torch.equal(again[f"{q}.local_B"], fresh[f"{q}.local_B"])
+    # the phases: with local_ratio 1 the global adapter is frozen throughout, with 0 the local model is
+    only_local = spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 8], "local_ratio": 1.0})
+    up, _, personal = stateful_client_round(asdict(only_local), down, {"slot": 0, "server-round": 2}, kept[0])
+    assert all(torch.equal(up[k], down[k]) for k in down) and not torch.equal(personal[f"{q}.local_B"], kept[0][f"{q}.local_B"])
+    only_global = spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 8], "local_ratio": 0.0})
+    up, _, personal = stateful_client_round(asdict(only_global), down, {"slot": 0, "server-round": 2}, kept[0])
+    assert all(torch.equal(personal[k], kept[0][k]) for k in kept[0]) and not torch.equal(up[f"{q}.lora_B"], down[f"{q}.lora_B"])
+
+
 def test_every_federated_method_is_registered_with_its_paper():
-    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora"}
+    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora", "pfedlora"}
     for n in FED_METHODS:
         cls = get_method(n)
         assert cls.family == "federated" and cls.paper

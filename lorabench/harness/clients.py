@@ -152,6 +152,14 @@ def apply_method(spec, model, head: str, method):
 def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dict]:
     """One client's round: load the server's tensors, train `local_steps`, score on its own test data,
     return (upload, metrics)."""
+    upload, metrics, _ = stateful_client_round(spec_data, arrays, config, None)
+    return upload, metrics
+
+
+def stateful_client_round(spec_data: dict, arrays: dict, config: dict, personal: dict | None) -> tuple[dict, dict, dict]:
+    """`client_round` for a client that keeps tensors between rounds (pFedLoRA's local model): `personal` is what
+    it kept after its last round (None before its first), loaded after the server's tensors; returns (upload,
+    metrics, what it keeps now: the method's `personal_state`, empty for the methods that keep nothing)."""
     from lorabench.harness.train import TrainConfig, train
     from lorabench.harness.trial import TrialSpec, seed_everything
     from lorabench.methods import get_method
@@ -171,6 +179,8 @@ def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dic
     method = method.for_client(slot, fed.clients)
     model = apply_method(spec, copy.deepcopy(base), task.head, method)
     method.load_state(model, arrays)
+    if personal:
+        method.load_state(model, personal)
     cfg = from_dict(TrainConfig, {**spec.train, "steps": fed.local_steps, "threads": None}, "train")
     client_task = ClientTask(task, train_part, test_part)
     seed = spec.seed * 1_000_003 + rnd * 1009 + slot  # each client and round its own batches
@@ -190,8 +200,11 @@ def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dic
     for k, v in result.method_metrics.items():  # the method's mechanism, as this client ran it
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             metrics[f"method.{k}"] = v
+    kept = method.personal_state(model)
+    if kept:  # share of the round's clients that resumed from the local model they kept (0 in their first round)
+        metrics["method.resumed_local"] = 1.0 if personal else 0.0
     metrics["client-seconds"] = round(time.perf_counter() - t0, 3)
-    return method.upload(model), metrics
+    return method.upload(model), metrics, kept
 
 
 def make_client_app(spec_data: dict):
@@ -204,9 +217,12 @@ def make_client_app(spec_data: dict):
     def _train(msg, context):
         import torch  # noqa: F401  (flwr's ArrayRecord.to_torch_state_dict needs torch imported)
 
-        from lorabench.harness.clients import client_round
+        from lorabench.harness.clients import stateful_client_round
         arrays = msg.content["arrays"].to_torch_state_dict()
-        upload, metrics = client_round(spec_data, arrays, dict(msg.content["config"]))
+        kept = context.state["personal"].to_torch_state_dict() if "personal" in context.state else None
+        upload, metrics, personal = stateful_client_round(spec_data, arrays, dict(msg.content["config"]), kept)
+        if personal:  # stays on this node between rounds (Flower's per-node Context.state), never sent
+            context.state["personal"] = ArrayRecord(personal)
         return Message(RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
@@ -306,8 +322,8 @@ def _strategy_class():
             self.tokens_per_s += [m["train-tokens-per-s"] for m in metrics if "train-tokens-per-s" in m]
             entry.method = self.method.round_summary(slots)
             for key in sorted({k for m in metrics for k in m if k.startswith("method.")}):
-                vals = [m[key] for m in metrics if key in m]
-                entry.method[key[len("method."):]] = round(sum(vals) / len(vals), 6)
+                vals = [m[key] for m in metrics if key in m]  # the server's own summary wins a shared name
+                entry.method.setdefault(key[len("method."):], round(sum(vals) / len(vals), 6))
             for m in metrics:
                 if "dp-sigma" in m:
                     self.dp_history.setdefault(int(m["slot"]), []).append(

@@ -138,6 +138,8 @@ METHODS.register_lazy("hetlora", "lorabench.methods.federated.hetlora:HetLoRA", 
                       title="Heterogeneous LoRA for federated fine-tuning of on-device foundation models")
 METHODS.register_lazy("slora", "lorabench.methods.federated.slora:SLoRA", family="federated", paper="2308.06522",
                       title="SLoRA: Federated parameter efficient fine-tuning of language models")
+METHODS.register_lazy("pfedlora", "lorabench.methods.federated.pfedlora:PFedLoRA", family="federated", paper="2310.13283",
+                      title="pFedLoRA: Model-heterogeneous personalized federated learning with LoRA tuning")
 
 # Issue 17: cross-task generalization, composition rules driven by the multi-task scenario (lorabench/harness/cross_task.py)
 METHODS.register_lazy("lorahub", "lorabench.methods.cross_task.lorahub:LoraHub", family="cross-task", paper="2307.13269",

@@ -75,6 +75,25 @@ def slora_equations(model, method):
         layer.sparse_values.zero_()
 
 
+def pfedlora_equations(model, method):
+    """pFedLoRA: h = W0 x + s B A x + s_l B_l A_l x; only the shared (homogeneous) adapter is uploaded, the local
+    adapter and the head are the client's own."""
+    layer = lora_layers(model)[0]
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        layer.local_B.normal_()
+        layer.lora_B.normal_()
+        want = layer.base(x) + layer.scale * x @ (layer.lora_B @ layer.lora_A).T \
+            + layer.local_scale * x @ (layer.local_B @ layer.local_A).T
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-4)
+        layer.local_B.zero_()
+        layer.lora_B.zero_()
+    assert layer.local_scale == method.config.alpha / 2 and layer.local_A.shape[0] == 2
+    up, kept = method.upload(model), method.personal_state(model)
+    assert up and all(k.endswith(("lora_A", "lora_B")) for k in up)
+    assert any(k.endswith("local_A") for k in kept) and not set(up) & set(kept)
+
+
 CASES = [
     Case("federa", {"rank": 4, "alpha": 8}, models=("bert",), equations=federa_equations, atol=1e-4),
     Case("federa", {"rank": 2, "alpha": 4}, id="federa-llama", models=("llama",), atol=1e-4),
@@ -86,4 +105,5 @@ CASES = [
     # stage 1 only (stage1_ratio 1): the switch makes A and B trainable mid-run, which the table's "only the
     # trainable tensors change" check cannot express; test_behaviour.py runs both stages and the switch
     Case("slora", {"rank": 4, "alpha": 8, "density": 0.25, "stage1_ratio": 1.0}, equations=slora_equations),
+    Case("pfedlora", {"rank": 4, "alpha": 8, "local_ranks": [2]}, equations=pfedlora_equations),
 ]

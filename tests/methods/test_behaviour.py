@@ -145,6 +145,8 @@ BEHAVIOURS = [
       "rank self-pruning drops the weakest rank component", options={"prune_threshold": 0.99}),
     B("slora", lambda m: m["switch_step"] > 0 and m["stage"] == 2 and 0 < m["energy_retained"] <= 1
       and 0 < m["mask_density"] < 0.05, "sparse fine-tuning, then LoRA from the SVD of the sparse update"),
+    B("pfedlora", lambda m: m["switch_step"] > 0 and 0 < m["local_share"] < 1,
+      "iterative training: the local adapter, then the shared one; both move"),
     # cross-task (issue 17): a single-task trial trains one library adapter (LoRA); the composition rules
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
