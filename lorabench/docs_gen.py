@@ -37,8 +37,6 @@ OUT_OF_SCOPE = [
 # Federated entries not implemented yet (issue 19): what each needs beyond the clients scenario
 # (lorabench/harness/clients.py), shown as the reason of its "planned" row.
 PLANNED_NOTES = {
-    "FedMS": "a mixture of sparsely activated foundation models per device; needs several expert models on "
-             "each client (the multi-adapter kernels' mixture layer)",
     "A fast, performant, secure distributed training framework for large language model": (
         "what is measurable here is the LoRA part (which tensors leave the client, how many bytes, at what "
         "accuracy); its secure enclaves (TEE) cannot be measured on this machine"),
@@ -50,6 +48,16 @@ PLANNED_NOTES = {
              "cross-task scenario's mixture layer, not built yet",
     "PrivateLoRA": "split computation (the heavy base on the server, the low-rank A and B on the device): "
                    "measurable here as activations sent per token and accuracy; not built yet",
+}
+
+# Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
+IMPLEMENTED_NOTES = {
+    "FedMS": "not built: separate foundation models as experts (here each expert is the one backbone with its own "
+             "LoRA), a gate that is itself a foundation model with a gate adapter (here a linear map of the mean "
+             "token embedding), and the sparsely activated LoRA (SAL) that switches LoRA on in more blocks as "
+             "training goes on",
+    "pFedLoRA": "model heterogeneity as the clients' local adapters of different ranks on one backbone (the paper's "
+                "clients run different architectures, e.g. CNNs of different sizes)",
 }
 
 ENTRY = re.compile(r"^\s*\d+\.\s+\*\*(?P<title>.+?)\*\*\s*(?:`(?P<venue>[^`]*)`)?")
@@ -191,6 +199,7 @@ def render() -> str:
         if status == "implemented":
             listed |= {c.name for c in note}
             note = ", ".join(f"`{c.name}`" for c in note)
+            note += "".join(f"; {extra}" for key, extra in IMPLEMENTED_NOTES.items() if row["title"].startswith(key))
         counts[status] = counts.get(status, 0) + 1
         link = f"[{row['title']}]({row['url']})" if row["url"] else row["title"]
         table.append(f"| {row['section']} | {link} | {row['venue']} | {status} | {note} |")

@@ -54,7 +54,32 @@ def test_dirichlet_skew_grows_as_alpha_shrinks():
         assert all(len(te) >= 1 and len(tr) >= 1 for tr, te in parts)
 
 
-@pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "noniid", "Dirichlet:0.3"])
+def test_domain_partition_gives_each_client_its_domain_on_the_real_movie_reviews():
+    from lorabench.tasks import get_task
+    train = get_task("movie-domains").from_options({"n_train": 400}).split().train
+    assert {e["domain"] for e in train} == {"imdb", "rt"}
+    parts = partitions.client_parts(train, 4, "domain", 0.2)
+    doms = partitions.client_domains(parts)
+    assert [set(d) for d in doms] == [{"imdb"}, {"rt"}, {"imdb"}, {"rt"}], doms  # client c: domain c mod 2, sorted
+    assert sorted(id(e) for tr, te in parts for e in tr + te) == sorted(id(e) for e in train)  # disjoint, covering
+    assert doms[0]["imdb"] + doms[2]["imdb"] == sum(e["domain"] == "imdb" for e in train)
+    # a mix by domain: a share P of each client's examples from its home domain, the rest from the other
+    # (of each domain, its 2 home clients take 0.75 / 2 each and the 2 others 0.25 / 2: a share 0.75 when the
+    # domains are the same size)
+    mixed = partitions.client_domains(partitions.client_parts(train, 4, "domain:0.75", 0.2))
+    size = {d: sum(e["domain"] == d for e in train) for d in ("imdb", "rt")}
+    for c, d in enumerate(mixed):
+        home, other = ["imdb", "rt"][c % 2], ["rt", "imdb"][c % 2]
+        assert abs(d[home] - 0.375 * size[home]) <= 1 and abs(d[other] - 0.125 * size[other]) <= 1, (c, d, size)
+    assert partitions.client_domains(partitions.client_parts(labelled(), 4, "iid", 0.2)) is None
+    with pytest.raises(UserError, match="needs a task whose examples carry a domain"):
+        partitions.client_parts(labelled(), 4, "domain", 0.2)
+    with pytest.raises(UserError, match=r"2 domains \(imdb, rt\) need at least as many clients"):
+        partitions.partition_indices([0, 1, 0], 1, "domain", 1, domains=["imdb", "rt", "rt"])
+
+
+@pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "noniid", "Dirichlet:0.3", "domain:0",
+                                 "domain:1.5", "domains"])
 def test_bad_partition_names_say_what_is_valid(bad):
     with pytest.raises(UserError, match=r"use 'iid' or 'dirichlet:ALPHA'"):
         partitions.parse(bad)
@@ -269,8 +294,45 @@ def test_pfedlora_shares_the_homogeneous_adapter_and_keeps_each_local_model_on_i
     assert all(torch.equal(personal[k], kept[0][k]) for k in kept[0]) and not torch.equal(up[f"{q}.lora_B"], down[f"{q}.lora_B"])
 
 
+def test_fedms_global_expert_then_a_gated_mixture_whose_gate_alone_is_aggregated():
+    from lorabench.harness.clients import stateful_client_round
+    spec = spec_for("fedms", {"stage1_rounds": 1, "local_experts": 2, "top_k": 1})
+    method, _, model = server(spec)
+    state = method.initial_state(model)
+    gate = {k for k in state if k.startswith("fedms_gate.")}
+    assert gate == {"fedms_gate.weight", "fedms_gate.bias"} and not any(".local" in k for k in state)
+    # stage 1: the global expert (LoRA and head) is trained and FedAvg'd; the gate is not sent yet
+    ups = []
+    for slot in (0, 1):
+        down = method.download(state, slot, 3)
+        assert not set(down) & gate
+        up, m, personal = stateful_client_round(asdict(spec), down, {"slot": slot, "server-round": 1}, None)
+        assert set(up) == set(down) and not personal and m["method.stage"] == 1
+        ups.append(up)
+    new, w = method.aggregate(state, ups, [1.0, 1.0], [0, 1], 3)
+    assert method.round_summary([0, 1]) == {"stage": 1, "switch_round": 1}
+    assert aggregation_error(method, state, ups, w, new) > 1e-3  # the global expert's factors: FedAvg, inexact
+    # stage 2: the frozen global expert and the gate go down, the gate alone comes back; local experts stay home
+    ups, kept = [], []
+    for slot in (0, 1):
+        down = method.download(new, slot, 3)
+        assert gate <= set(down)
+        up, m, personal = stateful_client_round(asdict(spec), down, {"slot": slot, "server-round": 2}, None)
+        assert set(up) == gate and not torch.equal(up["fedms_gate.weight"], down["fedms_gate.weight"])
+        assert personal and all(".local" in k for k in personal)
+        assert m["method.stage"] == 2 and 0 < m["method.local_routed"] < 1, m  # the gate routes inputs both ways
+        assert 0 < m["method.gate_entropy"] <= float(torch.log(torch.tensor(3.0))) + 1e-6
+        assert any(float(v.abs().sum()) > 0 for k, v in personal.items() if k.endswith("_B"))  # a local expert trained
+        ups.append(up)
+        kept.append(personal)
+    after, w = method.aggregate(new, ups, [1.0, 3.0], [0, 1], 3)
+    torch.testing.assert_close(after["fedms_gate.weight"], 0.25 * ups[0]["fedms_gate.weight"] + 0.75 * ups[1]["fedms_gate.weight"])
+    assert all(torch.equal(after[k], new[k]) for k in new if not k.startswith("fedms_gate."))  # global expert frozen
+    assert method.round_summary([0, 1])["stage"] == 2 and aggregation_error(method, new, ups, w, after) == 0.0
+
+
 def test_every_federated_method_is_registered_with_its_paper():
-    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora", "pfedlora"}
+    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora", "pfedlora", "fedms"}
     for n in FED_METHODS:
         cls = get_method(n)
         assert cls.family == "federated" and cls.paper

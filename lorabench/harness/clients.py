@@ -50,7 +50,9 @@ class FederatedConfig:
                              low=0.0, high=1.0)
     local_steps: int = option(5, "optimizer steps each sampled client takes per round (train.batch_size examples each)",
                               low=1)
-    partition: str = option("iid", "'iid' (the control) or 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew)")
+    partition: str = option("iid", "'iid' (the control), 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew), or "
+                                   "'domain' / 'domain:P' (each client one domain, or a share P from its home domain; "
+                                   "a task whose examples carry a domain: movie-domains)")
     test_fraction: float = option(0.2, "share of each client's examples held out as its own test data "
                                        "(the personalised score)", low=0.0, high=0.9)
     actors: int = option(1, "Ray actors, i.e. clients trained at once (one CPU each); bounded by this machine's "
@@ -522,6 +524,7 @@ def run_federated(spec, progress: bool = True) -> dict:
             "engine": "flower-simulation (ray)",
             "client_train_sizes": sizes,
             "label_skew": round(partitions.label_skew(parts), 6),
+            "client_domains": partitions.client_domains(parts),  # examples per domain of each client (None: no domains)
             "initial_score": round(score0, 6),
             "rounds": [asdict(r) for r in rounds],
             "failures": strategy.failures,

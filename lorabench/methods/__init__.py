@@ -140,6 +140,8 @@ METHODS.register_lazy("slora", "lorabench.methods.federated.slora:SLoRA", family
                       title="SLoRA: Federated parameter efficient fine-tuning of language models")
 METHODS.register_lazy("pfedlora", "lorabench.methods.federated.pfedlora:PFedLoRA", family="federated", paper="2310.13283",
                       title="pFedLoRA: Model-heterogeneous personalized federated learning with LoRA tuning")
+METHODS.register_lazy("fedms", "lorabench.methods.federated.fedms:FedMS", family="federated", paper="2312.15926",
+                      title="FedMS: Federated learning with mixture of sparsely activated foundations models")
 
 # Issue 17: cross-task generalization, composition rules driven by the multi-task scenario (lorabench/harness/cross_task.py)
 METHODS.register_lazy("lorahub", "lorabench.methods.cross_task.lorahub:LoraHub", family="cross-task", paper="2307.13269",

@@ -94,6 +94,41 @@ def pfedlora_equations(model, method):
     assert any(k.endswith("local_A") for k in kept) and not set(up) & set(kept)
 
 
+def fedms_equations(model, method):
+    """FedMS's mixture: the gate's top-k experts, each the backbone with its own LoRA, mixed by the gate's weights
+    renormalised over the top k; an expert outside the top k does not change the output."""
+    from lorabench.methods.federated.fedms import set_expert
+    if not hasattr(model, "classifier"):
+        return  # the mixture of logits is checked on the classifier
+    from tests.methods.tester import batch_for
+    b = batch_for("bert")
+    with torch.no_grad():
+        for layer in lora_layers(model):
+            for n in ("lora_B", "local1_B", "local2_B"):
+                getattr(layer, n).normal_(std=0.5)
+        method.set_stage(model, 2)
+        got = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        mask = b["attention_mask"]
+        emb = model.get_input_embeddings()(b["input_ids"])
+        probs = torch.softmax(model.fedms_gate((emb * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)), -1)
+        top, idx = probs.topk(2, -1)
+        experts = []
+        for e in range(3):
+            set_expert(model, e)
+            experts.append(type(model).forward(model, input_ids=b["input_ids"], attention_mask=mask).logits)
+        set_expert(model, 0)
+        want = torch.stack([sum(top[i, j] / top[i].sum() * experts[int(idx[i, j])][i] for j in range(2))
+                            for i in range(len(idx))])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        assert len(set(idx[:, 0].tolist()) | set(idx[:, 1].tolist())) >= 2
+        method.set_stage(model, 1)
+        for layer in lora_layers(model):
+            for n in ("lora_B", "local1_B", "local2_B"):
+                getattr(layer, n).zero_()
+    up = method.upload(model)
+    assert up and not any(k.startswith("fedms_gate") or ".local" in k for k in up)  # stage 1: the global expert
+
+
 CASES = [
     Case("federa", {"rank": 4, "alpha": 8}, models=("bert",), equations=federa_equations, atol=1e-4),
     Case("federa", {"rank": 2, "alpha": 4}, id="federa-llama", models=("llama",), atol=1e-4),
@@ -106,4 +141,7 @@ CASES = [
     # trainable tensors change" check cannot express; test_behaviour.py runs both stages and the switch
     Case("slora", {"rank": 4, "alpha": 8, "density": 0.25, "stage1_ratio": 1.0}, equations=slora_equations),
     Case("pfedlora", {"rank": 4, "alpha": 8, "local_ranks": [2]}, equations=pfedlora_equations),
+    # stage 1 only in the table (the switch makes the gate and the local experts trainable mid-run); the mixture is
+    # checked by fedms_equations, both stages run in test_behaviour.py and tests/test_federated.py
+    Case("fedms", {"rank": 4, "alpha": 8, "local_experts": 2, "top_k": 2, "stage1_ratio": 1.0}, equations=fedms_equations),
 ]

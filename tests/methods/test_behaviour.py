@@ -147,6 +147,8 @@ BEHAVIOURS = [
       and 0 < m["mask_density"] < 0.05, "sparse fine-tuning, then LoRA from the SVD of the sparse update"),
     B("pfedlora", lambda m: m["switch_step"] > 0 and 0 < m["local_share"] < 1,
       "iterative training: the local adapter, then the shared one; both move"),
+    B("fedms", lambda m: m["stage"] == 2 and m["switch_step"] > 0 and 0 < m["local_routed"] < 1 and m["gate_entropy"] > 0,
+      "the global expert, then a gated mixture that routes inputs to the local experts too"),
     # cross-task (issue 17): a single-task trial trains one library adapter (LoRA); the composition rules
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
