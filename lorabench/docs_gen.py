@@ -37,17 +37,12 @@ OUT_OF_SCOPE = [
 # Federated entries not implemented yet (issue 19): what each needs beyond the clients scenario
 # (lorabench/harness/clients.py), shown as the reason of its "planned" row.
 PLANNED_NOTES = {
-    "A fast, performant, secure distributed training framework for large language model": (
-        "what is measurable here is the LoRA part (which tensors leave the client, how many bytes, at what "
-        "accuracy); its secure enclaves (TEE) cannot be measured on this machine"),
     # continual entries (issue 18) not implemented yet: what each needs beyond the sequence scenario
     # (lorabench/harness/sequence.py, docs/continual.md)
     "GS-LoRA": "its own protocol, continual forgetting (forget chosen classes, keep the rest) with group-sparse "
                "LoRA per block and its own metrics; not built yet (the sequence scenario would drive it)",
     "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs; needs the "
              "cross-task scenario's mixture layer, not built yet",
-    "PrivateLoRA": "split computation (the heavy base on the server, the low-rank A and B on the device): "
-                   "measurable here as activations sent per token and accuracy; not built yet",
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
@@ -56,8 +51,13 @@ IMPLEMENTED_NOTES = {
              "LoRA), a gate that is itself a foundation model with a gate adapter (here a linear map of the mean "
              "token embedding), and the sparsely activated LoRA (SAL) that switches LoRA on in more blocks as "
              "training goes on",
+    "A fast, performant, secure distributed training framework": (
+        "its LoRA part: one-time-pad encryption of every adapter message, aggregation as FedIT's; not built: the "
+        "trusted execution environments (attestation, key exchange) and its split fine-tuning with SPF"),
+    "PrivateLoRA": "measured, not built: the split computation itself (cloud and device as two machines); the trial "
+                   "records the activations per token the split would send",
     "pFedLoRA": "model heterogeneity as the clients' local adapters of different ranks on one backbone (the paper's "
-                "clients run different architectures, e.g. CNNs of different sizes)",
+                "clients run heterogeneous model architectures; its experiments are on CIFAR-10/100)",
 }
 
 ENTRY = re.compile(r"^\s*\d+\.\s+\*\*(?P<title>.+?)\*\*\s*(?:`(?P<venue>[^`]*)`)?")

@@ -331,8 +331,50 @@ def test_fedms_global_expert_then_a_gated_mixture_whose_gate_alone_is_aggregated
     assert method.round_summary([0, 1])["stage"] == 2 and aggregation_error(method, new, ups, w, after) == 0.0
 
 
+def test_privatelora_sends_only_the_device_matrices_and_aggregates_them_exactly():
+    from lorabench.harness.clients import _nbytes
+    spec = spec_for("privatelora")
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    for st in sent + uploads:  # A and B stay on the cloud (rebuilt from the seed): only M and the head travel
+        assert not any(k.endswith(("lora_A", "lora_B")) for k in st) and any(k.endswith("lora_M") for k in st)
+    q = "bert.encoder.layer.0.attention.self.query"
+    r = method.config.rank
+    assert uploads[0][f"{q}.lora_M"].shape == (r, r)
+    fedit, _, model = server(spec_for("fedit"))
+    assert _nbytes(uploads[0]) < _nbytes(fedit.upload(model)) / 2
+    assert aggregation_error(method, before, uploads, w, new) < 1e-5  # s B (Σ w_i M_i) A = Σ w_i s B M_i A
+    got = method.delta_weights(new)[q]
+    want = method.delta_scale() * before[f"{q}.lora_B"] @ sum(wi * u[f"{q}.lora_M"] for wi, u in zip(w, uploads)) \
+        @ before[f"{q}.lora_A"]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_otp_lora_sends_ciphertext_of_the_same_size_and_aggregates_as_fedit():
+    from lorabench.harness.clients import _nbytes
+    from lorabench.methods.federated.otp_lora import NONCE, decrypt, encrypt
+    spec = spec_for("otp-lora")
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    key = method.enclave_key()
+    for msg in sent + uploads:  # both ways: int32 words and a nonce, the plaintext's size plus 8 bytes
+        assert NONCE in msg and all(v.dtype == torch.int32 for k, v in msg.items() if k != NONCE)
+        assert _nbytes(msg) == _nbytes(decrypt(msg, key)) + 8
+    assert method.round_summary([0, 1, 2])["wire_equal_bytes"] < 0.01  # a uniform pad leaves ~1/256 in the clear
+    plain = [decrypt(u, key) for u in uploads]
+    fedit = get_method("fedit")()
+    expected, _ = fedit.aggregate(before, plain, w, [0, 1, 2], 3)
+    assert all(torch.equal(new[k], expected[k]) for k in expected)  # the enclave's aggregation is FedIT's, exactly
+    assert aggregation_error(method, before, uploads, w, new) == pytest.approx(
+        aggregation_error(fedit, before, plain, w, expected), rel=1e-6)
+    one, two = encrypt(plain[0], key), encrypt(plain[0], key)
+    assert not torch.equal(one[NONCE], two[NONCE])  # a fresh pad per message
+    assert all(torch.equal(decrypt(one, key)[k], plain[0][k]) for k in plain[0])  # decrypts bit for bit
+    wrong = decrypt(one, key + 1)
+    assert not any(torch.equal(wrong[k], plain[0][k]) for k in plain[0])
+
+
 def test_every_federated_method_is_registered_with_its_paper():
-    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora", "pfedlora", "fedms"}
+    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora", "pfedlora", "fedms",
+                                "privatelora", "otp-lora"}
     for n in FED_METHODS:
         cls = get_method(n)
         assert cls.family == "federated" and cls.paper

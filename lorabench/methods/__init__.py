@@ -142,6 +142,10 @@ METHODS.register_lazy("pfedlora", "lorabench.methods.federated.pfedlora:PFedLoRA
                       title="pFedLoRA: Model-heterogeneous personalized federated learning with LoRA tuning")
 METHODS.register_lazy("fedms", "lorabench.methods.federated.fedms:FedMS", family="federated", paper="2312.15926",
                       title="FedMS: Federated learning with mixture of sparsely activated foundations models")
+METHODS.register_lazy("privatelora", "lorabench.methods.federated.privatelora:PrivateLoRA", family="federated", paper="2311.14030",
+                      title="PrivateLoRA for efficient privacy preserving LLM")
+METHODS.register_lazy("otp-lora", "lorabench.methods.federated.otp_lora:OtpLoRA", family="federated", paper="2401.09796",
+                      title="A fast, performant, secure distributed training framework for large language model")
 
 # Issue 17: cross-task generalization, composition rules driven by the multi-task scenario (lorabench/harness/cross_task.py)
 METHODS.register_lazy("lorahub", "lorabench.methods.cross_task.lorahub:LoraHub", family="cross-task", paper="2307.13269",

@@ -129,6 +129,21 @@ def fedms_equations(model, method):
     assert up and not any(k.startswith("fedms_gate") or ".local" in k for k in up)  # stage 1: the global expert
 
 
+def privatelora_equations(model, method):
+    """PrivateLoRA: h = W0 x + s B M A x with A and B frozen (the cloud's) and only M (r, r) trained (the device's)."""
+    layer = lora_layers(model)[0]
+    trained = {n for n, _ in method.trainable_parameters(model)}
+    assert any(n.endswith("lora_M") for n in trained) and not any(n.endswith(("lora_A", "lora_B")) for n in trained)
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():
+        layer.lora_M.normal_()
+        want = layer.base(x) + layer.scale * x @ (layer.lora_B @ layer.lora_M @ layer.lora_A).T
+        torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.delta_weight(), layer.scale * layer.lora_B @ layer.lora_M @ layer.lora_A)
+        layer.lora_M.zero_()
+    assert float(layer.lora_B.abs().sum()) > 0  # B random: M = 0 alone makes the update zero at step 0
+
+
 CASES = [
     Case("federa", {"rank": 4, "alpha": 8}, models=("bert",), equations=federa_equations, atol=1e-4),
     Case("federa", {"rank": 2, "alpha": 4}, id="federa-llama", models=("llama",), atol=1e-4),
@@ -141,6 +156,8 @@ CASES = [
     # trainable tensors change" check cannot express; test_behaviour.py runs both stages and the switch
     Case("slora", {"rank": 4, "alpha": 8, "density": 0.25, "stage1_ratio": 1.0}, equations=slora_equations),
     Case("pfedlora", {"rank": 4, "alpha": 8, "local_ranks": [2]}, equations=pfedlora_equations),
+    Case("privatelora", {"rank": 4, "alpha": 8}, equations=privatelora_equations),
+    Case("otp-lora", {"rank": 4, "alpha": 8}),
     # stage 1 only in the table (the switch makes the gate and the local experts trainable mid-run); the mixture is
     # checked by fedms_equations, both stages run in test_behaviour.py and tests/test_federated.py
     Case("fedms", {"rank": 4, "alpha": 8, "local_experts": 2, "top_k": 2, "stage1_ratio": 1.0}, equations=fedms_equations),
