@@ -452,6 +452,24 @@ def test_a_client_that_raises_and_one_that_is_killed_do_not_stop_the_run():
     assert not ray_leftovers(), "Ray processes left behind"
 
 
+@pytest.mark.slow
+def test_pfedlora_keeps_each_local_model_on_its_flower_node_across_rounds_on_domain_clients():
+    """Through Flower's simulation: each client resumes the local model it kept in its node's Context.state,
+    on the natural partition by domain (movie-domains: client c holds domain c mod 2)."""
+    from lorabench.harness.trial import run_trial
+    spec = TrialSpec(**{**asdict(spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 4]}, clients=2, rounds=2,
+                                          fraction=1.0, local_steps=2, partition="domain")),
+                        "task": "movie-domains", "label": "pfedlora@domain"})
+    out = run_trial(spec, progress=False)
+    fed = out["federated"]
+    assert [set(d) for d in fed["client_domains"]] == [{"imdb"}, {"rt"}]
+    r1, r2 = fed["rounds"]
+    assert not fed["failures"] and sorted(r1["clients"]) == sorted(r2["clients"]) == [0, 1]
+    assert r1["method"]["resumed_local"] == 0.0 and r2["method"]["resumed_local"] == 1.0  # kept between rounds
+    assert sorted(r2["method"]["local_ranks"]) == [2, 4] and r2["personal_score"] is not None
+    assert not ray_leftovers(), "Ray processes left behind"
+
+
 def run_cli(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """`python -m lorabench ARGS` in its own session: on a timeout the whole group goes (the runner's fork
     server, the trial, its Ray instance), not only the CLI process."""
