@@ -16,12 +16,13 @@ What is built here and what is not: the experts share one pretrained backbone (a
 with its own LoRA, not a separate foundation model), and the gate is a linear map of the input's mean token
 embedding (the paper's gate is a foundation model with an inserted gate adapter). The paper's *sparsely
 activated LoRA* (SAL: LoRA modules in more transformer blocks activated as training goes on) is not built.
-Per round the record carries the stage, the switch round, the share of examples routed to each expert and
+The global model the server scores is the global expert in stage 1, and in stage 2 the mixture with the
+aggregated gate and untrained local experts (no client's own): a reference; the clients' personalised score
+is the mixture each client trained. Per round the record carries the stage, the switch round, the share of examples routed to each expert and
 the gate's entropy. As a single-task trial FedMS runs stage 1 for `stage1_ratio` of the steps, then stage 2.
 """
 from __future__ import annotations
 
-import copy
 import math
 import types
 from dataclasses import dataclass
@@ -207,9 +208,6 @@ class FedMS(FederatedLoRA):
                               "gate_entropy": round(sum(ent) / len(ent), 6) if ent else -1.0})
 
     # -- the rounds ----------------------------------------------------------------------------------
-    def for_client(self, slot: int, n_clients: int) -> "FedMS":
-        return copy.deepcopy(self)
-
     def initial_state(self, model: nn.Module) -> State:
         self.set_stage(model, 1)
         out = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}  # global expert
