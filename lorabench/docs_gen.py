@@ -37,15 +37,6 @@ OUT_OF_SCOPE = [
 # Federated entries not implemented yet (issue 19): what each needs beyond the clients scenario
 # (lorabench/harness/clients.py), shown as the reason of its "planned" row.
 PLANNED_NOTES = {
-    "SLoRA": "a sparse fine-tuning stage over the clients, then LoRA initialised from the SVD of the "
-             "aggregated sparse update (a two-stage client)",
-    "FedMS": "a mixture of sparsely activated foundation models per device; needs several expert models on "
-             "each client (the multi-adapter kernels' mixture layer)",
-    "pFedLoRA": "model-heterogeneous personalisation (a client-specific model with a shared homogeneous LoRA "
-                "adapter, trained by alternating updates)",
-    "A fast, performant, secure distributed training framework for large language model": (
-        "what is measurable here is the LoRA part (which tensors leave the client, how many bytes, at what "
-        "accuracy); its secure enclaves (TEE) cannot be measured on this machine"),
     # continual entries (issue 18) not implemented yet: what each needs beyond the sequence scenario
     # (lorabench/harness/sequence.py, docs/continual.md)
     "GS-LoRA": "its own protocol, continual forgetting (forget chosen classes, keep the rest) with group-sparse "
@@ -67,8 +58,21 @@ PLANNED_NOTES = {
     "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "
                  "(lorabench/ops, harness/multitask.py) compute the same thing (an adapter index per row); left: "
                  "FLoRA's element-wise form and its throughput against BGMV",
-    "PrivateLoRA": "split computation (the heavy base on the server, the low-rank A and B on the device): "
-                   "measurable here as activations sent per token and accuracy; not built yet",
+}
+
+# Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
+IMPLEMENTED_NOTES = {
+    "FedMS": "not built: separate foundation models as experts (here each expert is the one backbone with its own "
+             "LoRA), a gate that is itself a foundation model with a gate adapter (here a linear map of the mean "
+             "token embedding), and the sparsely activated LoRA (SAL) that switches LoRA on in more blocks as "
+             "training goes on",
+    "A fast, performant, secure distributed training framework": (
+        "its LoRA part: one-time-pad encryption of every adapter message, aggregation as FedIT's; not built: the "
+        "trusted execution environments (attestation, key exchange) and its split fine-tuning with SPF"),
+    "PrivateLoRA": "measured, not built: the split computation itself (cloud and device as two machines); the trial "
+                   "records the activations per token the split would send",
+    "pFedLoRA": "model heterogeneity as the clients' local adapters of different ranks on one backbone (the paper's "
+                "clients run heterogeneous model architectures; its experiments are on CIFAR-10/100)",
 }
 
 ENTRY = re.compile(r"^\s*\d+\.\s+\*\*(?P<title>.+?)\*\*\s*(?:`(?P<venue>[^`]*)`)?")
@@ -210,6 +214,7 @@ def render() -> str:
         if status == "implemented":
             listed |= {c.name for c in note}
             note = ", ".join(f"`{c.name}`" for c in note)
+            note += "".join(f"; {extra}" for key, extra in IMPLEMENTED_NOTES.items() if row["title"].startswith(key))
         counts[status] = counts.get(status, 0) + 1
         link = f"[{row['title']}]({row['url']})" if row["url"] else row["title"]
         table.append(f"| {row['section']} | {link} | {row['venue']} | {status} | {note} |")

@@ -54,7 +54,32 @@ def test_dirichlet_skew_grows_as_alpha_shrinks():
         assert all(len(te) >= 1 and len(tr) >= 1 for tr, te in parts)
 
 
-@pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "noniid", "Dirichlet:0.3"])
+def test_domain_partition_gives_each_client_its_domain_on_the_real_movie_reviews():
+    from lorabench.tasks import get_task
+    train = get_task("movie-domains").from_options({"n_train": 400}).split().train
+    assert {e["domain"] for e in train} == {"imdb", "rt"}
+    parts = partitions.client_parts(train, 4, "domain", 0.2)
+    doms = partitions.client_domains(parts)
+    assert [set(d) for d in doms] == [{"imdb"}, {"rt"}, {"imdb"}, {"rt"}], doms  # client c: domain c mod 2, sorted
+    assert sorted(id(e) for tr, te in parts for e in tr + te) == sorted(id(e) for e in train)  # disjoint, covering
+    assert doms[0]["imdb"] + doms[2]["imdb"] == sum(e["domain"] == "imdb" for e in train)
+    # a mix by domain: a share P of each client's examples from its home domain, the rest from the other
+    # (of each domain, its 2 home clients take 0.75 / 2 each and the 2 others 0.25 / 2: a share 0.75 when the
+    # domains are the same size)
+    mixed = partitions.client_domains(partitions.client_parts(train, 4, "domain:0.75", 0.2))
+    size = {d: sum(e["domain"] == d for e in train) for d in ("imdb", "rt")}
+    for c, d in enumerate(mixed):
+        home, other = ["imdb", "rt"][c % 2], ["rt", "imdb"][c % 2]
+        assert abs(d[home] - 0.375 * size[home]) <= 1 and abs(d[other] - 0.125 * size[other]) <= 1, (c, d, size)
+    assert partitions.client_domains(partitions.client_parts(labelled(), 4, "iid", 0.2)) is None
+    with pytest.raises(UserError, match="needs a task whose examples carry a domain"):
+        partitions.client_parts(labelled(), 4, "domain", 0.2)
+    with pytest.raises(UserError, match=r"2 domains \(imdb, rt\) need at least as many clients"):
+        partitions.partition_indices([0, 1, 0], 1, "domain", 1, domains=["imdb", "rt", "rt"])
+
+
+@pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "noniid", "Dirichlet:0.3", "domain:0",
+                                 "domain:1.5", "domains"])
 def test_bad_partition_names_say_what_is_valid(bad):
     with pytest.raises(UserError, match=r"use 'iid' or 'dirichlet:ALPHA'"):
         partitions.parse(bad)
@@ -201,8 +226,155 @@ def test_hetlora_pads_truncates_prunes_and_weights_by_update_norm():
     assert truncate(p, 1).keys() == uploads[0].keys()
 
 
+def test_slora_sparse_stage_then_lora_from_the_svd_of_the_aggregated_sparse_update():
+    spec = spec_for("slora", {"stage1_rounds": 1, "density": 0.05})
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    # stage 1: only the masked entries (and the head) travel, the mask never does
+    for st in sent + uploads:
+        assert any(k.endswith(".sparse_values") for k in st) and not any(k.endswith(("lora_A", "lora_B")) for k in st)
+    q = "bert.encoder.layer.0.attention.self.query"
+    assert uploads[0][f"{q}.sparse_values"].numel() == len(method.masks[q]) == round(0.05 * method.shapes[q][0] * method.shapes[q][1])
+    assert any(not torch.equal(u[f"{q}.sparse_values"], uploads[0][f"{q}.sparse_values"]) for u in uploads[1:])
+    summary = method.round_summary([0, 1, 2])
+    assert summary["stage"] == 1 and summary["switch_round"] == 1 and 0.04 < summary["mask_density"] < 0.06
+    assert 0 < summary["energy_retained"] < 1
+    # the switch: s B A is the rank-r SVD of the exact FedAvg of the clients' sparse updates, W0 unchanged
+    mean = sum(wi * method.sparse_deltas({**before, **u})[q] for wi, u in zip(w, uploads))
+    U, S, Vh = torch.linalg.svd(mean)
+    r = method.config.rank
+    got = method.delta_scale() * new[f"{q}.lora_B"] @ new[f"{q}.lora_A"]
+    torch.testing.assert_close(got, (U[:, :r] * S[:r]) @ Vh[:r], atol=1e-5, rtol=1e-3)
+    assert not any(k.endswith(".sparse_values") for k in new)
+    # the round's aggregation error is what the SVD dropped of the sparse update: sqrt(1 - energy retained)
+    err = aggregation_error(method, before, uploads, w, new)
+    assert err == pytest.approx((1 - method.energy) ** 0.5, rel=1e-4)
+    # stage 2: clients train and send the LoRA factors from that start
+    up, m = client_round(asdict(spec), method.download(new, 1, 3), {"slot": 1, "server-round": 2})
+    assert m["method.stage"] == 2 and not any(k.endswith(".sparse_values") for k in up)
+    assert not torch.equal(up[f"{q}.lora_A"], new[f"{q}.lora_A"])
+    method.aggregate(new, [up], [1.0], [1], 3)
+    assert method.round_summary([1])["stage"] == 2 and method.switch_round == 1
+
+
+def test_pfedlora_shares_the_homogeneous_adapter_and_keeps_each_local_model_on_its_client():
+    from lorabench.harness.clients import stateful_client_round
+    spec = spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 8]})
+    method, _, model = server(spec)
+    state = method.initial_state(model)
+    assert state and all(k.endswith(("lora_A", "lora_B")) for k in state)  # only the shared adapter exists globally
+    q = "bert.encoder.layer.0.attention.self.query"
+    uploads, kept = [], []
+    for slot in (0, 1):
+        up, m, personal = stateful_client_round(asdict(spec), method.download(state, slot, 3),
+                                                {"slot": slot, "server-round": 1}, None)
+        assert set(up) == set(state), "only the homogeneous adapter travels"
+        assert personal[f"{q}.local_A"].shape[0] == [2, 8][slot] == m["method.local_rank"]  # local models differ
+        assert "classifier.weight" in personal and not any(k.startswith("classifier") for k in up)
+        assert 0 < m["method.local_share"] < 1 and 0 <= m["personal-score"] <= 1
+        uploads.append(up)
+        kept.append(personal)
+    # iterative training: the global adapter moved in the second phase, the local model in the first
+    assert not torch.equal(uploads[0][f"{q}.lora_B"], state[f"{q}.lora_B"])
+    assert float(kept[0][f"{q}.local_B"].abs().sum()) > 0
+    new, w = method.aggregate(state, uploads, [1.0, 1.0], [0, 1], 3)
+    torch.testing.assert_close(new[f"{q}.lora_B"], (uploads[0][f"{q}.lora_B"] + uploads[1][f"{q}.lora_B"]) / 2)
+    assert method.round_summary([0, 1]) == {"local_ranks": [2, 8]} and m["method.resumed_local"] == 0.0
+    # round 2: client 0 starts from the local model it kept; without it, from scratch: different models
+    down = method.download(new, 0, 3)
+    _, m2, again = stateful_client_round(asdict(spec), down, {"slot": 0, "server-round": 2}, kept[0])
+    assert m2["method.resumed_local"] == 1.0
+    _, _, fresh = stateful_client_round(asdict(spec), down, {"slot": 0, "server-round": 2}, None)
+    assert not torch.equal(again[f"{q}.local_B"], fresh[f"{q}.local_B"])
+    # the phases: with local_ratio 1 the global adapter is frozen throughout, with 0 the local model is
+    only_local = spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 8], "local_ratio": 1.0})
+    up, _, personal = stateful_client_round(asdict(only_local), down, {"slot": 0, "server-round": 2}, kept[0])
+    assert all(torch.equal(up[k], down[k]) for k in down) and not torch.equal(personal[f"{q}.local_B"], kept[0][f"{q}.local_B"])
+    only_global = spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 8], "local_ratio": 0.0})
+    up, _, personal = stateful_client_round(asdict(only_global), down, {"slot": 0, "server-round": 2}, kept[0])
+    assert all(torch.equal(personal[k], kept[0][k]) for k in kept[0]) and not torch.equal(up[f"{q}.lora_B"], down[f"{q}.lora_B"])
+
+
+def test_fedms_global_expert_then_a_gated_mixture_whose_gate_alone_is_aggregated():
+    from lorabench.harness.clients import stateful_client_round
+    spec = spec_for("fedms", {"stage1_rounds": 1, "local_experts": 2, "top_k": 1})
+    method, _, model = server(spec)
+    state = method.initial_state(model)
+    gate = {k for k in state if k.startswith("fedms_gate.")}
+    assert gate == {"fedms_gate.weight", "fedms_gate.bias"} and not any(".local" in k for k in state)
+    # stage 1: the global expert (LoRA and head) is trained and FedAvg'd; the gate is not sent yet
+    ups = []
+    for slot in (0, 1):
+        down = method.download(state, slot, 3)
+        assert not set(down) & gate
+        up, m, personal = stateful_client_round(asdict(spec), down, {"slot": slot, "server-round": 1}, None)
+        assert set(up) == set(down) and not personal and m["method.stage"] == 1
+        ups.append(up)
+    new, w = method.aggregate(state, ups, [1.0, 1.0], [0, 1], 3)
+    assert method.round_summary([0, 1]) == {"stage": 1, "switch_round": 1}
+    assert aggregation_error(method, state, ups, w, new) > 1e-3  # the global expert's factors: FedAvg, inexact
+    # stage 2: the frozen global expert and the gate go down, the gate alone comes back; local experts stay home
+    ups, kept = [], []
+    for slot in (0, 1):
+        down = method.download(new, slot, 3)
+        assert gate <= set(down)
+        up, m, personal = stateful_client_round(asdict(spec), down, {"slot": slot, "server-round": 2}, None)
+        assert set(up) == gate and not torch.equal(up["fedms_gate.weight"], down["fedms_gate.weight"])
+        assert personal and all(".local" in k for k in personal)
+        assert m["method.stage"] == 2 and 0 < m["method.local_routed"] < 1, m  # the gate routes inputs both ways
+        assert 0 < m["method.gate_entropy"] <= float(torch.log(torch.tensor(3.0))) + 1e-6
+        assert any(float(v.abs().sum()) > 0 for k, v in personal.items() if k.endswith("_B"))  # a local expert trained
+        ups.append(up)
+        kept.append(personal)
+    after, w = method.aggregate(new, ups, [1.0, 3.0], [0, 1], 3)
+    torch.testing.assert_close(after["fedms_gate.weight"], 0.25 * ups[0]["fedms_gate.weight"] + 0.75 * ups[1]["fedms_gate.weight"])
+    assert all(torch.equal(after[k], new[k]) for k in new if not k.startswith("fedms_gate."))  # global expert frozen
+    assert method.round_summary([0, 1])["stage"] == 2 and aggregation_error(method, new, ups, w, after) == 0.0
+
+
+def test_privatelora_sends_only_the_device_matrices_and_aggregates_them_exactly():
+    from lorabench.harness.clients import _nbytes
+    spec = spec_for("privatelora")
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    for st in sent + uploads:  # A and B stay on the cloud (rebuilt from the seed): only M and the head travel
+        assert not any(k.endswith(("lora_A", "lora_B")) for k in st) and any(k.endswith("lora_M") for k in st)
+    q = "bert.encoder.layer.0.attention.self.query"
+    r = method.config.rank
+    assert uploads[0][f"{q}.lora_M"].shape == (r, r)
+    fedit, _, model = server(spec_for("fedit"))
+    assert _nbytes(uploads[0]) < _nbytes(fedit.upload(model)) / 2
+    assert aggregation_error(method, before, uploads, w, new) < 1e-5  # s B (Σ w_i M_i) A = Σ w_i s B M_i A
+    got = method.delta_weights(new)[q]
+    want = method.delta_scale() * before[f"{q}.lora_B"] @ sum(wi * u[f"{q}.lora_M"] for wi, u in zip(w, uploads)) \
+        @ before[f"{q}.lora_A"]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_otp_lora_sends_ciphertext_of_the_same_size_and_aggregates_as_fedit():
+    from lorabench.harness.clients import _nbytes
+    from lorabench.methods.federated.otp_lora import NONCE, decrypt, encrypt
+    spec = spec_for("otp-lora")
+    method, _, before, uploads, w, new, sent = one_round(spec)
+    key = method.enclave_key()
+    for msg in sent + uploads:  # both ways: int32 words and a nonce, the plaintext's size plus 8 bytes
+        assert NONCE in msg and all(v.dtype == torch.int32 for k, v in msg.items() if k != NONCE)
+        assert _nbytes(msg) == _nbytes(decrypt(msg, key)) + 8
+    assert method.round_summary([0, 1, 2])["wire_equal_bytes"] < 0.01  # a uniform pad leaves ~1/256 in the clear
+    plain = [decrypt(u, key) for u in uploads]
+    fedit = get_method("fedit")()
+    expected, _ = fedit.aggregate(before, plain, w, [0, 1, 2], 3)
+    assert all(torch.equal(new[k], expected[k]) for k in expected)  # the enclave's aggregation is FedIT's, exactly
+    assert aggregation_error(method, before, uploads, w, new) == pytest.approx(
+        aggregation_error(fedit, before, plain, w, expected), rel=1e-6)
+    one, two = encrypt(plain[0], key), encrypt(plain[0], key)
+    assert not torch.equal(one[NONCE], two[NONCE])  # a fresh pad per message
+    assert all(torch.equal(decrypt(one, key)[k], plain[0][k]) for k in plain[0])  # decrypts bit for bit
+    wrong = decrypt(one, key + 1)
+    assert not any(torch.equal(wrong[k], plain[0][k]) for k in plain[0])
+
+
 def test_every_federated_method_is_registered_with_its_paper():
-    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa"}
+    assert set(FED_METHODS) >= {"fedit", "ffa-lora", "flexlora", "hetlora", "federa", "slora", "pfedlora", "fedms",
+                                "privatelora", "otp-lora"}
     for n in FED_METHODS:
         cls = get_method(n)
         assert cls.family == "federated" and cls.paper
@@ -277,6 +449,24 @@ def test_a_client_that_raises_and_one_that_is_killed_do_not_stop_the_run():
     assert r1["aggregation_error"] > 0 and r2["aggregation_error"] > 0  # FedAvg of the factors: inexact
     assert fed["mb_total"] > 0 and len(fed["score_curve"]) == 2
     assert out["outcomes"]["n"] == 16
+    assert not ray_leftovers(), "Ray processes left behind"
+
+
+@pytest.mark.slow
+def test_pfedlora_keeps_each_local_model_on_its_flower_node_across_rounds_on_domain_clients():
+    """Through Flower's simulation: each client resumes the local model it kept in its node's Context.state,
+    on the natural partition by domain (movie-domains: client c holds domain c mod 2)."""
+    from lorabench.harness.trial import run_trial
+    spec = TrialSpec(**{**asdict(spec_for("pfedlora", {"rank": 4, "local_ranks": [2, 4]}, clients=2, rounds=2,
+                                          fraction=1.0, local_steps=2, partition="domain")),
+                        "task": "movie-domains", "label": "pfedlora@domain"})
+    out = run_trial(spec, progress=False)
+    fed = out["federated"]
+    assert [set(d) for d in fed["client_domains"]] == [{"imdb"}, {"rt"}]
+    r1, r2 = fed["rounds"]
+    assert not fed["failures"] and sorted(r1["clients"]) == sorted(r2["clients"]) == [0, 1]
+    assert r1["method"]["resumed_local"] == 0.0 and r2["method"]["resumed_local"] == 1.0  # kept between rounds
+    assert sorted(r2["method"]["local_ranks"]) == [2, 4] and r2["personal_score"] is not None
     assert not ray_leftovers(), "Ray processes left behind"
 
 

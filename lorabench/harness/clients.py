@@ -50,7 +50,9 @@ class FederatedConfig:
                              low=0.0, high=1.0)
     local_steps: int = option(5, "optimizer steps each sampled client takes per round (train.batch_size examples each)",
                               low=1)
-    partition: str = option("iid", "'iid' (the control) or 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew)")
+    partition: str = option("iid", "'iid' (the control), 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew), or "
+                                   "'domain' / 'domain:P' (each client one domain, or a share P from its home domain; "
+                                   "a task whose examples carry a domain: movie-domains)")
     test_fraction: float = option(0.2, "share of each client's examples held out as its own test data "
                                        "(the personalised score)", low=0.0, high=0.9)
     actors: int = option(1, "Ray actors, i.e. clients trained at once (one CPU each); bounded by this machine's "
@@ -152,6 +154,14 @@ def apply_method(spec, model, head: str, method):
 def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dict]:
     """One client's round: load the server's tensors, train `local_steps`, score on its own test data,
     return (upload, metrics)."""
+    upload, metrics, _ = stateful_client_round(spec_data, arrays, config, None)
+    return upload, metrics
+
+
+def stateful_client_round(spec_data: dict, arrays: dict, config: dict, personal: dict | None) -> tuple[dict, dict, dict]:
+    """`client_round` for a client that keeps tensors between rounds (pFedLoRA's local model): `personal` is what
+    it kept after its last round (None before its first), loaded after the server's tensors; returns (upload,
+    metrics, what it keeps now: the method's `personal_state`, empty for the methods that keep nothing)."""
     from lorabench.harness.train import TrainConfig, train
     from lorabench.harness.trial import TrialSpec, seed_everything
     from lorabench.methods import get_method
@@ -171,6 +181,8 @@ def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dic
     method = method.for_client(slot, fed.clients)
     model = apply_method(spec, copy.deepcopy(base), task.head, method)
     method.load_state(model, arrays)
+    if personal:
+        method.load_state(model, personal)
     cfg = from_dict(TrainConfig, {**spec.train, "steps": fed.local_steps, "threads": None}, "train")
     client_task = ClientTask(task, train_part, test_part)
     seed = spec.seed * 1_000_003 + rnd * 1009 + slot  # each client and round its own batches
@@ -190,8 +202,11 @@ def client_round(spec_data: dict, arrays: dict, config: dict) -> tuple[dict, dic
     for k, v in result.method_metrics.items():  # the method's mechanism, as this client ran it
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             metrics[f"method.{k}"] = v
+    kept = method.personal_state(model)
+    if kept:  # share of the round's clients that resumed from the local model they kept (0 in their first round)
+        metrics["method.resumed_local"] = 1.0 if personal else 0.0
     metrics["client-seconds"] = round(time.perf_counter() - t0, 3)
-    return method.upload(model), metrics
+    return method.upload(model), metrics, kept
 
 
 def make_client_app(spec_data: dict):
@@ -204,9 +219,12 @@ def make_client_app(spec_data: dict):
     def _train(msg, context):
         import torch  # noqa: F401  (flwr's ArrayRecord.to_torch_state_dict needs torch imported)
 
-        from lorabench.harness.clients import client_round
+        from lorabench.harness.clients import stateful_client_round
         arrays = msg.content["arrays"].to_torch_state_dict()
-        upload, metrics = client_round(spec_data, arrays, dict(msg.content["config"]))
+        kept = context.state["personal"].to_torch_state_dict() if "personal" in context.state else None
+        upload, metrics, personal = stateful_client_round(spec_data, arrays, dict(msg.content["config"]), kept)
+        if personal:  # stays on this node between rounds (Flower's per-node Context.state), never sent
+            context.state["personal"] = ArrayRecord(personal)
         return Message(RecordDict({"arrays": ArrayRecord(upload), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
@@ -306,8 +324,8 @@ def _strategy_class():
             self.tokens_per_s += [m["train-tokens-per-s"] for m in metrics if "train-tokens-per-s" in m]
             entry.method = self.method.round_summary(slots)
             for key in sorted({k for m in metrics for k in m if k.startswith("method.")}):
-                vals = [m[key] for m in metrics if key in m]
-                entry.method[key[len("method."):]] = round(sum(vals) / len(vals), 6)
+                vals = [m[key] for m in metrics if key in m]  # the server's own summary wins a shared name
+                entry.method.setdefault(key[len("method."):], round(sum(vals) / len(vals), 6))
             for m in metrics:
                 if "dp-sigma" in m:
                     self.dp_history.setdefault(int(m["slot"]), []).append(
@@ -506,6 +524,7 @@ def run_federated(spec, progress: bool = True) -> dict:
             "engine": "flower-simulation (ray)",
             "client_train_sizes": sizes,
             "label_skew": round(partitions.label_skew(parts), 6),
+            "client_domains": partitions.client_domains(parts),  # examples per domain of each client (None: no domains)
             "initial_score": round(score0, 6),
             "rounds": [asdict(r) for r in rounds],
             "failures": strategy.failures,

@@ -1,10 +1,18 @@
-"""Partitions of a task's training data over federated clients: IID (the control) and Dirichlet label skew.
+"""Partitions of a task's training data over federated clients: IID (the control), Dirichlet label skew, and
+the natural partition by domain.
 
 `dirichlet:ALPHA` draws, for every class c, the clients' shares of c's examples from
 Dir(ALPHA, ..., ALPHA) (Hsu et al., "Measuring the Effects of Non-Identical Data Distribution
 for Federated Visual Classification", arXiv 1909.06335, sec. 3): small ALPHA gives each client
 few classes, large ALPHA tends to IID. Draws are repeated until every client holds at least
 `min_size` examples (as common implementations do), at most 1,000 times.
+
+`domain` gives each client the examples of one domain (client c holds domain c mod D of the D domains, in
+sorted order; each domain's examples are dealt IID among its clients): for a task whose examples carry a
+`domain` (movie-domains: Rotten Tomatoes sentences and IMDB reviews), the clients differ as real data
+sources do. `domain:P` mixes: each domain's examples go to its home clients in a share P and to the other
+clients in the rest, so a client's examples come a share P from its home domain when the domains are the
+same size (P = 1 is `domain`; P = 1/D is IID by domain).
 
 The partition never depends on the trial's seed (every method and seed sees the same clients),
 and each client's examples are split into its own training and test parts (the test part
@@ -20,16 +28,48 @@ import numpy as np
 from lorabench.errors import UserError
 
 PARTITION_SEED = 1234  # fixed, like the tasks' SPLIT_SEED
-SPEC = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?))$")
+SPEC = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)|domain(?::(?P<home>[0-9]*\.?[0-9]+))?)$")
 
 
 def parse(partition: str) -> tuple[str, float | None]:
-    """'iid' -> ('iid', None); 'dirichlet:0.3' -> ('dirichlet', 0.3); anything else: UserError."""
+    """'iid' -> ('iid', None); 'dirichlet:0.3' -> ('dirichlet', 0.3); 'domain' -> ('domain', 1.0);
+    'domain:0.8' -> ('domain', 0.8); anything else: UserError."""
     m = SPEC.match(str(partition))
-    if not m or (m.group("alpha") is not None and float(m.group("alpha")) <= 0):
+    bad = not m or (m.group("alpha") is not None and float(m.group("alpha")) <= 0) or \
+        (m.group("home") is not None and not 0 < float(m.group("home")) <= 1)
+    if bad:
         raise UserError(f"partition {partition!r} is not valid: use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 "
-                        f"(label skew; e.g. dirichlet:0.1 strongly skewed, dirichlet:10 close to iid)")
-    return ("iid", None) if m.group(1) == "iid" else ("dirichlet", float(m.group("alpha")))
+                        f"(label skew; e.g. dirichlet:0.1 strongly skewed, dirichlet:10 close to iid), or 'domain' / "
+                        f"'domain:P' with 0 < P <= 1 (each client's examples from one domain, or a share P from it)")
+    if m.group(1) == "iid":
+        return "iid", None
+    if m.group(1).startswith("domain"):
+        return "domain", float(m.group("home")) if m.group("home") else 1.0
+    return "dirichlet", float(m.group("alpha"))
+
+
+def domain_indices(domains: list[str], n_clients: int, partition: str, home: float) -> list[list[int]]:
+    """Client c's home domain is c mod D; it holds a share `home` of its examples from it and the rest evenly
+    from the other domains (each domain's examples dealt without replacement, so clients are disjoint)."""
+    names = sorted(set(domains))
+    if len(names) > n_clients:
+        raise UserError(f"partition {partition}: {len(names)} domains ({', '.join(names)}) need at least as many "
+                        f"clients; use clients >= {len(names)}")
+    rng = _rng(partition, n_clients)
+    pools = {d: rng.permutation([i for i, x in enumerate(domains) if x == d]).tolist() for d in names}
+    homes = [names[c % len(names)] for c in range(n_clients)]
+    # how many examples client c takes from domain d: its home share, or an even part of the rest
+    want = np.zeros((n_clients, len(names)))
+    for c, h in enumerate(homes):
+        for j, d in enumerate(names):
+            want[c, j] = home if d == h else (1 - home) / max(1, len(names) - 1)
+    parts: list[list[int]] = [[] for _ in range(n_clients)]
+    for j, d in enumerate(names):
+        shares = want[:, j] / want[:, j].sum()
+        cuts = (np.cumsum(shares)[:-1] * len(pools[d])).round().astype(int)
+        for c, chunk in enumerate(np.split(np.asarray(pools[d], dtype=int), cuts)):
+            parts[c].extend(chunk.tolist())
+    return [sorted(p) for p in parts]
 
 
 def _rng(partition: str, n_clients: int) -> np.random.Generator:
@@ -37,13 +77,23 @@ def _rng(partition: str, n_clients: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(tag[:8], "little"))
 
 
-def partition_indices(labels: list[int], n_clients: int, partition: str, min_size: int = 2) -> list[list[int]]:
+def partition_indices(labels: list[int], n_clients: int, partition: str, min_size: int = 2,
+                      domains: list[str] | None = None) -> list[list[int]]:
     """Indices of the examples each of `n_clients` clients holds (disjoint, covering every example)."""
     kind, alpha = parse(partition)
     n = len(labels)
     if n < n_clients * min_size:
         raise UserError(f"{n} training examples cannot give {n_clients} clients {min_size} each; "
                         f"use fewer clients or more training examples (task option n_train)")
+    if kind == "domain":
+        if domains is None or any(d is None for d in domains):
+            raise UserError(f"partition {partition!r} needs a task whose examples carry a domain (movie-domains: "
+                            f"Rotten Tomatoes and IMDB reviews); this task's examples have none: use iid or dirichlet")
+        parts = domain_indices(domains, n_clients, partition, alpha)
+        if min(len(p) for p in parts) < min_size:
+            raise UserError(f"partition {partition}: a client gets fewer than {min_size} examples; use fewer clients "
+                            f"or more training examples (task option n_train)")
+        return parts
     rng = _rng(partition, n_clients)
     if kind == "iid":
         order = rng.permutation(n)
@@ -66,8 +116,9 @@ def partition_indices(labels: list[int], n_clients: int, partition: str, min_siz
 def client_parts(examples: list[dict], n_clients: int, partition: str, test_fraction: float) -> list[tuple[list[dict], list[dict]]]:
     """(train, test) examples of each client: its partition, the last `test_fraction` of it (at least one
     example) held out as its own test data."""
+    domains = [e.get("domain") for e in examples] if parse(partition)[0] == "domain" else None
     parts = partition_indices([int(e["label"]) for e in examples], n_clients, partition,
-                              min_size=2 if test_fraction > 0 else 1)
+                              min_size=2 if test_fraction > 0 else 1, domains=domains)
     out = []
     for idx in parts:
         n_test = max(1, int(round(test_fraction * len(idx)))) if test_fraction > 0 else 0
@@ -88,3 +139,16 @@ def label_skew(parts: list[tuple[list[dict], list[dict]]]) -> float:
         p = np.array([ys.count(c) for c in classes], float)
         tv.append(0.5 * np.abs(p / p.sum() - pooled).sum())
     return float(np.mean(tv))
+
+
+def client_domains(parts: list[tuple[list[dict], list[dict]]]) -> list[dict[str, int]] | None:
+    """Each client's number of examples (train and test) per domain; None when the examples carry no domain."""
+    if not parts or "domain" not in (parts[0][0] + parts[0][1] or [{}])[0]:
+        return None
+    out = []
+    for tr, te in parts:
+        counts: dict[str, int] = {}
+        for e in tr + te:
+            counts[e["domain"]] = counts.get(e["domain"], 0) + 1
+        out.append(dict(sorted(counts.items())))
+    return out

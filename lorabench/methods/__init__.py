@@ -136,6 +136,16 @@ METHODS.register_lazy("federa", "lorabench.methods.federated.federa:FeDeRA", fam
                       title="FeDeRA: Efficient fine-tuning of language models in federated learning leveraging weight decomposition")
 METHODS.register_lazy("hetlora", "lorabench.methods.federated.hetlora:HetLoRA", family="federated", paper="2401.06432",
                       title="Heterogeneous LoRA for federated fine-tuning of on-device foundation models")
+METHODS.register_lazy("slora", "lorabench.methods.federated.slora:SLoRA", family="federated", paper="2308.06522",
+                      title="SLoRA: Federated parameter efficient fine-tuning of language models")
+METHODS.register_lazy("pfedlora", "lorabench.methods.federated.pfedlora:PFedLoRA", family="federated", paper="2310.13283",
+                      title="pFedLoRA: Model-heterogeneous personalized federated learning with LoRA tuning")
+METHODS.register_lazy("fedms", "lorabench.methods.federated.fedms:FedMS", family="federated", paper="2312.15926",
+                      title="FedMS: Federated learning with mixture of sparsely activated foundations models")
+METHODS.register_lazy("privatelora", "lorabench.methods.federated.privatelora:PrivateLoRA", family="federated", paper="2311.14030",
+                      title="PrivateLoRA for efficient privacy preserving LLM")
+METHODS.register_lazy("otp-lora", "lorabench.methods.federated.otp_lora:OtpLoRA", family="federated", paper="2401.09796",
+                      title="A fast, performant, secure distributed training framework for large language model")
 
 # Issue 17: cross-task generalization, composition rules driven by the multi-task scenario (lorabench/harness/cross_task.py)
 METHODS.register_lazy("lorahub", "lorabench.methods.cross_task.lorahub:LoraHub", family="cross-task", paper="2307.13269",

@@ -7,6 +7,9 @@ TASKS: Registry = Registry("task", meta_keys=("kind", "metric", "higher_is_bette
 TASKS.register_lazy("rt-sentiment", "lorabench.tasks.classification:RTSentiment",
                     kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
                     sizes="train 5,530 / validation 500 / eval 2,500 (of 8,530; balanced classes)")
+TASKS.register_lazy("movie-domains", "lorabench.tasks.classification:MovieDomains",
+                    kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
+                    sizes="train 14,060 / validation 500 / eval 2,500 (of 17,060: 8,530 per domain)")
 TASKS.register_lazy("sarcasm", "lorabench.tasks.classification:Sarcasm",
                     kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
                     sizes="train 24,498 / validation 1,000 / eval 3,000 (of 28,614; 116 exact duplicates dropped)")

@@ -70,3 +70,26 @@ class Sarcasm(ClassificationTask):
     val_size = 1000
     sizes = "train 24,498 / validation 1,000 / eval 3,000 (of 28,614; 116 exact duplicates dropped)"
     default_max_length = 48
+
+
+class MovieDomains(ClassificationTask):
+    """Two review domains with one label space: Rotten Tomatoes sentences and IMDB reviews, each example tagged
+    with its `domain` ("rt" or "imdb"); the natural partition of the clients scenario (`partition: domain`) gives
+    each client one domain, or a mix by domain. IMDB's 24,904 unique reviews are subsampled (fixed seed) to the
+    8,530 of Rotten Tomatoes, so the two domains weigh the same."""
+    name = "movie-domains"
+    dataset = "rotten-tomatoes+imdb"
+    description = "Movie reviews from two domains, Rotten Tomatoes sentences and IMDB reviews, positive vs negative"
+    eval_size = 2500
+    val_size = 500
+    sizes = "train 14,060 / validation 500 / eval 2,500 (of 17,060: 8,530 per domain)"
+    default_max_length = 64
+
+    def build_split(self) -> Split:
+        import random
+
+        from lorabench import assets
+        rt = [{"text": r["text"], "label": int(r["label"]), "domain": "rt"} for r in assets.load_dataset("rotten-tomatoes")]
+        imdb = [{"text": r["text"], "label": int(r["label"]), "domain": "imdb"} for r in assets.load_dataset("imdb")]
+        imdb = random.Random(20261206).sample(imdb, len(rt))  # as many IMDB reviews as RT sentences
+        return seeded_split(rt + imdb, self.eval_size, self.val_size)

@@ -143,6 +143,16 @@ BEHAVIOURS = [
     B("federa", None),
     B("hetlora", lambda m: m["rank_after_pruning"] < 8 and 0 < m["tail_norm_ratio"] < 1,
       "rank self-pruning drops the weakest rank component", options={"prune_threshold": 0.99}),
+    B("slora", lambda m: m["switch_step"] > 0 and m["stage"] == 2 and 0 < m["energy_retained"] <= 1
+      and 0 < m["mask_density"] < 0.05, "sparse fine-tuning, then LoRA from the SVD of the sparse update"),
+    B("pfedlora", lambda m: m["switch_step"] > 0 and 0 < m["local_share"] < 1,
+      "iterative training: the local adapter, then the shared one; both move"),
+    B("fedms", lambda m: m["stage"] == 2 and m["switch_step"] > 0 and 0 < m["local_routed"] < 1 and m["gate_entropy"] > 0,
+      "the global expert, then a gated mixture that routes inputs to the local experts too"),
+    B("privatelora", lambda m: 0 < m["activation_floats_per_token"] < m["hidden_floats_per_token"],
+      "the split sends 2 r numbers per adapted layer and token, fewer than the layer's input and output"),
+    # otp-lora: a single-task trial is FedIT's client; the one-time pad acts on what travels (tests/test_federated.py)
+    B("otp-lora", None, lora_by_construction=True),
     # cross-task (issue 17): a single-task trial trains one library adapter (LoRA); the composition rules
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),

@@ -8,6 +8,8 @@ single-task trial runs its client-side training alone). The clients scenario
   clients different ranks);
 - `download(global_state, slot, n_clients)`: the tensors the server sends that client;
 - `upload(model)`: the tensors the client sends back after its local steps (the trained ones);
+- `personal_state(model)`: the tensors a client keeps for its next round and never sends (pFedLoRA's
+  local model; none for the others), kept in Flower's per-node `Context.state`;
 - `aggregate(global_state, uploads, weights, slots, n_clients)`: the server's rule, returning the
   new global state and the weights it actually used;
 - `delta_weights(state)`: the dense update ΔW = s B A of each adapted layer that a state stands for,
@@ -71,6 +73,10 @@ class FederatedLoRA(LoRA):
     def upload(self, model: nn.Module) -> State:
         """What a client sends after its local steps: the tensors it trained (LoRA factors and the head)."""
         return {n: p.detach().clone() for n, p in self.trainable_parameters(model)}
+
+    def personal_state(self, model: nn.Module) -> State:
+        """Tensors a client keeps between rounds and never sends (pFedLoRA's local model); none here."""
+        return {}
 
     @torch.no_grad()
     def load_state(self, model: nn.Module, state: State) -> None:
