@@ -294,9 +294,10 @@ def test_suite_lm_eval_option_validates_and_keeps_trial_ids(tmp_path):
     plain = tmp_path / "plain.yaml"
     plain.write_text(text.format(name="plain", task="quartz", flag="false"))
     spec = load_suite(str(plain)).trials()[0]
-    # the id before the option existed (and before the scenarios' `federated`, `cross_task` and `continual`,
-    # None here)
-    legacy = {k: v for k, v in asdict(spec).items() if k not in ("lm_eval", "federated", "cross_task", "continual")}
+    # the id before the option existed (and before the scenarios' `federated`, `cross_task`, `continual` and
+    # `mixture`, None here)
+    legacy = {k: v for k, v in asdict(spec).items()
+              if k not in ("lm_eval", "federated", "cross_task", "continual", "mixture")}
     assert trial_id(spec) == hashlib.sha256(json.dumps(legacy, sort_keys=True, separators=(",", ":"))
                                             .encode()).hexdigest()[:16]
     on = tmp_path / "enabled.yaml"
