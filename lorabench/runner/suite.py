@@ -180,10 +180,7 @@ class Suite:
                 grid = method.lr_grid or task.lr_grid or self.lr_grid
 
                 def spec(seed: int, t: dict) -> TrialSpec:
-                    return TrialSpec(suite=self.name, suite_version=self.version, label=method.label,
-                                     method=method.name, method_options=method.options, task=task.name,
-                                     task_options=task.options, model=task.model or self.model,
-                                     seed=seed, train=t, lm_eval=task.lm_eval)
+                    return self._spec(task, method, seed, t)
 
                 if self.cross_task is not None:  # the cross-task scenario: method x held-out task x seed
                     for seed in seeds:
@@ -228,6 +225,13 @@ class Suite:
                 out += [spec(seed, merge(train, {"lr": chosen})) for seed in rest]
         return out, waiting
 
+    def _spec(self, task: TaskEntry, method: MethodEntry, seed: int, train: dict) -> TrialSpec:
+        """A single-task trial of `method` on `task` at `seed` with the merged `train` options."""
+        from lorabench.harness.trial import TrialSpec
+        return TrialSpec(suite=self.name, suite_version=self.version, label=method.label, method=method.name,
+                         method_options=method.options, task=task.name, task_options=task.options,
+                         model=task.model or self.model, seed=seed, train=train, lm_eval=task.lm_eval)
+
     def _tune_seeds(self, task: TaskEntry) -> list[int]:
         tune = self.tune_seeds if self.tune_seeds is not None else self.seeds
         return [seed for seed in tune if task.seeds is None or seed in task.seeds]
@@ -235,16 +239,13 @@ class Suite:
     def _tuned_factor(self, method: MethodEntry, by_id: dict) -> float | None:
         """The factor of the grid that the tuning task's trials chose for `method` (None until they are all
         recorded with validation scores)."""
-        from lorabench.harness.trial import TrialSpec
         task = self.tune_task
         train = merge(merge(self.train, task.train), method.train)
         grid = method.lr_grid or task.lr_grid or self.lr_grid
         base = method_scale(method, train)
         by_rate = {float(f"{base * f:.6g}"): f for f in grid}
-        tuning = {lr: [TrialSpec(suite=self.name, suite_version=self.version, label=method.label, method=method.name,
-                                 method_options=method.options, task=task.name, task_options=task.options,
-                                 model=task.model or self.model, seed=seed, train=merge(train, {"lr": lr}),
-                                 lm_eval=task.lm_eval) for seed in self._tune_seeds(task)] for lr in by_rate}
+        tuning = {lr: [self._spec(task, method, seed, merge(train, {"lr": lr})) for seed in self._tune_seeds(task)]
+                  for lr in by_rate}
         chosen = chosen_rate(task.name, tuning, by_id)
         return None if chosen is None else by_rate[chosen]
 
