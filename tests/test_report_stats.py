@@ -4,12 +4,13 @@ sign from zero variance; learning-rate selection on validation; trivial baseline
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from lorabench.report import stats, tables
+from lorabench.report import display, findings, stats, tables
 from lorabench.tasks.base import Outcomes
 
 
@@ -229,3 +230,38 @@ def test_validation_curves_are_tabulated_and_plotted(tmp_path):
     assert len(c) == 4 and set(c["lr"]) == {1e-3, 3e-3}   # every rate of the grid, not only the chosen one
     assert (c[c["lr"] == 1e-3]["reach95"] == 300).all()
     assert "## Validation curves" in (tmp_path / "LEADERBOARD.md").read_text()
+
+
+def test_findings_rows_carry_the_power_and_a_powered_inconclusive_row_says_so():
+    """Issue 15: a finding left inconclusive still counts as measured when its test would have found a 1.5-point
+    difference with 80% power; the row shows that MDD, and a noisy comparison is not called powered."""
+    n = 1000
+    labels = [i % 2 for i in range(n)]
+
+    def rec(label, seed, wrong):
+        pred = [1 - y if i in wrong else y for i, y in enumerate(labels)]
+        o = Outcomes([int(p == y) for p, y in zip(pred, labels)], pred, labels)
+        return {"task": "rt-sentiment", "label": label, "method": label, "seed": seed, "status": "ok",
+                "metric": "accuracy", "higher_is_better": True, "score": sum(o.correct) / n, "family": "lora",
+                "train": {"steps": 100, "batch_size": 16, "lr_used": 1e-3}, "outcomes": o.to_record("h"),
+                "majority_label": 1, "trained_steps": 100, "trainable_params": 1000, "peak_rss_mb": 500.0,
+                "train_tokens_per_s": 100.0, "adapter_bytes": 4000, "loss_curve": [0.7, 0.6, 0.5]}
+
+    base = {s: set(range(s, 150 + s)) for s in range(3)}          # LoRA wrong on ~15% of the examples
+    tight = [rec("lora", s, base[s]) for s in range(3)]
+    tight += [rec("dora", s, base[s] ^ {900 + s, 950 + s}) for s in range(3)]  # differs on 2 of 1,000: no gain
+    rows = findings.evaluate(tables.build(tight).trials).set_index("claim")
+    dora = rows.loc["DoRA beats LoRA at equal rank"]
+    assert dora["verdict"] == "inconclusive" and 0 < dora["mdd80"] <= findings.POWERED_MDD
+    assert "1 of them powered" in findings.overall(rows.reset_index(), "DoRA beats LoRA at equal rank")
+    # DoRA far noisier against LoRA (hundreds of examples flip, in both directions, differently per seed): the
+    # same inconclusive verdict is not powered
+    rng = random.Random(0)
+    noisy = [rec("lora", s, base[s]) for s in range(3)]
+    noisy += [rec("dora", s, base[s] ^ set(rng.sample(range(n), 300 + 60 * s))) for s in range(3)]
+    rows = findings.evaluate(tables.build(noisy).trials).set_index("claim")
+    dora = rows.loc["DoRA beats LoRA at equal rank"]
+    assert dora["mdd80"] > findings.POWERED_MDD
+    assert "powered" not in findings.overall(rows.reset_index(), "DoRA beats LoRA at equal rank")
+    table = display.findings_table(rows.reset_index())
+    assert "MDD at 80% power" in table.columns

@@ -180,10 +180,11 @@ def findings_table(claims: pd.DataFrame) -> Table:
         mg = "" if isnan(r["margin"]) else f"{r['margin']:.4f}"
         notes = "; ".join(x for x in (r["extra"], r["why"]) if x)
         rows.append([text(r["claim"]), text(r["method"] + " vs " + r["reference"]), text(r["task"] or "–"),
-                     (str(r["n_pairs"]), float(r["n_pairs"])), text(r["quantity"] or "–"), diff, text(mg),
-                     text(r["verdict"]), text(notes)])
+                     (str(r["n_pairs"]), float(r["n_pairs"])), text(r["quantity"] or "–"), diff,
+                     num(r["mdd80"]), text(mg), text(r["verdict"]), text(notes)])
     return Table("The survey's headline claims on these tasks", ["claim", "comparison", "task", "paired seeds",
-                 "quantity", "difference (mean ± 95% CI)", "margin", "verdict", "notes"], rows, anchor="findings")
+                 "quantity", "difference (mean ± 95% CI)", "MDD at 80% power", "margin", "verdict", "notes"], rows,
+                 anchor="findings")
 
 
 def findings_summary(claims: pd.DataFrame) -> list[str]:

@@ -30,6 +30,9 @@ MARGIN_ABSOLUTE = 0.01     # one accuracy point for metrics in [0, 1]
 BOUNDED_METRICS = {"accuracy", "exact_match"}
 MARGIN_RELATIVE = 0.01     # otherwise 1% of the reference's mean
 MIN_LOSS_WINDOW = 10       # steps a loss-curve point must average to be read as convergence
+# Issue 15: a finding that stays inconclusive still counts as measured when its test could have found a
+# difference of this size (the minimum detectable difference at 80% power, stats.Estimate.mdd80).
+POWERED_MDD = 0.015        # 1.5 accuracy points for metrics in [0, 1]
 
 
 @dataclass(frozen=True)
@@ -108,16 +111,16 @@ def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
         base = {"claim": c.text, "source": c.source, "method": method or c.methods[0], "reference": c.reference}
         if method is None or c.reference not in labels:
             absent = [x for x in (c.methods[0] if method is None else None, None if c.reference in labels else c.reference) if x]
-            rows.append(base | {"task": "", "n_pairs": 0, "quantity": "", "diff": float("nan"),
-                                "diff_ci95": float("nan"), "margin": float("nan"), "extra": "",
-                                "verdict": "not yet measured",
+            rows.append(base | {"task": "", "metric": "", "n_pairs": 0, "quantity": "", "diff": float("nan"),
+                                "diff_ci95": float("nan"), "mdd80": float("nan"), "margin": float("nan"),
+                                "extra": "", "verdict": "not yet measured",
                                 "why": f"no successful trials of {' and '.join(absent)} in these records"})
             continue
         tasks = sorted(set(ok[ok["label"] == method]["task"]) & set(ok[ok["label"] == c.reference]["task"]))
         if not tasks:
-            rows.append(base | {"task": "", "n_pairs": 0, "quantity": "", "diff": float("nan"),
-                                "diff_ci95": float("nan"), "margin": float("nan"), "extra": "",
-                                "verdict": "not yet measured",
+            rows.append(base | {"task": "", "metric": "", "n_pairs": 0, "quantity": "", "diff": float("nan"),
+                                "diff_ci95": float("nan"), "mdd80": float("nan"), "margin": float("nan"),
+                                "extra": "", "verdict": "not yet measured",
                                 "why": f"{method} and {c.reference} never ran on the same task"})
             continue
         for task in tasks:
@@ -149,6 +152,7 @@ def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
                 metric = str(m["metric"].iloc[0]) if len(m) else ""
                 quantity = f"{metric} (method - reference)"
                 mg = margin(metric, float(m["score_ref"].mean())) if c.test == "noninferior" and len(m) else 0.0
+            metric = str(m["metric"].iloc[0]) if len(m) else ""
             if c.key == "vera" and len(m):
                 ratio = float(m["trainable_params"].mean() / m["trainable_params_ref"].mean())
                 extra = f"trainable parameters {ratio:.3g}x of LoRA's"
@@ -157,10 +161,19 @@ def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
             verdict = _verdict("noninferior" if c.test == "noninferior" else "superior", e.low, e.high, n, mg)
             if why:
                 verdict = "inconclusive"
-            rows.append(base | {"task": task, "n_pairs": n, "quantity": quantity, "diff": e.mean,
-                                "diff_ci95": e.ci95, "margin": mg if c.test == "noninferior" else float("nan"),
+            rows.append(base | {"task": task, "metric": metric, "n_pairs": n, "quantity": quantity, "diff": e.mean,
+                                "diff_ci95": e.ci95, "mdd80": e.mdd80,
+                                "margin": mg if c.test == "noninferior" else float("nan"),
                                 "extra": extra, "verdict": verdict, "why": why})
     return pd.DataFrame(rows)
+
+
+def powered(row) -> bool:
+    """An inconclusive row whose test could have found a difference of POWERED_MDD (accuracy-like
+    metrics) at 80% power: the data rule out a difference that large, so the row is measured."""
+    mdd = row["mdd80"]
+    on_scale = row.get("metric") in BOUNDED_METRICS and not str(row["quantity"]).startswith("early training loss")
+    return isinstance(mdd, float) and math.isfinite(mdd) and mdd <= POWERED_MDD and on_scale
 
 
 def overall(rows: pd.DataFrame, claim: str) -> str:
@@ -169,6 +182,15 @@ def overall(rows: pd.DataFrame, claim: str) -> str:
         return "not yet measured"
     counts = g["verdict"].map(lambda v: v.split(" (")[0]).value_counts()
     n = len(g)
-    parts = [f"{verdict} on {counts[verdict]} of {n} task{'s' if n > 1 else ''}"
-             for verdict in ("holds", "does not hold", "inconclusive") if verdict in counts]
+    parts = []
+    for verdict in ("holds", "does not hold", "inconclusive"):
+        if verdict not in counts:
+            continue
+        part = f"{verdict} on {counts[verdict]} of {n} task{'s' if n > 1 else ''}"
+        if verdict == "inconclusive":
+            k = sum(1 for _, r in g.iterrows() if r["verdict"].startswith("inconclusive") and powered(r))
+            if k:
+                part += (f" ({k} of them powered: a difference of {100 * POWERED_MDD:g} points or more would have "
+                         f"been found with 80% power)")
+        parts.append(part)
     return "; ".join(parts)
