@@ -530,6 +530,72 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
                  splits=splits)
 
 
+def _scenario_options(data: dict, path: Path, lines: dict, key: str, what: str, module: str, config_cls,
+                      exclusive: tuple[str, ...] = ()) -> dict:
+    """A scenario's options mapping `data[key]` (not None), checked: a mapping, not combined with another
+    scenario's key (`exclusive`), and valid for `config_cls`."""
+    value = data[key]
+    where = _where(path, lines, (key,))
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {key} must be a mapping of {what} options ({module}), got {value!r}")
+    other = [k for k in exclusive if data.get(k) is not None]
+    if other:
+        raise UserError(f"{where}: a suite runs one scenario: `{key}:` and `{other[0]}:` cannot be combined")
+    from_dict(config_cls, value, f"{where}: {key}")
+    return dict(value)
+
+
+def _no_lr_grid(data: dict, path: Path, lines: dict, lr_grid, key: str, instead: str) -> None:
+    if lr_grid is not None or data.get("tune_seeds") is not None:
+        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with {key}: "
+                        f"{instead}")
+
+
+def _family_methods(path: Path, lines: dict, methods: list[MethodEntry], valid: list[str], what: str) -> None:
+    """Every method of a scenario suite is one of `valid`; `what` says what the others are not and which
+    protocol the suite runs ("is not a federated method; a suite with `federated:` runs the clients scenario")."""
+    for i, m in enumerate(methods):
+        if m.name not in valid:
+            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} {what}, whose methods are: "
+                            f"{', '.join(valid)}")
+
+
+def _family(name: str) -> list[str]:
+    from lorabench.methods import METHODS
+    return [n for n in METHODS.names() if METHODS.meta(n)["family"] == name]
+
+
+def _pool_tasks(path: Path, lines: dict, tasks: list[TaskEntry], key: str, scenario: str) -> list[str]:
+    """The task names of a scenario that trains one model on tasks sharing one output space: each listed
+    once, every one multiple-choice (the cross-task pool)."""
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        per = {"continual": "order", "mixture": "split"}[key]
+        raise UserError(f"{_where(path, lines, ('tasks',))}: with {key}:, each task is listed once (its options are "
+                        f"the same in every {per})")
+    from lorabench.tasks import get_task
+    for i, t in enumerate(tasks):
+        kind = get_task(t.name).kind
+        if kind != "multiple-choice":
+            raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {kind} task; {scenario} trains "
+                            f"one model on tasks sharing one output space: multiple-choice tasks (the cross-task "
+                            f"pool, lorabench/harness/task_pool.py)")
+    return names
+
+
+def _task_list(where: str, what: str, seq, names: list[str], at_least_one: bool = True) -> list[str]:
+    """A list of this suite's task names (an order, or one side of a split), each named once."""
+    if not isinstance(seq, list) or not all(isinstance(x, str) for x in seq) or (at_least_one and not seq):
+        raise UserError(f"{where}: {what} must be a {'non-empty ' if at_least_one else ''}list of task names, "
+                        f"got {seq!r}")
+    bad = [x for x in seq if x not in names]
+    if bad:
+        raise UserError(f"{where}: {what} names {', '.join(bad)}, not in this suite's tasks: {', '.join(names)}")
+    if len(set(seq)) != len(seq):
+        raise UserError(f"{where}: {what} lists a task twice: {seq}")
+    return list(seq)
+
+
 def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> tuple[dict | None, list | None]:
     """The clients scenario's keys: `federated` options (checked against FederatedConfig), `partitions`."""
     fed, parts = data.get("federated"), data.get("partitions")
@@ -538,15 +604,12 @@ def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], 
             raise UserError(f"{_where(path, lines, ('partitions',))}: partitions needs a `federated:` mapping (the "
                             f"clients scenario's options, e.g. {{clients: 10, rounds: 5}})")
         return None, None
-    if not isinstance(fed, dict):
-        raise UserError(f"{_where(path, lines, ('federated',))}: federated must be a mapping of the clients scenario's "
-                        f"options (lorabench/harness/clients.py), got {fed!r}")
-    from lorabench.harness.clients import FederatedConfig
-    if "partition" in fed:
+    from lorabench.harness.clients import FederatedConfig, check_machine
+    if isinstance(fed, dict) and "partition" in fed:
         raise UserError(f"{_where(path, lines, ('federated', 'partition'))}: list partitions under the top-level "
                         f"`partitions:` key (one trial per partition), not in federated:")
-    from_dict(FederatedConfig, fed, f"{_where(path, lines, ('federated',))}: federated")
-    from lorabench.harness.clients import check_machine
+    fed = _scenario_options(data, path, lines, "federated", "the clients scenario's",
+                            "lorabench/harness/clients.py", FederatedConfig)
     try:
         check_machine(from_dict(FederatedConfig, fed, "federated"))  # actors and memory, before any trial starts
     except UserError as e:
@@ -561,118 +624,65 @@ def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], 
             parse(str(p))
         except UserError as e:
             raise UserError(f"{_where(path, lines, ('partitions', i))}: {e}") from None
-    from lorabench.methods import METHODS
-    for i, m in enumerate(methods):
-        if METHODS.meta(m.name)["family"] != "federated":
-            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is not a federated method; a suite "
-                            f"with `federated:` runs the clients scenario, whose methods are: "
-                            f"{', '.join(n for n in METHODS.names() if METHODS.meta(n)['family'] == 'federated')}")
-    if lr_grid is not None or data.get("tune_seeds") is not None:
-        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with federated: "
-                        f"set train.lr per method")
-    return dict(fed), [str(p) for p in parts]
+    _family_methods(path, lines, methods, _family("federated"),
+                    "is not a federated method; a suite with `federated:` runs the clients scenario")
+    _no_lr_grid(data, path, lines, lr_grid, "federated", "set train.lr per method")
+    return fed, [str(p) for p in parts]
 
 
 def _cross_task(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> dict | None:
     """The cross-task scenario's `cross_task` options (checked against CrossTaskConfig)."""
-    ct = data.get("cross_task")
-    if ct is None:
+    if data.get("cross_task") is None:
         return None
-    if not isinstance(ct, dict):
-        raise UserError(f"{_where(path, lines, ('cross_task',))}: cross_task must be a mapping of the cross-task "
-                        f"scenario's options (lorabench/harness/cross_task.py), got {ct!r}")
-    if data.get("federated") is not None:
-        raise UserError(f"{_where(path, lines, ('cross_task',))}: a suite runs one scenario: cross_task or federated")
     from lorabench.harness.cross_task import CrossTaskConfig
-    from_dict(CrossTaskConfig, ct, f"{_where(path, lines, ('cross_task',))}: cross_task")
-    from lorabench.methods import METHODS
-    for i, m in enumerate(methods):
-        if METHODS.meta(m.name)["family"] != "cross-task":
-            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is not a cross-task method; a "
-                            f"suite with `cross_task:` runs the leave-one-task-out protocol, whose methods are: "
-                            f"{', '.join(n for n in METHODS.names() if METHODS.meta(n)['family'] == 'cross-task')}")
-    if lr_grid is not None or data.get("tune_seeds") is not None:
-        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with cross_task: "
-                        f"nothing is trained per trial")
-    return dict(ct)
+    ct = _scenario_options(data, path, lines, "cross_task", "the cross-task scenario's",
+                           "lorabench/harness/cross_task.py", CrossTaskConfig, exclusive=("federated",))
+    _family_methods(path, lines, methods, _family("cross-task"),
+                    "is not a cross-task method; a suite with `cross_task:` runs the leave-one-task-out protocol")
+    _no_lr_grid(data, path, lines, lr_grid, "cross_task", "nothing is trained per trial")
+    return ct
+
+
 def _continual(data: dict, path: Path, lines: dict, methods: list[MethodEntry], tasks: list[TaskEntry],
                lr_grid) -> tuple[dict | None, dict | None]:
     """The sequence scenario's keys: `continual` options (checked against ContinualConfig), `orders`."""
-    cont, orders = data.get("continual"), data.get("orders")
-    if cont is None:
+    orders = data.get("orders")
+    if data.get("continual") is None:
         if orders is not None:
             raise UserError(f"{_where(path, lines, ('orders',))}: orders needs a `continual:` mapping (the sequence "
                             f"scenario's options; `continual: {{}}` for the defaults)")
         return None, None
-    if not isinstance(cont, dict):
-        raise UserError(f"{_where(path, lines, ('continual',))}: continual must be a mapping of the sequence "
-                        f"scenario's options (lorabench/harness/sequence.py), got {cont!r}")
-    if data.get("federated") is not None or data.get("cross_task") is not None:
-        other = "federated" if data.get("federated") is not None else "cross_task"
-        raise UserError(f"{_where(path, lines, ('continual',))}: a suite runs one scenario: `continual:` and "
-                        f"`{other}:` cannot be combined")
     from lorabench.harness.sequence import ContinualConfig
-    from_dict(ContinualConfig, cont, f"{_where(path, lines, ('continual',))}: continual")
+    cont = _scenario_options(data, path, lines, "continual", "the sequence scenario's",
+                             "lorabench/harness/sequence.py", ContinualConfig, exclusive=("federated", "cross_task"))
     names = [t.name for t in tasks]
     if not isinstance(orders, dict) or not orders:
         raise UserError(f"{_where(path, lines, ('orders',) if orders is not None else ('continual',))}: a continual "
                         f"suite needs `orders:`, a mapping of order names to lists of task names from tasks: "
                         f"({', '.join(names)}), e.g. {{order-1: [{', '.join(names[:3])}]}}")
-    if len(set(names)) != len(names):
-        raise UserError(f"{_where(path, lines, ('tasks',))}: with continual:, each task is listed once (its "
-                        f"options are the same in every order)")
-    out = {}
-    for name, seq in orders.items():
-        where = _where(path, lines, ('orders', name))
-        if not isinstance(seq, list) or not seq or not all(isinstance(x, str) for x in seq):
-            raise UserError(f"{where}: order {name!r} must be a non-empty list of task names, got {seq!r}")
-        bad = [x for x in seq if x not in names]
-        if bad:
-            raise UserError(f"{where}: order {name!r} names {', '.join(bad)}, not in this suite's tasks: "
-                            f"{', '.join(names)}")
-        if len(set(seq)) != len(seq):
-            raise UserError(f"{where}: order {name!r} lists a task twice: {seq}")
-        out[str(name)] = list(seq)
-    from lorabench.tasks import get_task
-    for i, t in enumerate(tasks):
-        if get_task(t.name).kind != "multiple-choice":
-            raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {get_task(t.name).kind} task; the "
-                            f"sequence scenario trains one model on tasks sharing one output space: multiple-choice "
-                            f"tasks (the cross-task pool, lorabench/harness/task_pool.py)")
-    from lorabench.methods import METHODS
-    for i, m in enumerate(methods):
-        if METHODS.meta(m.name)["family"] != "continual":
-            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is not a continual method; a "
-                            f"suite with `continual:` runs the sequence scenario, whose methods are: "
-                            f"{', '.join(n for n in METHODS.names() if METHODS.meta(n)['family'] == 'continual')}")
-    if lr_grid is not None or data.get("tune_seeds") is not None:
-        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with continual: "
-                        f"set train.lr per method, and sweep a penalty weight with one label per value")
-    return dict(cont), out
+    names = _pool_tasks(path, lines, tasks, "continual", "the sequence scenario")
+    out = {str(name): _task_list(_where(path, lines, ('orders', name)), f"order {name!r}", seq, names)
+           for name, seq in orders.items()}
+    _family_methods(path, lines, methods, _family("continual"),
+                    "is not a continual method; a suite with `continual:` runs the sequence scenario")
+    _no_lr_grid(data, path, lines, lr_grid, "continual",
+                "set train.lr per method, and sweep a penalty weight with one label per value")
+    return cont, out
 
 
 def _mixture(data: dict, path: Path, lines: dict, methods: list[MethodEntry], tasks: list[TaskEntry],
              lr_grid) -> tuple[dict | None, dict | None]:
     """The cross-task protocol (b)'s keys: `mixture` options (checked against MixtureProtocolConfig), `splits`."""
-    mix, splits = data.get("mixture"), data.get("splits")
-    if mix is None:
+    splits = data.get("splits")
+    if data.get("mixture") is None:
         if splits is not None:
             raise UserError(f"{_where(path, lines, ('splits',))}: splits needs a `mixture:` mapping (protocol (b)'s "
                             f"options; `mixture: {{}}` for the defaults)")
         return None, None
-    if not isinstance(mix, dict):
-        raise UserError(f"{_where(path, lines, ('mixture',))}: mixture must be a mapping of protocol (b)'s options "
-                        f"(lorabench/harness/mixture.py), got {mix!r}")
-    other = [k for k in ("federated", "cross_task", "continual") if data.get(k) is not None]
-    if other:
-        raise UserError(f"{_where(path, lines, ('mixture',))}: a suite runs one scenario: `mixture:` and "
-                        f"`{other[0]}:` cannot be combined")
     from lorabench.harness.mixture import MixtureProtocolConfig
-    from_dict(MixtureProtocolConfig, mix, f"{_where(path, lines, ('mixture',))}: mixture")
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise UserError(f"{_where(path, lines, ('tasks',))}: with mixture:, each task is listed once (its options are "
-                        f"the same in every split)")
+    mix = _scenario_options(data, path, lines, "mixture", "protocol (b)'s", "lorabench/harness/mixture.py",
+                            MixtureProtocolConfig, exclusive=("federated", "cross_task", "continual"))
+    names = _pool_tasks(path, lines, tasks, "mixture", "protocol (b)")
     if not isinstance(splits, dict) or not splits:
         raise UserError(f"{_where(path, lines, ('splits',) if splits is not None else ('mixture',))}: a mixture suite "
                         f"needs `splits:`, a mapping of split names to {{train: [...], held_out: [...]}} with task "
@@ -683,42 +693,23 @@ def _mixture(data: dict, path: Path, lines: dict, methods: list[MethodEntry], ta
         if not isinstance(sp, dict) or set(sp) != {"train", "held_out"}:
             raise UserError(f"{where}: split {name!r} must be a mapping with exactly the keys train and held_out "
                             f"(lists of task names), got {sp!r}")
-        tr, ho = sp["train"], sp["held_out"]
-        for key, seq in (("train", tr), ("held_out", ho)):
-            if not isinstance(seq, list) or not all(isinstance(x, str) for x in seq) or (key == "train" and not seq):
-                raise UserError(f"{where}: {key} of split {name!r} must be a list of task names"
-                                f"{' (at least one)' if key == 'train' else ''}, got {seq!r}")
-            bad = [x for x in seq if x not in names]
-            if bad:
-                raise UserError(f"{where}: split {name!r} names {', '.join(bad)}, not in this suite's tasks: "
-                                f"{', '.join(names)}")
+        tr = _task_list(where, f"train of split {name!r}", sp["train"], names)
+        ho = _task_list(where, f"held_out of split {name!r}", sp["held_out"], names, at_least_one=False)
         both = sorted(set(tr) & set(ho))
-        if both or len(set(tr)) != len(tr) or len(set(ho)) != len(ho):
-            raise UserError(f"{where}: split {name!r} lists a task twice{f' (in train and held_out: {both})' if both else ''}")
+        if both:
+            raise UserError(f"{where}: split {name!r} lists a task twice (in train and held_out: {both})")
         bad = [t for t in mix.get("knowledge_tasks") or [] if t not in tr]
         if bad:
             raise UserError(f"{_where(path, lines, ('mixture', 'knowledge_tasks'))}: knowledge_tasks {bad} are not "
                             f"training tasks of split {name!r}: {tr}")
-        out[str(name)] = {"train": list(tr), "held_out": list(ho)}
-    from lorabench.tasks import get_task
-    for i, t in enumerate(tasks):
-        if get_task(t.name).kind != "multiple-choice":
-            raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {get_task(t.name).kind} task; "
-                            f"protocol (b) trains one model on tasks sharing one output space: multiple-choice tasks "
-                            f"(the cross-task pool, lorabench/harness/task_pool.py)")
+        out[str(name)] = {"train": tr, "held_out": ho}
     from lorabench.methods import METHODS
     from lorabench.methods.cross_task.mixture import MixtureMethod
-    valid = ["lora"] + [n for n in METHODS.names() if METHODS.meta(n)["family"] == "cross-task"
-                        and issubclass(METHODS.get(n), MixtureMethod)]
-    for i, m in enumerate(methods):
-        if m.name not in valid:
-            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is neither a mixture of LoRA "
-                            f"experts nor lora; a suite with `mixture:` runs the cross-task protocol (b), whose "
-                            f"methods are: {', '.join(valid)}")
-    if lr_grid is not None or data.get("tune_seeds") is not None:
-        raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with mixture: "
-                        f"set train.lr per method")
-    return dict(mix), out
+    valid = ["lora"] + [n for n in _family("cross-task") if issubclass(METHODS.get(n), MixtureMethod)]
+    _family_methods(path, lines, methods, valid, "is neither a mixture of LoRA experts nor lora; a suite with "
+                    "`mixture:` runs the cross-task protocol (b)")
+    _no_lr_grid(data, path, lines, lr_grid, "mixture", "set train.lr per method")
+    return mix, out
 
 
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | lr_grid=0.3,1,3 (multipliers; a subset runs part of a grid) | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
