@@ -49,8 +49,6 @@ PLANNED_NOTES = {
     "MixLoRA: Multimodal": "conditional selection of rank-1 factors (arXiv 2402.15896: instance-conditioned routers "
                            "pick r columns of A and r rows of B from factor pools, B's conditioned on A's); not "
                            "the top-k expert router of the registered `mixlora` (Li et al., arXiv 2404.15159)",
-    "X-LoRA": "a scaling head on the hidden states of a first pass with the adapters off, whose per-layer, "
-              "per-expert scalings gate the experts in a second pass (arXiv 2402.07148); needs the two-pass forward",
     "MoCLE": "experts conditioned on clusters of instruction embeddings (k-means) plus a universal expert "
              "(arXiv 2312.12379); the task gate could take cluster ids; left: the clustering and the universal expert",
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "

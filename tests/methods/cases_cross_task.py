@@ -19,4 +19,5 @@ CASES = [
     Case("octavius", {"experts": 3, "rank": 2}),
     Case("mtlora", {"experts": 3, "rank": 2}),
     Case("mixture-of-loras", {"experts": 3, "rank": 2}),
+    Case("x-lora", {"experts": 3, "rank": 2}),
 ]

@@ -172,6 +172,10 @@ BEHAVIOURS = [
       "the shared module and task 0's own, no other task's"),
     B("mixture-of-loras", lambda m: 0 < m["teacher_forced_steps"] < STEPS and m["aux_loss_last"] > 0,
       "the experts first, teacher-forced by task, then the router supervised by the task label"),
+    B("x-lora", lambda m: 0 < m["teacher_forced_steps"] < STEPS and m["frozen_expert_params"] > 0
+      and m["router_entropy"] > 0 and len(m["scaling_entropy_by_depth"]) == 2 and m["tokens_per_s_head_stage"] > 0,
+      "the experts first (teacher-forced by task), then frozen while the scaling head, reading the scaling pass's "
+      "hidden states, trains", kind="llama"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
     # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),

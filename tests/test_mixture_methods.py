@@ -1,0 +1,126 @@
+"""Mechanism tests of the mixtures of LoRA experts built beside the shared mixture layer (issue 17): X-LoRA's two
+passes and frozen experts.
+
+Everything here is small tensors or the smoke suite's 2-layer random tiny models (seconds).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorabench.harness.train import TrainConfig, train
+from lorabench.methods import get_method
+from tests.methods.tester import RandomTask, batch_for, tiny_model
+
+
+# -- X-LoRA (arXiv 2402.07148) ----------------------------------------------------------------------------
+
+def xlora(kind: str = "llama", **options):
+    base, ctx = tiny_model(kind)
+    original, _ = tiny_model(kind)            # the same weights (same seed): the base model, untouched
+    torch.manual_seed(0)
+    method = get_method("x-lora").from_options({"experts": 3, "rank": 2, **options})
+    model = method.apply(base, ctx)
+    for m in method.mixture_layers(model):    # experts away from B = 0, so the two passes differ
+        torch.nn.init.normal_(m.lora_B, 0, 0.5)
+    return model.eval(), method, original.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_xlora_scaling_head_reads_the_base_models_hidden_states_and_gates_each_layer_by_its_own_scalings(kind):
+    model, method, original = xlora(kind)
+    b = batch_for(kind)
+    seen = {}
+    method.head.register_forward_hook(lambda mod, inp, out: seen.update(h=inp[0].detach(), logits=out.detach()))
+    inputs = {}
+    for i, m in enumerate(method.mixture_layers(model)):
+        m.register_forward_hook(lambda mod, inp, out, i=i: inputs.update({i: (inp[0].detach(), out.detach())}))
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ref = original(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
+    # pass 1: adapters off, so the head reads the base model's last hidden states
+    torch.testing.assert_close(seen["h"], ref.hidden_states[-1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, ref.logits, atol=1e-3)          # pass 2: the experts act
+    lam = torch.softmax(seen["logits"], -1)                          # (B, T, L, E)
+    layers = method.mixture_layers(model)
+    assert lam.shape[2] == len(layers) and lam.shape[3] == 3
+    torch.testing.assert_close(method.routing.scalings, lam)
+    for i in (0, len(layers) - 1):                                  # layer l adds Σ_e λ[t, l, e] s B_e A_e x_t
+        m, (x, y) = layers[i], inputs[i]
+        g = lam[:, :, i] if x.dim() == 3 else lam[:, 0, i]
+        x3, g3 = (x, g) if x.dim() == 3 else (x[:, None], g[:, None])
+        expect = m.base(x3) + sum(g3[..., e:e + 1] * (x3 @ m.delta_weight(e).T) for e in range(3))
+        torch.testing.assert_close(y, expect if x.dim() == 3 else expect[:, 0], atol=1e-5, rtol=1e-5)
+    # layerwise: the layers' scalings differ; not layerwise: one set for every layer
+    assert not torch.allclose(lam[:, :, 0], lam[:, :, 1])
+    model2, method2, _ = xlora(kind, layerwise=False)
+    with torch.no_grad():
+        model2(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    assert method2.routing.scalings.shape[2] == 1
+
+
+def test_xlora_top_k_keeps_k_scalings_per_token_and_layer_renormalised_as_a_softmax_of_their_logits():
+    model, method, _ = xlora(router="topk", top_k=2)
+    b = batch_for("llama")
+    with torch.no_grad():
+        model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    m = method.mixture_layers(model)[2]
+    x = torch.randn(4, 12, m.in_features)
+    g, p, _ = m.gates(x)
+    assert ((g > 0).sum(-1) == 2).all()
+    logits = (p.log())                                                # softmax logits up to a constant per token
+    top = logits.topk(2, -1)
+    soft = torch.zeros_like(p).scatter(-1, top.indices, torch.softmax(top.values, -1))
+    torch.testing.assert_close(g, soft)
+
+
+def test_xlora_trains_the_experts_first_then_freezes_them_and_trains_only_the_scaling_head():
+    base, ctx = tiny_model("llama")
+    torch.manual_seed(0)
+    method = get_method("x-lora").from_options({"experts": 2, "rank": 2, "teacher_forcing": 0.5})
+    model = method.apply(base, ctx)
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+    head = {n: p.detach().clone() for n, p in method.head.named_parameters()}
+    snapshots = []
+
+    step_end = method.on_step_end
+
+    def spy(state):   # the parameters after each step, through the method's step hook
+        step_end(state)
+        snapshots.append(({n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n},
+                          {n: p.detach().clone() for n, p in method.head.named_parameters()}))
+    method.on_step_end = spy
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, warmup_ratio=0.0, schedule="constant",
+                      warmup_steps_for_throughput=0)
+    result = train(model, method, RandomTask("llama"), None, cfg, seed=0, progress=False)
+    mm = result.method_metrics
+    assert mm["teacher_forced_steps"] == 3 and mm["frozen_expert_params"] == sum(p.numel() for p in experts.values())
+    first, last_forced = snapshots[0], snapshots[2]
+    # stage 1: expert 0 (task 0's) trains, the head does not (its scalings are not used)
+    assert any(not torch.equal(first[0][n], experts[n]) for n in experts)
+    assert all(torch.equal(last_forced[1][n], head[n]) for n in head)
+    # stage 2: the experts stay frozen, the head trains
+    assert all(torch.equal(snapshots[-1][0][n], last_forced[0][n]) for n in experts)
+    assert any(not torch.equal(snapshots[-1][1][n], last_forced[1][n]) for n in head)
+    assert not any(p.requires_grad for p in method.expert_parameters(model))
+    # the scalings' entropy per block (2 blocks), below uniform's log E only if the head moved them
+    assert len(mm["scaling_entropy_by_depth"]) == 2 and 0 < mm["router_entropy"] <= torch.log(torch.tensor(2.)) + 1e-6
+    assert mm["tokens_per_s_experts_stage"] > 0 and mm["tokens_per_s_head_stage"] > 0
+    # saved adapters keep the frozen experts
+    assert set(method.adapter_state_dict(model)) >= set(experts)
+
+
+def test_xlora_refuses_a_key_value_cache_and_bad_configurations():
+    model, method, _ = xlora()
+    b = batch_for("llama")
+    with torch.no_grad():
+        out = model(input_ids=b["input_ids"][:, :6], use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        with pytest.raises(ValueError, match="key-value cache"):
+            model(input_ids=b["input_ids"][:, 6:], past_key_values=cache)
+    for options, pattern in [({"teacher_forcing": 0.0}, "head gets no gradient"),
+                             ({"teacher_forcing": 1.0}, "no step to train the scaling head"),
+                             ({"router": "task"}, "softmax over the experts"),
+                             ({"level": "sequence"}, "level=token"), ({"balance": "switch"}, "balance=none")]:
+        with pytest.raises(Exception, match=pattern):
+            get_method("x-lora").from_options(options)
