@@ -124,3 +124,80 @@ def test_xlora_refuses_a_key_value_cache_and_bad_configurations():
                              ({"level": "sequence"}, "level=token"), ({"balance": "switch"}, "balance=none")]:
         with pytest.raises(Exception, match=pattern):
             get_method("x-lora").from_options(options)
+
+
+# -- MixLoRA of Shen et al. (arXiv 2402.15896): conditional factor selection --------------------------------
+
+def cfs_layer(seed: int = 0, k: int = 12, d: int = 10, **options):
+    from lorabench.methods.cross_task.mixlora_cfs import FactorSelectLinear, MixLoRACFSConfig
+    from lorabench.methods.cross_task.mixture import Routing
+    torch.manual_seed(seed)
+    m = FactorSelectLinear(torch.nn.Linear(k, d), MixLoRACFSConfig(**{"factors": 8, "rank": 3, **options}), Routing())
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.5)
+    return m
+
+
+@pytest.mark.parametrize("options", [{}, {"conditional": False}, {"scored": False}], ids=["cfs", "ifs", "hard"])
+def test_mixlora_cfs_builds_each_instances_rank_r_update_from_r_factors_of_each_pool(options):
+    m = cfs_layer(**options).eval()
+    x = torch.randn(3, 5, 12)
+    m.routing.mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    out = m(x)
+    xbar = m.condition(x)
+    torch.testing.assert_close(xbar[1], x[1, :3].mean(0))                     # padding is not part of x̄
+    idx_A, w_A, idx_B, w_B = m.select(xbar)
+    assert idx_A.shape == idx_B.shape == (3, 3) and all(len(set(r.tolist())) == 3 for r in (*idx_A, *idx_B))
+    for b in range(3):                                                       # W0 x + s Σ_j w b_{S_B(j)} a_{S_A(j)}^T x
+        wa, wb = (w_A[b], w_B[b]) if m.c.scored else (torch.ones(3), torch.ones(3))
+        dw = sum(m.scale * wa[j] * wb[j] * torch.outer(m.lora_B[:, idx_B[b, j]], m.lora_A[idx_A[b, j]])
+                 for j in range(3))
+        torch.testing.assert_close(out[b], m.base(x[b]) + x[b] @ dw.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dw, m.delta_weight_for(idx_A[b], wa, idx_B[b], wb), atol=1e-6, rtol=1e-5)
+    # one selection per instance: the same factors for all its tokens; it is a rank-r update
+    assert torch.linalg.matrix_rank(m.delta_weight_for(idx_A[0], w_A[0], idx_B[0], w_B[0])) == 3
+
+
+def test_mixlora_cfs_selects_b_given_as_choice_and_ifs_does_not():
+    m = cfs_layer(ifs_weight=5.0).eval()
+    xbar = torch.randn(64, 12)
+    idx_A, _, idx_B, _ = m.select(xbar)
+    # the same x̄ with other A-factors chosen (A's router changed, B's router untouched): B's choice follows A's
+    with torch.no_grad():
+        m.router_A.weight.copy_(torch.randn_like(m.router_A.weight) * 3)
+    idx_A2, _, idx_B2, _ = m.select(xbar)
+    assert not torch.equal(idx_A, idx_A2) and not torch.equal(idx_B, idx_B2)
+    # B's scores are softmax(W_B x̄) + λ Σ_j softmax(V_j a_{S_A(j)})
+    p_B = torch.softmax(m.router_B(xbar), -1) + 5.0 * sum(
+        torch.softmax(m.lora_A[idx_A2[:, j]] @ m.cond_B[j], -1) for j in range(3))
+    assert torch.equal(idx_B2, p_B.topk(3, -1).indices)
+    ind = cfs_layer(conditional=False).eval()                                # IFS for B: A's choice does not matter
+    _, _, b1, _ = ind.select(xbar)
+    with torch.no_grad():
+        ind.router_A.weight.copy_(torch.randn_like(ind.router_A.weight) * 3)
+    _, _, b2, _ = ind.select(xbar)
+    assert torch.equal(b1, b2)
+
+
+def test_mixlora_cfs_routers_learn_through_the_scored_weights_and_usage_is_recorded():
+    base, ctx = tiny_model("llama")
+    torch.manual_seed(0)
+    method = get_method("mixlora-cfs").from_options({"factors": 6, "rank": 2})
+    model = method.apply(base, ctx)
+    for m in method.mixture_layers(model):
+        torch.nn.init.normal_(m.lora_B, 0, 0.1)
+    model.train()
+    model(**batch_for("llama")).loss.backward()
+    m = method.mixture_layers(model)[0]
+    assert float(m.router_A.weight.grad.abs().sum()) > 0 and float(m.router_B.weight.grad.abs().sum()) > 0
+    assert float(m.cond_B.grad.abs().sum()) > 0
+    stats = method.router_metrics(model)
+    assert sum(stats["factor_usage_A"]) == pytest.approx(2.0, abs=1e-3) and sum(stats["factor_usage_B"]) == pytest.approx(2.0, abs=1e-3)
+    assert 0 < stats["factors_used_fraction"] <= 1 and 1 <= stats["distinct_pairs"] <= 36
+    hard = get_method("mixlora-cfs").from_options({"factors": 6, "rank": 2, "scored": False})
+    model2 = hard.apply(tiny_model("llama")[0], ctx)
+    model2.train()
+    model2(**batch_for("llama")).loss.backward()
+    assert hard.mixture_layers(model2)[0].router_A.weight.grad is None   # hard selection: no gradient to the router
+    with pytest.raises(Exception, match="more factors than the pool"):
+        get_method("mixlora-cfs").from_options({"factors": 2, "rank": 3})

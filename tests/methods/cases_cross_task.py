@@ -20,4 +20,5 @@ CASES = [
     Case("mtlora", {"experts": 3, "rank": 2}),
     Case("mixture-of-loras", {"experts": 3, "rank": 2}),
     Case("x-lora", {"experts": 3, "rank": 2}),
+    Case("mixlora-cfs", {"factors": 6, "rank": 2}),
 ]

@@ -176,6 +176,8 @@ BEHAVIOURS = [
       and m["router_entropy"] > 0 and len(m["scaling_entropy_by_depth"]) == 2 and m["tokens_per_s_head_stage"] > 0,
       "the experts first (teacher-forced by task), then frozen while the scaling head, reading the scaling pass's "
       "hidden states, trains", kind="llama"),
+    B("mixlora-cfs", lambda m: m["factors_used_fraction"] > 4 / 16 and m["distinct_pairs"] > 4,
+      "instances select different rank-1 factors of A and (given A's) of B"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
     # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),
