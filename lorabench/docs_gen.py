@@ -46,8 +46,6 @@ PLANNED_NOTES = {
              "and data",
     # mixtures of LoRA experts (issue 17) not implemented yet: what each needs beyond the mixture layer
     # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
-    "MoCLE": "experts conditioned on clusters of instruction embeddings (k-means) plus a universal expert "
-             "(arXiv 2312.12379); the task gate could take cluster ids; left: the clustering and the universal expert",
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
     "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "
@@ -64,6 +62,9 @@ IMPLEMENTED_NOTES = {
     "MixLoRA: Multimodal": "the factor selection runs on the text pool (the paper: LLaVA on Vision-Flan); the selected "
                            "factors are weighted by their renormalised probabilities by default (the released script "
                            "selects hard, `scored=false` here); not the top-k experts of `mixlora` (Li et al.)",
+    "MoCLE": "an example's embedding is the mean of the model's own frozen input embeddings over the whole sequence "
+             "(the paper: all-MiniLM-L6-v2 of the instruction text; not built); the routed expert enters with weight "
+             "w² as in the released code",
     "FedMS": "not built: separate foundation models as experts (here each expert is the one backbone with its own "
              "LoRA), a gate that is itself a foundation model with a gate adapter (here a linear map of the mean "
              "token embedding), and the sparsely activated LoRA (SAL) that switches LoRA on in more blocks as "

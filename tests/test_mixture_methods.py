@@ -201,3 +201,90 @@ def test_mixlora_cfs_routers_learn_through_the_scored_weights_and_usage_is_recor
     assert hard.mixture_layers(model2)[0].router_A.weight.grad is None   # hard selection: no gradient to the router
     with pytest.raises(Exception, match="more factors than the pool"):
         get_method("mixlora-cfs").from_options({"factors": 2, "rank": 3})
+
+
+# -- MoCLE (arXiv 2312.12379): k-means clusters of instruction embeddings, a universal expert ----------------
+
+def planted_batches(n_batches: int = 4, n: int = 8, t: int = 10):
+    """Two tasks whose examples use disjoint, narrow token ranges (task 0: ids 1-4, task 1: ids 60-63), alternating."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n_batches):
+        task = torch.arange(n) % 2
+        ids = torch.where(task[:, None] == 0, torch.randint(1, 5, (n, t), generator=g),
+                          torch.randint(60, 64, (n, t), generator=g))
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(), "task_ids": task})
+    return out
+
+
+def test_mocle_clusters_the_instructions_by_k_means_and_routes_each_example_by_its_nearest_centroid(tmp_path):
+    from lorabench.methods.base import load_adapter
+    base, ctx = tiny_model("llama")
+    torch.manual_seed(0)
+    method = get_method("mocle").from_options({"experts": 3, "rank": 2, "clusters": 2, "fit_examples": 32})
+    model = method.apply(base, ctx).eval()
+    batches = planted_batches()
+    stats = method.fit_clusters(batches, seed=0)
+    assert stats["cluster_purity"] == 1.0 and sorted(stats["cluster_sizes"]) == [16, 16]
+    with torch.no_grad():
+        model(input_ids=batches[0]["input_ids"], attention_mask=batches[0]["attention_mask"])
+    cl = method.routing.cluster_ids
+    task = batches[0]["task_ids"]
+    assert len(set(cl[task == 0].tolist())) == 1 and len(set(cl[task == 1].tolist())) == 1 and cl[0] != cl[1]
+    # the embedding is the mean of the frozen input embeddings over real tokens: padding does not move an example
+    ids, mask = batches[0]["input_ids"].clone(), torch.ones(8, 10, dtype=torch.long)
+    mask[0, 6:] = 0
+    ids2 = ids.clone()
+    ids2[0, 6:] = 70
+    torch.testing.assert_close(method.embed(ids, mask), method.embed(ids2, mask))
+    # mixed-up planted tasks: purity drops below 1
+    mixed = [{**b, "task_ids": torch.tensor([0, 0, 1, 1, 0, 1, 1, 0])} for b in planted_batches()]
+    assert method.fit_clusters(mixed, seed=0)["cluster_purity"] < 1.0
+    method.fit_clusters(batches, seed=0)
+    # the centroids are part of the adapter: a loaded adapter routes the same way
+    for m in method.mixture_layers(model):
+        torch.nn.init.normal_(m.lora_B, 0, 0.5)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    path = str(tmp_path / "mocle.safetensors")
+    method.save_adapter(model, path)
+    loaded, method2 = load_adapter(tiny_model("llama")[0], path, ctx)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, out)
+    assert torch.equal(method2.routing.cluster_ids, cl)
+
+
+@pytest.mark.parametrize("universal", [True, False])
+def test_mocle_activates_the_top1_cluster_expert_and_mixes_in_the_universal_expert(universal):
+    base, ctx = tiny_model("llama")
+    torch.manual_seed(0)
+    E = 4 if universal else 3
+    method = get_method("mocle").from_options({"experts": E, "rank": 2, "clusters": 3, "fit_examples": 8,
+                                               "universal": universal, "temperature": 0.5})
+    model = method.apply(base, ctx).eval()
+    m = method.mixture_layers(model)[0]
+    with torch.no_grad():
+        m.lora_B.normal_(0, 0.5)
+    method.routing.cluster_ids = torch.tensor([0, 1, 2, 1])
+    x = torch.randn(4, 5, m.in_features)
+    g, p, _ = m.gates(x)
+    first = 1 if universal else 0
+    logits = m.router(m.task_embedding(torch.tensor([0, 1, 2, 1])))
+    q = torch.softmax(logits / 0.5, -1)                                   # softmax((W_g C_k + b_g) / τ)
+    w, i = q.max(-1)
+    for b in range(4):
+        assert torch.equal(g[b, 0].expand(5, -1), g[b])                   # one gate per example
+        expect = x[b] @ (w[b] ** 2 * m.delta_weight(first + int(i[b]))).T  # w · (w E_i(x)): the released code
+        if universal:
+            expect = expect + x[b] @ ((1 - w[b]) * m.delta_weight(0)).T   # + (1 - w) G(x)
+        torch.testing.assert_close(m(x)[b], m.base(x[b]) + expect, atol=1e-5, rtol=1e-5)
+        assert int((g[b, 0, first:] > 0).sum()) == 1
+    torch.testing.assert_close(g[0, 0], m.gates(x)[0][0, 0])                 # no noise in eval
+    m.train()
+    assert not torch.allclose(m.gates(x)[1][0, 0], p[0, 0])                 # noise on the gate's logits in training
+    b = batch_for("llama")
+    with torch.no_grad(), pytest.raises(ValueError, match="key-value cache"):
+        out = model(input_ids=b["input_ids"][:, :6], use_cache=True)
+        model(input_ids=b["input_ids"][:, 6:], past_key_values=getattr(out, "cache", None) or out.past_key_values)
+    with pytest.raises(Exception, match="fit_examples"):
+        get_method("mocle").from_options({"clusters": 8, "fit_examples": 4})

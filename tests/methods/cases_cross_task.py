@@ -21,4 +21,5 @@ CASES = [
     Case("mixture-of-loras", {"experts": 3, "rank": 2}),
     Case("x-lora", {"experts": 3, "rank": 2}),
     Case("mixlora-cfs", {"factors": 6, "rank": 2}),
+    Case("mocle", {"experts": 3, "rank": 2, "clusters": 4, "fit_examples": 16}),
 ]

@@ -178,6 +178,9 @@ BEHAVIOURS = [
       "hidden states, trains", kind="llama"),
     B("mixlora-cfs", lambda m: m["factors_used_fraction"] > 4 / 16 and m["distinct_pairs"] > 4,
       "instances select different rank-1 factors of A and (given A's) of B"),
+    B("mocle", lambda m: sum(s > 0 for s in m["cluster_sizes"]) > 1 and sum(s > 0 for s in m["cluster_share"]) > 1
+      and m["expert_load"][0] > 0 and m["router_entropy"] > 0,
+      "k-means clusters of the inputs route examples to cluster-conditional experts beside the universal expert"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
     # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),
