@@ -48,9 +48,6 @@ PLANNED_NOTES = {
     # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
-    "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "
-                 "(lorabench/ops, harness/multitask.py) compute the same thing (an adapter index per row); left: "
-                 "FLoRA's element-wise form and its throughput against BGMV",
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
@@ -65,6 +62,8 @@ IMPLEMENTED_NOTES = {
     "MoCLE": "an example's embedding is the mean of the model's own frozen input embeddings over the whole sequence "
              "(the paper: all-MiniLM-L6-v2 of the instruction text; not built); the routed expert enters with weight "
              "w² as in the released code",
+    "Fast LoRA": "an example's adapter is its task's (protocol (b)); throughput against BGMV and a loop over adapters: "
+                 "lorabench/bench/fast_lora.py, docs/cross-task.md",
     "FedMS": "not built: separate foundation models as experts (here each expert is the one backbone with its own "
              "LoRA), a gate that is itself a foundation model with a gate adapter (here a linear map of the mean "
              "token embedding), and the sparsely activated LoRA (SAL) that switches LoRA on in more blocks as "

@@ -288,3 +288,41 @@ def test_mocle_activates_the_top1_cluster_expert_and_mixes_in_the_universal_expe
         model(input_ids=b["input_ids"][:, 6:], past_key_values=getattr(out, "cache", None) or out.past_key_values)
     with pytest.raises(Exception, match="fit_examples"):
         get_method("mocle").from_options({"clusters": 8, "fit_examples": 4})
+
+
+# -- Fast LoRA (fLoRA, arXiv 2312.05677): per-example element-wise adapters in one batch ---------------------
+
+def test_fast_lora_gives_each_example_its_own_elementwise_adapter_in_one_pass():
+    from lorabench.methods.cross_task.fast_lora import FastLoraConfig, FastLoraLinear
+    from lorabench.methods.cross_task.mixture import Routing
+    torch.manual_seed(0)
+    routing = Routing()
+    m = FastLoraLinear(torch.nn.Linear(12, 10), FastLoraConfig(adapters=3, rank=2), routing)
+    x = torch.randn(4, 5, 12)
+    torch.testing.assert_close(m(x), m.base(x))                                # W_i = W0 at init
+    with torch.no_grad():
+        m.lora_A.normal_(1, 0.5)
+        m.lora_B.normal_(1, 0.5)
+    routing.task_ids = torch.tensor([0, 2, -1, 2])
+    out = m(x)
+    for i, t in enumerate([0, 2, -1, 2]):
+        W = m.base.weight if t < 0 else m.base.weight * m.delta(t)             # W_i = W0 ∘ Σ_j a_ij b_ij^T
+        torch.testing.assert_close(out[i], x[i] @ W.T + m.base.bias, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out[1], m.base(x[1]))
+    torch.testing.assert_close(m.rows, torch.tensor([5., 0., 2., 1.]))        # adapters 0, 1, 2, none (both calls)
+    routing.task_ids = torch.tensor([0, 3, 0, 0])
+    with pytest.raises(ValueError, match="no fast-lora adapter"):
+        m(x)
+
+
+def test_fast_lora_benchmark_variants_compute_the_same_adapted_layer():
+    from lorabench.bench.fast_lora import Config, inputs, variants
+    d = inputs(Config(examples=5, tokens=3, n_in=16, n_out=12, rank=2, adapters=3))
+    fns = variants(d)
+    x, W, ids = d["x"], d["W"], d["ids"]
+    flora_ref = torch.stack([x[i] @ (W * torch.einsum("jo,jk->ok", d["fa"][l], d["fb"][l])).T
+                             for i, l in enumerate(ids.tolist())])
+    torch.testing.assert_close(fns["flora"](), flora_ref, atol=1e-5, rtol=1e-5)
+    lora_ref = torch.stack([x[i] @ (W + 2.0 * d["B"][l] @ d["A"][l]).T for i, l in enumerate(ids.tolist())])
+    torch.testing.assert_close(fns["loop"](), lora_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fns["bgmv"](), lora_ref, atol=1e-5, rtol=1e-5)

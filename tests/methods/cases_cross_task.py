@@ -22,4 +22,5 @@ CASES = [
     Case("x-lora", {"experts": 3, "rank": 2}),
     Case("mixlora-cfs", {"factors": 6, "rank": 2}),
     Case("mocle", {"experts": 3, "rank": 2, "clusters": 4, "fit_examples": 16}),
+    Case("fast-lora", {"adapters": 2, "rank": 2}),
 ]

@@ -181,6 +181,8 @@ BEHAVIOURS = [
     B("mocle", lambda m: sum(s > 0 for s in m["cluster_sizes"]) > 1 and sum(s > 0 for s in m["cluster_share"]) > 1
       and m["expert_load"][0] > 0 and m["router_entropy"] > 0,
       "k-means clusters of the inputs route examples to cluster-conditional experts beside the universal expert"),
+    B("fast-lora", lambda m: m["adapter_use"][0] == 1.0 and m["multiplier_deviation"] > 0,
+      "task 0's element-wise adapter moves W0's multiplier away from 1"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
     # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),
