@@ -326,3 +326,39 @@ def test_fast_lora_benchmark_variants_compute_the_same_adapted_layer():
     lora_ref = torch.stack([x[i] @ (W + 2.0 * d["B"][l] @ d["A"][l]).T for i, l in enumerate(ids.tolist())])
     torch.testing.assert_close(fns["loop"](), lora_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fns["bgmv"](), lora_ref, atol=1e-5, rtol=1e-5)
+
+
+# -- the four through protocol (b) on tiny-llama -----------------------------------------------------------
+
+@pytest.mark.slow   # 4 trials, 9 evaluations each of full sequences: 1-2 minutes on a shared core
+def test_protocol_b_trains_and_scores_x_lora_mixlora_cfs_mocle_and_fast_lora(tmp_path):
+    from lorabench.harness.mixture import run_mixture
+    from lorabench.runner.suite import load_suite
+    from tests.test_mixture import TINY
+    text = TINY.replace("suite: tinymix", "suite: tinymix4").replace("train: {steps: 4,", "train: {steps: 6,")
+    methods = text.index("methods:")
+    text = text[:methods] + """methods:
+  - {name: x-lora, options: {experts: 2, rank: 2}}
+  - {name: mixlora-cfs, options: {factors: 6, rank: 2}}
+  - {name: mocle, options: {experts: 3, rank: 2, clusters: 2, fit_examples: 8}}
+  - {name: fast-lora, options: {adapters: 2, rank: 2}}
+"""
+    path = tmp_path / "tinymix4.yaml"
+    path.write_text(text)
+    recs = {s.method: run_mixture(s, progress=False) for s in load_suite(str(path)).trials()}
+    for name, r in recs.items():
+        tasks = r["mixture"]["tasks"]
+        assert set(tasks) == {"socialiqa", "quartz", "rt-mc"} and r["trained_steps"] == 6, name
+        assert all(len(t["outcomes"]) == 8 and t["router"] for t in tasks.values()), name
+    x = recs["x-lora"]["method_metrics"]
+    assert x["teacher_forced_steps"] == 3 and x["frozen_expert_params"] > 0 and len(x["scaling_entropy_by_depth"]) == 2
+    assert "scaling_entropy_by_depth" in recs["x-lora"]["mixture"]["tasks"]["rt-mc"]["router"]
+    c = recs["mixlora-cfs"]["mixture"]["tasks"]["quartz"]["router"]
+    assert sum(c["factor_usage_A"]) == pytest.approx(2.0, abs=1e-3)
+    m = recs["mocle"]["method_metrics"]
+    assert sum(m["cluster_sizes"]) == 8 and 0.5 <= m["cluster_purity"] <= 1.0      # two tasks, fitted on 8 examples
+    f = recs["fast-lora"]["mixture"]["tasks"]
+    assert f["socialiqa"]["router"]["adapter_use"] == [1.0, 0.0, 0.0]            # task 0: adapter 0
+    assert f["quartz"]["router"]["adapter_use"] == [0.0, 1.0, 0.0]               # task 1: adapter 1
+    assert f["rt-mc"]["router"]["adapter_use"] == [0.0, 0.0, 1.0]                # held out: no adapter
+    assert f["rt-mc"]["outcomes"] == recs["fast-lora"]["mixture"]["zero_shot"]["rt-mc"]["outcomes"]   # W0 alone

@@ -85,6 +85,9 @@ class FastLoraLinear(nn.Module):
             self.rows += torch.bincount(torch.where(known, ids, self.c.adapters).cpu(), minlength=self.c.adapters + 1)
         return out[:, 0] if squeeze else out
 
+    def reset_stats(self) -> None:
+        self.rows.zero_()
+
     def delta(self, adapter: int) -> torch.Tensor:
         """Σ_j a_ij b_ij^T (out, in): adapter i's element-wise multiplier of W0 (1 everywhere at init)."""
         return torch.einsum("jo,jk->ok", self.lora_A[adapter], self.lora_B[adapter])
@@ -125,7 +128,7 @@ class FastLoRA(MixtureMethod):
 
     def on_train_begin(self, state: TrainState) -> None:
         for m in self.mixture_layers(state.model):
-            m.rows.zero_()
+            m.reset_stats()
 
     def on_train_end(self, state: TrainState) -> None:
         state.metrics.update(self.router_metrics(state.model))
@@ -139,6 +142,6 @@ class FastLoRA(MixtureMethod):
         dev = sum(float((m.delta(i) - 1).abs().mean()) for m in layers for i in range(self.config.adapters))
         if reset:
             for m in layers:
-                m.rows.zero_()
+                m.reset_stats()
         return {"adapter_use": [round(float(u), 4) for u in use],
                 "multiplier_deviation": round(dev / (len(layers) * self.config.adapters), 6)}
