@@ -362,3 +362,23 @@ def test_protocol_b_trains_and_scores_x_lora_mixlora_cfs_mocle_and_fast_lora(tmp
     assert f["quartz"]["router"]["adapter_use"] == [0.0, 1.0, 0.0]               # task 1: adapter 1
     assert f["rt-mc"]["router"]["adapter_use"] == [0.0, 0.0, 1.0]                # held out: no adapter
     assert f["rt-mc"]["outcomes"] == recs["fast-lora"]["mixture"]["zero_shot"]["rt-mc"]["outcomes"]   # W0 alone
+
+
+def test_resuming_a_protocol_b_suite_checks_the_split_hash_it_recorded(tmp_path):
+    """A protocol (b) record carries the hash of all its tasks' splits (run_mixture); resuming over it must compare
+    that hash, not the first task's own (which refused every resume of `run mixture`)."""
+    from lorabench.errors import UserError
+    from lorabench.harness.mixture import split_tasks
+    from lorabench.harness.sequence import sequence_split_hash
+    from lorabench.runner.run import check_splits
+    from lorabench.runner.suite import load_suite, trial_id
+    from tests.test_mixture import TINY
+    path = tmp_path / "tinymix.yaml"
+    path.write_text(TINY)
+    spec = load_suite(str(path)).trials()[0]
+    tasks = split_tasks(spec.mixture["train"], "m") + split_tasks(spec.mixture["held_out"], "m")
+    good = sequence_split_hash([t.split().hash for t in tasks])
+    record = {"trial_id": trial_id(spec), "status": "ok", "split_hash": good}
+    check_splits([record], {trial_id(spec): spec}, tmp_path / "r.jsonl")
+    with pytest.raises(UserError, match="another split"):
+        check_splits([{**record, "split_hash": "0" * 16}], {trial_id(spec): spec}, tmp_path / "r.jsonl")
