@@ -326,6 +326,7 @@ def test_fast_lora_benchmark_variants_compute_the_same_adapted_layer():
     lora_ref = torch.stack([x[i] @ (W + 2.0 * d["B"][l] @ d["A"][l]).T for i, l in enumerate(ids.tolist())])
     torch.testing.assert_close(fns["loop"](), lora_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fns["bgmv"](), lora_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fns["base"](), x @ W.T + d["bias"])
 
 
 # -- the four through protocol (b) on tiny-llama -----------------------------------------------------------

@@ -7,7 +7,8 @@ tokens, adapter l(i) of example i among `adapters`, rank r:
 - `flora`: y_i = Σ_j a_ij ∘ (W0 (b_ij ∘ x_i)), one GEMM with W0 over r x N x T rows (fLoRA's batched form);
 - `bgmv`:  y = W0 x + BGMV_expand(BGMV_shrink(x, A, idx), B, idx), LoRA with an adapter index per token through
   lorabench.ops (the compiled CPU kernel where built, else the reference), idx = l(i) repeated over i's tokens;
-- `loop`:  for each adapter l of the batch, its rows: W0 x + s B_l A_l x (a loop over adapters, LoRA).
+- `loop`:  for each adapter l of the batch, its rows: W0 x + s B_l A_l x (a loop over adapters, LoRA);
+- `base`:  W0 x alone, no adapter (the floor: what serving the base model costs).
 
 `bench(cfg)` times the three forward passes (no gradient: serving) interleaved, rounds rotating their order, and
 reports tokens/s and the ratios against the loop; absolute numbers depend on the machine's load, the ratios are
@@ -87,7 +88,10 @@ def variants(d: dict) -> dict:
             out[rows] = F.linear(xl, W, bias) + float(d["scales"][l]) * (xl @ d["A"][l].T) @ d["B"][l].T
         return out
 
-    return {"flora": flora, "bgmv": bgmv, "loop": loop}
+    def base():
+        return F.linear(x, W, bias)
+
+    return {"flora": flora, "bgmv": bgmv, "loop": loop, "base": base}
 
 
 def bench(cfg: Config = Config(), log=print) -> list[Result]:
