@@ -46,22 +46,24 @@ PLANNED_NOTES = {
              "and data",
     # mixtures of LoRA experts (issue 17) not implemented yet: what each needs beyond the mixture layer
     # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
-    "MixLoRA: Multimodal": "conditional selection of rank-1 factors (arXiv 2402.15896: instance-conditioned routers "
-                           "pick r columns of A and r rows of B from factor pools, B's conditioned on A's); not "
-                           "the top-k expert router of the registered `mixlora` (Li et al., arXiv 2404.15159)",
-    "X-LoRA": "a scaling head on the hidden states of a first pass with the adapters off, whose per-layer, "
-              "per-expert scalings gate the experts in a second pass (arXiv 2402.07148); needs the two-pass forward",
-    "MoCLE": "experts conditioned on clusters of instruction embeddings (k-means) plus a universal expert "
-             "(arXiv 2312.12379); the task gate could take cluster ids; left: the clustering and the universal expert",
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
-    "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "
-                 "(lorabench/ops, harness/multitask.py) compute the same thing (an adapter index per row); left: "
-                 "FLoRA's element-wise form and its throughput against BGMV",
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
 IMPLEMENTED_NOTES = {
+    # mixtures of LoRA experts (issue 17) built here, and where they differ from their papers
+    "X-LoRA": "its experts are trained in the same run, one per training task (first stage), then frozen while the "
+              "scaling head trains (the paper loads experts fine-tuned beforehand; loading them from the adapter "
+              "library is not built)",
+    "MixLoRA: Multimodal": "the factor selection runs on the text pool (the paper: LLaVA on Vision-Flan); the selected "
+                           "factors are weighted by their renormalised probabilities by default (the released script "
+                           "selects hard, `scored=false` here); not the top-k experts of `mixlora` (Li et al.)",
+    "MoCLE": "an example's embedding is the mean of the model's own frozen input embeddings over the whole sequence "
+             "(the paper: all-MiniLM-L6-v2 of the instruction text; not built); the routed expert enters with weight "
+             "w² as in the released code",
+    "Fast LoRA": "an example's adapter is its task's (protocol (b)); throughput against BGMV and a loop over adapters: "
+                 "lorabench/bench/fast_lora.py, docs/cross-task.md",
     "FedMS": "not built: separate foundation models as experts (here each expert is the one backbone with its own "
              "LoRA), a gate that is itself a foundation model with a gate adapter (here a linear map of the mean "
              "token embedding), and the sparsely activated LoRA (SAL) that switches LoRA on in more blocks as "

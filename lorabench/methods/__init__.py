@@ -176,6 +176,14 @@ METHODS.register_lazy("mixture-of-loras", "lorabench.methods.cross_task.mixture_
                       paper="2403.03432", title="Mixture-of-LoRAs: An efficient multitask tuning method for large language models")
 METHODS.register_lazy("octavius", "lorabench.methods.cross_task.octavius:Octavius", family="cross-task", paper="2311.02684",
                       title="Octavius: Mitigating Task Interference in MLLMs via LoRA-MoE")
+METHODS.register_lazy("mixlora-cfs", "lorabench.methods.cross_task.mixlora_cfs:MixLoRACFS", family="cross-task", paper="2402.15896",
+                      title="MixLoRA: Multimodal instruction tuning with conditional mixture of LoRA")
+METHODS.register_lazy("mocle", "lorabench.methods.cross_task.mocle:MoCLE", family="cross-task", paper="2312.12379",
+                      title="MoCLE: Mixture of cluster-conditional LoRA experts for vision-language instruction tuning")
+METHODS.register_lazy("fast-lora", "lorabench.methods.cross_task.fast_lora:FastLoRA", family="cross-task", paper="2312.05677",
+                      title="Fast LoRA: Batched low-rank adaptation of foundation models")
+METHODS.register_lazy("x-lora", "lorabench.methods.cross_task.x_lora:XLoRA", family="cross-task", paper="2402.07148",
+                      title="X-LoRA: Mixture of low-rank adapter experts, a flexible framework for large language models with applications in protein mechanics and design")
 
 
 def get_method(name: str):

@@ -125,6 +125,13 @@ def check_splits(records: list[dict], specs: dict, records_path: Path) -> None:
         key = json.dumps([spec.task, spec.task_options], sort_keys=True)
         if spec.continual is not None:  # a sequence: its tasks' split hashes in order
             key = json.dumps(spec.continual["tasks"], sort_keys=True)
+        if getattr(spec, "mixture", None) is not None:  # protocol (b): its training, then held-out tasks' hashes
+            key = json.dumps([spec.mixture["train"], spec.mixture["held_out"]], sort_keys=True)
+            if key not in seen:
+                from lorabench.harness.mixture import split_tasks
+                from lorabench.harness.sequence import sequence_split_hash
+                tasks = split_tasks(spec.mixture["train"], "mixture") + split_tasks(spec.mixture["held_out"], "mixture")
+                seen[key] = sequence_split_hash([t.split().hash for t in tasks])   # as run_mixture records it
         if key not in seen and spec.continual is not None:
             from lorabench.harness.sequence import order_tasks, sequence_split_hash
             seen[key] = sequence_split_hash([t.split().hash for t in order_tasks(spec)])

@@ -19,4 +19,8 @@ CASES = [
     Case("octavius", {"experts": 3, "rank": 2}),
     Case("mtlora", {"experts": 3, "rank": 2}),
     Case("mixture-of-loras", {"experts": 3, "rank": 2}),
+    Case("x-lora", {"experts": 3, "rank": 2}),
+    Case("mixlora-cfs", {"factors": 6, "rank": 2}),
+    Case("mocle", {"experts": 3, "rank": 2, "clusters": 4, "fit_examples": 16}),
+    Case("fast-lora", {"adapters": 2, "rank": 2}),
 ]

@@ -172,6 +172,17 @@ BEHAVIOURS = [
       "the shared module and task 0's own, no other task's"),
     B("mixture-of-loras", lambda m: 0 < m["teacher_forced_steps"] < STEPS and m["aux_loss_last"] > 0,
       "the experts first, teacher-forced by task, then the router supervised by the task label"),
+    B("x-lora", lambda m: 0 < m["teacher_forced_steps"] < STEPS and m["frozen_expert_params"] > 0
+      and m["router_entropy"] > 0 and len(m["scaling_entropy_by_depth"]) == 2 and m["tokens_per_s_head_stage"] > 0,
+      "the experts first (teacher-forced by task), then frozen while the scaling head, reading the scaling pass's "
+      "hidden states, trains", kind="llama"),
+    B("mixlora-cfs", lambda m: m["factors_used_fraction"] > 4 / 16 and m["distinct_pairs"] > 4,
+      "instances select different rank-1 factors of A and (given A's) of B"),
+    B("mocle", lambda m: sum(s > 0 for s in m["cluster_sizes"]) > 1 and sum(s > 0 for s in m["cluster_share"]) > 1
+      and m["expert_load"][0] > 0 and m["router_entropy"] > 0,
+      "k-means clusters of the inputs route examples to cluster-conditional experts beside the universal expert"),
+    B("fast-lora", lambda m: m["adapter_use"][0] == 1.0 and m["multiplier_deviation"] > 0,
+      "task 0's element-wise adapter moves W0's multiplier away from 1"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
     # tested in tests/test_continual.py (O-LoRA's overlap falls, InfLoRA's subspace is interference-free)
     B("seq-lora", None, lora_by_construction=True), B("per-task-lora", None, lora_by_construction=True),
