@@ -402,9 +402,57 @@ def test_a_federated_suite_runs_each_method_on_each_partition():
     from lorabench.runner.suite import load_suite, trial_id
     s = load_suite("federated")
     trials = s.trials()
-    assert {t.label for t in trials} == {f"{m.label}@{p}" for m in s.methods for p in s.partitions}
+    by_task = {t.name: t.partitions or s.partitions for t in s.tasks}
+    assert by_task == {"rt-sentiment": ["iid", "dirichlet:0.3"], "movie-domains": ["domain"]}
+    for task, parts in by_task.items():
+        mine = [t for t in trials if t.task == task]
+        assert {t.label for t in mine} == {f"{m.label}@{p}" for m in s.methods for p in parts}
+        assert len(mine) == len(s.methods) * len(parts) * len(s.seeds)
     assert all(t.federated["partition"] == t.label.split("@")[1] for t in trials)
-    assert len({trial_id(t) for t in trials}) == len(trials) == len(s.methods) * len(s.partitions) * len(s.seeds)
+    assert len({trial_id(t) for t in trials}) == len(trials)
+
+
+def test_the_domain_partition_left_the_suites_earlier_trial_ids_unchanged():
+    """Adding movie-domains at `domain` added trials; the rt-sentiment trials keep the ids they had (and their
+    records) before: one of them, computed at the commit before the change, is still a trial of the suite."""
+    from lorabench.runner.suite import load_suite, trial_id
+    ids = {trial_id(t): (t.task, t.label, t.seed) for t in load_suite("federated").trials()}
+    assert ids.get("06bdf077d0b571c7") == ("rt-sentiment", "fedit@dirichlet:0.3", 0)
+    assert ids.get("0376fa5632498790") == ("rt-sentiment", "flexlora@iid", 1)
+    assert sum(task == "rt-sentiment" for task, _, _ in ids.values()) == 60
+
+
+TASK_PARTS_SUITE = FED_SUITE.replace("tasks: [rt-sentiment]", "tasks:\n  - rt-sentiment\n"
+                                     "  - {name: movie-domains, partitions: [domain, \"domain:0.75\"]}")
+
+
+def test_a_task_may_list_its_own_partitions_and_overrides_select_from_them(tmp_path):
+    from lorabench.runner.suite import load_suite
+    runs = lambda ov: sorted({(t.task, t.federated["partition"]) for t in load_suite(  # noqa: E731
+        write(tmp_path, TASK_PARTS_SUITE), ov).trials()})
+    assert runs([]) == [("movie-domains", "domain"), ("movie-domains", "domain:0.75"),
+                        ("rt-sentiment", "dirichlet:0.5"), ("rt-sentiment", "iid")]
+    assert runs(["partitions=domain:0.75"]) == [("movie-domains", "domain:0.75")]  # from the task's own list
+    assert runs(["partitions=dirichlet:0.1,domain"]) == [("movie-domains", "domain"), ("rt-sentiment", "dirichlet:0.1")]
+    with pytest.raises(UserError, match=r"partitions=domain:0\.5: no task of suite fed runs domain:0\.5 "
+                                        r"\(tasks with their own partitions: movie-domains: domain, domain:0\.75"):
+        load_suite(write(tmp_path, TASK_PARTS_SUITE), ["partitions=domain:0.5"])
+
+
+@pytest.mark.parametrize("text,pattern", [
+    (FED_SUITE.replace("partitions: [iid, \"dirichlet:0.5\"]", "partitions: [iid, domain]"),
+     r"fed\.yaml:5: task rt-sentiment: partition domain needs a task whose examples carry a domain \(movie-domains\)"
+     r".*give the task its own list"),
+    (TASK_PARTS_SUITE.replace("[domain, \"domain:0.75\"]", "[role]"),
+     r"fed\.yaml:8: task movie-domains: partition role needs a task whose examples carry a role \(shakespeare-roles\)"),
+    (TASK_PARTS_SUITE.replace("[domain, \"domain:0.75\"]", "[domain, domain]"), r"fed\.yaml:8: partitions must be"),
+    (TASK_PARTS_SUITE.replace("federated: {clients: 4, rounds: 2}\npartitions: [iid, \"dirichlet:0.5\"]\n", ""),
+     r"fed\.yaml:6: partitions needs a `federated:`"),
+])
+def test_a_partition_that_does_not_fit_its_task_is_refused_at_load(tmp_path, text, pattern):
+    from lorabench.runner.suite import load_suite
+    with pytest.raises(UserError, match=pattern):
+        load_suite(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("text,pattern", [

@@ -84,6 +84,7 @@ class MovieDomains(ClassificationTask):
     val_size = 500
     sizes = "train 14,060 / validation 500 / eval 2,500 (of 17,060: 8,530 per domain)"
     default_max_length = 64
+    partition_tags = ("domain",)
 
     def build_split(self) -> Split:
         import random
