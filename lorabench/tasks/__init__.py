@@ -26,6 +26,9 @@ TASKS.register_lazy("arith", "lorabench.tasks.generation:Arith",
 TASKS.register_lazy("shakespeare-lm", "lorabench.tasks.lm:ShakespeareLM",
                     kind="perplexity", metric="perplexity", higher_is_better=False, default_model="smollm2-135m",
                     sizes="plays split 4 eval / the rest train; eval 64 windows (n_eval), train windows from every train play")
+TASKS.register_lazy("shakespeare-roles", "lorabench.tasks.lm:ShakespeareRoles",
+                    kind="perplexity", metric="perplexity", higher_is_better=False, default_model="smollm2-135m",
+                    sizes="train 1,819 / eval 454 speeches of the 10 roles with the most (n_roles); no validation part")
 TASKS.register_lazy("kv-retrieval", "lorabench.tasks.longctx:KVRetrieval",
                     kind="generation", metric="exact_match", higher_is_better=True, default_model="smollm2-135m",
                     sizes="train 2,000 / eval 200 (of 2,200 generated from seed 0; n_pairs sets the input length)")
