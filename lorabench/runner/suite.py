@@ -658,17 +658,38 @@ def _continual(data: dict, path: Path, lines: dict, methods: list[MethodEntry], 
             raise UserError(f"{where}: order {name!r} lists a task twice: {seq}")
         out[str(name)] = list(seq)
     from lorabench.tasks import get_task
+    forget = cont.get("forget")
     for i, t in enumerate(tasks):
-        if get_task(t.name).kind != "multiple-choice":
+        if forget:  # continual forgetting (GS-LoRA's protocol): each order is one classification task
+            from lorabench.harness.forgetting import check_forget
+            cls = get_task(t.name)
+            if cls.head != "seq-cls":
+                raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {cls.kind} task; continual "
+                                f"forgetting (continual.forget) forgets classes of a classification task")
+            check_forget(forget, cls.num_labels, f"{_where(path, lines, ('continual', 'forget'))}: task {t.name}")
+        elif get_task(t.name).kind != "multiple-choice":
             raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {get_task(t.name).kind} task; the "
                             f"sequence scenario trains one model on tasks sharing one output space: multiple-choice "
                             f"tasks (the cross-task pool, lorabench/harness/task_pool.py)")
+    if forget:
+        long = [n for n, seq in out.items() if len(seq) != 1]
+        if long:
+            raise UserError(f"{_where(path, lines, ('orders', long[0]))}: with continual.forget each order is one "
+                            f"classification task (its classes are forgotten task after task), got {out[long[0]]}")
     from lorabench.methods import METHODS
     for i, m in enumerate(methods):
         if METHODS.meta(m.name)["family"] != "continual":
             raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is not a continual method; a "
                             f"suite with `continual:` runs the sequence scenario, whose methods are: "
                             f"{', '.join(n for n in METHODS.names() if METHODS.meta(n)['family'] == 'continual')}")
+        forgets = hasattr(METHODS.get(m.name), "begin_forgetting")
+        if bool(forget) != forgets:
+            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} "
+                            + ("runs continual forgetting: set continual.forget (the classes each task forgets) on "
+                               "a classification task" if forgets else
+                               "has no continual-forgetting protocol; with continual.forget the methods are: "
+                               + ", ".join(n for n in METHODS.names() if METHODS.meta(n)["family"] == "continual"
+                                           and hasattr(METHODS.get(n), "begin_forgetting"))))
     if lr_grid is not None or data.get("tune_seeds") is not None:
         raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with continual: "
                         f"set train.lr per method, and sweep a penalty weight with one label per value")

@@ -13,6 +13,9 @@ TASKS.register_lazy("movie-domains", "lorabench.tasks.classification:MovieDomain
 TASKS.register_lazy("sarcasm", "lorabench.tasks.classification:Sarcasm",
                     kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
                     sizes="train 24,498 / validation 1,000 / eval 3,000 (of 28,614; 116 exact duplicates dropped)")
+TASKS.register_lazy("text-sources", "lorabench.tasks.classification:TextSources",
+                    kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
+                    sizes="train 6,800 / validation 400 / eval 800 (of 8,000: 2,000 per class, 4 classes)")
 TASKS.register_lazy("quartz", "lorabench.tasks.multiple_choice:QuaRTz",
                     kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
                     sizes="train 2,060 / validation 300 / eval 1,500 (of 3,860)")
