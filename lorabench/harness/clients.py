@@ -52,9 +52,10 @@ class FederatedConfig:
                              low=0.0, high=1.0)
     local_steps: int = option(5, "optimizer steps each sampled client takes per round (train.batch_size examples each)",
                               low=1)
-    partition: str = option("iid", "'iid' (the control), 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew), or "
+    partition: str = option("iid", "'iid' (the control), 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew), "
                                    "'domain' / 'domain:P' (each client one domain, or a share P from its home domain; "
-                                   "a task whose examples carry a domain: movie-domains)")
+                                   "a task whose examples carry a domain: movie-domains), or 'role' / 'role:P' (the "
+                                   "same by speaking role: shakespeare-roles)")
     test_fraction: float = option(0.2, "share of each client's examples held out as its own test data "
                                        "(the personalised score)", low=0.0, high=0.9)
     actors: int = option(1, "Ray actors, i.e. clients trained at once (one CPU each); bounded by this machine's "
