@@ -80,7 +80,8 @@ def sequence_split_hash(split_hashes: list[str]) -> str:
 
 
 def order_tasks(spec) -> list:
-    """The task objects of a continual spec's order, each with its suite options; all multiple choice."""
+    """The task objects of a continual spec's order, each with its suite options: multiple choice, or (with
+    continual.forget) one classification task."""
     from lorabench.tasks import get_task
     tasks = []
     forgetting = bool((spec.continual.get("config") or {}).get("forget"))
