@@ -39,8 +39,6 @@ OUT_OF_SCOPE = [
 PLANNED_NOTES = {
     # continual entries (issue 18) not implemented yet: what each needs beyond the sequence scenario
     # (lorabench/harness/sequence.py, docs/continual.md)
-    "GS-LoRA": "its own protocol, continual forgetting (forget chosen classes, keep the rest) with group-sparse "
-               "LoRA per block and its own metrics; not built yet (the sequence scenario would drive it)",
     "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs: the mixture "
              "layer exists (lorabench/methods/cross_task/mixture.py); left: its open-book/closed-book QA protocol "
              "and data",

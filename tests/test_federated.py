@@ -78,6 +78,49 @@ def test_domain_partition_gives_each_client_its_domain_on_the_real_movie_reviews
         partitions.partition_indices([0, 1, 0], 1, "domain", 1, domains=["imdb", "rt", "rt"])
 
 
+def test_role_partition_gives_each_client_its_speaking_roles_lines():
+    """shakespeare-roles at `role`: client c holds the speeches of role c (sorted), every one of them and only
+    them; each speech is checked against the play's own text: a paragraph that opens with that speaker's line
+    holds it. The eval part holds each role's last speeches, none of them a client's."""
+    from lorabench import assets
+    from lorabench.tasks import get_task
+    task = get_task("shakespeare-roles").from_options({"n_roles": 3})
+    split = task.split()
+    roles = task.roles()
+    assert roles == ["Hamlet/Ham", "Othello/IAGO", "Othello/OTHELLO"]  # the three with the most speeches
+    parts = partitions.client_parts(split.train, 3, "role", 0.2)
+    plays = {p["title"]: p["text"].split("\n\n") for p in assets.load_dataset("shakespeare")}
+    for c, (tr, te) in enumerate(parts):
+        assert tr and te and {e["role"] for e in tr + te} == {roles[c]}
+        assert sorted(map(id, tr + te)) == sorted(id(e) for e in split.train if e["role"] == roles[c])
+        play, speaker = roles[c].split("/")
+        said = [p.strip() for p in plays[play] if p.strip().split("\n")[0].strip().rstrip(".") == speaker]
+        for e in tr + te:
+            assert any(e["text"].split("\n")[0] in p for p in said), (roles[c], e["text"][:80])
+    assert partitions.client_domains(parts, "role") == [{r: sum(e["role"] == r for e in split.train)} for r in roles]
+    assert {e["role"] for e in split.eval} == set(roles)
+    assert not {id(e) for e in split.eval} & {id(e) for tr, te in parts for e in tr + te}
+    # Othello's last held-out speech comes after every trained one of Othello's in the play
+    text = "\n\n".join(plays["Othello"])
+    last_train = max(text.find(e["text"]) for e in split.train if e["role"] == "Othello/OTHELLO")
+    assert max(text.find(e["text"]) for e in split.eval if e["role"] == "Othello/OTHELLO") > last_train
+    mixed = partitions.client_domains(partitions.client_parts(split.train, 3, "role:0.5", 0.2), "role")
+    assert all(len(d) == 3 and max(d, key=d.get) == roles[c] for c, d in enumerate(mixed)), mixed
+    with pytest.raises(UserError, match=r"3 roles \(Hamlet/Ham, .*\) need at least as many clients"):
+        partitions.client_parts(split.train, 2, "role", 0.2)
+
+
+def test_a_role_client_trains_and_scores_its_own_lines_by_perplexity():
+    """One client's round on the role task, in this process (tiny random Llama, the real training loop): it
+    trains on its role's speeches, scores perplexity on its own held-out ones, uploads its LoRA factors."""
+    spec = TrialSpec(**{**asdict(spec_for("fedit", partition="role", local_steps=2)), "task": "shakespeare-roles",
+                        "task_options": {"n_roles": 3, "n_eval": 8}, "model": "tiny-llama"})
+    upload, metrics = client_round(asdict(spec), {}, {"slot": 1, "server-round": 1})
+    assert metrics["num-examples"] == 171  # Othello/IAGO's 214 training speeches less its 43 test ones (20%)
+    assert 1 < metrics["personal-score"] < 49152 * 10  # a perplexity over SmolLM2's vocabulary, finite
+    assert upload and all(k.endswith((".lora_A", ".lora_B")) for k in upload), sorted(upload)[:4]
+
+
 @pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "noniid", "Dirichlet:0.3", "domain:0",
                                  "domain:1.5", "domains"])
 def test_bad_partition_names_say_what_is_valid(bad):
@@ -402,9 +445,57 @@ def test_a_federated_suite_runs_each_method_on_each_partition():
     from lorabench.runner.suite import load_suite, trial_id
     s = load_suite("federated")
     trials = s.trials()
-    assert {t.label for t in trials} == {f"{m.label}@{p}" for m in s.methods for p in s.partitions}
+    by_task = {t.name: t.partitions or s.partitions for t in s.tasks}
+    assert by_task == {"rt-sentiment": ["iid", "dirichlet:0.3"], "movie-domains": ["domain"]}
+    for task, parts in by_task.items():
+        mine = [t for t in trials if t.task == task]
+        assert {t.label for t in mine} == {f"{m.label}@{p}" for m in s.methods for p in parts}
+        assert len(mine) == len(s.methods) * len(parts) * len(s.seeds)
     assert all(t.federated["partition"] == t.label.split("@")[1] for t in trials)
-    assert len({trial_id(t) for t in trials}) == len(trials) == len(s.methods) * len(s.partitions) * len(s.seeds)
+    assert len({trial_id(t) for t in trials}) == len(trials)
+
+
+def test_the_domain_partition_left_the_suites_earlier_trial_ids_unchanged():
+    """Adding movie-domains at `domain` added trials; the rt-sentiment trials keep the ids they had (and their
+    records) before: one of them, computed at the commit before the change, is still a trial of the suite."""
+    from lorabench.runner.suite import load_suite, trial_id
+    ids = {trial_id(t): (t.task, t.label, t.seed) for t in load_suite("federated").trials()}
+    assert ids.get("06bdf077d0b571c7") == ("rt-sentiment", "fedit@dirichlet:0.3", 0)
+    assert ids.get("0376fa5632498790") == ("rt-sentiment", "flexlora@iid", 1)
+    assert sum(task == "rt-sentiment" for task, _, _ in ids.values()) == 60
+
+
+TASK_PARTS_SUITE = FED_SUITE.replace("tasks: [rt-sentiment]", "tasks:\n  - rt-sentiment\n"
+                                     "  - {name: movie-domains, partitions: [domain, \"domain:0.75\"]}")
+
+
+def test_a_task_may_list_its_own_partitions_and_overrides_select_from_them(tmp_path):
+    from lorabench.runner.suite import load_suite
+    runs = lambda ov: sorted({(t.task, t.federated["partition"]) for t in load_suite(  # noqa: E731
+        write(tmp_path, TASK_PARTS_SUITE), ov).trials()})
+    assert runs([]) == [("movie-domains", "domain"), ("movie-domains", "domain:0.75"),
+                        ("rt-sentiment", "dirichlet:0.5"), ("rt-sentiment", "iid")]
+    assert runs(["partitions=domain:0.75"]) == [("movie-domains", "domain:0.75")]  # from the task's own list
+    assert runs(["partitions=dirichlet:0.1,domain"]) == [("movie-domains", "domain"), ("rt-sentiment", "dirichlet:0.1")]
+    with pytest.raises(UserError, match=r"partitions=domain:0\.5: no task of suite fed runs domain:0\.5 "
+                                        r"\(tasks with their own partitions: movie-domains: domain, domain:0\.75"):
+        load_suite(write(tmp_path, TASK_PARTS_SUITE), ["partitions=domain:0.5"])
+
+
+@pytest.mark.parametrize("text,pattern", [
+    (FED_SUITE.replace("partitions: [iid, \"dirichlet:0.5\"]", "partitions: [iid, domain]"),
+     r"fed\.yaml:5: task rt-sentiment: partition domain needs a task whose examples carry a domain \(movie-domains\)"
+     r".*give the task its own list"),
+    (TASK_PARTS_SUITE.replace("[domain, \"domain:0.75\"]", "[role]"),
+     r"fed\.yaml:8: task movie-domains: partition role needs a task whose examples carry a role \(shakespeare-roles\)"),
+    (TASK_PARTS_SUITE.replace("[domain, \"domain:0.75\"]", "[domain, domain]"), r"fed\.yaml:8: partitions must be"),
+    (TASK_PARTS_SUITE.replace("federated: {clients: 4, rounds: 2}\npartitions: [iid, \"dirichlet:0.5\"]\n", ""),
+     r"fed\.yaml:6: partitions needs a `federated:`"),
+])
+def test_a_partition_that_does_not_fit_its_task_is_refused_at_load(tmp_path, text, pattern):
+    from lorabench.runner.suite import load_suite
+    with pytest.raises(UserError, match=pattern):
+        load_suite(write(tmp_path, text))
 
 
 @pytest.mark.parametrize("text,pattern", [
@@ -467,6 +558,25 @@ def test_pfedlora_keeps_each_local_model_on_its_flower_node_across_rounds_on_dom
     assert not fed["failures"] and sorted(r1["clients"]) == sorted(r2["clients"]) == [0, 1]
     assert r1["method"]["resumed_local"] == 0.0 and r2["method"]["resumed_local"] == 1.0  # kept between rounds
     assert sorted(r2["method"]["local_ranks"]) == [2, 4] and r2["personal_score"] is not None
+    assert not ray_leftovers(), "Ray processes left behind"
+
+
+@pytest.mark.slow
+def test_fedit_on_speaking_role_clients_through_flower():
+    """The LEAF-style partition through Flower's simulation: 3 clients, each one speaking role, FedIT for 2
+    rounds on a tiny random Llama; the global and personalised scores are perplexities."""
+    from lorabench.harness.trial import run_trial
+    spec = TrialSpec(**{**asdict(spec_for("fedit", clients=3, rounds=2, fraction=1.0, local_steps=2, partition="role")),
+                        "task": "shakespeare-roles", "task_options": {"n_roles": 3, "n_eval": 12},
+                        "model": "tiny-llama", "label": "fedit@role"})
+    out = run_trial(spec, progress=False)
+    fed = out["federated"]
+    assert [list(d) for d in fed["client_roles"]] == [["Hamlet/Ham"], ["Othello/IAGO"], ["Othello/OTHELLO"]]
+    assert fed["client_domains"] is None and fed["label_skew"] is None
+    assert out["metric"] == "perplexity" and out["higher_is_better"] is False and out["score"] > 1
+    r1, r2 = fed["rounds"]
+    assert not fed["failures"] and sorted(r2["clients"]) == [0, 1, 2]
+    assert r1["aggregation_error"] > 0 and r2["personal_score"] > 1  # FedAvg of the factors: inexact
     assert not ray_leftovers(), "Ray processes left behind"
 
 

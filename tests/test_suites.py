@@ -25,7 +25,8 @@ def test_every_shipped_suite_validates_and_expands(path):
             if suite.tune_task is not None and task.name != suite.tune_task.name and len(grid) > 1:
                 continue  # these wait for the tuning task's grid (pending, counted by size())
             tune = suite.tune_seeds if suite.tune_seeds is not None and len(grid) > 1 else suite.seeds
-            expected += len(grid) * len(tune) * len(suite.partitions or [None])  # the clients scenario: x partitions
+            parts = task.partitions or suite.partitions or [None]  # the clients scenario: x partitions (the task's own
+            expected += len(grid) * len(tune) * len(parts)          # list, else the suite's)
     assert len(trials) == expected
     assert suite.size() == len(trials) + sum(len(seeds) for _, _, seeds in suite.pending())
     ids = [trial_id(t) for t in trials]

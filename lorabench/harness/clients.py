@@ -4,7 +4,9 @@ A trial whose spec carries `federated` options runs here instead of `trial.run_t
 task (docs/architecture.md, "Where things live"; suites/federated.yaml):
 
 - the task's training split is partitioned over `clients` clients (`lorabench/harness/partitions.py`:
-  IID or Dirichlet label skew); each client keeps part of its examples as its own test data;
+  IID, Dirichlet label skew, or a natural partition: by domain, by speaking role); each client keeps part
+  of its examples as its own test data. The task is a labelled classification task, or a language-modelling
+  one (shakespeare-roles: each client one speaking role, scored by perplexity, lower is better);
 - Flower's `ServerApp` runs `rounds` rounds of a `FedAvg`-based strategy whose aggregation is the
   method's (`lorabench/methods/federated/base.py`): it samples `fraction` of the clients, sends each
   what the method downloads to it, and aggregates what they upload; each client is a Flower
@@ -50,9 +52,10 @@ class FederatedConfig:
                              low=0.0, high=1.0)
     local_steps: int = option(5, "optimizer steps each sampled client takes per round (train.batch_size examples each)",
                               low=1)
-    partition: str = option("iid", "'iid' (the control), 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew), or "
+    partition: str = option("iid", "'iid' (the control), 'dirichlet:ALPHA' (label skew; small ALPHA, strong skew), "
                                    "'domain' / 'domain:P' (each client one domain, or a share P from its home domain; "
-                                   "a task whose examples carry a domain: movie-domains)")
+                                   "a task whose examples carry a domain: movie-domains), or 'role' / 'role:P' (the "
+                                   "same by speaking role: shakespeare-roles)")
     test_fraction: float = option(0.2, "share of each client's examples held out as its own test data "
                                        "(the personalised score)", low=0.0, high=0.9)
     actors: int = option(1, "Ray actors, i.e. clients trained at once (one CPU each); bounded by this machine's "
@@ -406,9 +409,12 @@ def run_federated(spec, progress: bool = True) -> dict:
     if not isinstance(method, FederatedLoRA):
         raise UserError(f"method {spec.method!r} is not a federated method (family 'federated'); the clients scenario "
                         f"needs its download and aggregation rules")
-    if task.head != "seq-cls":
-        raise UserError(f"task {spec.task}: the clients scenario partitions labelled classification data; "
-                        f"{spec.task} is a {task.kind} task")
+    if task.head != "seq-cls" and task.kind != "perplexity":
+        raise UserError(f"task {spec.task}: the clients scenario partitions classification data (a seq-cls head) or "
+                        f"language-modelling text (perplexity: shakespeare-roles); {spec.task} is a {task.kind} task")
+    why = partitions.fits(fed.partition, type(task))
+    if why:
+        raise UserError(f"task {spec.task}: {why}")
     check_machine(fed)
     split = task.split()
     parts = partitions.client_parts(split.train, fed.clients, fed.partition, fed.test_fraction)
@@ -494,6 +500,7 @@ def run_federated(spec, progress: bool = True) -> dict:
         if r.global_score is not None:
             curve.append([r.round, r.global_score, round(mb_cum, 6)])
     sizes = [len(tr) for tr, _ in parts]
+    skew = partitions.label_skew(parts)
     from lorabench.harness.trial import scored_fields
     return {
         **scored_fields(task, split, final_ev),
@@ -523,8 +530,9 @@ def run_federated(spec, progress: bool = True) -> dict:
             "config": asdict(fed),
             "engine": "flower-simulation (ray)",
             "client_train_sizes": sizes,
-            "label_skew": round(partitions.label_skew(parts), 6),
+            "label_skew": None if skew is None else round(skew, 6),  # None: the examples have no labels
             "client_domains": partitions.client_domains(parts),  # examples per domain of each client (None: no domains)
+            "client_roles": partitions.client_domains(parts, "role"),  # examples per speaking role (None: no roles)
             "initial_score": round(score0, 6),
             "rounds": [asdict(r) for r in rounds],
             "failures": strategy.failures,

@@ -14,6 +14,13 @@ sources do. `domain:P` mixes: each domain's examples go to its home clients in a
 clients in the rest, so a client's examples come a share P from its home domain when the domains are the
 same size (P = 1 is `domain`; P = 1/D is IID by domain).
 
+`role` / `role:P` is the same natural partition by the examples' `role`: the speaking roles of Shakespeare's
+plays (`shakespeare-roles`, one client per role, as LEAF's Shakespeare benchmark and FedAvg's, McMahan et al.,
+arXiv 1602.05629, sec. 3).
+
+Which partitions a task can take: `iid` any; `dirichlet:ALPHA` a task with class labels; `domain` / `role` a task
+whose examples carry that tag (its class's `partition_tags`); `fits` says why not.
+
 The partition never depends on the trial's seed (every method and seed sees the same clients),
 and each client's examples are split into its own training and test parts (the test part
 scores personalised models).
@@ -28,32 +35,51 @@ import numpy as np
 from lorabench.errors import UserError
 
 PARTITION_SEED = 1234  # fixed, like the tasks' SPLIT_SEED
-SPEC = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)|domain(?::(?P<home>[0-9]*\.?[0-9]+))?)$")
+NATURAL = ("domain", "role")  # natural partitions: by the example key of the same name
+SPEC = re.compile(r"^(iid|dirichlet:(?P<alpha>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)|(?P<tag>domain|role)"
+                  r"(?::(?P<home>[0-9]*\.?[0-9]+))?)$")
 
 
 def parse(partition: str) -> tuple[str, float | None]:
     """'iid' -> ('iid', None); 'dirichlet:0.3' -> ('dirichlet', 0.3); 'domain' -> ('domain', 1.0);
-    'domain:0.8' -> ('domain', 0.8); anything else: UserError."""
+    'domain:0.8' -> ('domain', 0.8); 'role' / 'role:P' likewise -> ('role', P); anything else: UserError."""
     m = SPEC.match(str(partition))
     bad = not m or (m.group("alpha") is not None and float(m.group("alpha")) <= 0) or \
         (m.group("home") is not None and not 0 < float(m.group("home")) <= 1)
     if bad:
         raise UserError(f"partition {partition!r} is not valid: use 'iid' or 'dirichlet:ALPHA' with ALPHA > 0 "
                         f"(label skew; e.g. dirichlet:0.1 strongly skewed, dirichlet:10 close to iid), or 'domain' / "
-                        f"'domain:P' with 0 < P <= 1 (each client's examples from one domain, or a share P from it)")
+                        f"'domain:P' with 0 < P <= 1 (each client's examples from one domain, or a share P from it), "
+                        f"or 'role' / 'role:P' (the same by speaking role: shakespeare-roles)")
     if m.group(1) == "iid":
         return "iid", None
-    if m.group(1).startswith("domain"):
-        return "domain", float(m.group("home")) if m.group("home") else 1.0
+    if m.group("tag"):
+        return m.group("tag"), float(m.group("home")) if m.group("home") else 1.0
     return "dirichlet", float(m.group("alpha"))
 
 
+def fits(partition: str, task_cls) -> str | None:
+    """Why the task (its class) cannot be partitioned by `partition`; None when it can."""
+    kind, _ = parse(partition)
+    if kind == "dirichlet" and task_cls.head != "seq-cls":
+        return (f"partition {partition} skews class labels; task {task_cls.name} has none (a {task_cls.kind} task): "
+                f"use iid" + "".join(f" or {t}" for t in task_cls.partition_tags))
+    if kind in NATURAL and kind not in task_cls.partition_tags:
+        have = {"domain": "movie-domains", "role": "shakespeare-roles"}[kind]
+        return (f"partition {partition} needs a task whose examples carry a {kind} ({have}); task {task_cls.name}'s "
+                f"examples have none: use iid" + (" or dirichlet:ALPHA" if task_cls.head == "seq-cls" else "")
+                + "".join(f" or {t}" for t in task_cls.partition_tags))
+    return None
+
+
 def domain_indices(domains: list[str], n_clients: int, partition: str, home: float) -> list[list[int]]:
-    """Client c's home domain is c mod D; it holds a share `home` of its examples from it and the rest evenly
-    from the other domains (each domain's examples dealt without replacement, so clients are disjoint)."""
+    """Client c's home domain (or role) is c mod D; it holds a share `home` of its examples from it and the rest
+    evenly from the other domains (each domain's examples dealt without replacement, so clients are disjoint)."""
     names = sorted(set(domains))
     if len(names) > n_clients:
-        raise UserError(f"partition {partition}: {len(names)} domains ({', '.join(names)}) need at least as many "
+        what = parse(partition)[0]
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise UserError(f"partition {partition}: {len(names)} {what}s ({shown}) need at least as many "
                         f"clients; use clients >= {len(names)}")
     rng = _rng(partition, n_clients)
     pools = {d: rng.permutation([i for i, x in enumerate(domains) if x == d]).tolist() for d in names}
@@ -85,10 +111,12 @@ def partition_indices(labels: list[int], n_clients: int, partition: str, min_siz
     if n < n_clients * min_size:
         raise UserError(f"{n} training examples cannot give {n_clients} clients {min_size} each; "
                         f"use fewer clients or more training examples (task option n_train)")
-    if kind == "domain":
+    if kind in NATURAL:
         if domains is None or any(d is None for d in domains):
-            raise UserError(f"partition {partition!r} needs a task whose examples carry a domain (movie-domains: "
-                            f"Rotten Tomatoes and IMDB reviews); this task's examples have none: use iid or dirichlet")
+            have = {"domain": "movie-domains: Rotten Tomatoes and IMDB reviews",
+                    "role": "shakespeare-roles: the plays' lines by speaking role"}[kind]
+            raise UserError(f"partition {partition!r} needs a task whose examples carry a {kind} ({have}); this "
+                            f"task's examples have none: use iid or dirichlet")
         parts = domain_indices(domains, n_clients, partition, alpha)
         if min(len(p) for p in parts) < min_size:
             raise UserError(f"partition {partition}: a client gets fewer than {min_size} examples; use fewer clients "
@@ -116,9 +144,10 @@ def partition_indices(labels: list[int], n_clients: int, partition: str, min_siz
 def client_parts(examples: list[dict], n_clients: int, partition: str, test_fraction: float) -> list[tuple[list[dict], list[dict]]]:
     """(train, test) examples of each client: its partition, the last `test_fraction` of it (at least one
     example) held out as its own test data."""
-    domains = [e.get("domain") for e in examples] if parse(partition)[0] == "domain" else None
-    parts = partition_indices([int(e["label"]) for e in examples], n_clients, partition,
-                              min_size=2 if test_fraction > 0 else 1, domains=domains)
+    kind = parse(partition)[0]
+    domains = [e.get(kind) for e in examples] if kind in NATURAL else None
+    labels = [int(e["label"]) for e in examples] if kind == "dirichlet" else [0] * len(examples)
+    parts = partition_indices(labels, n_clients, partition, min_size=2 if test_fraction > 0 else 1, domains=domains)
     out = []
     for idx in parts:
         n_test = max(1, int(round(test_fraction * len(idx)))) if test_fraction > 0 else 0
@@ -129,7 +158,10 @@ def client_parts(examples: list[dict], n_clients: int, partition: str, test_frac
 
 def label_skew(parts: list[tuple[list[dict], list[dict]]]) -> float:
     """Mean over clients of the total-variation distance between the client's label distribution and the
-    pooled one: 0 for identical distributions, towards 1 for clients that hold one class each."""
+    pooled one: 0 for identical distributions, towards 1 for clients that hold one class each; None for
+    examples without labels (a language-modelling task)."""
+    if not parts or "label" not in (parts[0][0] + parts[0][1] or [{}])[0]:
+        return None
     train = [[int(e["label"]) for e in tr + te] for tr, te in parts]
     classes = sorted({y for ys in train for y in ys})
     pooled = np.array([sum(ys.count(c) for ys in train) for c in classes], float)
@@ -141,14 +173,15 @@ def label_skew(parts: list[tuple[list[dict], list[dict]]]) -> float:
     return float(np.mean(tv))
 
 
-def client_domains(parts: list[tuple[list[dict], list[dict]]]) -> list[dict[str, int]] | None:
-    """Each client's number of examples (train and test) per domain; None when the examples carry no domain."""
-    if not parts or "domain" not in (parts[0][0] + parts[0][1] or [{}])[0]:
+def client_domains(parts: list[tuple[list[dict], list[dict]]], key: str = "domain") -> list[dict[str, int]] | None:
+    """Each client's number of examples (train and test) per domain (or per `key`: "role"); None when the
+    examples carry no such key."""
+    if not parts or key not in (parts[0][0] + parts[0][1] or [{}])[0]:
         return None
     out = []
     for tr, te in parts:
         counts: dict[str, int] = {}
         for e in tr + te:
-            counts[e["domain"]] = counts.get(e["domain"], 0) + 1
+            counts[e[key]] = counts.get(e[key], 0) + 1
         out.append(dict(sorted(counts.items())))
     return out

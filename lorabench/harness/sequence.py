@@ -39,6 +39,13 @@ class ContinualConfig:
                                       "not measured)")
     validate: bool = option(False, "after the last stage also score every task's validation part: the score a "
                                    "penalty weight (O-LoRA's lambda) is chosen on")
+    forget: list[list[int]] = option(default_factory=list, help=(
+        "continual forgetting (GS-LoRA's protocol, lorabench/harness/forgetting.py): the classes forgotten by each "
+        "task, e.g. [[3], [2]]; the order is then one classification task and the method gs-lora; [] = a "
+        "sequence of tasks"))
+    learn_steps: int = option(200, "with forget: steps that first train the model on every class (the model that "
+                                   "will forget: full fine-tuning)", low=1)
+    learn_lr: float | None = option(None, "with forget: the learning rate of those steps (None: train.lr)", low=0.0)
 
 
 # -- the metrics (docs/continual.md) --------------------------------------------------------------
@@ -73,11 +80,19 @@ def sequence_split_hash(split_hashes: list[str]) -> str:
 
 
 def order_tasks(spec) -> list:
-    """The task objects of a continual spec's order, each with its suite options; all multiple choice."""
+    """The task objects of a continual spec's order, each with its suite options: multiple choice, or (with
+    continual.forget) one classification task."""
     from lorabench.tasks import get_task
     tasks = []
+    forgetting = bool((spec.continual.get("config") or {}).get("forget"))
     for e in spec.continual["tasks"]:
         task = get_task(e["name"]).from_options(e.get("options") or {}, where=f"task {e['name']}")
+        if forgetting:  # continual forgetting: one classification task whose classes are forgotten
+            if task.head != "seq-cls" or len(spec.continual["tasks"]) != 1:
+                raise UserError(f"continual forgetting (continual.forget) runs on one classification task; the "
+                                f"order lists {[x['name'] for x in spec.continual['tasks']]}")
+            tasks.append(task)
+            continue
         if task.kind != "multiple-choice":
             raise UserError(f"task {e['name']}: the sequence scenario trains one model on tasks that share one "
                             f"output space (the likelihood of each option, lorabench/harness/task_pool.py); "
@@ -124,6 +139,9 @@ def run_sequence(spec, progress: bool = True) -> dict:
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     cfg = from_dict(ContinualConfig, spec.continual.get("config") or {}, "continual")
+    if cfg.forget:  # GS-LoRA's protocol: one classification task, classes forgotten task after task
+        from lorabench.harness.forgetting import run_forgetting
+        return run_forgetting(spec, progress=progress)
     tasks = order_tasks(spec)
     method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
     if not isinstance(method, SequentialLoRA):

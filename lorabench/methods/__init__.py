@@ -207,3 +207,5 @@ METHODS.register_lazy("i-lora", "lorabench.methods.continual.i_lora:ILoRA", fami
                       title="I-LoRA: Analyzing and Reducing Catastrophic Forgetting in Parameter-Efficient Tuning")
 METHODS.register_lazy("task-arithmetic", "lorabench.methods.continual.task_arithmetic:TaskArithmetic", family="continual",
                       paper="2311.02428", title="Task Arithmetic with LoRA for Continual Learning")
+METHODS.register_lazy("gs-lora", "lorabench.methods.continual.gs_lora:GSLoRA", family="continual", paper="2403.11530",
+                      title="Continual Forgetting for Pre-trained Vision Models (GS-LoRA)")

@@ -23,6 +23,9 @@ Output layout under --out DIR (the published leaderboard is `results/`):
                         differences from seq-lora, adapter norms; continual_sweeps.csv (penalty weights swept);
                         plots/continual-ORDER.png (the matrix R as heat maps). Continual records are reported there
                         only: their score is a sequence's, not a task's, so the per-task tables leave them out.
+    forgetting.csv      continual forgetting (GS-LoRA's protocol, when any): per task, label and forgetting task:
+                        H-mean, accuracy on the forgotten and the kept classes before and after, blocks whose group
+                        is zero (report/forgetting.py); left out of the per-task tables too
     findings.csv        the survey's headline claims, per task, with the numbers behind each verdict
     leaderboard.html    one self-contained page: sortable, filterable tables and the plots
     plots/TASK.png, plots/average.png
@@ -37,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import UserError
-from lorabench.report import continual, cross_task, curves, federated, findings, mixture, plots, tables
+from lorabench.report import continual, cross_task, curves, federated, findings, forgetting, mixture, plots, tables
 from lorabench.report.html import render_html
 from lorabench.report.markdown import render_markdown
 
@@ -146,7 +149,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     out.mkdir(parents=True, exist_ok=True)
     sequences = continual.continual_records(records)
     rep = tables.build([r for r in records if not isinstance(r.get("continual"), dict)
-                        and not isinstance(r.get("mixture"), dict)], notes)   # scenario records: their own sections
+                        and not isinstance(r.get("mixture"), dict)
+                        and not isinstance(r.get("forgetting"), dict)], notes)   # scenario records: their own sections
     claims = findings.evaluate(rep.trials)
     cov = coverage(rep)
     need_png = "png" in formats or "html" in formats or "md" in formats
@@ -158,6 +162,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     fed = federated.federated_frame(records)
     cross, merges = cross_task.cross_task_frame(records), cross_task.merge_frame(records)
     mix = mixture.mixture_frame(records)
+    forget = forgetting.forgetting_frame(records)
     written: list[Path] = []
     if "md" in formats:
         p = out / "LEADERBOARD.md"
@@ -166,6 +171,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
         fed_md += cross_task.markdown(cross, merges)   # the cross-task scenario's section (none without its records)
         fed_md += mixture.markdown(mix)   # its protocol (b) (none without mixture records)
         cont_md = continual.markdown(sequences, [n for n in sorted(pngs) if n.startswith("continual-")] if names else [])
+        cont_md += forgetting.markdown(forget)   # continual forgetting (none without its records)
         p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md, cont_md), encoding="utf-8")
         written.append(p)
     if "csv" in formats:
@@ -186,6 +192,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
             frames["cross-task-merges.csv"] = merges
         if len(mix):
             frames["mixture.csv"] = mix
+        if len(forget):
+            frames["forgetting.csv"] = forget
         if sequences:
             frames["continual.csv"] = continual.continual_frame(sequences)
             sw = continual.sweeps(sequences)

@@ -28,7 +28,10 @@ tune_task: rt-sentiment      # optional, with lr_grid: only this task runs the g
                              # a tasks= override that leaves the tuning task out still reads its choice
 federated: {clients: 10, rounds: 5}   # optional: the clients scenario (lorabench/harness/clients.py options);
 partitions: [iid, dirichlet:0.3]      # with federated: one trial per method x partition x seed, labelled
-                                      # METHOD@PARTITION; every method must be of the federated family
+                                      # METHOD@PARTITION; every method must be of the federated family; a task
+                                      # may list its own (`{name: movie-domains, partitions: [domain]}`), which
+                                      # replace the suite's for it; a partitions= override selects from a task's
+                                      # own list, and replaces the suite's list for the tasks it fits
 cross_task: {k_shots: 5}     # optional: the cross-task scenario's leave-one-task-out protocol
                              # (lorabench/harness/cross_task.py options); each task is held out in turn, one
                              # trial per method x held-out task x seed; every method must be of the cross-task family
@@ -67,7 +70,7 @@ SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
             "tune_seeds", "tune_task", "federated", "partitions", "cross_task", "continual", "orders", "mixture",
             "splits"}
-TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds"}
+TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds", "partitions"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
 
@@ -117,6 +120,8 @@ class TaskEntry:
     jobs: int | None = None  # trials of this task run at once (None = the suite's jobs); not part of trial ids
     lr_grid: list[float] | None = None  # factors of the trial's learning rate (None = the suite's)
     seeds: list[int] | None = None  # a subset of the suite's seeds for this task (None = all of them)
+    partitions: list[str] | None = None  # with federated: this task's partitions (None = the suite's); not part
+    # of trial ids (each trial's partition is, in its federated options)
 
 
 @dataclass
@@ -189,7 +194,7 @@ class Suite:
                         out.append(sp)
                     continue
                 if self.federated is not None:  # the clients scenario: method x partition x seed
-                    for part in self.partitions or ["iid"]:
+                    for part in task.partitions or self.partitions or ["iid"]:
                         for seed in seeds:
                             sp = spec(seed, train)
                             sp.label = f"{method.label}@{part}"
@@ -488,7 +493,7 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
                                 f"{tune_seeds} (tune_seeds), got seeds {task_seeds!r}")
         tasks.append(TaskEntry(e["name"], e.get("model"), dict(e.get("options") or {}), dict(e.get("train") or {}),
                                lm_eval, check_jobs(e.get("jobs"), k + ("jobs",)), check_grid(e.get("lr_grid"), k + ("lr_grid",)),
-                               task_seeds))
+                               task_seeds, e.get("partitions")))
     methods, labels = [], set()
     for e, k in entries("methods", METHOD_KEYS, METHODS):
         where = _where(path, lines, k)
@@ -500,7 +505,7 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
         from_dict(TrainConfig, merge(base_train, e.get("train") or {}), f"{where}: train")
         methods.append(MethodEntry(e["name"], label, dict(e.get("options") or {}), dict(e.get("train") or {}),
                                    check_grid(e.get("lr_grid"), k + ("lr_grid",))))
-    federated, parts = _federated(data, path, lines, methods, lr_grid)
+    federated, parts = _federated(data, path, lines, methods, tasks, lr_grid)
     cross_task = _cross_task(data, path, lines, methods, lr_grid)
     continual, orders = _continual(data, path, lines, methods, tasks, lr_grid)
     mixture, splits = _mixture(data, path, lines, methods, tasks, lr_grid)
@@ -565,16 +570,17 @@ def _family(name: str) -> list[str]:
     return [n for n in METHODS.names() if METHODS.meta(n)["family"] == name]
 
 
-def _pool_tasks(path: Path, lines: dict, tasks: list[TaskEntry], key: str, scenario: str) -> list[str]:
+def _pool_tasks(path: Path, lines: dict, tasks: list[TaskEntry], key: str, scenario: str,
+                multiple_choice: bool = True) -> list[str]:
     """The task names of a scenario that trains one model on tasks sharing one output space: each listed
-    once, every one multiple-choice (the cross-task pool)."""
+    once, every one multiple-choice (the cross-task pool) unless `multiple_choice` is False."""
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         per = {"continual": "order", "mixture": "split"}[key]
         raise UserError(f"{_where(path, lines, ('tasks',))}: with {key}:, each task is listed once (its options are "
                         f"the same in every {per})")
     from lorabench.tasks import get_task
-    for i, t in enumerate(tasks):
+    for i, t in enumerate(tasks if multiple_choice else []):
         kind = get_task(t.name).kind
         if kind != "multiple-choice":
             raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {kind} task; {scenario} trains "
@@ -596,12 +602,16 @@ def _task_list(where: str, what: str, seq, names: list[str], at_least_one: bool 
     return list(seq)
 
 
-def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> tuple[dict | None, list | None]:
-    """The clients scenario's keys: `federated` options (checked against FederatedConfig), `partitions`."""
+def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], tasks: list[TaskEntry],
+               lr_grid) -> tuple[dict | None, list | None]:
+    """The clients scenario's keys: `federated` options (checked against FederatedConfig), `partitions` (the
+    suite's, and each task's own); every partition must fit its task (`partitions.fits`)."""
     fed, parts = data.get("federated"), data.get("partitions")
     if fed is None:
-        if parts is not None:
-            raise UserError(f"{_where(path, lines, ('partitions',))}: partitions needs a `federated:` mapping (the "
+        own = [i for i, t in enumerate(tasks) if t.partitions is not None]
+        if parts is not None or own:
+            key = ('partitions',) if parts is not None else ('tasks', own[0], 'partitions')
+            raise UserError(f"{_where(path, lines, key)}: partitions needs a `federated:` mapping (the "
                             f"clients scenario's options, e.g. {{clients: 10, rounds: 5}})")
         return None, None
     from lorabench.harness.clients import FederatedConfig, check_machine
@@ -614,20 +624,35 @@ def _federated(data: dict, path: Path, lines: dict, methods: list[MethodEntry], 
         check_machine(from_dict(FederatedConfig, fed, "federated"))  # actors and memory, before any trial starts
     except UserError as e:
         raise UserError(f"{_where(path, lines, ('federated',))}: {e}") from None
-    parts = parts if parts is not None else ["iid"]
-    if not isinstance(parts, list) or not parts or len(set(map(str, parts))) != len(parts):
-        raise UserError(f"{_where(path, lines, ('partitions',))}: partitions must be a non-empty list of distinct "
-                        f"partitions ('iid', 'dirichlet:ALPHA'), got {parts!r}")
-    from lorabench.harness.partitions import parse
-    for i, p in enumerate(parts):
-        try:
-            parse(str(p))
-        except UserError as e:
-            raise UserError(f"{_where(path, lines, ('partitions', i))}: {e}") from None
+    from lorabench.harness.partitions import fits, parse
+    from lorabench.tasks import TASKS
+
+    def check(value, key: tuple) -> list[str]:
+        if not isinstance(value, list) or not value or len(set(map(str, value))) != len(value):
+            raise UserError(f"{_where(path, lines, key)}: partitions must be a non-empty list of distinct "
+                            f"partitions ('iid', 'dirichlet:ALPHA', 'domain', 'role'), got {value!r}")
+        for i, p in enumerate(value):
+            try:
+                parse(str(p))
+            except UserError as e:
+                raise UserError(f"{_where(path, lines, key + (i,))}: {e}") from None
+        return [str(p) for p in value]
+
+    parts = check(parts if parts is not None else ["iid"], ("partitions",))
+    for i, t in enumerate(tasks):
+        key = ("tasks", i, "partitions") if t.partitions is not None else ("partitions",)
+        if t.partitions is not None:
+            t.partitions = check(t.partitions, key)
+        for j, p in enumerate(t.partitions or parts):
+            why = fits(p, TASKS.get(t.name))
+            if why:
+                raise UserError(f"{_where(path, lines, key + (j,))}: task {t.name}: {why}"
+                                + ("" if t.partitions is not None else
+                                   f"; or give the task its own list: {{name: {t.name}, partitions: [...]}}"))
     _family_methods(path, lines, methods, _family("federated"),
                     "is not a federated method; a suite with `federated:` runs the clients scenario")
     _no_lr_grid(data, path, lines, lr_grid, "federated", "set train.lr per method")
-    return fed, [str(p) for p in parts]
+    return fed, parts
 
 
 def _cross_task(data: dict, path: Path, lines: dict, methods: list[MethodEntry], lr_grid) -> dict | None:
@@ -660,11 +685,34 @@ def _continual(data: dict, path: Path, lines: dict, methods: list[MethodEntry], 
         raise UserError(f"{_where(path, lines, ('orders',) if orders is not None else ('continual',))}: a continual "
                         f"suite needs `orders:`, a mapping of order names to lists of task names from tasks: "
                         f"({', '.join(names)}), e.g. {{order-1: [{', '.join(names[:3])}]}}")
-    names = _pool_tasks(path, lines, tasks, "continual", "the sequence scenario")
+    forget = cont.get("forget")
+    names = _pool_tasks(path, lines, tasks, "continual", "the sequence scenario", multiple_choice=not forget)
     out = {str(name): _task_list(_where(path, lines, ('orders', name)), f"order {name!r}", seq, names)
            for name, seq in orders.items()}
+    if forget:  # continual forgetting (GS-LoRA's protocol): each order is one classification task
+        from lorabench.harness.forgetting import check_forget
+        from lorabench.tasks import get_task
+        for i, t in enumerate(tasks):
+            cls = get_task(t.name)
+            if cls.head != "seq-cls":
+                raise UserError(f"{_where(path, lines, ('tasks', i))}: task {t.name} is a {cls.kind} task; continual "
+                                f"forgetting (continual.forget) forgets classes of a classification task")
+            check_forget(forget, cls.num_labels, f"{_where(path, lines, ('continual', 'forget'))}: task {t.name}")
+        long = [n for n, seq in out.items() if len(seq) != 1]
+        if long:
+            raise UserError(f"{_where(path, lines, ('orders', long[0]))}: with continual.forget each order is one "
+                            f"classification task (its classes are forgotten task after task), got {out[long[0]]}")
     _family_methods(path, lines, methods, _family("continual"),
                     "is not a continual method; a suite with `continual:` runs the sequence scenario")
+    from lorabench.methods import METHODS
+    forgetting = [n for n in _family("continual") if hasattr(METHODS.get(n), "begin_forgetting")]
+    for i, m in enumerate(methods):
+        if bool(forget) != (m.name in forgetting):
+            raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} "
+                            + ("runs continual forgetting: set continual.forget (the classes each task forgets) on "
+                               "a classification task" if m.name in forgetting else
+                               "has no continual-forgetting protocol; with continual.forget the methods are: "
+                               + ", ".join(forgetting)))
     _no_lr_grid(data, path, lines, lr_grid, "continual",
                 "set train.lr per method, and sweep a penalty weight with one label per value")
     return cont, out
@@ -757,7 +805,9 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             data["lr_grid"] = [value] if isinstance(value, (int, float)) else (
                 [_parse_value(v) for v in raw.split(",")] if isinstance(value, str) else value)
         elif key == "partitions":
-            data["partitions"] = [v.strip() for v in str(raw).split(",") if v.strip()]
+            data["partitions"] = wanted = [v.strip() for v in str(raw).split(",") if v.strip()]
+            if any(isinstance(t, dict) and t.get("partitions") is not None for t in data["tasks"]):
+                _select_partitions(data, wanted, path)
         elif key.startswith("federated."):
             from lorabench.harness.clients import FederatedConfig
             from_dict(FederatedConfig, {key[10:]: value}, f"command line: {key}={raw.strip()}: federated")
@@ -830,6 +880,36 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise UserError(f"command line: unknown override key {key!r}.{hint} {OVERRIDE_HELP}; method labels here: {', '.join(labels)}")
     return data
+
+
+def _select_partitions(data: dict, wanted: list[str], path: Path) -> None:
+    """`partitions=` on a suite whose tasks list their own: from a task's own list it keeps those named; a task
+    without one runs those named that fit it (a natural partition needs its tag); a task left with none is
+    left out. A partition that no task runs is an error."""
+    from lorabench.harness.partitions import fits, parse
+    from lorabench.tasks import TASKS
+    for w in wanted:
+        try:
+            parse(w)
+        except UserError as e:
+            raise UserError(f"command line: partitions={','.join(wanted)}: {e}") from None
+    kept = []
+    for t in data["tasks"]:
+        name = str(t.get("name"))
+        if t.get("partitions") is not None:
+            mine = [p for p in wanted if p in map(str, t["partitions"])]
+        else:
+            mine = [p for p in wanted if name not in TASKS or fits(p, TASKS.get(name)) is None]
+        if mine:
+            kept.append({**t, "partitions": mine})
+    unused = [w for w in wanted if not any(w in t["partitions"] for t in kept)]
+    if unused:
+        lists = "; ".join(f"{t.get('name')}: {', '.join(map(str, t['partitions']))}" for t in data["tasks"]
+                          if t.get("partitions") is not None)
+        raise UserError(f"command line: partitions={','.join(wanted)}: no task of suite {path.stem} runs "
+                        f"{', '.join(unused)} (tasks with their own partitions: {lists}; the others run the "
+                        f"partitions named that fit them)")
+    data["tasks"] = kept
 
 
 def _override_methods(methods: list[dict], label: str | None, opt: str, value, given: str) -> None:

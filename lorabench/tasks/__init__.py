@@ -13,6 +13,9 @@ TASKS.register_lazy("movie-domains", "lorabench.tasks.classification:MovieDomain
 TASKS.register_lazy("sarcasm", "lorabench.tasks.classification:Sarcasm",
                     kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
                     sizes="train 24,498 / validation 1,000 / eval 3,000 (of 28,614; 116 exact duplicates dropped)")
+TASKS.register_lazy("text-sources", "lorabench.tasks.classification:TextSources",
+                    kind="classification", metric="accuracy", higher_is_better=True, default_model="minilm-l6",
+                    sizes="train 6,800 / validation 400 / eval 800 (of 8,000: 2,000 per class, 4 classes)")
 TASKS.register_lazy("quartz", "lorabench.tasks.multiple_choice:QuaRTz",
                     kind="multiple-choice", metric="accuracy", higher_is_better=True, default_model="smollm2-135m",
                     sizes="train 2,060 / validation 300 / eval 1,500 (of 3,860)")
@@ -26,6 +29,9 @@ TASKS.register_lazy("arith", "lorabench.tasks.generation:Arith",
 TASKS.register_lazy("shakespeare-lm", "lorabench.tasks.lm:ShakespeareLM",
                     kind="perplexity", metric="perplexity", higher_is_better=False, default_model="smollm2-135m",
                     sizes="plays split 4 eval / the rest train; eval 64 windows (n_eval), train windows from every train play")
+TASKS.register_lazy("shakespeare-roles", "lorabench.tasks.lm:ShakespeareRoles",
+                    kind="perplexity", metric="perplexity", higher_is_better=False, default_model="smollm2-135m",
+                    sizes="train 1,819 / eval 454 speeches of the 10 roles with the most (n_roles); no validation part")
 TASKS.register_lazy("kv-retrieval", "lorabench.tasks.longctx:KVRetrieval",
                     kind="generation", metric="exact_match", higher_is_better=True, default_model="smollm2-135m",
                     sizes="train 2,000 / eval 200 (of 2,200 generated from seed 0; n_pairs sets the input length)")

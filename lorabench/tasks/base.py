@@ -193,6 +193,8 @@ class Task:
     default_max_length: ClassVar[int] = 128
     num_labels: ClassVar[int | None] = None
     val_size: ClassVar[int] = 0      # validation examples carved from the training data (0 = none)
+    partition_tags: ClassVar[tuple[str, ...]] = ()  # example keys a natural federated partition splits by
+    # ("domain", "role": lorabench/harness/partitions.py)
     config_cls: ClassVar[type] = TaskConfig
 
     def __init__(self, config: TaskConfig | None = None):

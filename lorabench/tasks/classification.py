@@ -84,6 +84,7 @@ class MovieDomains(ClassificationTask):
     val_size = 500
     sizes = "train 14,060 / validation 500 / eval 2,500 (of 17,060: 8,530 per domain)"
     default_max_length = 64
+    partition_tags = ("domain",)
 
     def build_split(self) -> Split:
         import random
@@ -93,3 +94,37 @@ class MovieDomains(ClassificationTask):
         imdb = [{"text": r["text"], "label": int(r["label"]), "domain": "imdb"} for r in assets.load_dataset("imdb")]
         imdb = random.Random(20261206).sample(imdb, len(rt))  # as many IMDB reviews as RT sentences
         return seeded_split(rt + imdb, self.eval_size, self.val_size)
+
+
+class TextSources(ClassificationTask):
+    """Which corpus a text comes from, four classes from four real corpora: a Rotten Tomatoes review sentence (0),
+    an IMDB review (1, cut to max_length tokens like every input), a news headline (2: HuffPost or The Onion,
+    from the sarcasm set), a speech from one of Shakespeare's plays (3). The assets hold no multi-class topic
+    task with balanced classes (the evals wheel's event_categories has 852 / 17 / 10 examples per class), and
+    continual forgetting (GS-LoRA, docs/continual.md) needs several classes a model learns well: 2,000 texts per
+    class are drawn with a fixed seed, so the classes weigh the same."""
+    name = "text-sources"
+    dataset = "rotten-tomatoes+imdb+sarcasm+shakespeare"
+    description = "Which of four corpora a text comes from: movie-review sentence, IMDB review, news headline, Shakespeare speech"
+    num_labels = 4
+    classes = ("rt-sentence", "imdb-review", "headline", "shakespeare")
+    per_class = 2000
+    eval_size = 800
+    val_size = 400
+    sizes = "train 6,800 / validation 400 / eval 800 (of 8,000: 2,000 per class, 4 classes)"
+    default_max_length = 64
+
+    def build_split(self) -> Split:
+        import random
+
+        from lorabench import assets
+        from lorabench.tasks.lm import speeches
+        plays = sorted(assets.load_dataset("shakespeare"), key=lambda p: p["title"])
+        pools = [[r["text"] for r in assets.load_dataset("rotten-tomatoes")],
+                 [r["text"] for r in assets.load_dataset("imdb")],
+                 [r["text"] for r in assets.load_dataset("sarcasm")],
+                 [s["text"] for p in plays for s in speeches(p["title"], p["text"])]]
+        rng = random.Random(20261206)
+        items = [{"text": t, "label": k} for k, pool in enumerate(pools)
+                 for t in rng.sample(sorted(set(pool)), self.per_class)]
+        return seeded_split(items, self.eval_size, self.val_size)
