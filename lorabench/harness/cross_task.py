@@ -186,10 +186,15 @@ def run_cross_task(spec, progress: bool = True) -> dict:
             return task.evaluate(model, tok, train_cfg.eval_batch_size)
 
     t0 = time.perf_counter()
-    comp = method.compose(states, scale, loss_fn, spec.seed)
-    compose_seconds = time.perf_counter() - t0
-    log(f"composed: weights {[round(w, 3) for w in comp.weights]} after {comp.loss_evaluations} k-shot evaluations")
-    ev = evaluate(composer_for(base, comp.state, composers))
+    if method.input_aware:   # LoraRetriever: each eval input retrieves and composes its own candidates
+        comp, ev = retrieve_and_evaluate(method, task, candidates, states, scale, base, tok, composers, train_cfg)
+        compose_seconds = time.perf_counter() - t0 - ev.seconds
+        log(f"retrieved: {comp.info['retrieval']['retrieved_fraction']}")
+    else:
+        comp = method.compose(states, scale, loss_fn, spec.seed)
+        compose_seconds = time.perf_counter() - t0
+        log(f"composed: weights {[round(w, 3) for w in comp.weights]} after {comp.loss_evaluations} k-shot evaluations")
+        ev = evaluate(composer_for(base, comp.state, composers))
 
     # baselines of this seed, on the same eval examples
     split = task.split()
@@ -249,6 +254,58 @@ def run_cross_task(spec, progress: bool = True) -> dict:
         "trial_seconds": round(time.perf_counter() - t_start, 3),
         "threads": torch.get_num_threads(),
     }
+
+
+def retrieve_and_evaluate(method, task, candidates: list[str], states: list[dict], scale: float, base, tok,
+                          composers: dict, train_cfg):
+    """An input-aware rule (LoraRetriever, methods/cross_task/loraretriever.py) on the held-out task's eval part:
+    each candidate adapter is embedded from `adapter_examples` prompts of its task's training split (drawn with a
+    fixed seed: the embeddings belong to the library, not to the trial), each eval input retrieves its top-k
+    candidates, and the inputs that retrieved the same set are scored together with that set's composition.
+    Returns the Composition (the mean weight of each candidate over the inputs, the retrieval in `info`) and the
+    evaluation of the whole eval part, per-example outcomes in its order."""
+    from lorabench import assets
+    from lorabench.methods.cross_task.base import Composition
+    from lorabench.methods.cross_task.loraretriever import adapter_embeddings, retrieve, sentence_embeddings
+    from lorabench.harness.train import precision
+    from lorabench.tasks import get_task
+    from lorabench.tasks.base import EvalResult, Outcomes
+    c = method.config
+    enc = assets.load_model(c.embedder, head="seq-cls", num_labels=1)
+    per_adapter = []
+    for t in candidates:
+        lib_task = get_task(t).from_options({}, where=f"task {t}")
+        train = lib_task.split().train
+        shots = random.Random(0).sample(train, min(c.adapter_examples, len(train)))
+        per_adapter.append(sentence_embeddings(enc.model, enc.tokenizer, [lib_task.prompt(e) for e in shots]))
+    examples = task.examples("eval")
+    queries = sentence_embeddings(enc.model, enc.tokenizer, [task.prompt(e) for e in examples])
+    chosen = retrieve(queries, adapter_embeddings(per_adapter), c.top_k)          # per input, sec. 4.1
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(chosen):
+        groups.setdefault(s, []).append(i)
+    n = len(examples)
+    correct, pred, labels = [0] * n, [0] * n, [0] * n
+    norm_hits, n_tokens, seconds = 0.0, 0, 0.0
+    for s, idx in groups.items():   # one composition per retrieved set, scored on the inputs that retrieved it
+        view = copy.copy(task)
+        subset = [examples[i] for i in idx]
+        view.examples = lambda part, subset=subset: subset
+        model = composer_for(base, method.compose_retrieved(states, s, scale), composers)
+        model.eval()
+        with precision(train_cfg):
+            e = view.evaluate(model, tok, train_cfg.eval_batch_size)
+        for j, i in enumerate(idx):
+            correct[i], pred[i], labels[i] = e.outcomes.correct[j], e.outcomes.pred[j], e.outcomes.label[j]
+        norm_hits += e.metrics["accuracy_norm"] * len(idx)
+        n_tokens += e.n_tokens
+        seconds += e.seconds
+    ev = EvalResult({"accuracy": sum(correct) / n, "accuracy_norm": norm_hits / n}, n_tokens, seconds,
+                    Outcomes(correct, pred, labels))
+    weights = [sum(1.0 / c.top_k for s in chosen if i in s) / n for i in range(len(candidates))]
+    info = {"composition": c.composition, "top_k": c.top_k, "embedder": c.embedder,
+            "adapter_examples": c.adapter_examples, "retrieval": method.retrieval_summary(candidates, chosen)}
+    return Composition(None, weights, 0, info), ev
 
 
 def merge_errors(states: list[dict], scale: float, c: CrossTaskConfig) -> dict:

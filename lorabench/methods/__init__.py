@@ -154,6 +154,8 @@ METHODS.register_lazy("lora-arithmetic", "lorabench.methods.cross_task.lora_arit
                       paper="2306.14870", title="Composing Parameter-Efficient Modules with Arithmetic Operations")
 METHODS.register_lazy("uniform-average", "lorabench.methods.cross_task.uniform_average:UniformAverage", family="cross-task",
                       paper="2203.05482", title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time (the uniform soup, of task adapters)")
+METHODS.register_lazy("loraretriever", "lorabench.methods.cross_task.loraretriever:LoraRetriever", family="cross-task",
+                      paper="2402.09997", title="LoraRetriever: Input-Aware LoRA Retrieval and Composition for Mixed Tasks in the Wild")
 # ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
 # the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
 METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",
@@ -176,6 +178,9 @@ METHODS.register_lazy("mixture-of-loras", "lorabench.methods.cross_task.mixture_
                       paper="2403.03432", title="Mixture-of-LoRAs: An efficient multitask tuning method for large language models")
 METHODS.register_lazy("octavius", "lorabench.methods.cross_task.octavius:Octavius", family="cross-task", paper="2311.02684",
                       title="Octavius: Mitigating Task Interference in MLLMs via LoRA-MoE")
+# ... composition of outputs: M LoRAs from different seeds, trained and scored by protocol (b)
+METHODS.register_lazy("lora-ensemble", "lorabench.methods.cross_task.lora_ensemble:LoraEnsemble", family="cross-task",
+                      paper="2310.00035", title="LoRA ensembles for large language model fine-tuning")
 
 
 def get_method(name: str):

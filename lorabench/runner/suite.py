@@ -39,7 +39,7 @@ orders:                               # with continual: named task orders (names
 mixture: {knowledge_tasks: []}        # optional: the cross-task protocol (b) (lorabench/harness/mixture.py options);
 splits:                               # with mixture: named splits of the pool (names from tasks:), one trial per
   split-a: {train: [quartz, rt-mc], held_out: [tomi]}  # method x split x seed, labelled METHOD@SPLIT; every method
-                                      # is a mixture of LoRA experts (cross-task family) or lora
+                                      # is a mixture of LoRA experts (cross-task family), lora or lora-ensemble
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -708,12 +708,12 @@ def _mixture(data: dict, path: Path, lines: dict, methods: list[MethodEntry], ta
                             f"(the cross-task pool, lorabench/harness/task_pool.py)")
     from lorabench.methods import METHODS
     from lorabench.methods.cross_task.mixture import MixtureMethod
-    valid = ["lora"] + [n for n in METHODS.names() if METHODS.meta(n)["family"] == "cross-task"
-                        and issubclass(METHODS.get(n), MixtureMethod)]
+    valid = ["lora", "lora-ensemble"] + [n for n in METHODS.names() if METHODS.meta(n)["family"] == "cross-task"
+                                         and issubclass(METHODS.get(n), MixtureMethod)]
     for i, m in enumerate(methods):
         if m.name not in valid:
             raise UserError(f"{_where(path, lines, ('methods', i))}: method {m.name!r} is neither a mixture of LoRA "
-                            f"experts nor lora; a suite with `mixture:` runs the cross-task protocol (b), whose "
+                            f"experts nor lora nor lora-ensemble; a suite with `mixture:` runs the cross-task protocol (b), whose "
                             f"methods are: {', '.join(valid)}")
     if lr_grid is not None or data.get("tune_seeds") is not None:
         raise UserError(f"{_where(path, lines, ('lr_grid',))}: lr_grid/tune_seeds are not supported with mixture: "
