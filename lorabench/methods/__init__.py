@@ -156,6 +156,8 @@ METHODS.register_lazy("uniform-average", "lorabench.methods.cross_task.uniform_a
                       paper="2203.05482", title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time (the uniform soup, of task adapters)")
 METHODS.register_lazy("loraretriever", "lorabench.methods.cross_task.loraretriever:LoraRetriever", family="cross-task",
                       paper="2402.09997", title="LoraRetriever: Input-Aware LoRA Retrieval and Composition for Mixed Tasks in the Wild")
+METHODS.register_lazy("token-level", "lorabench.methods.cross_task.token_level:TokenLevel", family="cross-task",
+                      paper="2311.10847", title="Token-level adaptation of LoRA adapters for downstream task generalization")
 # ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
 # the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
 METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",

@@ -73,6 +73,7 @@ class CompositionMethod(LoRA):
 
     family = "cross-task"
     input_aware = False   # True: the rule composes per eval input (LoraRetriever), through compose_retrieved
+    token_level = False   # True: the rule re-weights per token (token-level adaptation), through combine
 
     def compose(self, states: list[State], scale: float, loss_fn: LossFn, seed: int) -> Composition:
         raise NotImplementedError
