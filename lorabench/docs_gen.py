@@ -55,6 +55,16 @@ PLANNED_NOTES = {
              "(arXiv 2312.12379); the task gate could take cluster ids; left: the clustering and the universal expert",
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
+    # composition entries (issue 17) not implemented yet
+    "Effective and parameter-efficient reusing": (
+        "the same paper as BYOM-LoRA (arXiv 2310.01886), whose compression is the registered `byom-lora` (the task's "
+        "LoRA update cut to rank q by SVD, in a single-task trial); left: its cross-task setting, a merged model "
+        "(task arithmetic over the library's adapters) plus each task's rank-q adapter, every pool task scored with "
+        "its own: a reuse protocol, neither leave-one-task-out (the held-out task has no adapter) nor protocol (b)"),
+    "L-LoRA": "partial linearisation of the LoRA modules (arXiv 2310.04742): each task's LoRA fine-tuned as the "
+              "first-order Taylor expansion of the model in the LoRA parameters around their init (torch.func.jvp), "
+              "then the task vectors merged (task arithmetic); left: the linearised fine-tuning of the library "
+              "adapters and the merge of their task vectors",
     "Fast LoRA": "per-example adapters in one batch (arXiv 2312.05677), a batching mechanism: the BGMV/SGMV ops "
                  "(lorabench/ops, harness/multitask.py) compute the same thing (an adapter index per row); left: "
                  "FLoRA's element-wise form and its throughput against BGMV",

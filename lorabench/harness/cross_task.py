@@ -185,6 +185,9 @@ def run_cross_task(spec, progress: bool = True) -> dict:
         with precision(train_cfg):
             return task.evaluate(model, tok, train_cfg.eval_batch_size)
 
+    if getattr(method, "needs_initial_factors", False):   # ComPEFT: the update is the change from the init
+        from lorabench.harness.multitask import initial_factors
+        method.initial_states = [initial_factors(base, lib, int(paths[t].stem[:8], 16)) for t in candidates]
     t0 = time.perf_counter()
     if method.input_aware:   # LoraRetriever: each eval input retrieves and composes its own candidates
         comp, ev = retrieve_and_evaluate(method, task, candidates, states, scale, base, tok, composers, train_cfg)
@@ -230,6 +233,13 @@ def run_cross_task(spec, progress: bool = True) -> dict:
                             "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)}},
         },
     }
+    if getattr(method, "needs_initial_factors", False):   # ComPEFT: the accuracy kept against the uncompressed mean
+        from lorabench.methods.cross_task.uniform_average import concatenated
+        full = evaluate(composer_for(base, concatenated(states, comp.weights, scale), composers))
+        block["uncompressed"] = {"score": round(float(full.metrics[task.metric.name]), 6),
+                                 "outcomes": full.outcomes.to_record(split.part_hash("eval")) if full.outcomes else None}
+        block["accuracy_kept"] = (round(float(ev.metrics[task.metric.name]) / block["uncompressed"]["score"], 6)
+                                  if block["uncompressed"]["score"] > 0 else None)
     if c.merge_errors and spec.method == "uniform-average":
         block["merge_errors"] = merge_errors(states, scale, c)
     if c.merge_accuracy and spec.method == "uniform-average":

@@ -158,6 +158,8 @@ METHODS.register_lazy("loraretriever", "lorabench.methods.cross_task.loraretriev
                       paper="2402.09997", title="LoraRetriever: Input-Aware LoRA Retrieval and Composition for Mixed Tasks in the Wild")
 METHODS.register_lazy("token-level", "lorabench.methods.cross_task.token_level:TokenLevel", family="cross-task",
                       paper="2311.10847", title="Token-level adaptation of LoRA adapters for downstream task generalization")
+METHODS.register_lazy("compeft", "lorabench.methods.cross_task.compeft:ComPEFT", family="cross-task", paper="2311.13171",
+                      title="ComPEFT: Compression for Communicating Parameter Efficient Updates via Sparsification and Quantization")
 # ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
 # the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
 METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",

@@ -10,6 +10,7 @@ CASES = [
     Case("uniform-average", {"rank": 4, "alpha": 8}),
     Case("loraretriever", {"rank": 4, "alpha": 8, "top_k": 2}),
     Case("token-level", {"rank": 4, "alpha": 8}),
+    Case("compeft", {"rank": 4, "alpha": 8}),
     # mixtures of LoRA experts (lorabench/methods/cross_task/mixture.py); their routers in tests/test_mixture.py
     Case("mixlora", {"experts": 3, "rank": 2}),
     Case("loramoe", {"experts": 4, "rank": 2}),

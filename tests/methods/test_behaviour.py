@@ -157,7 +157,7 @@ BEHAVIOURS = [
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
     B("uniform-average", None, lora_by_construction=True), B("loraretriever", None, lora_by_construction=True),
-    B("token-level", None, lora_by_construction=True),
+    B("token-level", None, lora_by_construction=True), B("compeft", None, lora_by_construction=True),
     # lora-ensemble: a single-task trial trains one member; protocol (b) trains M and averages them
     # (tests/test_cross_task_ensemble.py)
     B("lora-ensemble", None, lora_by_construction=True),
