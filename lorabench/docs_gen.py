@@ -46,6 +46,16 @@ PLANNED_NOTES = {
     # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
+    # composition entries (issue 17) not implemented yet
+    "Effective and parameter-efficient reusing": (
+        "the same paper as BYOM-LoRA (arXiv 2310.01886), whose compression is the registered `byom-lora` (the task's "
+        "LoRA update cut to rank q by SVD, in a single-task trial); left: its cross-task setting, a merged model "
+        "(task arithmetic over the library's adapters) plus each task's rank-q adapter, every pool task scored with "
+        "its own: a reuse protocol, neither leave-one-task-out (the held-out task has no adapter) nor protocol (b)"),
+    "L-LoRA": "partial linearisation of the LoRA modules (arXiv 2310.04742): each task's LoRA fine-tuned as the "
+              "first-order Taylor expansion of the model in the LoRA parameters around their init (torch.func.jvp), "
+              "then the task vectors merged (task arithmetic); left: the linearised fine-tuning of the library "
+              "adapters and the merge of their task vectors",
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.

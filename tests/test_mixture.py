@@ -252,10 +252,10 @@ methods:
 """
 
 
-def test_the_mixture_suite_loads_and_runs_every_mixture_and_the_lora_reference():
+def test_the_mixture_suite_loads_and_runs_every_mixture_the_lora_reference_and_the_ensemble():
     from lorabench.runner.suite import load_suite, trial_id
     suite = load_suite("mixture")
-    assert {m.name for m in suite.methods} == set(MIXTURES) | {"lora"}
+    assert {m.name for m in suite.methods} == set(MIXTURES) | {"lora", "lora-ensemble"}
     trials = suite.trials()
     assert len(trials) == len(suite.methods) * len(suite.splits) * len(suite.seeds)
     assert len({trial_id(t) for t in trials}) == len(trials)

@@ -185,11 +185,23 @@ def run_cross_task(spec, progress: bool = True) -> dict:
         with precision(train_cfg):
             return task.evaluate(model, tok, train_cfg.eval_batch_size)
 
+    if getattr(method, "needs_initial_factors", False):   # ComPEFT: the update is the change from the init
+        from lorabench.harness.multitask import initial_factors
+        method.initial_states = [initial_factors(base, lib, int(paths[t].stem[:8], 16)) for t in candidates]
     t0 = time.perf_counter()
-    comp = method.compose(states, scale, loss_fn, spec.seed)
-    compose_seconds = time.perf_counter() - t0
-    log(f"composed: weights {[round(w, 3) for w in comp.weights]} after {comp.loss_evaluations} k-shot evaluations")
-    ev = evaluate(composer_for(base, comp.state, composers))
+    if method.input_aware:   # LoraRetriever: each eval input retrieves and composes its own candidates
+        comp, ev = retrieve_and_evaluate(method, task, candidates, states, scale, base, tok, composers, train_cfg)
+        compose_seconds = time.perf_counter() - t0 - ev.seconds
+        log(f"retrieved: {comp.info['retrieval']['retrieved_fraction']}")
+    elif method.token_level:   # token-level adaptation: the weights follow the text, token by token
+        comp, ev = token_level_evaluate(method, task, candidates, states, scale, base, tok, composers, train_cfg)
+        compose_seconds = time.perf_counter() - t0 - ev.seconds
+        log(f"token-level: mean weights {[round(w, 3) for w in comp.weights]}")
+    else:
+        comp = method.compose(states, scale, loss_fn, spec.seed)
+        compose_seconds = time.perf_counter() - t0
+        log(f"composed: weights {[round(w, 3) for w in comp.weights]} after {comp.loss_evaluations} k-shot evaluations")
+        ev = evaluate(composer_for(base, comp.state, composers))
 
     # baselines of this seed, on the same eval examples
     split = task.split()
@@ -221,6 +233,13 @@ def run_cross_task(spec, progress: bool = True) -> dict:
                             "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)}},
         },
     }
+    if getattr(method, "needs_initial_factors", False):   # ComPEFT: the accuracy kept against the uncompressed mean
+        from lorabench.methods.cross_task.uniform_average import concatenated
+        full = evaluate(composer_for(base, concatenated(states, comp.weights, scale), composers))
+        block["uncompressed"] = {"score": round(float(full.metrics[task.metric.name]), 6),
+                                 "outcomes": full.outcomes.to_record(split.part_hash("eval")) if full.outcomes else None}
+        block["accuracy_kept"] = (round(float(ev.metrics[task.metric.name]) / block["uncompressed"]["score"], 6)
+                                  if block["uncompressed"]["score"] > 0 else None)
     if c.merge_errors and spec.method == "uniform-average":
         block["merge_errors"] = merge_errors(states, scale, c)
     if c.merge_accuracy and spec.method == "uniform-average":
@@ -249,6 +268,126 @@ def run_cross_task(spec, progress: bool = True) -> dict:
         "trial_seconds": round(time.perf_counter() - t_start, 3),
         "threads": torch.get_num_threads(),
     }
+
+
+def retrieve_and_evaluate(method, task, candidates: list[str], states: list[dict], scale: float, base, tok,
+                          composers: dict, train_cfg):
+    """An input-aware rule (LoraRetriever, methods/cross_task/loraretriever.py) on the held-out task's eval part:
+    each candidate adapter is embedded from `adapter_examples` prompts of its task's training split (drawn with a
+    fixed seed: the embeddings belong to the library, not to the trial), each eval input retrieves its top-k
+    candidates, and the inputs that retrieved the same set are scored together with that set's composition.
+    Returns the Composition (the mean weight of each candidate over the inputs, the retrieval in `info`) and the
+    evaluation of the whole eval part, per-example outcomes in its order."""
+    from lorabench.harness.train import precision
+    from lorabench.methods.cross_task.base import Composition
+    from lorabench.methods.cross_task.loraretriever import retrieve, sentence_embeddings
+    from lorabench.tasks.base import EvalResult, Outcomes
+    c = method.config
+    enc, adapters = _embed_library(method, candidates)
+    examples = task.examples("eval")
+    queries = sentence_embeddings(enc.model, enc.tokenizer, [task.prompt(e) for e in examples])
+    chosen = retrieve(queries, adapters, c.top_k)                                 # per input, sec. 4.1
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(chosen):
+        groups.setdefault(s, []).append(i)
+    n = len(examples)
+    correct, pred, labels = [0] * n, [0] * n, [0] * n
+    norm_hits, n_tokens, seconds = 0.0, 0, 0.0
+    for s, idx in groups.items():   # one composition per retrieved set, scored on the inputs that retrieved it
+        view = copy.copy(task)
+        subset = [examples[i] for i in idx]
+        view.examples = lambda part, subset=subset: subset
+        model = composer_for(base, method.compose_retrieved(states, s, scale), composers)
+        model.eval()
+        with precision(train_cfg):
+            e = view.evaluate(model, tok, train_cfg.eval_batch_size)
+        for j, i in enumerate(idx):
+            correct[i], pred[i], labels[i] = e.outcomes.correct[j], e.outcomes.pred[j], e.outcomes.label[j]
+        norm_hits += e.metrics["accuracy_norm"] * len(idx)
+        n_tokens += e.n_tokens
+        seconds += e.seconds
+    ev = EvalResult({"accuracy": sum(correct) / n, "accuracy_norm": norm_hits / n}, n_tokens, seconds,
+                    Outcomes(correct, pred, labels))
+    weights = [sum(1.0 / c.top_k for s in chosen if i in s) / n for i in range(len(candidates))]
+    info = {"composition": c.composition, "top_k": c.top_k, "embedder": c.embedder,
+            "adapter_examples": c.adapter_examples, "retrieval": method.retrieval_summary(candidates, chosen)}
+    return Composition(None, weights, 0, info), ev
+
+
+def _embed_library(method, candidates: list[str]):
+    """The encoder of `method.config.embedder` and each candidate's mean embedding of `adapter_examples` training
+    prompts of its task (drawn with a fixed seed: the embeddings belong to the library, not to the trial)."""
+    from lorabench import assets
+    from lorabench.methods.cross_task.loraretriever import adapter_embeddings, sentence_embeddings
+    from lorabench.tasks import get_task
+    c = method.config
+    enc = assets.load_model(c.embedder, head="seq-cls", num_labels=1)
+    per_adapter = []
+    for t in candidates:
+        lib_task = get_task(t).from_options({}, where=f"task {t}")
+        train = lib_task.split().train
+        shots = random.Random(0).sample(train, min(c.adapter_examples, len(train)))
+        per_adapter.append(sentence_embeddings(enc.model, enc.tokenizer, [lib_task.prompt(e) for e in shots]))
+    return enc, adapter_embeddings(per_adapter)
+
+
+@torch.no_grad()
+def token_level_evaluate(method, task, candidates: list[str], states: list[dict], scale: float, base, tok,
+                         composers: dict, train_cfg):
+    """Token-level adaptation (methods/cross_task/token_level.py) on the held-out task's eval part: each option
+    token o_k is scored after the text prompt ⊕ o_<k has gone through the model under that text's weights
+    w(prompt ⊕ o_<k) (one forward per distinct prefix; the options' first tokens share the prompt's). Returns the
+    Composition (each candidate's mean weight over the prefixes, the routing in `info`) and the evaluation."""
+    import math
+
+    from lorabench.harness.train import precision
+    from lorabench.methods.cross_task.base import Composition
+    from lorabench.methods.cross_task.loraretriever import sentence_embeddings
+    from lorabench.methods.cross_task.token_level import token_weights
+    from lorabench.tasks.base import EvalResult, Outcomes
+    from lorabench.tasks.causal import encode_pair
+    c = method.config
+    enc, centroids = _embed_library(method, candidates)
+    examples = task.examples("eval")
+    t0 = time.perf_counter()
+    correct, pred, labels, norm_hits, n_tokens = [], [], [], 0, 0
+    all_w, changed, forwards = [], 0, 0
+    for e in examples:
+        pairs = [encode_pair(tok, task.prompt(e), task.option_text(ch), task.max_length) for ch in e["choices"]]
+        prefixes = sorted({tuple(ctx + cont[:k]) for ctx, cont in pairs for k in range(len(cont))}, key=len)
+        texts = [tok.decode(list(p), skip_special_tokens=True) for p in prefixes]
+        sim = sentence_embeddings(enc.model, enc.tokenizer, texts) @ centroids.T        # (P, N) cosines
+        w = token_weights(sim, c.temperature)                                              # (P, N), sec. 3
+        next_logp = {}
+        for p, wp in zip(prefixes, w):   # one forward per prefix, under its own weights
+            model = composer_for(base, method.combine(states, wp.tolist(), scale), composers)
+            model.eval()
+            with precision(train_cfg):
+                logits = model(input_ids=torch.tensor([list(p)])).logits[0, -1].float()
+            next_logp[p] = torch.log_softmax(logits, dim=-1)
+            forwards += 1
+            n_tokens += len(p)
+        scores = [sum(float(next_logp[tuple(ctx + cont[:k])][cont[k]]) for k in range(len(cont))) for ctx, cont in pairs]
+        all_w.append(w)
+        changed += int(len({int(x) for x in w.argmax(1)}) > 1)
+        p_i = max(range(len(scores)), key=lambda i: scores[i])
+        lens = [len(task.option_text(ch).encode()) for ch in e["choices"]]
+        norm_hits += int(max(range(len(scores)), key=lambda i: scores[i] / lens[i]) == e["label"])
+        pred.append(p_i)
+        labels.append(int(e["label"]))
+        correct.append(int(p_i == e["label"]))
+    n = len(examples)
+    ev = EvalResult({"accuracy": sum(correct) / n, "accuracy_norm": norm_hits / n}, n_tokens,
+                    time.perf_counter() - t0, Outcomes(correct, pred, labels))
+    W = torch.cat(all_w)                                                                   # every prefix's weights
+    entropy = float(-(W * W.clamp(min=1e-30).log()).sum(1).mean())
+    top = W.argmax(1)
+    info = {"combination": c.combination, "temperature": c.temperature, "embedder": c.embedder,
+            "adapter_examples": c.adapter_examples, "prefixes": int(W.shape[0]), "forwards": forwards,
+            "weight_entropy": round(entropy, 6), "uniform_entropy": round(math.log(len(candidates)), 6),
+            "top_adapter_fraction": {t: round(float((top == i).float().mean()), 6) for i, t in enumerate(candidates)},
+            "questions_whose_top_adapter_changes": round(changed / n, 6)}
+    return Composition(None, [round(float(x), 6) for x in W.mean(0)], 0, info), ev
 
 
 def merge_errors(states: list[dict], scale: float, c: CrossTaskConfig) -> dict:

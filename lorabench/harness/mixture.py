@@ -4,7 +4,8 @@ on held-out tasks (issue 17; docs/cross-task.md, "Protocol (b)"; suites/mixture.
 One trial = a method x a split of the pool (training tasks, held-out tasks) x a seed:
 
 1. the method (a mixture of LoRA experts of the cross-task family, lorabench/methods/cross_task/mixture.py, or
-   `lora`, the multi-task LoRA reference at the same parameter budget) is applied to the pool's model;
+   `lora`, the multi-task LoRA reference at the same parameter budget, or `lora-ensemble`, M such LoRAs from
+   different seeds whose predictive distributions are averaged) is applied to the pool's model;
 2. every training and held-out task is scored on its eval part before training (the adapters are zero at init,
    so this is the base model: the zero-shot baseline of the record, computed once per task and cached);
 3. `train.steps` steps on round-robin batches of the training tasks (methods/continual/multitask_lora.round_robin:
@@ -14,6 +15,11 @@ One trial = a method x a split of the pool (training tasks, held-out tasks) x a 
 4. every training task is scored with its task id (the gate of a task-conditioned method is that task's), every
    held-out task with task id -1 (the mixture has never seen it: MOELoRA uses the mean of its trained tasks' gates;
    token routers route as always), with per-example outcomes and, for a mixture, the experts' load on that task.
+
+`lora-ensemble` repeats steps 1, 3 and 4 for each of its M members (member m from its own seed, initialisation
+and batch order) and scores the ensemble: per question, the mean over the members of their softmax over the options
+(lorabench/methods/cross_task/lora_ensemble.py); its record's `mixture.ensemble` block has every member's accuracy
+per task, the ensemble's, the members' disagreement and the negative log-likelihoods.
 
 The record's score is the mean accuracy over the training tasks; `metrics.held_out` the mean over the held-out
 tasks; its `mixture` block has every task's score, outcomes, zero-shot score and expert load; the report's
@@ -80,6 +86,7 @@ def run_mixture(spec, progress: bool = True) -> dict:
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
     from lorabench.methods.base import ApplyContext
+    from lorabench.methods.cross_task.lora_ensemble import LoraEnsemble
     from lorabench.methods.cross_task.mixture import MixtureMethod
 
     t_start = time.perf_counter()
@@ -93,9 +100,10 @@ def run_mixture(spec, progress: bool = True) -> dict:
     held_out = split_tasks(spec.mixture["held_out"], "mixture")
     method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
     is_mixture = isinstance(method, MixtureMethod)
-    if not is_mixture and spec.method != "lora":
-        raise UserError(f"method {spec.method!r} is neither a mixture of LoRA experts nor lora; protocol (b) trains "
-                        f"those (lorabench/methods/cross_task/mixture.py)")
+    is_ensemble = isinstance(method, LoraEnsemble)
+    if not is_mixture and not is_ensemble and spec.method != "lora":
+        raise UserError(f"method {spec.method!r} is neither a mixture of LoRA experts nor lora nor lora-ensemble; "
+                        f"protocol (b) trains those (lorabench/methods/cross_task/mixture.py)")
     names = [t.name for t in train_tasks]
     bad = [t for t in cfg.knowledge_tasks if t not in names]
     if bad:
@@ -154,13 +162,51 @@ def run_mixture(spec, progress: bool = True) -> dict:
                    progress=progress)
     log(f"trained {result.steps} steps on {', '.join(names)}: loss {result.final_loss}")
     t0 = time.perf_counter()
-    per_task = {}
+    per_task, member_scores, members = {}, {}, [result]
     for task, tid in all_tasks:
         ev, load = score(task, tid)
         per_task[task.name] = {"score": round(float(ev.metrics["accuracy"]), 6), "held_out": tid < 0,
                                "outcomes": _pack(ev.outcomes.correct), "n_eval": len(ev.outcomes.correct),
                                "eval_hash": task.split().part_hash("eval"), "router": load}
+        member_scores[task.name] = [ev.option_scores]
     eval_seconds = time.perf_counter() - t0
+    ensemble_block = None
+    if is_ensemble:   # members 1..M-1, each from its own seed, then the ensemble of all M (member 0 trained above)
+        from lorabench.methods.cross_task.lora_ensemble import ensemble, member_seed
+        for m in range(1, method.config.members):
+            ms = member_seed(spec.seed, m)
+            member = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
+            seed_everything(ms)
+            m_model = assets.load_model(model_name, head="causal-lm", seed=spec.seed).model   # the same base
+            m_model = member.apply(m_model, ApplyContext(architecture=m_model.config.model_type, head_modules=[],
+                                                         seed=ms))
+            seed_everything(ms)
+            members.append(train(m_model, member, MixedTask(train_tasks, False), tokenizer, train_cfg, ms,
+                                 progress=progress))
+            log(f"member {m} (seed {ms}) trained: loss {members[-1].final_loss}")
+            t0 = time.perf_counter()
+            for task, _ in all_tasks:
+                m_model.eval()
+                with precision(train_cfg):
+                    member_scores[task.name].append(task.evaluate(m_model, tokenizer, train_cfg.eval_batch_size)
+                                                    .option_scores)
+            eval_seconds += time.perf_counter() - t0
+            del m_model
+        ensemble_block = {"members": method.config.members,
+                          "member_seeds": [member_seed(spec.seed, m) for m in range(method.config.members)],
+                          "member_final_loss": [r.final_loss for r in members], "tasks": {}}
+        for task, _ in all_tasks:
+            labels = [int(e["label"]) for e in task.examples("eval")]
+            ens = ensemble(member_scores[task.name], labels)
+            per_task[task.name].update(score=round(ens["accuracy"], 6), outcomes=_pack(ens["correct"]))
+            ensemble_block["tasks"][task.name] = {
+                "accuracy": round(ens["accuracy"], 6), "nll": round(ens["nll"], 6),
+                "member_accuracy": [round(a, 6) for a in ens["member_accuracy"]],
+                "member_nll": [round(x, 6) for x in ens["member_nll"]],
+                "disagreement": round(ens["disagreement"], 6), "any_disagreement": round(ens["any_disagreement"], 6)}
+        log("ensemble: " + ", ".join(f"{k} {v['accuracy']:.3f} (members {v['member_accuracy']}, disagreement "
+                                     f"{v['disagreement']:.3f})" for k, v in ensemble_block["tasks"].items()))
+        trainable *= method.config.members
     trained_avg = sum(per_task[t]["score"] for t in names) / len(names)
     held_avg = sum(per_task[t.name]["score"] for t in held_out) / len(held_out) if held_out else None
     log("scores: " + ", ".join(f"{k} {v['score']:.3f}" for k, v in per_task.items()))
@@ -191,7 +237,7 @@ def run_mixture(spec, progress: bool = True) -> dict:
         "loss_curve": result.loss_curve,
         "train_tokens_per_s": None if result.train_tokens_per_s is None else round(result.train_tokens_per_s, 1),
         "eval_tokens_per_s": None,
-        "train_seconds": round(result.train_seconds, 3),
+        "train_seconds": round(sum(r.train_seconds for r in members), 3),
         "eval_seconds": round(eval_seconds + zero_seconds, 3),
         "method_metrics": result.method_metrics,
         "peak_rss_mb": round(peak_rss_mb(), 1),
@@ -206,5 +252,6 @@ def run_mixture(spec, progress: bool = True) -> dict:
             "zero_shot": zero,
             "trained_average": round(trained_avg, 6),
             "held_out_average": None if held_avg is None else round(held_avg, 6),
+            **({"ensemble": ensemble_block} if ensemble_block is not None else {}),
         },
     }

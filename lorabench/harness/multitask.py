@@ -271,6 +271,20 @@ def adapter_id(task: str, model: str, split_hash: str, lib: LibraryConfig, train
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+def initial_factors(model: nn.Module, lib: LibraryConfig, init_seed: int) -> dict[str, torch.Tensor]:
+    """The initial A of a library adapter, `{layer}.lora_A` (B starts at 0): rebuilt as FusedLibrary draws it, each
+    adapted layer's A kaiming-uniform in turn from one generator seeded by the adapter's init seed (its id's first
+    8 hex digits, `build_library`). What an update is measured from (ComPEFT, methods/cross_task/compeft.py)."""
+    from lorabench.methods.base import ApplyContext, resolve_targets
+    gen = torch.Generator().manual_seed(init_seed)
+    out = {}
+    for name in resolve_targets(model, lib.target_modules, ApplyContext(model.config.model_type, [])):
+        A = torch.zeros(lib.rank, model.get_submodule(name).in_features)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
+        out[f"{name}.lora_A"] = A
+    return out
+
+
 def library_dir() -> Path:
     from lorabench.assets.specs import home
     return home() / "adapter-library"

@@ -154,6 +154,12 @@ METHODS.register_lazy("lora-arithmetic", "lorabench.methods.cross_task.lora_arit
                       paper="2306.14870", title="Composing Parameter-Efficient Modules with Arithmetic Operations")
 METHODS.register_lazy("uniform-average", "lorabench.methods.cross_task.uniform_average:UniformAverage", family="cross-task",
                       paper="2203.05482", title="Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing inference time (the uniform soup, of task adapters)")
+METHODS.register_lazy("loraretriever", "lorabench.methods.cross_task.loraretriever:LoraRetriever", family="cross-task",
+                      paper="2402.09997", title="LoraRetriever: Input-Aware LoRA Retrieval and Composition for Mixed Tasks in the Wild")
+METHODS.register_lazy("token-level", "lorabench.methods.cross_task.token_level:TokenLevel", family="cross-task",
+                      paper="2311.10847", title="Token-level adaptation of LoRA adapters for downstream task generalization")
+METHODS.register_lazy("compeft", "lorabench.methods.cross_task.compeft:ComPEFT", family="cross-task", paper="2311.13171",
+                      title="ComPEFT: Compression for Communicating Parameter Efficient Updates via Sparsification and Quantization")
 # ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
 # the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
 METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",
@@ -184,6 +190,9 @@ METHODS.register_lazy("fast-lora", "lorabench.methods.cross_task.fast_lora:FastL
                       title="Fast LoRA: Batched low-rank adaptation of foundation models")
 METHODS.register_lazy("x-lora", "lorabench.methods.cross_task.x_lora:XLoRA", family="cross-task", paper="2402.07148",
                       title="X-LoRA: Mixture of low-rank adapter experts, a flexible framework for large language models with applications in protein mechanics and design")
+# ... composition of outputs: M LoRAs from different seeds, trained and scored by protocol (b)
+METHODS.register_lazy("lora-ensemble", "lorabench.methods.cross_task.lora_ensemble:LoraEnsemble", family="cross-task",
+                      paper="2310.00035", title="LoRA ensembles for large language model fine-tuning")
 
 
 def get_method(name: str):

@@ -42,7 +42,7 @@ orders:                               # with continual: named task orders (names
 mixture: {knowledge_tasks: []}        # optional: the cross-task protocol (b) (lorabench/harness/mixture.py options);
 splits:                               # with mixture: named splits of the pool (names from tasks:), one trial per
   split-a: {train: [quartz, rt-mc], held_out: [tomi]}  # method x split x seed, labelled METHOD@SPLIT; every method
-                                      # is a mixture of LoRA experts (cross-task family) or lora
+                                      # is a mixture of LoRA experts (cross-task family), lora or lora-ensemble
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -753,9 +753,10 @@ def _mixture(data: dict, path: Path, lines: dict, methods: list[MethodEntry], ta
         out[str(name)] = {"train": tr, "held_out": ho}
     from lorabench.methods import METHODS
     from lorabench.methods.cross_task.mixture import MixtureMethod
-    valid = ["lora"] + [n for n in _family("cross-task") if issubclass(METHODS.get(n), MixtureMethod)]
-    _family_methods(path, lines, methods, valid, "is neither a mixture of LoRA experts nor lora; a suite with "
-                    "`mixture:` runs the cross-task protocol (b)")
+    valid = ["lora", "lora-ensemble"] + [n for n in _family("cross-task")
+                                         if issubclass(METHODS.get(n), MixtureMethod)]
+    _family_methods(path, lines, methods, valid, "is neither a mixture of LoRA experts nor lora nor lora-ensemble; "
+                    "a suite with `mixture:` runs the cross-task protocol (b)")
     _no_lr_grid(data, path, lines, lr_grid, "mixture", "set train.lr per method")
     return mix, out
 

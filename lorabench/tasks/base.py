@@ -108,6 +108,7 @@ class EvalResult:
     n_tokens: int               # tokens processed, for eval tokens/s
     seconds: float
     outcomes: Outcomes | None = None  # per example, in the scored part's order (None: a perplexity task)
+    option_scores: list[list[float]] | None = None  # multiple choice: each option's log-likelihood, per example
 
 
 @dataclass

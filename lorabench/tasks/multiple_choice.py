@@ -98,7 +98,8 @@ class MultipleChoiceTask(Task):
         labels = [int(e["label"]) for e in examples]
         correct = [int(p == y) for p, y in zip(pred, labels)]
         return EvalResult({"accuracy": sum(correct) / len(examples), "accuracy_norm": acc_norm / len(examples)},
-                          n_tokens, time.perf_counter() - t0, Outcomes(correct, pred, labels))
+                          n_tokens, time.perf_counter() - t0, Outcomes(correct, pred, labels),
+                          [[float(x) for x in sc] for sc in scores])
 
 
 def option_chunks(order: list[int], n_options: list[int], batch_size: int) -> list[list[int]]:

@@ -8,6 +8,9 @@ CASES = [
     Case("lorahub", {"rank": 4, "alpha": 8}),
     Case("lora-arithmetic", {"rank": 4, "alpha": 8}),
     Case("uniform-average", {"rank": 4, "alpha": 8}),
+    Case("loraretriever", {"rank": 4, "alpha": 8, "top_k": 2}),
+    Case("token-level", {"rank": 4, "alpha": 8}),
+    Case("compeft", {"rank": 4, "alpha": 8}),
     # mixtures of LoRA experts (lorabench/methods/cross_task/mixture.py); their routers in tests/test_mixture.py
     Case("mixlora", {"experts": 3, "rank": 2}),
     Case("loramoe", {"experts": 4, "rank": 2}),
@@ -23,4 +26,6 @@ CASES = [
     Case("mixlora-cfs", {"factors": 6, "rank": 2}),
     Case("mocle", {"experts": 3, "rank": 2, "clusters": 4, "fit_examples": 16}),
     Case("fast-lora", {"adapters": 2, "rank": 2}),
+    # LoRA ensembles: a single-task trial trains one member (a LoRA); the ensemble in tests/test_cross_task_ensemble.py
+    Case("lora-ensemble", {"rank": 4, "alpha": 8, "members": 3}),
 ]

@@ -156,7 +156,11 @@ BEHAVIOURS = [
     # cross-task (issue 17): a single-task trial trains one library adapter (LoRA); the composition rules
     # are tested on library adapters in tests/test_cross_task.py
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
-    B("uniform-average", None, lora_by_construction=True),
+    B("uniform-average", None, lora_by_construction=True), B("loraretriever", None, lora_by_construction=True),
+    B("token-level", None, lora_by_construction=True), B("compeft", None, lora_by_construction=True),
+    # lora-ensemble: a single-task trial trains one member; protocol (b) trains M and averages them
+    # (tests/test_cross_task_ensemble.py)
+    B("lora-ensemble", None, lora_by_construction=True),
     # mixtures of LoRA experts: the router acts (a single-task trial is task 0 for MOELoRA's gate); what each
     # router does across tasks is tested in tests/test_mixture.py
     B("mixlora", lambda m: m["aux_loss_last"] > 0 and m["router_entropy"] > 0, "top-2 routing with a balancing loss"),

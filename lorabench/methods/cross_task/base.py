@@ -72,6 +72,8 @@ class CompositionMethod(LoRA):
     """Base of the cross-task family's composition rules."""
 
     family = "cross-task"
+    input_aware = False   # True: the rule composes per eval input (LoraRetriever), through compose_retrieved
+    token_level = False   # True: the rule re-weights per token (token-level adaptation), through combine
 
     def compose(self, states: list[State], scale: float, loss_fn: LossFn, seed: int) -> Composition:
         raise NotImplementedError
