@@ -615,7 +615,8 @@ def test_the_federated_suite_end_to_end_with_its_report(tmp_path):
     rep = run_cli(["report", str(records), "--out", str(out)], timeout=600)
     assert rep.returncode == 0, rep.stderr[-3000:]
     md = (out / "LEADERBOARD.md").read_text()
-    assert "## Federated (the clients scenario)" in md and "| rt-sentiment | dirichlet:0.3 | ffa-lora | 1 |" in md
+    assert "## Federated (the clients scenario)" in md
+    assert "| rt-sentiment | dirichlet:0.3 | ffa-lora | accuracy (higher is better) | 1 |" in md
     assert (out / "federated.csv").read_text().count("\n") == 2  # header and the one row
     assert (out / "plots" / "federated-rt-sentiment-rounds.png").exists()
     assert (out / "plots" / "federated-rt-sentiment-mb.png").exists()
@@ -646,7 +647,13 @@ def test_report_section_aggregates_seeds_per_method_and_partition():
     assert fedit["aggregation_error"] == pytest.approx(0.06) and fedit["aggregation_error_max"] == pytest.approx(0.14)
     assert fedit["failed_client_rounds"] == 1 and fedit["personal_score"] == pytest.approx(0.85)
     md = "\n".join(F.markdown(frame, ["federated-rt-sentiment-rounds.png"]))
-    assert "| rt-sentiment | iid | fedit | 2 | 0.720 ± " in md and "0.00e+00 / 0.00e+00" in md
+    assert "| rt-sentiment | iid | fedit | accuracy (higher is better) | 2 | 0.720 ± " in md
+    assert "0.00e+00 / 0.00e+00" in md
+    # a perplexity task (the speaking roles) says its scores are lower-is-better
+    ppl = [dict(fed_record("fedit@role", 0, 90.0, 85.0, 0.05), task="shakespeare-roles", metric="perplexity",
+                higher_is_better=False)]
+    assert "| shakespeare-roles | role | fedit | perplexity (lower is better) | 1 |" in "\n".join(
+        F.markdown(F.federated_frame(ppl), []))
     assert "![rt-sentiment-rounds](plots/federated-rt-sentiment-rounds.png)" in md
     pngs = F.plots(recs)
     assert set(pngs) == {"federated-rt-sentiment-rounds.png", "federated-rt-sentiment-mb.png"}

@@ -18,7 +18,7 @@ import pandas as pd
 
 from lorabench.report import stats
 
-COLUMNS = ["task", "partition", "method", "label", "n_seeds", "score", "score_ci95", "ci_kind", "personal_score",
+COLUMNS = ["task", "partition", "method", "label", "metric", "n_seeds", "score", "score_ci95", "ci_kind", "personal_score",
            "personal_ci95", "initial_score", "mb_per_round", "mb_total", "aggregation_error", "aggregation_error_max",
            "label_skew", "failed_client_rounds", "simulation_s"]
 
@@ -57,7 +57,9 @@ def federated_frame(records: list[dict]) -> pd.DataFrame:
         est = stats.crossed(table) if table is not None else stats.seed_interval([r["score"] for r in rs])
         pers = stats.seed_interval([r["federated"].get("personal_score") for r in rs])
         f = [r["federated"] for r in rs]
-        rows.append({"task": task, "partition": part, "method": method, "label": label, "n_seeds": len(rs),
+        better = "higher" if rs[0].get("higher_is_better", True) else "lower"
+        rows.append({"task": task, "partition": part, "method": method, "label": label,
+                     "metric": f"{rs[0]['metric']} ({better} is better)", "n_seeds": len(rs),
                      "score": est.mean, "score_ci95": est.ci95, "ci_kind": est.kind,
                      "personal_score": pers.mean, "personal_ci95": pers.ci95,
                      "initial_score": _mean(x.get("initial_score") for x in f),
@@ -93,12 +95,12 @@ def markdown(frame: pd.DataFrame, plots: list[str]) -> list[str]:
            "the last round's clients; *aggregation error*: ||ΔW_agg − Σ w_i B_i A_i||_F / ||Σ w_i B_i A_i||_F over "
            "the adapted layers, mean over rounds (0 = exact); MB: tensors sent down and up; *label skew*: mean "
            "total-variation distance of the clients' label distributions from the pooled one.", "",
-           "| task | partition | method | seeds | global (95% CI) | personalised (95% CI) | before training | "
+           "| task | partition | method | metric | seeds | global (95% CI) | personalised (95% CI) | before training | "
            "MB / round | MB total | aggregation error (mean / max) | label skew | failed client rounds | "
            "simulation s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in frame.iterrows():
-        out.append(f"| {r['task']} | {r['partition']} | {r['method']} | {r['n_seeds']} | "
+        out.append(f"| {r['task']} | {r['partition']} | {r['method']} | {r['metric']} | {r['n_seeds']} | "
                    f"{_pm(r['score'], r['score_ci95'])} | {_pm(r['personal_score'], r['personal_ci95'])} | "
                    f"{_fmt(r['initial_score'])} | {_fmt(r['mb_per_round'], 2)} | {_fmt(r['mb_total'], 2)} | "
                    f"{r['aggregation_error']:.2e} / {r['aggregation_error_max']:.2e} | {_fmt(r['label_skew'])} | "
