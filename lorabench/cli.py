@@ -92,7 +92,8 @@ def check_records_path(path: Path, flag: str) -> None:
 def suite_size(s: dict) -> int:
     """Trials a suite file defines, read from its YAML alone (Suite.size() without importing torch): one per
     task x method x seed, times the learning-rate grid, whose tuning seeds (on the tuning task alone, with
-    tune_task) run every rate, and times the partitions of the clients scenario (`federated:`); a continual
+    tune_task) run every rate, and times the partitions of the clients scenario (`federated:`; a task's own list
+    replaces the suite's for it); a continual
     suite: one per method x order x seed; a mixture suite (the cross-task protocol (b)): one per method x split x
     seed."""
     if s.get("mixture") is not None:
@@ -101,10 +102,11 @@ def suite_size(s: dict) -> int:
     if s.get("continual") is not None:
         seeds = s.get("seeds", [0])
         return len(s.get("orders") or {}) * len(s["methods"]) * len(seeds if isinstance(seeds, list) else [seeds])
-    if s.get("federated") is not None:
+    if s.get("federated") is not None:  # a task's own partitions replace the suite's for it
         parts = s.get("partitions") or ["iid"]
-        return len(s["tasks"]) * len(s["methods"]) * len(parts) * len(s.get("seeds", [0]) if isinstance(
-            s.get("seeds", [0]), list) else [0])
+        n_seeds = len(s.get("seeds", [0]) if isinstance(s.get("seeds", [0]), list) else [0])
+        return sum(len((t.get("partitions") if isinstance(t, dict) else None) or parts)
+                   for t in s["tasks"]) * len(s["methods"]) * n_seeds
     seeds = s.get("seeds", [0])
     seeds = seeds if isinstance(seeds, list) else [seeds]
     tune = s.get("tune_seeds")

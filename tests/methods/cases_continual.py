@@ -53,4 +53,7 @@ CASES = [
     Case("i-lora", {"rank": 4, "alpha": 8, "buffer_per_task": 4}),
     Case("task-arithmetic", {"rank": 4, "alpha": 8, "buffer_per_task": 4}),
     Case("inflora", {"rank": 2, "alpha": 4}, id="inflora-bert", models=("bert",)),
+    # GS-LoRA (arXiv 2403.11530): a single-task trial trains its block groups under the group lasso; the
+    # forgetting protocol itself is tested in tests/test_forgetting.py
+    Case("gs-lora", {"rank": 4, "alpha": 8}),
 ]

@@ -72,9 +72,10 @@ class GSLoRA(SequentialLoRA):
         "groups": "blocks with a LoRA group (the FFN layers of each transformer block)",
         "zero_groups": "groups whose norm ||θ_g||_2 is at most zero_tol after training (blocks left unedited)",
         "group_norms": "||θ_g||_2 of each block's group after training, in block order",
-        "forget_ce_last": "the forget batch's cross-entropy at the last step (pushed up to the bound)",
         "structure_loss_last": "Σ_g ||θ_g||_2 at the last step",
     }
+    # In the forgetting protocol (harness/forgetting.py) the record also carries forget_ce_last, the forget
+    # batch's cross-entropy at the last step (pushed up to the bound); a single-task trial has no forget set.
 
     def __init__(self, config=None):
         super().__init__(config)
