@@ -70,23 +70,15 @@ def run_forgetting(spec, progress: bool = True) -> dict:
     import sys
 
     import torch
-    import transformers
 
-    from lorabench import assets
     from lorabench.config import from_dict
     from lorabench.harness.sequence import ContinualConfig, order_tasks, sequence_split_hash
-    from lorabench.harness.train import TrainConfig, precision, train
-    from lorabench.harness.trial import head_modules, seed_everything
+    from lorabench.harness.train import precision, train
+    from lorabench.harness.trial import seed_everything, start_trial
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
-    from lorabench.methods.base import ApplyContext
 
     t_start = time.perf_counter()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    train_cfg = from_dict(TrainConfig, spec.train, "train")
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
     cfg = from_dict(ContinualConfig, spec.continual.get("config") or {}, "continual")
     (task,) = order_tasks(spec)
     check_forget(cfg.forget, task.num_labels, f"task {task.name}")
@@ -99,15 +91,8 @@ def run_forgetting(spec, progress: bool = True) -> dict:
             sys.stderr.write(f"[forgetting {spec.label} seed {spec.seed}] {msg}\n")
             sys.stderr.flush()
 
-    seed_everything(spec.seed)
-    loaded = assets.load_model(spec.model or task.default_model, head=task.head, num_labels=task.num_labels,
-                               seed=spec.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    heads = head_modules(model, task.head)
-    ctx = ApplyContext(architecture=model.config.model_type, head_modules=heads, seed=spec.seed)
-    model = method.apply(model, ctx)
-    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    start = start_trial(spec, method, spec.model or task.default_model, task.head, task.num_labels)
+    train_cfg, model, tokenizer, heads = start.train_cfg, start.model, start.tokenizer, start.heads
     split = task.split()
     classes = list(range(task.num_labels))
     eval_seconds = 0.0
@@ -183,14 +168,7 @@ def run_forgetting(spec, progress: bool = True) -> dict:
         "val_score": None,
         "val_curve": [],
         "trained_steps": learn.steps + sum(s["steps"] for s in stages),
-        "model_info": loaded.info,
-        "trainable_params": trainable,
-        "total_params": total,
-        "adapter_bytes": None,
-        "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
+        **start.record_fields(method),
         "final_loss": last["final_loss"] if last else learn.final_loss,
         "loss_curve": losses,
         "train_tokens_per_s": round(statistics.median(rates), 1) if rates else None,

@@ -76,13 +76,12 @@ def run_mixture(spec, progress: bool = True) -> dict:
     import sys
 
     import torch
-    import transformers
 
     from lorabench import assets
     from lorabench.harness.cross_task import cached_eval
     from lorabench.harness.sequence import sequence_split_hash
-    from lorabench.harness.train import TrainConfig, precision, train
-    from lorabench.harness.trial import seed_everything
+    from lorabench.harness.train import precision, train
+    from lorabench.harness.trial import seed_everything, start_trial
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
     from lorabench.methods.base import ApplyContext
@@ -90,11 +89,6 @@ def run_mixture(spec, progress: bool = True) -> dict:
     from lorabench.methods.cross_task.mixture import MixtureMethod
 
     t_start = time.perf_counter()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    train_cfg = from_dict(TrainConfig, spec.train, "train")
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
     cfg = from_dict(MixtureProtocolConfig, spec.mixture.get("config") or {}, "mixture")
     train_tasks = split_tasks(spec.mixture["train"], "mixture")
     held_out = split_tasks(spec.mixture["held_out"], "mixture")
@@ -116,13 +110,9 @@ def run_mixture(spec, progress: bool = True) -> dict:
             sys.stderr.flush()
 
     model_name = spec.model or train_tasks[0].default_model
-    seed_everything(spec.seed)
-    loaded = assets.load_model(model_name, head="causal-lm", seed=spec.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    seed_everything(spec.seed)
-    model = method.apply(model, ApplyContext(architecture=model.config.model_type, head_modules=[], seed=spec.seed))
-    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    start = start_trial(spec, method, model_name, "causal-lm")
+    train_cfg, model, tokenizer = start.train_cfg, start.model, start.tokenizer
+    trainable = start.trainable  # lora-ensemble's: times its members, below
     if is_mixture:
         method.set_task(0, trained_tasks=len(train_tasks))
         method.routing.knowledge_task_ids = {names.index(t) for t in cfg.knowledge_tasks}
@@ -143,7 +133,8 @@ def run_mixture(spec, progress: bool = True) -> dict:
     if cfg.zero_shot:   # B = 0 at init: every adapter adds exactly zero, so this is the base model
         for task, tid in all_tasks:
             split = task.split()
-            key = {"scenario": "mixture", "model": model_name, "model_sha256": loaded.info.get("sha256"),  # random:SEED
+            key = {"scenario": "mixture", "model": model_name,
+                   "model_sha256": start.loaded.info.get("sha256"),  # random:SEED
                    "task": task.name, "task_options": options[task.name],
                    "eval_hash": split.part_hash("eval"), "eval_batch_size": train_cfg.eval_batch_size,
                    "autocast": train_cfg.autocast, "adapter": None}
@@ -225,14 +216,7 @@ def run_mixture(spec, progress: bool = True) -> dict:
         "val_score": None,
         "val_curve": [],
         "trained_steps": result.steps,
-        "model_info": loaded.info,
-        "trainable_params": trainable,
-        "total_params": total,
-        "adapter_bytes": None,
-        "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
+        **start.record_fields(method, trainable=trainable),
         "final_loss": result.final_loss,
         "loss_curve": result.loss_curve,
         "train_tokens_per_s": None if result.train_tokens_per_s is None else round(result.train_tokens_per_s, 1),

@@ -122,22 +122,14 @@ def run_sequence(spec, progress: bool = True) -> dict:
     import sys
 
     import torch
-    import transformers
 
-    from lorabench import assets
-    from lorabench.harness.train import TrainConfig, precision, train
-    from lorabench.harness.trial import seed_everything
+    from lorabench.harness.train import precision, train
+    from lorabench.harness.trial import seed_everything, start_trial
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
-    from lorabench.methods.base import ApplyContext
     from lorabench.methods.continual.base import SequentialLoRA, Stage
 
     t_start = time.perf_counter()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    train_cfg = from_dict(TrainConfig, spec.train, "train")
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
     cfg = from_dict(ContinualConfig, spec.continual.get("config") or {}, "continual")
     if cfg.forget:  # GS-LoRA's protocol: one classification task, classes forgotten task after task
         from lorabench.harness.forgetting import run_forgetting
@@ -154,14 +146,8 @@ def run_sequence(spec, progress: bool = True) -> dict:
             sys.stderr.write(f"[continual {spec.label} seed {spec.seed}] {msg}\n")
             sys.stderr.flush()
 
-    seed_everything(spec.seed)
-    loaded = assets.load_model(spec.model or tasks[0].default_model, head="causal-lm", seed=spec.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    ctx = ApplyContext(architecture=model.config.model_type, head_modules=[], seed=spec.seed)
-    seed_everything(spec.seed)
-    model = method.apply(model, ctx)
-    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    start = start_trial(spec, method, spec.model or tasks[0].default_model, "causal-lm")
+    train_cfg, model, tokenizer = start.train_cfg, start.model, start.tokenizer
     T = len(tasks)
 
     def score(task, m, part: str = "eval"):
@@ -231,14 +217,7 @@ def run_sequence(spec, progress: bool = True) -> dict:
         "val_score": None if val is None else round(sum(val) / len(val), 6),
         "val_curve": [],
         "trained_steps": sum(s["steps"] for s in stages),
-        "model_info": loaded.info,
-        "trainable_params": trainable,
-        "total_params": total,
-        "adapter_bytes": None,
-        "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
+        **start.record_fields(method),
         "final_loss": stages[-1]["final_loss"],
         "loss_curve": losses,
         "train_tokens_per_s": round(statistics.median(rates), 1) if rates else None,

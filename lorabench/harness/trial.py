@@ -9,6 +9,7 @@ import random
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -64,6 +65,64 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+@dataclass
+class StartedTrial:
+    """What `start_trial` made: the trial's training config, its model with the method applied, and its counts."""
+    train_cfg: TrainConfig
+    loaded: Any                # assets.LoadedModel: the model as loaded, its tokenizer and its info (name, sha256)
+    model: torch.nn.Module     # the model with the method applied
+    tokenizer: Any
+    heads: list[str]           # the task-head modules every method trains (head_modules)
+    trainable: int             # the method's trainable parameters
+    total: int                 # every parameter of the adapted model
+    rss_after_load_mb: float   # the process's RSS once the model was loaded, before the method was applied
+
+    def record_fields(self, method: Method, adapter_bytes: int | None = None, trainable: int | None = None) -> dict:
+        """The record's fields that come from the start-up, in the record's order: the model, the parameter counts
+        (`trainable`: another count, e.g. an ensemble's members together), the saved adapter's size, the training
+        config with the learning rate used, and the method's config, family and paper."""
+        lr_used = self.train_cfg.lr if self.train_cfg.lr is not None else method.default_lr
+        return {
+            "model_info": self.loaded.info,
+            "trainable_params": self.trainable if trainable is None else trainable,
+            "total_params": self.total,
+            "adapter_bytes": adapter_bytes,
+            "train": asdict(self.train_cfg) | {"lr_used": lr_used},
+            "method_config": method.config_dict(),
+            "family": method.family,
+            "paper": method.paper,
+        }
+
+
+def start_trial(spec: TrialSpec, method: Method, model: str, head: str, num_labels: int | None = None) -> StartedTrial:
+    """The start-up every trial shares: the single-task trial (`run_trial`) and the sequence, mixture and forgetting
+    scenarios (harness/sequence.py, mixture.py, forgetting.py), called once the scenario has checked its options.
+
+    transformers' logging quieted (the trial prints its own progress; load reports and weight-loading bars are
+    noise), `spec.train` read into a TrainConfig and its threads set, the trial seed fixed, the model loaded
+    (a classification head's random init depends on the trial seed), the method applied at the same seed, and its
+    trainable and the model's total parameters counted."""
+    import transformers
+
+    from lorabench import assets
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    train_cfg = from_dict(TrainConfig, spec.train, "train")
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    seed_everything(spec.seed)  # the task head's random init depends on the trial seed
+    loaded = assets.load_model(model, head=head, num_labels=num_labels, seed=spec.seed)
+    rss_loaded = current_rss_mb()
+    heads = head_modules(loaded.model, head)
+    ctx = ApplyContext(architecture=loaded.model.config.model_type, head_modules=heads, seed=spec.seed)
+    seed_everything(spec.seed)
+    adapted = method.apply(loaded.model, ctx)
+    return StartedTrial(train_cfg=train_cfg, loaded=loaded, model=adapted, tokenizer=loaded.tokenizer, heads=heads,
+                        trainable=sum(p.numel() for _, p in method.trainable_parameters(adapted)),
+                        total=sum(p.numel() for p in adapted.parameters()), rss_after_load_mb=rss_loaded)
+
+
 def scored_fields(task, split, ev) -> dict:
     """The part of a record that says what was scored and how (metric, score, split sizes and hash,
     per-example outcomes, the training split's majority label); shared by the single-task trial and
@@ -96,32 +155,12 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     if spec.continual is not None:  # method x order x seed, tasks one after another: the sequence scenario
         from lorabench.harness.sequence import run_sequence
         return run_sequence(spec, progress=progress)
-    import transformers
-
-    from lorabench import assets
-
     t_start = time.perf_counter()
-    # The trial prints its own progress; transformers' load reports and weight-loading bars are noise here.
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    train_cfg = from_dict(TrainConfig, spec.train, "train")
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
     task = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}")
     method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
     split = task.split()
-
-    seed_everything(spec.seed)  # the task head's random init depends on the trial seed
-    loaded = assets.load_model(spec.model or task.default_model, head=task.head, num_labels=task.num_labels,
-                               seed=spec.seed)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    rss_loaded = current_rss_mb()
-    ctx = ApplyContext(architecture=model.config.model_type, head_modules=head_modules(model, task.head),
-                       seed=spec.seed)
-    seed_everything(spec.seed)
-    model = method.apply(model, ctx)
-    trainable = sum(p.numel() for _, p in method.trainable_parameters(model))
-    total = sum(p.numel() for p in model.parameters())
+    start = start_trial(spec, method, spec.model or task.default_model, task.head, task.num_labels)
+    train_cfg, model, tokenizer = start.train_cfg, start.model, start.tokenizer
 
     result = train(model, method, task, tokenizer, train_cfg, spec.seed, progress=progress)
     model.eval()
@@ -144,14 +183,7 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
         "val_score": val_score,
         "val_curve": result.val_curve,
         "trained_steps": result.steps,
-        "model_info": loaded.info,
-        "trainable_params": trainable,
-        "total_params": total,
-        "adapter_bytes": adapter_bytes,
-        "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
+        **start.record_fields(method, adapter_bytes),
         "final_loss": result.final_loss,
         "loss_curve": result.loss_curve,
         "train_tokens_per_s": None if result.train_tokens_per_s is None else round(result.train_tokens_per_s, 1),
@@ -160,7 +192,7 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
         "eval_seconds": round(ev.seconds, 3),
         "method_metrics": result.method_metrics,
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "rss_after_load_mb": round(rss_loaded, 1),
+        "rss_after_load_mb": round(start.rss_after_load_mb, 1),
         "trial_seconds": round(time.perf_counter() - t_start, 3),
         "threads": torch.get_num_threads(),  # the trial's own (train.threads), not the runner's
     }
