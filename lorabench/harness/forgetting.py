@@ -72,8 +72,8 @@ def run_forgetting(spec, progress: bool = True) -> dict:
     import torch
 
     from lorabench.config import from_dict
-    from lorabench.harness.sequence import ContinualConfig, order_tasks, sequence_split_hash
-    from lorabench.harness.train import precision, train
+    from lorabench.harness.sequence import ContinualConfig, order_tasks, score_task, sequence_split_hash
+    from lorabench.harness.train import train
     from lorabench.harness.trial import seed_everything, start_trial
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
@@ -100,9 +100,7 @@ def run_forgetting(spec, progress: bool = True) -> dict:
     def score():
         nonlocal eval_seconds
         t0 = time.perf_counter()
-        model.eval()
-        with precision(train_cfg):
-            ev = task.evaluate(model, tokenizer, train_cfg.eval_batch_size)
+        ev = score_task(task, model, tokenizer, train_cfg)
         eval_seconds += time.perf_counter() - t0
         return ev
 

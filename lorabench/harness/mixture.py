@@ -28,6 +28,7 @@ mixture section reads it (lorabench/report/mixture.py).
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 from lorabench.config import from_dict, option
@@ -67,10 +68,6 @@ class MixedTask:
         return round_robin(self.tasks, tokenizer, batch_size, seed, task_ids=self.with_ids)
 
 
-def _pack(correct: list[int]) -> str:
-    return "".join(map(str, correct))
-
-
 def run_mixture(spec, progress: bool = True) -> dict:
     """One protocol (b) trial; returns the result part of its record."""
     import sys
@@ -79,8 +76,8 @@ def run_mixture(spec, progress: bool = True) -> dict:
 
     from lorabench import assets
     from lorabench.harness.cross_task import cached_eval
-    from lorabench.harness.sequence import sequence_split_hash
-    from lorabench.harness.train import precision, train
+    from lorabench.harness.sequence import accuracy, pack, score_tasks, sequence_split_hash
+    from lorabench.harness.train import train
     from lorabench.harness.trial import seed_everything, start_trial
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
@@ -117,21 +114,19 @@ def run_mixture(spec, progress: bool = True) -> dict:
         method.set_task(0, trained_tasks=len(train_tasks))
         method.routing.knowledge_task_ids = {names.index(t) for t in cfg.knowledge_tasks}
 
-    def score(task, task_id: int):
-        if is_mixture:
-            method.set_task(task_id)
-        model.eval()
-        with precision(train_cfg):
-            ev = task.evaluate(model, tokenizer, train_cfg.eval_batch_size)
-        load = method.router_metrics(model) if is_mixture else {}
-        return ev, load
-
     options = {e["name"]: e.get("options") or {} for e in spec.mixture["train"] + spec.mixture["held_out"]}
     all_tasks = [(t, i) for i, t in enumerate(train_tasks)] + [(t, -1) for t in held_out]
+    every_task, task_ids = [t for t, _ in all_tasks], [i for _, i in all_tasks]
+
+    def scoring(j: int):
+        """The model that scores task j: a mixture's gate set to the task's id (-1: held out)."""
+        if is_mixture:
+            method.set_task(task_ids[j])
+        return nullcontext(model)
     zero = {}
     t0 = time.perf_counter()
     if cfg.zero_shot:   # B = 0 at init: every adapter adds exactly zero, so this is the base model
-        for task, tid in all_tasks:
+        for j, task in enumerate(every_task):
             split = task.split()
             key = {"scenario": "mixture", "model": model_name,
                    "model_sha256": start.loaded.info.get("sha256"),  # random:SEED
@@ -139,9 +134,9 @@ def run_mixture(spec, progress: bool = True) -> dict:
                    "eval_hash": split.part_hash("eval"), "eval_batch_size": train_cfg.eval_batch_size,
                    "autocast": train_cfg.autocast, "adapter": None}
 
-            def run(task=task, tid=tid):
-                ev, _ = score(task, tid)
-                return {"score": round(float(ev.metrics["accuracy"]), 6), "outcomes": _pack(ev.outcomes.correct)}
+            def run(j=j):
+                ((_, ev),) = score_tasks(every_task, scoring, tokenizer, train_cfg, only=[j])
+                return {"score": accuracy(ev), "outcomes": pack(ev.outcomes.correct)}
             zero[task.name] = cached_eval(key, run)
         if is_mixture:
             for m in method.mixture_layers(model):
@@ -154,10 +149,11 @@ def run_mixture(spec, progress: bool = True) -> dict:
     log(f"trained {result.steps} steps on {', '.join(names)}: loss {result.final_loss}")
     t0 = time.perf_counter()
     per_task, member_scores, members = {}, {}, [result]
-    for task, tid in all_tasks:
-        ev, load = score(task, tid)
-        per_task[task.name] = {"score": round(float(ev.metrics["accuracy"]), 6), "held_out": tid < 0,
-                               "outcomes": _pack(ev.outcomes.correct), "n_eval": len(ev.outcomes.correct),
+    for j, ev in score_tasks(every_task, scoring, tokenizer, train_cfg):
+        task = every_task[j]
+        load = method.router_metrics(model) if is_mixture else {}   # the experts' load on this task
+        per_task[task.name] = {"score": accuracy(ev), "held_out": task_ids[j] < 0,
+                               "outcomes": pack(ev.outcomes.correct), "n_eval": len(ev.outcomes.correct),
                                "eval_hash": task.split().part_hash("eval"), "router": load}
         member_scores[task.name] = [ev.option_scores]
     eval_seconds = time.perf_counter() - t0
@@ -176,11 +172,8 @@ def run_mixture(spec, progress: bool = True) -> dict:
                                  progress=progress))
             log(f"member {m} (seed {ms}) trained: loss {members[-1].final_loss}")
             t0 = time.perf_counter()
-            for task, _ in all_tasks:
-                m_model.eval()
-                with precision(train_cfg):
-                    member_scores[task.name].append(task.evaluate(m_model, tokenizer, train_cfg.eval_batch_size)
-                                                    .option_scores)
+            for j, ev in score_tasks(every_task, lambda j, mm=m_model: nullcontext(mm), tokenizer, train_cfg):
+                member_scores[every_task[j].name].append(ev.option_scores)
             eval_seconds += time.perf_counter() - t0
             del m_model
         ensemble_block = {"members": method.config.members,
@@ -189,7 +182,7 @@ def run_mixture(spec, progress: bool = True) -> dict:
         for task, _ in all_tasks:
             labels = [int(e["label"]) for e in task.examples("eval")]
             ens = ensemble(member_scores[task.name], labels)
-            per_task[task.name].update(score=round(ens["accuracy"], 6), outcomes=_pack(ens["correct"]))
+            per_task[task.name].update(score=round(ens["accuracy"], 6), outcomes=pack(ens["correct"]))
             ensemble_block["tasks"][task.name] = {
                 "accuracy": round(ens["accuracy"], 6), "nll": round(ens["nll"], 6),
                 "member_accuracy": [round(a, 6) for a in ens["member_accuracy"]],

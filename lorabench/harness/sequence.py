@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 from lorabench.config import from_dict, option
@@ -113,8 +114,35 @@ class StageTask:
         return self.method.stage_batches(self.stage, tokenizer, batch_size, seed)
 
 
-def _pack(correct: list[int]) -> str:
+def pack(correct: list[int]) -> str:
+    """Per-example outcomes as a record keeps them: "1" correct, "0" wrong, in the eval part's order."""
     return "".join(map(str, correct))
+
+
+def accuracy(ev) -> float:
+    """An evaluation's accuracy as a record keeps it (6 decimals)."""
+    return round(float(ev.metrics["accuracy"]), 6)
+
+
+def score_task(task, model, tokenizer, train_cfg, part: str = "eval"):
+    """One task scored on `model`: eval mode, the trial's precision and eval batch size; returns its EvalResult."""
+    from lorabench.harness.train import precision
+    model.eval()
+    with precision(train_cfg):
+        return task.evaluate(model, tokenizer, train_cfg.eval_batch_size, part=part)
+
+
+def score_tasks(tasks: list, scoring, tokenizer, train_cfg, part: str = "eval", only=None):
+    """The per-task scoring loop of the scenarios that score several tasks on one model (the sequence scenario after
+    every stage, protocol (b) after training, harness/mixture.py): yields (j, EvalResult) for each task j (or each j
+    in `only`), scored on the model that `scoring(j)` gives, a context manager (the method's view of the model for
+    task j: its own adapter swapped in, or its task id set), while that view is still in force (a mixture reads its
+    experts' load on the task there)."""
+    for j, task in enumerate(tasks):
+        if only is not None and j not in only:
+            continue
+        with scoring(j) as m:
+            yield j, score_task(task, m, tokenizer, train_cfg, part)
 
 
 def run_sequence(spec, progress: bool = True) -> dict:
@@ -123,7 +151,7 @@ def run_sequence(spec, progress: bool = True) -> dict:
 
     import torch
 
-    from lorabench.harness.train import precision, train
+    from lorabench.harness.train import train
     from lorabench.harness.trial import seed_everything, start_trial
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
@@ -150,16 +178,12 @@ def run_sequence(spec, progress: bool = True) -> dict:
     train_cfg, model, tokenizer = start.train_cfg, start.model, start.tokenizer
     T = len(tasks)
 
-    def score(task, m, part: str = "eval"):
-        m.eval()
-        with precision(train_cfg):
-            return task.evaluate(m, tokenizer, train_cfg.eval_batch_size, part=part)
-
     eval_seconds = 0.0
     t0 = time.perf_counter()
-    zero = [score(task, model) for task in tasks]  # B = 0 at init: the base model's accuracy, b_j
+    # B = 0 at init: the base model's accuracy, b_j
+    zero = [ev for _, ev in score_tasks(tasks, lambda j: nullcontext(model), tokenizer, train_cfg)]
     eval_seconds += time.perf_counter() - t0
-    b = [round(float(ev.metrics["accuracy"]), 6) for ev in zero]
+    b = [accuracy(ev) for ev in zero]
     log(f"before training: {', '.join(f'{t.name} {x:.3f}' for t, x in zip(tasks, b))}")
     R: list[list[float | None]] = [[None] * T for _ in range(T)]
     outcomes: list[list[str | None]] = [[None] * T for _ in range(T)]
@@ -175,13 +199,10 @@ def run_sequence(spec, progress: bool = True) -> dict:
         norm = method.adapter_norm(model)  # the newest adapter, before end_task folds or stores it
         stage_metrics = {**result.method_metrics, **method.end_task(model, stage)}
         t0 = time.perf_counter()
-        for j, task in enumerate(tasks):
-            if j > t and not cfg.score_unseen:
-                continue
-            with method.scoring(model, j, stage) as m:
-                ev = score(task, m)
-            R[t][j] = round(float(ev.metrics["accuracy"]), 6)
-            outcomes[t][j] = _pack(ev.outcomes.correct)
+        seen = range(T if cfg.score_unseen else t + 1)
+        for j, ev in score_tasks(tasks, lambda j, st=stage: method.scoring(model, j, st), tokenizer, train_cfg, only=seen):
+            R[t][j] = accuracy(ev)
+            outcomes[t][j] = pack(ev.outcomes.correct)
         eval_seconds += time.perf_counter() - t0
         losses += result.loss_curve
         if result.train_tokens_per_s is not None:
@@ -195,10 +216,8 @@ def run_sequence(spec, progress: bool = True) -> dict:
     val = None
     if cfg.validate:
         last = Stage(t=T - 1, tasks=tasks, seed=spec.seed, tokenizer=tokenizer, batch_size=train_cfg.batch_size)
-        val = []
-        for j, task in enumerate(tasks):
-            with method.scoring(model, j, last) as m:
-                val.append(round(float(score(task, m, part="val").metrics["accuracy"]), 6))
+        val = [accuracy(ev) for _, ev in score_tasks(tasks, lambda j: method.scoring(model, j, last), tokenizer,
+                                                      train_cfg, part="val")]
     acc, bwt, fwt = average_accuracy(R), backward_transfer(R), forward_transfer(R, b)
     splits = [task.split() for task in tasks]
     import statistics
@@ -236,7 +255,7 @@ def run_sequence(spec, progress: bool = True) -> dict:
             "eval_hashes": [s.part_hash("eval") for s in splits],
             "n_eval": [len(s.eval) for s in splits],
             "zero_shot": b,
-            "zero_shot_outcomes": [_pack(ev.outcomes.correct) for ev in zero],
+            "zero_shot_outcomes": [pack(ev.outcomes.correct) for ev in zero],
             "R": R,
             "outcomes": outcomes,  # outcomes[i][j]: task j's eval examples after stage i, "1" = correct
             "acc": round(acc, 6),
