@@ -384,6 +384,57 @@ def test_coverage_counts_the_trials_that_wait_for_a_tuned_learning_rate():
             f"learning rate their tuning trials choose)") in line, line
 
 
+def test_a_partial_grid_is_leading_not_chosen_and_the_runner_waits_for_the_whole_grid(tmp_path):
+    """The claims board's grid for lora on rt-sentiment (0.3x, 1x, 3x on seed 0) with 2 of its 3 rates recorded:
+    the runner runs no other seed yet, and the report says the best rate so far leads a partial grid (Markdown,
+    HTML, lr_selection.csv, a note); with the third rate recorded it is chosen and the other seeds are runnable."""
+    from lorabench.report.build import write_report
+    from lorabench.runner.suite import load_suite, trial_id
+    suite = load_suite("claims")
+    grid = [sp for sp in suite.trials() if sp.task == "rt-sentiment" and sp.label == "lora"]
+    assert [sp.seed for sp in grid] == [0, 0, 0] and suite.grid_rates("rt-sentiment", "lora") == [
+        sp.train["lr"] for sp in grid]
+    val = {0: 0.80, 1: 0.84, 2: 0.82}   # the middle rate is best on validation
+    recs = []
+    for i, sp in enumerate(grid):
+        r = record("rt-sentiment", "lora", 0, 0.8 + i / 100, trial_id=trial_id(sp), suite="claims",
+                   suite_version=suite.version, val_score=val[i], overrides=["tasks=rt-sentiment"])
+        r["train"] = dict(r["train"], lr=sp.train["lr"])
+        recs.append(r)
+    low, mid, high = (sp.train["lr"] for sp in grid)
+    partial = [recs[0], recs[1]]
+    assert ("rt-sentiment", "lora", [1, 2, 3, 4]) in suite.pending(partial)
+    assert not [sp for sp in suite.trials(partial) if sp.task == "rt-sentiment" and sp.label == "lora" and sp.seed]
+    rep = tables.build(partial)
+    sel = rep.lr_selection.set_index("lr")
+    assert list(sel.index) == [low, mid] and not sel["chosen"].any()
+    assert list(sel["leading"]) == [False, True] and set(sel["rates_recorded"]) == {2} and set(sel["grid_rates"]) == {3}
+    assert f"lora on rt-sentiment: 2 of its grid's 3 learning rates recorded (not yet {high:g})" in "\n".join(rep.notes)
+    assert list(rep.trials["lr"]) == [mid]   # the other tables report the leading rate
+    write_report(partial, tmp_path / "partial", ["md", "csv", "html"])
+    md = (tmp_path / "partial" / "LEADERBOARD.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| rt-sentiment | lora | 0.001 |"))
+    assert row.endswith("| 2 of 3 | leading, 2 of 3 rates |"), row
+    assert "leading, 2 of 3 rates" in (tmp_path / "partial" / "leaderboard.html").read_text()
+    csv = pd.read_csv(tmp_path / "partial" / "lr_selection.csv")
+    assert list(csv.columns[-4:]) == ["chosen", "leading", "rates_recorded", "grid_rates"]
+    assert list(csv["leading"]) == [False, True] and list(csv["rates_recorded"]) == [2, 2]
+    # the whole grid: the middle rate is chosen, nothing leads, and the other seeds run at it
+    rep = tables.build(recs)
+    sel = rep.lr_selection.set_index("lr")
+    assert list(sel["chosen"]) == [False, True, False] and not sel["leading"].any()
+    assert set(sel["rates_recorded"]) == {3} and not any("learning rates recorded" in n for n in rep.notes)
+    rest = [sp for sp in suite.trials(recs) if sp.task == "rt-sentiment" and sp.label == "lora" and sp.seed]
+    assert sorted((sp.seed, sp.train["lr"]) for sp in rest) == [(s, mid) for s in (1, 2, 3, 4)]
+    # a part run with other overrides than selectors is read with them: lr_grid=1 runs no grid
+    assert tables.suite_grids([dict(partial[0], overrides=["tasks=rt-sentiment", "lr_grid=1"])]) == {}
+    assert tables.suite_grids(partial[:1]) == {("rt-sentiment", "lora"): [low, mid, high]}
+    # records whose suite file is not here keep the rule of the recorded rates: 2 recorded rates, the best chosen
+    foreign = [dict(r, suite="no-such-suite") for r in partial]
+    sel = tables.build(foreign).lr_selection
+    assert list(sel["chosen"]) == [False, True] and sel["grid_rates"].isna().all()
+
+
 def test_coverage_counts_every_recorded_trial_of_a_grid_not_only_the_chosen_rate():
     from lorabench.report.build import coverage
     recs = [record("rt-sentiment", "lora", 0, 0.8, suite="gridded", val_score=v, trial_id=f"t{lr}")

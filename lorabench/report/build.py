@@ -7,7 +7,8 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     average_rank.csv    per method: average rank over tasks, grouped by survey family
     paired.csv          per method and task: paired difference against lora, p (raw and Holm), MDD, verdict
     baselines.csv       per task: majority-class and zero-shot baselines, LoRA against the best, MDD
-    lr_selection.csv    per task, method and learning rate: validation score, which rate was chosen
+    lr_selection.csv    per task, method and learning rate: validation score, which rate was chosen (or leads a
+                        grid not yet complete), how many of the grid's rates are recorded
     aggregate.csv       per method: IQM of normalised scores and P(improvement over lora) across tasks
     curves.csv          per trial with a validation curve: plateau and the step reaching 95% (when any)
     plots/curves-TASK.png  validation curves (when any)
@@ -82,9 +83,9 @@ def coverage(rep: tables.Report) -> list[str]:
         what = (f"suite {suite} v{version}: {len(mine)} trial(s) recorded ({n_ok} ok{chosen}), "
                 f"tasks {', '.join(sorted(set(g['task'])))}, seeds {', '.join(map(str, sorted(set(g['seed']))))}, "
                 f"{len(set(g['label']))} method(s)")
-        sel = ("tasks=", "methods=", "seeds=")  # subset selectors keep trial ids; anything else changes the budget
+        # subset selectors (tables.SELECTORS) keep trial ids; anything else changes the budget
         budget = sorted({o for r in rep.records if r.get("suite") == suite and r.get("suite_version") == version
-                         for o in (r.get("overrides") or []) if isinstance(o, str) and not o.startswith(sel)})
+                         for o in (r.get("overrides") or []) if isinstance(o, str) and not o.startswith(tables.SELECTORS)})
         if budget:
             what += f", run with overrides {' '.join(budget)} (not the suite's own budget)"
         try:

@@ -111,11 +111,21 @@ def baselines_table(rep: Report) -> Table:
 
 
 def lr_selection_table(rep: Report) -> Table:
+    def recorded(r) -> tuple[str, object]:   # "2 of 3" where the suite file gives the grid, else the count alone
+        n, grid = int(r["rates_recorded"]), r["grid_rates"]
+        return (str(n) if pd.isna(grid) else f"{n} of {int(grid)}"), float(n)
+
+    def choice(r) -> str:
+        if r["chosen"]:
+            return "chosen"
+        return f"leading, {int(r['rates_recorded'])} of {int(r['grid_rates'])} rates" if r["leading"] else ""
+
     rows = [[text(r["task"]), text(r["label"]), (f"{r['lr']:.3g}", float(r["lr"])),
-             (str(r["n_seeds"]), float(r["n_seeds"])), num(r["val_score"]), text("chosen" if r["chosen"] else "")]
+             (str(r["n_seeds"]), float(r["n_seeds"])), num(r["val_score"]), recorded(r), text(choice(r))]
             for _, r in rep.lr_selection.iterrows()]
     return Table("Learning rates chosen on the validation split (mean validation score over seeds)",
-                 ["task", "method", "learning rate", "seeds", "validation score", "chosen"], rows, anchor="lr-selection")
+                 ["task", "method", "learning rate", "seeds", "validation score", "rates recorded", "chosen"], rows,
+                 anchor="lr-selection")
 
 
 def curves_table(rep: Report) -> Table:

@@ -51,7 +51,9 @@ def render_markdown(rep: Report, coverage: list[str], claims, plots: list[str], 
     if len(rep.lr_selection):
         out += ["", "## Learning rates", "", "Each method ran on a small grid of learning rates around its scale; "
                 "the rate with the best mean validation score (a split carved from the training data) is the one "
-                "every other table reports.", "", md_table(D.lr_selection_table(rep))]
+                "every other table reports. While some of a grid's rates are not recorded yet, its best rate so far "
+                "is marked leading (with how many of the grid's rates are recorded), not chosen.", "",
+                md_table(D.lr_selection_table(rep))]
     if len(rep.aggregate):
         out += ["", "## Across tasks", "", "rliable's interquartile mean and probability of improvement (Agarwal et "
                 "al. 2021), scores normalised to each task's best trivial baseline; 95% stratified bootstrap "

@@ -182,18 +182,50 @@ def trials_frame(records: list[dict], notes: list[str]) -> pd.DataFrame:
     return df.sort_values(["task", "label", "seed", "lr"], kind="stable").reset_index(drop=True)
 
 
-def select_learning_rates(trials: pd.DataFrame, notes: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+SELECTORS = ("tasks=", "methods=", "seeds=")  # overrides that pick trials of a suite without changing any
+
+
+def suite_grids(records: list[dict]) -> dict[tuple[str, str], list[float]]:
+    """(task, label) -> the learning rates of the grid its trials belong to, read from the suite files as they are now
+    (`Suite.grid_rates`) with the records' overrides other than the selectors (an `lr_grid=1` changes the grid).
+    Left out where the suite file is missing, its version is not the records', or records of one (task, label) were
+    run under different grids: there the grid is what the records hold."""
+    from lorabench.runner.suite import load_suite
+    groups: dict[tuple, set[tuple[str, str]]] = {}
+    for r in records:
+        if r.get("suite") is None or r.get("task") is None or r.get("label") is None:
+            continue
+        over = tuple(sorted(o for o in (r.get("overrides") or []) if isinstance(o, str) and not o.startswith(SELECTORS)))
+        groups.setdefault((str(r["suite"]), r.get("suite_version"), over), set()).add((str(r["task"]), str(r["label"])))
+    found: dict[tuple[str, str], set[tuple[float, ...] | None]] = {}
+    for (suite, version, over), pairs in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+        try:
+            s = load_suite(suite, list(over))
+        except Exception:  # a foreign, renamed or since-changed suite: its grid is not known here
+            s = None
+        for pair in pairs:
+            grid = s.grid_rates(*pair) if s is not None and s.version == version else None
+            found.setdefault(pair, set()).add(None if grid is None else tuple(grid))
+    return {pair: list(next(iter(g))) for pair, g in found.items() if len(g) == 1 and None not in g}
+
+
+def select_learning_rates(trials: pd.DataFrame, notes: list[str],
+                          grids: dict[tuple[str, str], list[float]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Where a (task, label) ran at several learning rates, keep the rate with the best mean validation
     score over the seeds every rate ran (ties: the smaller rate); the test split never takes part in
-    the choice.
+    the choice. `grids` ((task, label) -> the rates of its grid, `suite_grids`) tells a partial grid: while some
+    of its rates are not recorded, the best rate so far is `leading`, not `chosen` (the runner waits for the whole
+    grid before it runs the other seeds, lorabench/runner/suite.py `chosen_rate`), and a note says so.
 
-    Returns (the trials at the chosen rates plus every failed trial, the selection table)."""
-    cols = ["task", "label", "lr", "n_seeds", "val_score", "chosen"]
+    Returns (the trials at the chosen or leading rates plus every failed trial, the selection table)."""
+    cols = ["task", "label", "lr", "n_seeds", "val_score", "chosen", "leading", "rates_recorded", "grid_rates"]
     ok = trials[trials["status"] == "ok"]
     rows, drop = [], []
     for (task, label), g in ok.groupby(["task", "label"], sort=True):
         rates = sorted(set(g["lr"].dropna()))
-        if len(rates) < 2:
+        grid = (grids or {}).get((task, label))
+        partial = grid is not None and not set(grid) <= set(rates)
+        if not rates or (len(rates) < 2 and not partial):   # (records without a rate: nothing to select)
             continue
         # Compare the rates on the seeds every rate has (a grid tuned on seed 0, then the chosen rate run on
         # more seeds, is chosen exactly as it was when tuned); all seeds where they share none.
@@ -206,11 +238,20 @@ def select_learning_rates(trials: pd.DataFrame, notes: list[str]) -> tuple[pd.Da
             chosen = rates[len(rates) // 2]
             notes.append(f"{label} on {task}: ran at {len(rates)} learning rates but some trials have no validation "
                          f"score, so none can be chosen on validation; the middle rate {chosen:g} is reported.")
+        recorded = len(set(rates) & set(grid)) if grid is not None else len(rates)
+        if partial:
+            missing = ", ".join(f"{lr:g}" for lr in grid if lr not in set(rates))
+            notes.append(f"{label} on {task}: {recorded} of its grid's {len(grid)} learning rates recorded (not yet "
+                         f"{missing}); the tables report the leading rate so far, {chosen:g}, not a choice.")
         for lr in rates:
             rows.append({"task": task, "label": label, "lr": lr, "n_seeds": int((g["lr"] == lr).sum()),
-                         "val_score": means[lr], "chosen": lr == chosen})
+                         "val_score": means[lr], "chosen": lr == chosen and not partial,
+                         "leading": lr == chosen and partial, "rates_recorded": recorded,
+                         "grid_rates": len(grid) if grid is not None else None})
         drop += list(g[g["lr"] != chosen].index)
-    return trials.drop(index=drop), pd.DataFrame(rows, columns=cols)
+    table = pd.DataFrame(rows, columns=cols)
+    table["grid_rates"] = table["grid_rates"].astype("Int64")   # empty where the grid is not known
+    return trials.drop(index=drop), table
 
 
 def outcome_table(g: pd.DataFrame) -> tuple[np.ndarray | None, str]:
@@ -533,7 +574,7 @@ def build(records: list[dict], notes: list[str] | None = None) -> Report:
     """`notes`: what the caller already knows the reader must see (lines the records reader skipped)."""
     notes = list(notes or [])
     all_trials = trials_frame(records, notes)  # every learning rate: the curves show the whole grid
-    trials, lr_selection = select_learning_rates(all_trials, notes)
+    trials, lr_selection = select_learning_rates(all_trials, notes, suite_grids(records))
     summary = summarize(trials, notes)
     detail, summ = compare_with_reference(trials)
     if len(trials) and not (trials["label"] == REFERENCE).any():

@@ -237,6 +237,22 @@ class Suite:
                          method_options=method.options, task=task.name, task_options=task.options,
                          model=task.model or self.model, seed=seed, train=train, lm_eval=task.lm_eval)
 
+    def grid_rates(self, task: str, label: str) -> list[float] | None:
+        """The learning rates of the grid the method labelled `label` runs on `task`, as its trials carry them (the
+        rates its tuning trials compare); None where it runs no grid there: no lr_grid or a one-rate grid, a scenario
+        suite, a task that takes its rate from the tune_task's grid, or a task or label the suite does not have."""
+        if any(x is not None for x in (self.cross_task, self.federated, self.continual, self.mixture)):
+            return None
+        t = next((x for x in self.tasks if x.name == task), None)
+        m = next((x for x in self.methods if x.label == label), None)
+        if t is None or m is None or (self.tune_task is not None and task != self.tune_task.name):
+            return None
+        grid = m.lr_grid or t.lr_grid or self.lr_grid
+        if not grid or len(grid) < 2:
+            return None
+        base = method_scale(m, merge(merge(self.train, t.train), m.train))
+        return [float(f"{base * f:.6g}") for f in grid]
+
     def _tune_seeds(self, task: TaskEntry) -> list[int]:
         tune = self.tune_seeds if self.tune_seeds is not None else self.seeds
         return [seed for seed in tune if task.seeds is None or seed in task.seeds]
