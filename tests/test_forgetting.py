@@ -67,6 +67,57 @@ def test_the_proximal_step_shrinks_each_group_by_eta_alpha_and_zeroes_the_small_
     assert float(loss.detach()) == pytest.approx(0.3 * sum(m2.group_norms(model2)), rel=1e-5)
 
 
+def test_a_zeroed_group_stays_zero_under_adamw_and_the_step_shrinks_by_its_own_learning_rate():
+    """Issue 18's review: under a linear decay the last proximal step ran at the next step's learning rate, 0, and
+    Adam's moments revived a zeroed group at the next step, so "zeroed groups" read 0 even at α = 200. The prox now
+    uses the η of the optimizer step it follows, and a group it zeroes has its moments zeroed: at A = B = 0 the
+    gradient is exactly zero, so further AdamW steps leave the group at exactly zero while the others train."""
+    from lorabench import assets
+    from lorabench.tasks import get_task
+    model, method, _ = gs_model("tiny-bert", group_alpha=2.0)
+    groups = list(method.groups(model).values())
+    params = [q for _, q in method.trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=0.05, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step == 0 else 0.0)   # the last step: η -> 0
+    state = TrainState(model=model, optimizer=opt, scheduler=sched, step=0, total_steps=1)
+    task = get_task("text-sources").from_options({"n_train": 64, "max_length": 16})
+    batch = task.collate(task.split().train[:8], assets.load_tokenizer("tiny-bert"))
+
+    def step(small_group0: bool = False):
+        method.on_step_begin(state)
+        opt.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        opt.step()
+        if small_group0:   # group 0 ends this update near zero with live moments; the prox zeroes it
+            with torch.no_grad():
+                for layer in groups[0]:
+                    layer.lora_A.mul_(1e-4)
+                    layer.lora_B.mul_(1e-4)
+        sched.step()
+        method.on_step_end(state)
+
+    with torch.no_grad():
+        for layer in groups[0] + groups[1]:
+            layer.lora_B.normal_(0, 0.1)     # B away from zero: every A and B has a gradient
+    before = method.group_norms(model)
+    step(small_group0=True)
+    after = method.group_norms(model)
+    assert sched.get_last_lr()[0] == 0.0 and after[0] == 0.0   # shrunk by η α with η = 0.05, not the next step's 0
+    moments = [v for layer in groups[0] for q in (layer.lora_A, layer.lora_B) for v in opt.state[q].values()
+               if torch.is_tensor(v) and v.shape == q.shape]
+    assert len(moments) == 2 * 2 * len(groups[0]) and all(not v.any() for v in moments)   # exp_avg, exp_avg_sq
+    assert after[1] > 0 and after[1] != before[1]
+    for g in opt.param_groups:
+        g["lr"] = 0.05                      # more steps at a real learning rate: group 0 stays exactly zero
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    state.scheduler = sched
+    trained = [layer.lora_B.detach().clone() for layer in groups[1]]
+    for _ in range(3):
+        step()
+    assert method.group_norms(model)[0] == 0.0
+    assert any(not torch.equal(layer.lora_B, b) for layer, b in zip(groups[1], trained))
+
+
 def test_the_forgetting_loss_is_bounded():
     """β · ReLU(BND - L_forget): the forget batch's cross-entropy, pushed up (the gradient raises it) and left alone
     once it is above the bound."""

@@ -193,10 +193,11 @@ BEHAVIOURS = [
     B("replay-lora", None, lora_by_construction=True), B("multitask-lora", None, lora_by_construction=True),
     B("o-lora", None, lora_by_construction=True),
     B("task-arithmetic", None, lora_by_construction=True),
-    # the group lasso's proximal step under the linear schedule: every block's group ends near zero (||θ_g|| ~ 1.1
-    # at init); exactly zero needs the step at a nonzero learning rate last (tests/test_forgetting.py)
-    B("gs-lora", lambda m: m["groups"] > 0 and max(m["group_norms"]) < 0.01,
-      "the group lasso's proximal step shrinks every block's LoRA group towards zero", options={"group_alpha": 200.0}),
+    # the group lasso's proximal step under the linear schedule: at α = 200 every block's group ends exactly zero
+    # (||θ_g|| ~ 1.1 at init; the prox at the η of the step it follows, a zeroed group's Adam moments zeroed with it:
+    # before, the last step's η was the next step's 0 and the moments revived the groups, so none read zero)
+    B("gs-lora", lambda m: m["groups"] > 0 and m["zero_groups"] == m["groups"] and max(m["group_norms"]) == 0.0,
+      "the group lasso's proximal step zeroes every block's LoRA group", options={"group_alpha": 200.0}),
     B("i-lora", lambda m: m["ema_updates"] > 0 and m["slow_fast_distance"] > 0,
       "the slow learner follows the fast one by a moving average", lora_by_construction=True, kind="llama"),
     B("inflora", lambda m: m["designed"] == 1 and m["designed_rank_mean"] > 0 and m["interference"] == 0,

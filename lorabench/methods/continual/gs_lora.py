@@ -18,10 +18,16 @@ projections). Each forgetting task trains a fresh set of groups, the head frozen
 
 The group lasso is optimised either through its gradient in the loss, as the authors' code does (`proximal:
 false`; AdamW then leaves groups small but not zero), or by its proximal step after each optimizer step
-(`proximal: true`, the default): θ_g <- max(0, 1 − η α / ||θ_g||_2) θ_g with η the current learning rate, the
-group soft-thresholding of proximal gradient descent, which sets a group exactly to zero (Yuan & Lin's group
-lasso; the usual way to get the sparsity the paper counts). After each task the groups are folded into the
-frozen weights and the next task starts fresh ones, as the paper adds a new LoRA group set per task.
+(`proximal: true`, the default): θ_g <- max(0, 1 − η α / ||θ_g||_2) θ_g with η the learning rate of the optimizer
+step just taken (proximal gradient descent, θ <- prox_{ηαΩ}(θ − η∇L): the same η in both halves; read before the
+scheduler moves it, so the last step of a linear decay shrinks by its own η, not by the next step's 0), the group
+soft-thresholding that sets a group exactly to zero (Yuan & Lin's group lasso; the usual way to get the sparsity
+the paper counts). A group the step zeroes stays zero: its optimizer state (Adam's moments) is zeroed with it, and
+at A = B = 0 the loss's gradient with respect to A (Bᵀ·) and to B (·Aᵀ) is exactly zero, so AdamW leaves it there
+(without that, the moments of the steps before revived the group at the next step, and no group read zero at the
+end of a run: issue 18's review). The authors' code counts nothing (it logs each group's norm, util/cal_norm.py
+`get_norm_of_lora`); here a group counts as zero when its norm is at most `zero_tol`. After each task the groups are
+folded into the frozen weights and the next task starts fresh ones, as the paper adds a new LoRA group set per task.
 
 The protocol (the forgetting scenario, lorabench/harness/forgetting.py; docs/continual.md) measures the accuracy
 on the classes forgotten and on the classes kept, the H-mean of the paper, 2 · Drop_f · Acc_r / (Drop_f + Acc_r)
@@ -129,18 +135,25 @@ class GSLoRA(SequentialLoRA):
             loss = c.group_alpha * lasso if loss is None else loss + c.group_alpha * lasso  # α Σ_g ||θ_g||_2
         return loss
 
+    def on_step_begin(self, state: TrainState) -> None:
+        self._eta = state.optimizer.param_groups[0]["lr"]   # η of this step's update (the scheduler moves it after)
+
     @torch.no_grad()
     def on_step_end(self, state: TrainState) -> None:
         c = self.config
         if not self.active or c.group_alpha <= 0 or not c.proximal:
             return
-        eta = state.optimizer.param_groups[0]["lr"]
+        eta = getattr(self, "_eta", state.optimizer.param_groups[0]["lr"])   # the step just taken's η
         for layers in self.groups(state.model).values():
             norm = float(self.group_norm(layers))
             shrink = max(0.0, 1.0 - eta * c.group_alpha / norm) if norm > 0 else 0.0  # prox of η α ||θ_g||_2
             for layer in layers:
-                layer.lora_A.mul_(shrink)
-                layer.lora_B.mul_(shrink)
+                for p in (layer.lora_A, layer.lora_B):
+                    p.mul_(shrink)
+                    if shrink == 0.0:   # zeroed: its moments too, so that it stays zero (zero gradient at A = B = 0)
+                        for v in state.optimizer.state.get(p, {}).values():
+                            if torch.is_tensor(v) and v.shape == p.shape:
+                                v.zero_()
 
     def on_train_end(self, state: TrainState) -> None:
         if not self.active:
