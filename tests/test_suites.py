@@ -149,8 +149,15 @@ methods:
 """
 
 
-def test_tune_task_runs_the_grid_on_one_task_and_every_other_task_at_the_factor_chosen_there(tmp_path):
-    from tests.conftest import run_cli
+def test_tune_task_runs_the_grid_on_one_task_and_every_other_task_at_the_factor_chosen_there(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The runner's scheduling with tune_task, through `lorabench run` three times (in this process). The trials are
+    stand-ins: `run_one` is replaced by a function of the spec whose validation score prefers factor 0.5 for lora and
+    2 for head, so that the test takes seconds (it trained 12 real trials through the fork server, ~230 s on a
+    loaded core) and the two methods' choices differ; a real trial through the runner with a tuned grid is
+    test_tune_seeds_run_the_grid_then_the_other_seeds_at_the_rate_validation_chose's."""
+    from lorabench.cli import main
+    from lorabench.runner import run as runner
     path = write(tmp_path, TUNE_TASK, "tunetask")
     s = load_suite(path)
     assert s.tune_task.name == "rt-sentiment"
@@ -164,33 +171,51 @@ def test_tune_task_runs_the_grid_on_one_task_and_every_other_task_at_the_factor_
     from lorabench.cli import suite_size
     import yaml
     assert suite_size(yaml.safe_load(TUNE_TASK)) == s.size()
+
+    scale = {("rt-sentiment", "lora"): 1e-2, ("rt-sentiment", "head"): 1e-1,   # each method's rate there: lora on
+             ("sarcasm", "lora"): 2e-2, ("sarcasm", "head"): 1e-1}             # sarcasm its train.lr, head its own
+    best = {"lora": 0.5, "head": 2.0}
+    ran = []
+
+    def stand_in(spec, timeout_s, progress, jobs=1, threads=None) -> dict:
+        ran.append((spec.task, spec.label, spec.seed, spec.train["lr"]))
+        factor = spec.train["lr"] / scale[(spec.task, spec.label)]
+        return {"status": "ok", "metric": "accuracy", "higher_is_better": True, "score": 0.7,
+                "val_score": 0.9 if factor == pytest.approx(best[spec.label]) else 0.6,
+                "train": dict(spec.train, lr_used=spec.train["lr"]), "trained_steps": spec.train["steps"]}
+    monkeypatch.setattr(runner, "run_one", stand_in)
+
+    def run(*args: str) -> str:
+        assert main(["run", path, *args, "--records", str(records), "--no-progress"]) == 0
+        return capsys.readouterr().out
+
     records = tmp_path / "r.jsonl"
     # a part that leaves the tuning task out has nothing to run until the tuning task's grid is recorded
-    proc = run_cli("run", path, "tasks=sarcasm", "--records", str(records), "--no-progress")
-    assert proc.returncode == 0 and not records.exists(), proc.stdout + proc.stderr
-    assert "lora on sarcasm: seed(s) 0, 1 wait for a learning rate: its tuning trials on rt-sentiment" in proc.stdout
-    assert "run the grid on the tuning task: tasks=rt-sentiment" in proc.stdout
-    proc = run_cli("run", path, "tasks=rt-sentiment", "--records", str(records), "--no-progress")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = run("tasks=sarcasm")
+    assert ran == [] and not records.exists()
+    assert "lora on sarcasm: seed(s) 0, 1 wait for a learning rate: its tuning trials on rt-sentiment" in out
+    assert "run the grid on the tuning task: tasks=rt-sentiment" in out
+    # the tuning task: its grid on seed 0, then its other seeds at each method's chosen rate
+    out = run("tasks=rt-sentiment")
+    assert sorted(ran[:4]) == sorted((t.task, t.label, t.seed, t.train["lr"]) for t in s.trials())
+    assert sorted(ran[4:]) == [("rt-sentiment", "head", 1, pytest.approx(2e-1)),
+                               ("rt-sentiment", "head", 2, pytest.approx(2e-1)),
+                               ("rt-sentiment", "lora", 1, pytest.approx(5e-3)),
+                               ("rt-sentiment", "lora", 2, pytest.approx(5e-3))]
+    assert "running the other seeds and the tasks that take the factor chosen on rt-sentiment" in out
     recs = read_records(records)
-    factor = {}
-    for label, base in (("lora", 1e-2), ("head", 1e-1)):
-        tune = {r["train"]["lr"]: r["val_score"] for r in recs if r["label"] == label and r["seed"] == 0}
-        chosen = max(sorted(tune), key=lambda lr: tune[lr])
-        factor[label] = round(chosen / base, 6)
-        assert factor[label] in (0.5, 2.0)
-    # the other part: sarcasm's seeds at each method's own scale there (lora: sarcasm's train.lr 2e-2; head: its
-    # own 1e-1) times the factor its grid chose on rt-sentiment
-    sarcasm_base = (("lora", 2e-2), ("head", 1e-1))
+    assert len(recs) == 8 and all(r["status"] == "ok" for r in recs)
+    # the other part: sarcasm's seeds at each method's own scale there times the factor its grid chose on rt-sentiment
+    want = sorted((label, seed, pytest.approx(scale[("sarcasm", label)] * best[label]))
+                  for label in ("head", "lora") for seed in (0, 1))
     s = load_suite(path, ["tasks=sarcasm"])
     assert s.tune_task.name == "rt-sentiment" and s.pending(recs) == []
-    assert sorted((t.label, t.seed, t.train["lr"]) for t in s.trials(recs)) == sorted(
-        (label, seed, pytest.approx(base * factor[label])) for label, base in sarcasm_base for seed in (0, 1))
-    proc = run_cli("run", path, "tasks=sarcasm", "--records", str(records), "--no-progress")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted((t.label, t.seed, t.train["lr"]) for t in s.trials(recs)) == want
+    del ran[:]
+    run("tasks=sarcasm")
+    assert sorted((label, seed, lr) for task, label, seed, lr in ran) == want and {t for t, *_ in ran} == {"sarcasm"}
     sar = [r for r in read_records(records) if r["task"] == "sarcasm"]
-    assert sorted((r["label"], r["seed"]) for r in sar) == [("head", 0), ("head", 1), ("lora", 0), ("lora", 1)]
-    assert {r["label"]: r["train"]["lr"] for r in sar} == {k: pytest.approx(b * factor[k]) for k, b in sarcasm_base}
+    assert sorted((r["label"], r["seed"], r["train"]["lr"]) for r in sar) == want
 
 
 @pytest.mark.parametrize("edit,pattern", [
