@@ -123,6 +123,7 @@ def run_mixture(spec, progress: bool = True) -> dict:
         if is_mixture:
             method.set_task(task_ids[j])
         return nullcontext(model)
+
     zero = {}
     t0 = time.perf_counter()
     if cfg.zero_shot:   # B = 0 at init: every adapter adds exactly zero, so this is the base model
