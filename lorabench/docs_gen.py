@@ -52,10 +52,6 @@ PLANNED_NOTES = {
         "LoRA update cut to rank q by SVD, in a single-task trial); left: its cross-task setting, a merged model "
         "(task arithmetic over the library's adapters) plus each task's rank-q adapter, every pool task scored with "
         "its own: a reuse protocol, neither leave-one-task-out (the held-out task has no adapter) nor protocol (b)"),
-    "L-LoRA": "partial linearisation of the LoRA modules (arXiv 2310.04742): each task's LoRA fine-tuned as the "
-              "first-order Taylor expansion of the model in the LoRA parameters around their init (torch.func.jvp), "
-              "then the task vectors merged (task arithmetic); left: the linearised fine-tuning of the library "
-              "adapters and the merge of their task vectors",
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
@@ -70,6 +66,10 @@ IMPLEMENTED_NOTES = {
     "MoCLE": "an example's embedding is the mean of the model's own frozen input embeddings over the whole sequence "
              "(the paper: all-MiniLM-L6-v2 of the instruction text; not built); the routed expert enters with weight "
              "w² as in the released code",
+    "L-LoRA": "each LoRA module linearised around its init by torch.func.jvp, as the released code; at LoRA's B0 = 0 "
+              "the Jacobian in A vanishes, so only B is fine-tuned (A stays at the init all tasks share) and the "
+              "task-arithmetic merge is the exact sum of the updates; λ by k-shot loss in the leave-one-task-out "
+              "protocol (the paper: validation data); its library is trained one adapter at a time, not fused",
     "Fast LoRA": "an example's adapter is its task's (protocol (b)); throughput against BGMV and a loop over adapters: "
                  "lorabench/bench/fast_lora.py, docs/cross-task.md",
     "FedMS": "not built: separate foundation models as experts (here each expert is the one backbone with its own "

@@ -160,6 +160,8 @@ METHODS.register_lazy("token-level", "lorabench.methods.cross_task.token_level:T
                       paper="2311.10847", title="Token-level adaptation of LoRA adapters for downstream task generalization")
 METHODS.register_lazy("compeft", "lorabench.methods.cross_task.compeft:ComPEFT", family="cross-task", paper="2311.13171",
                       title="ComPEFT: Compression for Communicating Parameter Efficient Updates via Sparsification and Quantization")
+METHODS.register_lazy("l-lora", "lorabench.methods.cross_task.l_lora:LLoRA", family="cross-task", paper="2310.04742",
+                      title="L-LoRA: Parameter efficient multi-task model fusion with partial linearization")
 # ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
 # the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
 METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",

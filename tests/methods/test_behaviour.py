@@ -158,6 +158,10 @@ BEHAVIOURS = [
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
     B("uniform-average", None, lora_by_construction=True), B("loraretriever", None, lora_by_construction=True),
     B("token-level", None, lora_by_construction=True), B("compeft", None, lora_by_construction=True),
+    # l-lora: a single-task trial fine-tunes one linearised LoRA: at B0 = 0 the Jacobian in A vanishes, only B moves
+    B("l-lora", lambda m: m["a_grad_max"] == 0 and m["b_update_norm"] > 0 and m["linearization_gap"] == 0,
+      "the module is linearised around its init: A gets no gradient (B0 = 0), B moves, LoRA at the trained factors "
+      "equals the linearised module"),
     # lora-ensemble: a single-task trial trains one member; protocol (b) trains M and averages them
     # (tests/test_cross_task_ensemble.py)
     B("lora-ensemble", None, lora_by_construction=True),
