@@ -46,12 +46,6 @@ PLANNED_NOTES = {
     # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
              "experts with a generic path; no vision model here",
-    # composition entries (issue 17) not implemented yet
-    "Effective and parameter-efficient reusing": (
-        "the same paper as BYOM-LoRA (arXiv 2310.01886), whose compression is the registered `byom-lora` (the task's "
-        "LoRA update cut to rank q by SVD, in a single-task trial); left: its cross-task setting, a merged model "
-        "(task arithmetic over the library's adapters) plus each task's rank-q adapter, every pool task scored with "
-        "its own: a reuse protocol, neither leave-one-task-out (the held-out task has no adapter) nor protocol (b)"),
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
@@ -66,6 +60,10 @@ IMPLEMENTED_NOTES = {
     "MoCLE": "an example's embedding is the mean of the model's own frozen input embeddings over the whole sequence "
              "(the paper: all-MiniLM-L6-v2 of the instruction text; not built); the routed expert enters with weight "
              "w² as in the released code",
+    "Effective and parameter-efficient reusing": (
+        "run by the reuse protocol (lorabench/harness/reuse.py, suites/reuse.yaml): the merged model by task "
+        "arithmetic at a fixed λ (the paper: chosen on validation data) plus each task's own update cut to rank q; "
+        "the single-task compression alone is `byom-lora`"),
     "L-LoRA": "each LoRA module linearised around its init by torch.func.jvp, as the released code; at LoRA's B0 = 0 "
               "the Jacobian in A vanishes, so only B is fine-tuned (A stays at the init all tasks share) and the "
               "task-arithmetic merge is the exact sum of the updates; λ by k-shot loss in the leave-one-task-out "

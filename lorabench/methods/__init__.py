@@ -162,6 +162,9 @@ METHODS.register_lazy("compeft", "lorabench.methods.cross_task.compeft:ComPEFT",
                       title="ComPEFT: Compression for Communicating Parameter Efficient Updates via Sparsification and Quantization")
 METHODS.register_lazy("l-lora", "lorabench.methods.cross_task.l_lora:LLoRA", family="cross-task", paper="2310.04742",
                       title="L-LoRA: Parameter efficient multi-task model fusion with partial linearization")
+# ... reusing every task's own adapter (the reuse protocol, lorabench/harness/reuse.py)
+METHODS.register_lazy("peru-lora", "lorabench.methods.cross_task.peru_lora:PeruLoRA", family="cross-task", paper="2310.01886",
+                      title="Effective and parameter-efficient reusing fine-tuned models: PERU-LoRA, a merged model plus each task's rank-q LoRA update")
 # ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
 # the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
 METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",

@@ -162,6 +162,9 @@ BEHAVIOURS = [
     B("l-lora", lambda m: m["a_grad_max"] == 0 and m["b_update_norm"] > 0 and m["linearization_gap"] == 0,
       "the module is linearised around its init: A gets no gradient (B0 = 0), B moves, LoRA at the trained factors "
       "equals the linearised module"),
+    # peru-lora: a single-task trial trains the library adapter it reuses (a LoRA); the reuse is tested on library
+    # adapters in tests/test_cross_task_reuse.py
+    B("peru-lora", None, lora_by_construction=True),
     # lora-ensemble: a single-task trial trains one member; protocol (b) trains M and averages them
     # (tests/test_cross_task_ensemble.py)
     B("lora-ensemble", None, lora_by_construction=True),
