@@ -37,15 +37,11 @@ OUT_OF_SCOPE = [
 # Federated entries not implemented yet (issue 19): what each needs beyond the clients scenario
 # (lorabench/harness/clients.py), shown as the reason of its "planned" row.
 PLANNED_NOTES = {
-    # continual entries (issue 18) not implemented yet: what each needs beyond the sequence scenario
-    # (lorabench/harness/sequence.py, docs/continual.md)
-    "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs: the mixture "
-             "layer exists (lorabench/methods/cross_task/mixture.py); left: its open-book/closed-book QA protocol "
-             "and data",
     # mixtures of LoRA experts (issue 17) not implemented yet: what each needs beyond the mixture layer
     # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
-             "experts with a generic path; no vision model here",
+             "experts with a generic path on a vision backbone, scored on dense per-pixel tasks (segmentation, depth, "
+             "normals); no vision model or dense-prediction data is on a reachable registry, so it stays planned",
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
@@ -64,6 +60,9 @@ IMPLEMENTED_NOTES = {
         "run by the reuse protocol (lorabench/harness/reuse.py, suites/reuse.yaml): the merged model by task "
         "arithmetic at a fixed λ (the paper: chosen on validation data) plus each task's own update cut to rank q; "
         "the single-task compression alone is `byom-lora`"),
+    "MoRAL": "top-2 LoRA experts in the feed-forward layers on the shared mixture layer, run by protocol (b); not "
+             "built: its lifelong-learning protocol (5L-bench: QA pairs from recent arXiv papers scored closed-book and "
+             "open-book, forgetting on HotpotQA), whose data no reachable registry carries",
     "L-LoRA": "each LoRA module linearised around its init by torch.func.jvp, as the released code; at LoRA's B0 = 0 "
               "the Jacobian in A vanishes, so only B is fine-tuned (A stays at the init all tasks share) and the "
               "task-arithmetic merge is the exact sum of the updates; λ by k-shot loss in the leave-one-task-out "

@@ -192,6 +192,8 @@ BEHAVIOURS = [
     B("mocle", lambda m: sum(s > 0 for s in m["cluster_sizes"]) > 1 and sum(s > 0 for s in m["cluster_share"]) > 1
       and m["expert_load"][0] > 0 and m["router_entropy"] > 0,
       "k-means clusters of the inputs route examples to cluster-conditional experts beside the universal expert"),
+    B("moral", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and len(m["expert_load"]) == 4,
+      "top-2 routing over LoRA experts in the feed-forward layers", kind="llama"),
     B("fast-lora", lambda m: m["adapter_use"][0] == 1.0 and m["multiplier_deviation"] > 0,
       "task 0's element-wise adapter moves W0's multiplier away from 1"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
