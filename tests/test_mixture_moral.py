@@ -35,3 +35,20 @@ def test_moral_puts_top2_experts_in_the_feed_forward_layers_only():
     model, ctx = tiny_model("llama")
     model = get_method("moral").from_options({"target_modules": ["q_proj"]}).apply(model, ctx)
     assert all(n.endswith("q_proj") for n, m in model.named_modules() if isinstance(m, MixtureLinear))
+
+
+def test_a_tiny_protocol_b_trial_of_moral_records_its_routing_per_task(tmp_path):
+    from lorabench.harness.mixture import run_mixture
+    from lorabench.runner.suite import load_suite
+    from tests.test_mixture import TINY
+    path = tmp_path / "tinymix.yaml"
+    path.write_text(TINY.replace("  - {name: mixlora, options: {experts: 2, rank: 2}}",
+                                 "  - {name: moral, options: {experts: 3, rank: 2}}"))
+    spec = next(s for s in load_suite(str(path)).trials() if s.method == "moral")
+    rec = run_mixture(spec, progress=False)
+    tasks = rec["mixture"]["tasks"]
+    assert set(tasks) == {"socialiqa", "quartz", "rt-mc"} and tasks["rt-mc"]["held_out"]
+    for t in tasks.values():   # every task routed over the 3 experts (shares rounded to 4 digits)
+        load = t["router"]["expert_load"]
+        assert len(load) == 3 and abs(sum(load) - 1) < 1e-3 and t["router"]["router_entropy"] > 0
+    assert rec["method_metrics"]["aux_loss_last"] == 0   # no balancing loss by default
