@@ -113,6 +113,8 @@ def test_task_arithmetic_sums_the_linearised_updates_exactly_and_keeps_the_lambd
         task_arithmetic([states[0], other[1]], 1.0, SCALE)
     with pytest.raises(ValueError, match="lambda_grid is empty"):
         get_method("l-lora").from_options({"lambda_grid": []})
+    with pytest.raises(ValueError, match="no forward-mode rule"):
+        get_method("l-lora").from_options({"kernel": "fused"})
 
 
 def test_task_vector_cosines_are_those_of_the_flattened_updates():

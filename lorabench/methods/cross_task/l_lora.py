@@ -59,6 +59,9 @@ class LLoraConfig(LoraConfig):
         super().__post_init__()
         if not self.lambda_grid:
             raise ValueError("lambda_grid is empty; give at least one scale, e.g. [1.0]")
+        if self.kernel != "reference":
+            raise ValueError(f"kernel={self.kernel!r}: l-lora computes its linearised modules with torch.func.jvp, "
+                             f"which the fused lora_linear op has no forward-mode rule for; use kernel 'reference'")
 
 
 class LinearizedVariant(LoraVariant):
