@@ -73,6 +73,14 @@ def test_a_reuse_trial_scores_every_pool_task_with_its_own_reuse(tiny_library): 
     assert avg.loc["peru-lora (q=1)", "score"] == pytest.approx(rec["score"], abs=1e-6)
     md = "\n".join(markdown(frame))
     assert "## Reusing fine-tuned adapters" in md and "| quartz | peru-lora (q=1) | 1 |" in md
+    # the report writes its section and reuse.csv; a reuse record is no single-task row
+    from lorabench.report.build import write_report
+    files = write_report([{**rec, "label": "peru-lora@reuse", "seed": 0, "status": "ok", "method": "peru-lora",
+                           "task": "quartz", "suite": "t"}], tiny_library.parent / "report", ["md", "csv"])
+    assert "reuse.csv" in {p.name for p in files}
+    board = (tiny_library.parent / "report" / "LEADERBOARD.md").read_text()
+    assert "peru-lora" in board.split("## Reusing fine-tuned adapters")[1]
+    assert "peru-lora" not in board.split("## Reusing fine-tuned adapters")[0], "a reuse record is not a single-task row"
 
 
 def write(tmp_path, text: str):
