@@ -73,6 +73,15 @@ def test_a_reuse_trial_scores_every_pool_task_with_its_own_reuse(tiny_library): 
     assert avg.loc["peru-lora (q=1)", "score"] == pytest.approx(rec["score"], abs=1e-6)
     md = "\n".join(markdown(frame))
     assert "## Reusing fine-tuned adapters" in md and "| quartz | peru-lora (q=1) | 1 |" in md
+    # resuming a reuse suite over this record: its split hash is the pool's, as the runner recomputes it
+    from lorabench.runner.run import check_splits
+    from lorabench.runner.suite import trial_id
+    spec = reuse_spec()
+    check_splits([{**rec, "trial_id": trial_id(spec), "status": "ok"}], {trial_id(spec): spec},
+                 tiny_library.parent / "records.jsonl")
+    with pytest.raises(UserError, match="another split"):
+        check_splits([{**rec, "trial_id": trial_id(spec), "status": "ok", "split_hash": "0" * 16}],
+                     {trial_id(spec): spec}, tiny_library.parent / "records.jsonl")
     # the report writes its section and reuse.csv; a reuse record is no single-task row
     from lorabench.report.build import write_report
     files = write_report([{**rec, "label": "peru-lora@reuse", "seed": 0, "status": "ok", "method": "peru-lora",
