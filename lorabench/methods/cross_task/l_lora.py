@@ -13,8 +13,8 @@ all of them jointly. Written out, g_lin = s (B0 A0 + (B − B0) A0 + B0 (A − A
 B0 = 0 (the paper fine-tunes from PEFT's, B = 0) it is s B A0 x: the Jacobian in A vanishes at B0 = 0, A receives no
 gradient and stays at its initial value, and only B is fine-tuned (the mechanism metrics record it). Every task
 fine-tuned from the same initialisation φ0 (one seed for the whole library, as the paper's) then has the task
-vector τ_i = φ_i − φ0 = (0, B_i), and the task-arithmetic merge (Ilharco et al., arXiv 2212.04089; eq. of the
-merged model in the paper's sec. 3), θ = θ0 + λ Σ_i τ_i, gives the linearised modules s (λ Σ_i B_i) A0 x: the
+vector τ_i = φ_i − φ0 = (0, B_i), and the task-arithmetic merge the paper fuses with (Ilharco et al., arXiv
+2212.04089), θ = θ0 + λ Σ_i τ_i, gives the linearised modules s (λ Σ_i B_i) A0 x: the
 sum of the tasks' updates ΔW_i = s B_i A0 exactly, one adapter of rank r, with no cross terms (contrast LoRAHub's
 factor-wise sum, `base.factorwise`). The paper chooses λ on validation data; in the leave-one-task-out protocol
 (lorabench/harness/cross_task.py) the held-out task's k shots are all there is, so λ is the one of `lambda_grid`
