@@ -95,7 +95,10 @@ def suite_size(s: dict) -> int:
     tune_task) run every rate, and times the partitions of the clients scenario (`federated:`; a task's own list
     replaces the suite's for it); a continual
     suite: one per method x order x seed; a mixture suite (the cross-task protocol (b)): one per method x split x
-    seed."""
+    seed; a reuse suite (the cross-task reuse protocol): one per method x seed."""
+    if s.get("reuse") is not None:
+        seeds = s.get("seeds", [0])
+        return len(s["methods"]) * len(seeds if isinstance(seeds, list) else [seeds])
     if s.get("mixture") is not None:
         seeds = s.get("seeds", [0])
         return len(s.get("splits") or {}) * len(s["methods"]) * len(seeds if isinstance(seeds, list) else [seeds])

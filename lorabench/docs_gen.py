@@ -37,25 +37,11 @@ OUT_OF_SCOPE = [
 # Federated entries not implemented yet (issue 19): what each needs beyond the clients scenario
 # (lorabench/harness/clients.py), shown as the reason of its "planned" row.
 PLANNED_NOTES = {
-    # continual entries (issue 18) not implemented yet: what each needs beyond the sequence scenario
-    # (lorabench/harness/sequence.py, docs/continual.md)
-    "MoRAL": "a mixture of LoRA experts with a router for lifelong learning on question-answer pairs: the mixture "
-             "layer exists (lorabench/methods/cross_task/mixture.py); left: its open-book/closed-book QA protocol "
-             "and data",
     # mixtures of LoRA experts (issue 17) not implemented yet: what each needs beyond the mixture layer
     # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
     "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
-             "experts with a generic path; no vision model here",
-    # composition entries (issue 17) not implemented yet
-    "Effective and parameter-efficient reusing": (
-        "the same paper as BYOM-LoRA (arXiv 2310.01886), whose compression is the registered `byom-lora` (the task's "
-        "LoRA update cut to rank q by SVD, in a single-task trial); left: its cross-task setting, a merged model "
-        "(task arithmetic over the library's adapters) plus each task's rank-q adapter, every pool task scored with "
-        "its own: a reuse protocol, neither leave-one-task-out (the held-out task has no adapter) nor protocol (b)"),
-    "L-LoRA": "partial linearisation of the LoRA modules (arXiv 2310.04742): each task's LoRA fine-tuned as the "
-              "first-order Taylor expansion of the model in the LoRA parameters around their init (torch.func.jvp), "
-              "then the task vectors merged (task arithmetic); left: the linearised fine-tuning of the library "
-              "adapters and the merge of their task vectors",
+             "experts with a generic path on a vision backbone, scored on dense per-pixel tasks (segmentation, depth, "
+             "normals); no vision model or dense-prediction data is on a reachable registry, so it stays planned",
 }
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
@@ -70,6 +56,17 @@ IMPLEMENTED_NOTES = {
     "MoCLE": "an example's embedding is the mean of the model's own frozen input embeddings over the whole sequence "
              "(the paper: all-MiniLM-L6-v2 of the instruction text; not built); the routed expert enters with weight "
              "w² as in the released code",
+    "Effective and parameter-efficient reusing": (
+        "run by the reuse protocol (lorabench/harness/reuse.py, suites/reuse.yaml): the merged model by task "
+        "arithmetic at a fixed λ (the paper: chosen on validation data) plus each task's own update cut to rank q; "
+        "the single-task compression alone is `byom-lora`"),
+    "MoRAL": "top-2 LoRA experts in the feed-forward layers on the shared mixture layer, run by protocol (b); not "
+             "built: its lifelong-learning protocol (5L-bench: QA pairs from recent arXiv papers scored closed-book and "
+             "open-book, forgetting on HotpotQA), whose data no reachable registry carries",
+    "L-LoRA": "each LoRA module linearised around its init by torch.func.jvp, as the released code; at LoRA's B0 = 0 "
+              "the Jacobian in A vanishes, so only B is fine-tuned (A stays at the init all tasks share) and the "
+              "task-arithmetic merge is the exact sum of the updates; λ by k-shot loss in the leave-one-task-out "
+              "protocol (the paper: validation data); its library is trained one adapter at a time, not fused",
     "Fast LoRA": "an example's adapter is its task's (protocol (b)); throughput against BGMV and a loop over adapters: "
                  "lorabench/bench/fast_lora.py, docs/cross-task.md",
     "FedMS": "not built: separate foundation models as experts (here each expert is the one backbone with its own "

@@ -324,8 +324,9 @@ def test_standard_suite_covers_every_registered_method():
     assert federated <= {m.name for m in load_suite("federated").methods}
     # cross-task composition rules (issue 17) are scored by the multi-task scenario, not on single-task boards
     cross_task = {n for n in METHODS.names() if METHODS.meta(n)["family"] == "cross-task"}
-    # ... composition rules by its protocol (a), mixtures of LoRA experts by its protocol (b)
-    assert cross_task <= {m.name for m in load_suite("cross-task").methods} | {m.name for m in load_suite("mixture").methods}
+    # ... composition rules by its protocol (a), mixtures of LoRA experts by its protocol (b), reuse by its reuse protocol
+    assert cross_task <= {m.name for m in load_suite("cross-task").methods} | {
+        m.name for m in load_suite("mixture").methods} | {m.name for m in load_suite("reuse").methods}
     # so do the continual methods: the sequence scenario's suite (issue 18)
     continual = {n for n in METHODS.names() if METHODS.meta(n)["family"] == "continual"}
     # (GS-LoRA, continual forgetting, by its own protocol's suite)

@@ -19,7 +19,9 @@ def test_every_shipped_suite_validates_and_expands(path):
         expected = len(suite.methods) * len(suite.orders) * len(suite.seeds)
     if suite.splits is not None:  # the cross-task protocol (b): one trial per method x split x seed
         expected = len(suite.methods) * len(suite.splits) * len(suite.seeds)
-    for task in suite.tasks if suite.orders is None and suite.splits is None else []:
+    if suite.reuse is not None:  # the cross-task reuse protocol: one trial per method x seed over the pool
+        expected = len(suite.methods) * len(suite.seeds)
+    for task in suite.tasks if suite.orders is None and suite.splits is None and suite.reuse is None else []:
         for method in suite.methods:
             grid = method.lr_grid or task.lr_grid or suite.lr_grid or [1]
             if suite.tune_task is not None and task.name != suite.tune_task.name and len(grid) > 1:

@@ -162,7 +162,12 @@ def run_cross_task(spec, progress: bool = True) -> dict:
 
     lib = LibraryConfig(rank=c.library_rank, alpha=c.library_alpha, adapters_per_job=c.adapters_per_job)
     t_lib = time.perf_counter()
-    paths = build_library(candidates, model_name, lib, library_train(c), seed=c.library_seed, progress=progress)
+    if getattr(method, "linearized_library", False):   # L-LoRA: its own library, each adapter fine-tuned linearised
+        from lorabench.harness.multitask import build_linearized_library
+        paths = build_linearized_library(candidates, model_name, lib, library_train(c), seed=c.library_seed,
+                                         progress=progress)
+    else:
+        paths = build_library(candidates, model_name, lib, library_train(c), seed=c.library_seed, progress=progress)
     library_seconds = time.perf_counter() - t_lib
     states = [load_library_adapter(paths[t]) for t in candidates]
     scale = c.library_alpha / c.library_rank
@@ -240,6 +245,12 @@ def run_cross_task(spec, progress: bool = True) -> dict:
                                  "outcomes": full.outcomes.to_record(split.part_hash("eval")) if full.outcomes else None}
         block["accuracy_kept"] = (round(float(ev.metrics[task.metric.name]) / block["uncompressed"]["score"], 6)
                                   if block["uncompressed"]["score"] > 0 else None)
+    if getattr(method, "linearized_library", False) and method.config.compare_plain:   # L-LoRA's disentanglement
+        from lorabench.methods.cross_task.l_lora import task_vector_cosines
+        plain = build_library(candidates, model_name, lib, library_train(c), seed=c.library_seed, progress=progress)
+        block["disentanglement"] = {"linearized": task_vector_cosines(states, scale),
+                                    "plain": task_vector_cosines([load_library_adapter(plain[t]) for t in candidates],
+                                                                 scale)}
     if c.merge_errors and spec.method == "uniform-average":
         block["merge_errors"] = merge_errors(states, scale, c)
     if c.merge_accuracy and spec.method == "uniform-average":

@@ -258,16 +258,20 @@ def train_fused(fused: FusedLibrary, tasks: list, tokenizer, cfg: TrainConfig, s
 
 # ---- the library: ids, cache, training ------------------------------------------------------------------
 
-def adapter_id(task: str, model: str, split_hash: str, lib: LibraryConfig, train: TrainConfig, seed: int) -> str:
+def adapter_id(task: str, model: str, split_hash: str, lib: LibraryConfig, train: TrainConfig, seed: int,
+               variant: str | None = None) -> str:
     """The trial id of a library adapter: a hash of everything that defines it (not of how many adapters
     shared its job: each adapter's initial factors come from a generator seeded by its id, and fused training
-    gives it the losses it would have alone)."""
+    gives it the losses it would have alone). `variant` names a library trained otherwise ("l-lora": linearised,
+    `build_linearized_library`); None keeps the plain library's ids."""
     spec = {"scenario": "cross-task-library", "version": LIBRARY_VERSION, "task": task, "model": model,
             "split_hash": split_hash, "rank": lib.rank, "alpha": lib.alpha, "target_modules": lib.target_modules,
             "train": {k: v for k, v in asdict(train).items()
                       if k in ("steps", "batch_size", "lr", "weight_decay", "warmup_ratio", "schedule",
                                "max_grad_norm", "autocast")},
             "seed": seed}
+    if variant is not None:
+        spec["variant"] = variant
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
@@ -330,6 +334,41 @@ def build_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: 
             save_library_adapter(paths[t], fused.adapter_state(l), lib, info)
             if progress:
                 print(f"library: {t} trained (final loss {res.losses[l][-1]:.4f}) -> {paths[t]}", flush=True)
+    return paths
+
+
+def build_linearized_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: TrainConfig, seed: int = 0,
+                             root: Path | None = None, progress: bool = True) -> dict[str, Path]:
+    """L-LoRA's library (lorabench/methods/cross_task/l_lora.py): each task's LoRA fine-tuned linearised around one
+    initialisation shared by every task (A0 drawn at `seed`, B0 = 0: the paper fine-tunes every task from the same
+    init, so that task vectors add), one adapter at a time through the single-task loop (lorabench/harness/train.py;
+    the fused SGMV path has no forward-mode rule for the linearisation's jvp), cached by its own id (variant
+    "l-lora"), stored as the plain `lora` adapter (A0, B) that computes the linearised modules exactly."""
+    from lorabench import assets
+    from lorabench.harness.train import train as train_loop
+    from lorabench.harness.trial import seed_everything
+    from lorabench.methods import get_method
+    from lorabench.methods.base import ApplyContext
+    from lorabench.methods.cross_task.l_lora import library_state
+    from lorabench.tasks import get_task
+    root = root or library_dir()
+    objs = {t: get_task(t).from_options({}, where=f"task {t}") for t in tasks}
+    paths = {t: root / f"{adapter_id(t, model_name, objs[t].split().hash, lib, train, seed, variant='l-lora')}.safetensors"
+             for t in tasks}
+    for t in [t for t in tasks if not paths[t].exists()]:
+        seed_everything(seed)
+        loaded = assets.load_model(model_name, head="causal-lm", seed=seed)
+        method = get_method("l-lora").from_options({"rank": lib.rank, "alpha": lib.alpha,
+                                                    "target_modules": lib.target_modules})
+        torch.manual_seed(seed)   # φ0: the same A0 for every task of the library
+        model = method.apply(loaded.model, ApplyContext(loaded.model.config.model_type, [], seed))
+        res = train_loop(model, method, objs[t], loaded.tokenizer, train, seed=seed, progress=False)
+        info = {"task": t, "model": model_name, "seed": seed, "variant": "l-lora", "final_loss": res.final_loss,
+                "train_tokens_per_s": res.train_tokens_per_s, "train_seconds": round(res.train_seconds, 3),
+                **res.method_metrics}
+        save_library_adapter(paths[t], library_state(method.adapter_state_dict(model)), lib, info)
+        if progress:
+            print(f"library (linearised): {t} trained (final loss {res.final_loss:.4f}) -> {paths[t]}", flush=True)
     return paths
 
 

@@ -39,6 +39,7 @@ class TrialSpec:
     cross_task: dict | None = None  # the cross-task scenario's options (lorabench/harness/cross_task.py)
     continual: dict | None = None  # the sequence scenario's order and options (lorabench/harness/sequence.py)
     mixture: dict | None = None  # protocol (b)'s split and options (lorabench/harness/mixture.py)
+    reuse: dict | None = None  # the reuse protocol's pool and options (lorabench/harness/reuse.py)
 
 
 # The classification head of transformers' sequence-classification models. BERT's pooler is part
@@ -149,6 +150,9 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     if spec.federated is not None:  # method x partition x seed on Flower's simulation: the clients scenario
         from lorabench.harness.clients import run_federated
         return run_federated(spec, progress=progress)
+    if spec.reuse is not None:  # method x seed over the pool, every task's own adapter reused: the reuse protocol
+        from lorabench.harness.reuse import run_reuse
+        return run_reuse(spec, progress=progress)
     if spec.mixture is not None:  # method x split x seed, multi-task training: the cross-task protocol (b)
         from lorabench.harness.mixture import run_mixture
         return run_mixture(spec, progress=progress)

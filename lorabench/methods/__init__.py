@@ -160,6 +160,11 @@ METHODS.register_lazy("token-level", "lorabench.methods.cross_task.token_level:T
                       paper="2311.10847", title="Token-level adaptation of LoRA adapters for downstream task generalization")
 METHODS.register_lazy("compeft", "lorabench.methods.cross_task.compeft:ComPEFT", family="cross-task", paper="2311.13171",
                       title="ComPEFT: Compression for Communicating Parameter Efficient Updates via Sparsification and Quantization")
+METHODS.register_lazy("l-lora", "lorabench.methods.cross_task.l_lora:LLoRA", family="cross-task", paper="2310.04742",
+                      title="L-LoRA: Parameter efficient multi-task model fusion with partial linearization")
+# ... reusing every task's own adapter (the reuse protocol, lorabench/harness/reuse.py)
+METHODS.register_lazy("peru-lora", "lorabench.methods.cross_task.peru_lora:PeruLoRA", family="cross-task", paper="2310.01886",
+                      title="Effective and parameter-efficient reusing fine-tuned models: PERU-LoRA, a merged model plus each task's rank-q LoRA update")
 # ... and mixtures of LoRA experts, configurations of one layer (lorabench/methods/cross_task/mixture.py), trained by
 # the multi-task scenario's protocol (b) (lorabench/harness/mixture.py)
 METHODS.register_lazy("mixlora", "lorabench.methods.cross_task.mixlora:MixLoRA", family="cross-task", paper="2404.15159",
@@ -188,6 +193,8 @@ METHODS.register_lazy("mocle", "lorabench.methods.cross_task.mocle:MoCLE", famil
                       title="MoCLE: Mixture of cluster-conditional LoRA experts for vision-language instruction tuning")
 METHODS.register_lazy("fast-lora", "lorabench.methods.cross_task.fast_lora:FastLoRA", family="cross-task", paper="2312.05677",
                       title="Fast LoRA: Batched low-rank adaptation of foundation models")
+METHODS.register_lazy("moral", "lorabench.methods.cross_task.moral:MoRAL", family="cross-task", paper="2402.11260",
+                      title="MoRAL: MoE augmented LoRA for LLMs' lifelong learning")
 METHODS.register_lazy("x-lora", "lorabench.methods.cross_task.x_lora:XLoRA", family="cross-task", paper="2402.07148",
                       title="X-LoRA: Mixture of low-rank adapter experts, a flexible framework for large language models with applications in protein mechanics and design")
 # ... composition of outputs: M LoRAs from different seeds, trained and scored by protocol (b)

@@ -20,6 +20,8 @@ Output layout under --out DIR (the published leaderboard is `results/`):
     cross-task-merges.csv   each weight-space merge's error against the exact weighted sum
     mixture.csv         the cross-task protocol (b) (when any): per split, task and method, accuracy with its interval
                         over seeds x examples, zero-shot rows, training and held-out averages (report/mixture.py)
+    reuse.csv           the cross-task reuse protocol (when any): per pool task and rule (zero-shot, merged, the
+                        method, own adapter), accuracy with its interval, the average, parameters per task (report/reuse.py)
     continual.csv       the sequence scenario (when any): per order and method: ACC, BWT, FWT with intervals, paired
                         differences from seq-lora, adapter norms; continual_sweeps.csv (penalty weights swept);
                         plots/continual-ORDER.png (the matrix R as heat maps). Continual records are reported there
@@ -41,7 +43,8 @@ from pathlib import Path
 import pandas as pd
 
 from lorabench.errors import UserError
-from lorabench.report import continual, cross_task, curves, federated, findings, forgetting, mixture, plots, tables
+from lorabench.report import (continual, cross_task, curves, federated, findings, forgetting, mixture, plots, reuse,
+                              tables)
 from lorabench.report.html import render_html
 from lorabench.report.markdown import render_markdown
 
@@ -150,7 +153,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     out.mkdir(parents=True, exist_ok=True)
     sequences = continual.continual_records(records)
     rep = tables.build([r for r in records if not isinstance(r.get("continual"), dict)
-                        and not isinstance(r.get("mixture"), dict)
+                        and not isinstance(r.get("mixture"), dict) and not isinstance(r.get("reuse"), dict)
                         and not isinstance(r.get("forgetting"), dict)], notes)   # scenario records: their own sections
     claims = findings.evaluate(rep.trials)
     cov = coverage(rep)
@@ -163,6 +166,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     fed = federated.federated_frame(records)
     cross, merges = cross_task.cross_task_frame(records), cross_task.merge_frame(records)
     mix = mixture.mixture_frame(records)
+    reu = reuse.reuse_frame(records)
     forget = forgetting.forgetting_frame(records)
     written: list[Path] = []
     if "md" in formats:
@@ -171,6 +175,7 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
         fed_md = federated.markdown(fed, [n for n in sorted(pngs) if n.startswith("federated-")] if names else [])
         fed_md += cross_task.markdown(cross, merges)   # the cross-task scenario's section (none without its records)
         fed_md += mixture.markdown(mix)   # its protocol (b) (none without mixture records)
+        fed_md += reuse.markdown(reu)   # its reuse protocol (none without reuse records)
         cont_md = continual.markdown(sequences, [n for n in sorted(pngs) if n.startswith("continual-")] if names else [])
         cont_md += forgetting.markdown(forget)   # continual forgetting (none without its records)
         p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md, cont_md), encoding="utf-8")
@@ -193,6 +198,8 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
             frames["cross-task-merges.csv"] = merges
         if len(mix):
             frames["mixture.csv"] = mix
+        if len(reu):
+            frames["reuse.csv"] = reu
         if len(forget):
             frames["forgetting.csv"] = forget
         if sequences:

@@ -132,6 +132,12 @@ def check_splits(records: list[dict], specs: dict, records_path: Path) -> None:
                 from lorabench.harness.sequence import sequence_split_hash
                 tasks = split_tasks(spec.mixture["train"], "mixture") + split_tasks(spec.mixture["held_out"], "mixture")
                 seen[key] = sequence_split_hash([t.split().hash for t in tasks])   # as run_mixture records it
+        if getattr(spec, "reuse", None) is not None:  # the reuse protocol: every pool task's hash, in order
+            key = json.dumps(spec.reuse["tasks"], sort_keys=True)
+            if key not in seen:
+                from lorabench.harness.mixture import split_tasks
+                from lorabench.harness.sequence import sequence_split_hash
+                seen[key] = sequence_split_hash([t.split().hash for t in split_tasks(spec.reuse["tasks"], "reuse")])
         if key not in seen and spec.continual is not None:
             from lorabench.harness.sequence import order_tasks, sequence_split_hash
             seen[key] = sequence_split_hash([t.split().hash for t in order_tasks(spec)])

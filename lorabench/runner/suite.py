@@ -43,6 +43,9 @@ mixture: {knowledge_tasks: []}        # optional: the cross-task protocol (b) (l
 splits:                               # with mixture: named splits of the pool (names from tasks:), one trial per
   split-a: {train: [quartz, rt-mc], held_out: [tomi]}  # method x split x seed, labelled METHOD@SPLIT; every method
                                       # is a mixture of LoRA experts (cross-task family), lora or lora-ensemble
+reuse: {library_steps: 100}           # optional: the cross-task reuse protocol (lorabench/harness/reuse.py options):
+                                      # one trial per method x seed over every task of tasks: (the pool), labelled
+                                      # METHOD@reuse; every method has a reuse rule (peru-lora)
 ```
 
 Every error names the file and line and what is valid. YAML is read with safe_load semantics:
@@ -69,7 +72,7 @@ if TYPE_CHECKING:  # imported where used: both import torch, and a wrong suite n
 SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "suites"
 TOP_KEYS = {"suite", "version", "description", "seeds", "model", "train", "tasks", "methods", "jobs", "lr_grid",
             "tune_seeds", "tune_task", "federated", "partitions", "cross_task", "continual", "orders", "mixture",
-            "splits"}
+            "splits", "reuse"}
 TASK_KEYS = {"name", "model", "options", "train", "lm_eval", "jobs", "lr_grid", "seeds", "partitions"}
 METHOD_KEYS = {"name", "label", "options", "train", "lr_grid"}
 
@@ -147,6 +150,7 @@ class Suite:
     orders: dict[str, list[str]] | None = None  # with continual: order name -> task names, in training order
     mixture: dict | None = None  # protocol (b)'s options (None: no multi-task mixture training)
     splits: dict[str, dict] | None = None  # with mixture: split name -> {train: [...], held_out: [...]}
+    reuse: dict | None = None  # the reuse protocol's options (None: no reuse trials)
 
     def jobs_for(self, spec: TrialSpec) -> int:
         """Trials run at once while this trial's task runs (the task's `jobs`, else the suite's)."""
@@ -178,6 +182,8 @@ class Suite:
             return self._sequences(), []
         if self.mixture is not None:  # the cross-task protocol (b): method x split x seed
             return self._splits(), []
+        if self.reuse is not None:  # the cross-task reuse protocol: method x seed over the pool
+            return self._reuse_trials(), []
         for task in self.tasks:
             seeds = [s for s in self.seeds if task.seeds is None or s in task.seeds]
             for method in self.methods:
@@ -308,6 +314,18 @@ class Suite:
         return out
 
 
+    def _reuse_trials(self) -> list[TrialSpec]:
+        from lorabench.harness.trial import TrialSpec
+        first = self.tasks[0]
+        tasks = [{"name": t.name, "options": dict(t.options)} for t in self.tasks]
+        return [TrialSpec(suite=self.name, suite_version=self.version, label=f"{method.label}@reuse", method=method.name,
+                          method_options=method.options, task=first.name, task_options=first.options,
+                          model=first.model or self.model, seed=seed,
+                          train=merge(merge(self.train, first.train), method.train),
+                          reuse={"config": dict(self.reuse), "tasks": copy.deepcopy(tasks)})
+                for method in self.methods for seed in self.seeds]
+
+
 def method_scale(method: MethodEntry, train: dict) -> float:
     """The rate a method's grid multiplies: its train.lr (suite, task, method merged), else its default_lr."""
     if train.get("lr") is not None:
@@ -339,6 +357,8 @@ def trial_id(spec: TrialSpec) -> str:
         del d["continual"]  # ... and before the sequence scenario
     if d.get("mixture") is None:
         d.pop("mixture", None)  # ... and before protocol (b)
+    if d.get("reuse") is None:
+        d.pop("reuse", None)  # ... and before the reuse protocol
     blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -525,6 +545,7 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
     cross_task = _cross_task(data, path, lines, methods, lr_grid)
     continual, orders = _continual(data, path, lines, methods, tasks, lr_grid)
     mixture, splits = _mixture(data, path, lines, methods, tasks, lr_grid)
+    reuse = _reuse(data, path, lines, methods, tasks, lr_grid)
     tune_task = None
     if data.get("tune_task") is not None:
         name, where = data["tune_task"], _where(path, lines, ("tune_task",))
@@ -535,7 +556,7 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
         if lr_grid is None and not any(t.lr_grid for t in tasks) and not any(m.lr_grid for m in methods):
             raise UserError(f"{where}: tune_task needs an lr_grid (the task that tunes a learning-rate grid); "
                             f"this suite has none")
-        if federated is not None or cross_task is not None or continual is not None or mixture is not None:
+        if any(x is not None for x in (federated, cross_task, continual, mixture, reuse)):
             raise UserError(f"{where}: tune_task is for single-task trials; this suite runs a scenario")
         if name in names:
             tune_task = tasks[names.index(name)]
@@ -548,7 +569,7 @@ def validate(data: Any, path: Path, lines: dict, tune_task_may_be_left_out: bool
                  seeds=seeds, model=model, train=dict(base_train), tasks=tasks, methods=methods, path=str(path),
                  jobs=jobs, lr_grid=lr_grid, tune_seeds=tune_seeds, tune_task=tune_task, federated=federated,
                  partitions=parts, cross_task=cross_task, continual=continual, orders=orders, mixture=mixture,
-                 splits=splits)
+                 splits=splits, reuse=reuse)
 
 
 def _scenario_options(data: dict, path: Path, lines: dict, key: str, what: str, module: str, config_cls,
@@ -592,7 +613,7 @@ def _pool_tasks(path: Path, lines: dict, tasks: list[TaskEntry], key: str, scena
     once, every one multiple-choice (the cross-task pool) unless `multiple_choice` is False."""
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
-        per = {"continual": "order", "mixture": "split"}[key]
+        per = {"continual": "order", "mixture": "split", "reuse": "trial"}[key]
         raise UserError(f"{_where(path, lines, ('tasks',))}: with {key}:, each task is listed once (its options are "
                         f"the same in every {per})")
     from lorabench.tasks import get_task
@@ -777,11 +798,30 @@ def _mixture(data: dict, path: Path, lines: dict, methods: list[MethodEntry], ta
     return mix, out
 
 
+def _reuse(data: dict, path: Path, lines: dict, methods: list[MethodEntry], tasks: list[TaskEntry],
+           lr_grid) -> dict | None:
+    """The cross-task reuse protocol's `reuse` options (checked against ReuseConfig): the suite's tasks are the pool,
+    multiple-choice, each once; every method has a reuse rule (peru-lora)."""
+    if data.get("reuse") is None:
+        return None
+    from lorabench.harness.reuse import ReuseConfig
+    reuse = _scenario_options(data, path, lines, "reuse", "the reuse protocol's", "lorabench/harness/reuse.py",
+                              ReuseConfig, exclusive=("federated", "cross_task", "continual", "mixture"))
+    _pool_tasks(path, lines, tasks, "reuse", "the reuse protocol")
+    from lorabench.methods import METHODS
+    valid = [n for n in _family("cross-task") if hasattr(METHODS.get(n), "reuse")]
+    _family_methods(path, lines, methods, valid, "has no reuse rule; a suite with `reuse:` runs the cross-task reuse "
+                    "protocol")
+    _no_lr_grid(data, path, lines, lr_grid, "reuse", "nothing is trained per trial")
+    return reuse
+
+
 OVERRIDE_HELP = ("valid override keys: seeds=0,1,2 | lr_grid=0.3,1,3 (multipliers; a subset runs part of a grid) | model=NAME | tasks=a,b (subset) | methods=a,b (subset, by label) | "
                  "partitions=iid,dirichlet:0.3 | federated.<option>=V (the clients scenario) | "
                  "cross_task.<option>=V (the cross-task scenario) | "
                  "orders=a,b (subset) | continual.<option>=V (the sequence scenario) | "
                  "splits=a,b (subset) | mixture.<option>=V (the cross-task protocol (b)) | "
+                 "reuse.<option>=V (the cross-task reuse protocol) | "
                  "train.<option>=V | task.<option>=V (every task) | method.<option>=V (every method that has it) | "
                  "<method label>.<option>=V")
 
@@ -853,6 +893,10 @@ def apply_overrides(data: Any, overrides: list[str], path: Path) -> Any:
             from lorabench.harness.mixture import MixtureProtocolConfig
             from_dict(MixtureProtocolConfig, {key[8:]: value}, f"command line: {key}={raw.strip()}: mixture")
             data["mixture"] = merge(data.get("mixture") or {}, {key[8:]: value})
+        elif key.startswith("reuse."):
+            from lorabench.harness.reuse import ReuseConfig
+            from_dict(ReuseConfig, {key[6:]: value}, f"command line: {key}={raw.strip()}: reuse")
+            data["reuse"] = merge(data.get("reuse") or {}, {key[6:]: value})
         elif key.startswith("continual."):
             from lorabench.harness.sequence import ContinualConfig
             from_dict(ContinualConfig, {key[10:]: value}, f"command line: {key}={raw.strip()}: continual")

@@ -158,6 +158,13 @@ BEHAVIOURS = [
     B("lorahub", None, lora_by_construction=True), B("lora-arithmetic", None, lora_by_construction=True),
     B("uniform-average", None, lora_by_construction=True), B("loraretriever", None, lora_by_construction=True),
     B("token-level", None, lora_by_construction=True), B("compeft", None, lora_by_construction=True),
+    # l-lora: a single-task trial fine-tunes one linearised LoRA: at B0 = 0 the Jacobian in A vanishes, only B moves
+    B("l-lora", lambda m: m["a_grad_max"] == 0 and m["b_update_norm"] > 0 and m["linearization_gap"] == 0,
+      "the module is linearised around its init: A gets no gradient (B0 = 0), B moves, LoRA at the trained factors "
+      "equals the linearised module"),
+    # peru-lora: a single-task trial trains the library adapter it reuses (a LoRA); the reuse is tested on library
+    # adapters in tests/test_cross_task_reuse.py
+    B("peru-lora", None, lora_by_construction=True),
     # lora-ensemble: a single-task trial trains one member; protocol (b) trains M and averages them
     # (tests/test_cross_task_ensemble.py)
     B("lora-ensemble", None, lora_by_construction=True),
@@ -185,6 +192,8 @@ BEHAVIOURS = [
     B("mocle", lambda m: sum(s > 0 for s in m["cluster_sizes"]) > 1 and sum(s > 0 for s in m["cluster_share"]) > 1
       and m["expert_load"][0] > 0 and m["router_entropy"] > 0,
       "k-means clusters of the inputs route examples to cluster-conditional experts beside the universal expert"),
+    B("moral", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and len(m["expert_load"]) == 4,
+      "top-2 routing over LoRA experts in the feed-forward layers", kind="llama"),
     B("fast-lora", lambda m: m["adapter_use"][0] == 1.0 and m["multiplier_deviation"] > 0,
       "task 0's element-wise adapter moves W0's multiplier away from 1"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
