@@ -6,6 +6,8 @@ driver being `python -m lorabench run SUITE --backend ray --address ...` as a us
 - a trial whose worker process is killed mid-trial is run again, and its record says so (WorkerCrashedError);
   then the worker node is killed while another trial runs on it: that trial is run again on the head
   (NodeDiedError), and the suite finishes with every trial recorded once;
+- a small deterministic suite gives the same report on both backends (the report of the Ray records given the
+  local records' timing and place fields is the local report, byte for byte);
 - a driver killed mid-run leaves no trial running, and the same command resumes it, every trial recorded once.
 
 Starting a cluster takes 20-70 s on a 2-core machine, so the tests that start one are slow (.ci/run runs them).
@@ -144,6 +146,62 @@ def test_smoke_suite_on_two_nodes_records_what_the_local_backend_records(cluster
     assert len({r["ray_node_id"] for r in ray_recs}) == 2, "both nodes ran trials"
     n = len(expected)
     assert f"progress: {n}/{n} done, 0 running, 0 failed" in proc.stdout
+
+
+SAME = """suite: same
+version: 1
+seeds: [0, 1]
+train: {steps: 3, batch_size: 4, eval_batch_size: 16, warmup_steps_for_throughput: 0}
+tasks:
+  - {name: rt-sentiment, model: tiny-bert, options: {n_train: 16, n_eval: 16}}
+methods:
+  - head
+  - lora
+"""
+
+
+def with_timing_and_place_of(record: dict, other: dict) -> dict:
+    """`record` with `other`'s timing and place fields (TIMING, WHERE, a method's own *_seconds) in place of its
+    own: what is left is what the trial computed."""
+    out = {k: v for k, v in record.items() if k not in TIMING | WHERE}
+    out |= {k: other[k] for k in TIMING | WHERE if k in other}
+    if isinstance(out.get("method_metrics"), dict):
+        out["method_metrics"] = {k: other["method_metrics"][k] if k.endswith("_seconds") else v
+                                 for k, v in out["method_metrics"].items()}
+    return out
+
+
+@pytest.mark.slow
+def test_a_deterministic_suite_gives_the_same_report_on_both_backends(cluster, tmp_path):
+    """Issue 21's "byte for byte the same report": a report also shows what each run measured (memory peaks,
+    tokens/s, machine time), which differ between any two runs of a trial, on one backend or two. So the same
+    report here is the report, every file of it, of the Ray records given the local records' timing and place
+    fields: equal bytes mean that everything else the report reads (scores, intervals, ranks, paired tests,
+    losses, parameter counts, adapter sizes, findings) came out the same, whatever order the records arrived in."""
+    from lorabench.report.build import write_report
+    suite = tmp_path / "same.yaml"
+    suite.write_text(SAME)
+    local_path, ray_path = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    # one torch thread per trial, as on the Ray backend's one-CPU trials: the same arithmetic
+    proc = run_cli("run", str(suite), "--records", str(local_path), "--no-progress", "--jobs",
+                   str(len(os.sched_getaffinity(0))), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = subprocess.run(ray_run(suite, ray_path, cluster.address), cwd=REPO, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    local = {r["trial_id"]: r for r in read_records(local_path)}
+    ray_recs = read_records(ray_path)
+    assert sorted(local) == sorted(r["trial_id"] for r in ray_recs) and len(local) == 4
+    assert all(r["status"] == "ok" and r["backend"] == "ray" for r in ray_recs)
+    files = {}
+    for name, recs in (("local", list(local.values())),
+                       ("ray", [with_timing_and_place_of(r, local[r["trial_id"]]) for r in ray_recs])):
+        out = tmp_path / f"report-{name}"
+        files[name] = {p.relative_to(out).as_posix(): p.read_bytes() for p in write_report(recs, out, ["md", "csv"])}
+    assert sorted(files["ray"]) == sorted(files["local"]) and "leaderboard.csv" in files["local"]
+    for f in files["local"]:
+        assert files["ray"][f] == files["local"][f], f
+    assert b"head" in files["local"]["leaderboard.csv"] and b"lora" in files["local"]["leaderboard.csv"]
 
 
 @pytest.mark.slow
