@@ -204,3 +204,37 @@ def test_speedup_schedules_recorded_trial_times_longest_first():
     assert makespan([5, 1, 1], 4) == 5  # never below the longest trial
     assert makespan([1.0] * 8, 1) == 8 and makespan([1.0] * 8, 3) == 3
     assert [round(s, 2) for _, _, s in table([1.0] * 8, [1, 2, 8])] == [1.0, 2.0, 8.0]
+
+
+SCRIPT = """import multiprocessing, os, sys
+sys.path.insert(0, {repo!r})
+with open({marker!r}, "a") as f:  # each process that runs this file as its main script adds a line
+    f.write("run\\n")
+if __name__ == "__main__":
+    from lorabench.runner.run import _main_script_hidden
+    ctx = multiprocessing.get_context("forkserver")
+    for hidden in (True, False):
+        before = open({marker!r}).read().count("run")
+        p = ctx.Process(target=os.getpid)
+        if hidden:
+            with _main_script_hidden():
+                p.start()
+        else:
+            p.start()
+        p.join()
+        print("hidden" if hidden else "shown", open({marker!r}).read().count("run") - before, p.exitcode)
+    print("file", __file__ == {script!r})
+"""
+
+
+def test_a_trial_process_does_not_run_its_parents_main_script_again(tmp_path):
+    """A parent run as a script (a Ray worker runs ray/_private/workers/default_worker.py): multiprocessing runs
+    that script again in each process it starts, unless run_one hides it while the trial process starts (on the
+    Ray backend that import of Ray cost each trial 0.45 s of CPU: docs/scale.md, "Overhead")."""
+    marker, script = tmp_path / "marker", tmp_path / "main_script.py"
+    marker.write_text("")
+    script.write_text(SCRIPT.format(repo=str(REPO), marker=str(marker), script=str(script)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # hidden: the child did not run the script; shown (multiprocessing's own way): it did; __file__ restored after
+    assert out.stdout.split("\n")[:3] == ["hidden 0 0", "shown 1 0", "file True"], out.stdout + out.stderr[-2000:]

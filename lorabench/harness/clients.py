@@ -475,7 +475,14 @@ def run_federated(spec, progress: bool = True) -> dict:
                       "num_cpus": fed.actors, "num_gpus": 0, "include_dashboard": False,
                       "dashboard_port": _free_port(),  # Ray's minimal dashboard head: not the default 8265
                       "object_store_memory": 100 * 2**20, "_temp_dir": ray_tmp,
-                      "logging_level": logging.ERROR, "log_to_driver": bool(progress)},
+                      "logging_level": logging.ERROR, "log_to_driver": bool(progress),
+                      # Flower ends a simulation by sending each actor `terminate` (ray.actor.exit_actor()) and
+                      # shutting Ray down at once; Ray counts that intentional exit as a failure of the terminate
+                      # task, retries it (the actors' max_task_retries) and first pushes "will be retried" to this
+                      # driver, which is shutting down: "task_manager.cc: Failed to push error to driver", once a
+                      # trial. Only that note goes: a client task retried mid-round is still retried (and a
+                      # client that fails for good is still recorded).
+                      "_system_config": {"enable_output_error_log_if_still_retry": False}},
     }
     t_sim = time.perf_counter()
     try:

@@ -43,7 +43,11 @@ class LoopbackCluster:
 
     def __init__(self, nodes: int = 2, cpus_per_node: int = 1, env: dict | None = None, start_timeout_s: float = 180):
         self.nodes, self.cpus, self.timeout = nodes, cpus_per_node, start_timeout_s
-        self.env = dict(os.environ if env is None else env, RAY_USAGE_STATS_ENABLED="0")
+        # RAY_worker_niceness=0: Ray starts its workers, and so the trials they fork, 15 nicer than the node
+        # (its default), which on a shared machine gives them a smaller share of a core than the local backend's
+        # trials get; at 0 they run at the node's own niceness, as the local backend's run at the runner's. A value
+        # set in `env` wins.
+        self.env = {"RAY_worker_niceness": "0", **(os.environ if env is None else env), "RAY_USAGE_STATS_ENABLED": "0"}
         self.procs: list[subprocess.Popen] = []
         self.temp_dir = ""
         self.address = ""

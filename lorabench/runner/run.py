@@ -6,6 +6,7 @@ Trials already recorded (by trial id, ok or failed) are skipped, so a killed sui
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -48,6 +49,28 @@ def _context():
     return _CONTEXT
 
 
+_MAIN_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_script_hidden():
+    """multiprocessing runs the parent's main script again, as __mp_main__, in every process it starts, forked
+    from a fork server too, when __main__ was run as a file rather than a module (`python -m`): so that functions
+    defined there unpickle (multiprocessing/spawn.py, get_preparation_data and _fixup_main_from_path). On the Ray
+    backend that file is Ray's worker script (ray/_private/workers/default_worker.py), and every trial process
+    imported Ray before its trial began: 0.45 s of CPU each (docs/scale.md, "Overhead"). A trial's code lives in
+    lorabench.runner.worker and needs nothing from the main script, so while a trial process starts, __main__
+    shows no __file__ and multiprocessing leaves it alone."""
+    main = sys.modules["__main__"]
+    with _MAIN_LOCK:  # trials started from several threads at once (jobs > 1)
+        path = main.__dict__.pop("__file__", None)
+        try:
+            yield
+        finally:
+            if path is not None:
+                main.__file__ = path
+
+
 def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, threads: int | None = None) -> dict:
     """Run one trial in its own process; returns its result, or a failure describing the crash.
     `jobs`: trials running at once, which share the cores (worker.default_threads), unless `threads` (the
@@ -70,7 +93,8 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
                     tail.extend(chunk)
                     del tail[:-8000]
             try:
-                proc.start()  # inside the try: a Ctrl-C during the start must still stop the trial
+                with _main_script_hidden():
+                    proc.start()  # inside the try: a Ctrl-C during the start must still stop the trial
                 while proc.is_alive():
                     if _INTERRUPTED.is_set():  # Ctrl-C in the main thread while this one waits (jobs > 1)
                         proc.kill()
