@@ -208,6 +208,34 @@ def test_fedavg_of_factors_is_inexact_and_the_error_matches_the_merged_weights(n
     assert abs((num / den) ** 0.5 - err) < 1e-3 * max(err, 1e-3), ((num / den) ** 0.5, err)
 
 
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_federated_trial_runs_on_its_train_threads(monkeypatch, threads):
+    """run_federated sets torch's threads to train.threads (issue 15), before Ray starts: stopped there (at
+    check_machine), the trial process runs on that many threads."""
+    from lorabench.harness import clients
+    seen = []
+
+    def stop(fed):
+        seen.append(torch.get_num_threads())
+        raise _Stop
+
+    monkeypatch.setattr(clients, "check_machine", stop)
+    spec = spec_for("fedit")
+    spec.train = {**spec.train, "threads": threads}
+    before = torch.get_num_threads()
+    torch.set_num_threads(3 - threads)  # neither what the trial asks for
+    try:
+        with pytest.raises(_Stop):
+            clients.run_federated(spec, progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [threads]
+
+
 @pytest.mark.parametrize("name", ["ffa-lora", "flexlora"])
 def test_exact_aggregations_measure_zero_error(name):
     spec = spec_for(name)

@@ -404,6 +404,8 @@ def run_federated(spec, progress: bool = True) -> dict:
     transformers.utils.logging.disable_progress_bar()
     fed = from_dict(FederatedConfig, spec.federated, "federated")
     train_cfg = from_dict(TrainConfig, spec.train, "train")
+    if train_cfg.threads:  # the server's evaluations; each client actor trains on one thread, its one CPU
+        torch.set_num_threads(train_cfg.threads)  # (client_resources, client_round), as a trial sets its own
     task = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}")
     method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
     if not isinstance(method, FederatedLoRA):

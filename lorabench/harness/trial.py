@@ -159,7 +159,7 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
     if spec.continual is not None:  # method x order x seed, tasks one after another: the sequence scenario
         from lorabench.harness.sequence import run_sequence
         return run_sequence(spec, progress=progress)
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     task = get_task(spec.task).from_options(spec.task_options, where=f"task {spec.task}")
     method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
     split = task.split()
@@ -198,6 +198,9 @@ def run_trial(spec: TrialSpec, progress: bool = True) -> dict:
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "rss_after_load_mb": round(start.rss_after_load_mb, 1),
         "trial_seconds": round(time.perf_counter() - t_start, 3),
+        # CPU time of this process over the same span (user + system): on a shared core the wall times above
+        # grow with the load beside the trial, this one much less (docs/architecture.md, "Where a trial's time goes")
+        "trial_cpu_seconds": round(time.process_time() - cpu_start, 3),
         "threads": torch.get_num_threads(),  # the trial's own (train.threads), not the runner's
     }
     if spec.lm_eval:  # the same trained model, scored by lm-eval on the exported task (lorabench.lmeval)

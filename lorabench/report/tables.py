@@ -33,7 +33,7 @@ record_version trial_id suite suite_version label method method_options task tas
 overrides started_at finished_at wall_s git_commit versions cpu gpu threads platform status error traceback
 metric higher_is_better score metrics split_hash n_train n_eval model_info trainable_params total_params
 adapter_bytes train method_config family paper final_loss loss_curve train_tokens_per_s eval_tokens_per_s
-train_seconds eval_seconds method_metrics peak_rss_mb rss_after_load_mb trial_seconds
+train_seconds eval_seconds method_metrics peak_rss_mb rss_after_load_mb trial_seconds trial_cpu_seconds
 cuda_max_allocated_mb cuda_max_reserved_mb jobs lm_eval node backend node_ip ray_node_id attempts lost_attempts
 n_val val_score val_curve outcomes majority_label trained_steps cross_task
 """.split())

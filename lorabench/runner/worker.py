@@ -2,7 +2,8 @@
 
 Trial processes are forked from a fork server that has already imported torch and transformers
 (`multiprocessing` "forkserver" with preloading), so every trial gets a fresh process of its own
-(own memory peak, a crash kills only it) without paying the ~3 s of imports each time.
+(own memory peak, a crash kills only it) without paying the ~3 s of imports each time, nor the ~2.4 s of
+transformers' lazily imported model and tokenizer classes (lorabench/runner/preload.py).
 The result file holds {"status": "ok", ...result} or {"status": "failed", "error", "traceback"};
 when the process dies before writing it, the runner records the crash instead.
 """
@@ -13,7 +14,7 @@ import os
 import signal
 import traceback
 
-PRELOAD = ["torch", "transformers", "lorabench.harness.trial"]
+PRELOAD = ["torch", "transformers", "lorabench.harness.trial", "lorabench.runner.preload"]
 
 # Environment of the fork server, set before it starts (lorabench.runner.run._context), since
 # libgomp (the OpenMP of torch's CPU wheels) reads it once, when torch's import loads it there.
