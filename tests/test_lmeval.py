@@ -295,9 +295,9 @@ def test_suite_lm_eval_option_validates_and_keeps_trial_ids(tmp_path):
     plain.write_text(text.format(name="plain", task="quartz", flag="false"))
     spec = load_suite(str(plain)).trials()[0]
     # the id before the option existed (and before the scenarios' `federated`, `cross_task`, `continual` and
-    # `mixture`, None here)
+    # `mixture`, and the reuse protocol's `reuse`, None here)
     legacy = {k: v for k, v in asdict(spec).items()
-              if k not in ("lm_eval", "federated", "cross_task", "continual", "mixture")}
+              if k not in ("lm_eval", "federated", "cross_task", "continual", "mixture", "reuse")}
     assert trial_id(spec) == hashlib.sha256(json.dumps(legacy, sort_keys=True, separators=(",", ":"))
                                             .encode()).hexdigest()[:16]
     on = tmp_path / "enabled.yaml"

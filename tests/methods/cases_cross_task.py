@@ -11,6 +11,10 @@ CASES = [
     Case("loraretriever", {"rank": 4, "alpha": 8, "top_k": 2}),
     Case("token-level", {"rank": 4, "alpha": 8}),
     Case("compeft", {"rank": 4, "alpha": 8}),
+    # L-LoRA: a single-task trial fine-tunes one linearised LoRA (its merge in tests/test_cross_task_l_lora.py)
+    Case("l-lora", {"rank": 4, "alpha": 8}),
+    # PERU-LoRA: a single-task trial trains the library adapter it reuses (the reuse in tests/test_cross_task_reuse.py)
+    Case("peru-lora", {"rank": 4, "alpha": 8, "keep_rank": 2}),
     # mixtures of LoRA experts (lorabench/methods/cross_task/mixture.py); their routers in tests/test_mixture.py
     Case("mixlora", {"experts": 3, "rank": 2}),
     Case("loramoe", {"experts": 4, "rank": 2}),
@@ -26,6 +30,7 @@ CASES = [
     Case("mixlora-cfs", {"factors": 6, "rank": 2}),
     Case("mocle", {"experts": 3, "rank": 2, "clusters": 4, "fit_examples": 16}),
     Case("fast-lora", {"adapters": 2, "rank": 2}),
+    Case("moral", {"experts": 3, "rank": 2}),
     # LoRA ensembles: a single-task trial trains one member (a LoRA); the ensemble in tests/test_cross_task_ensemble.py
     Case("lora-ensemble", {"rank": 4, "alpha": 8, "members": 3}),
 ]
