@@ -26,7 +26,8 @@ from lorabench.tasks.base import Outcomes
 
 REFERENCE = "lora"  # every method is compared with LoRA (the survey's reference point)
 
-# Fields a record may carry (lorabench/runner/run.py, lorabench/harness/trial.py, the worker and
+# Fields a record may carry (lorabench/runner/run.py, lorabench/harness/trial.py, the scenarios, whose own
+# report sections read federated, continual, mixture and reuse, the worker and
 # lorabench/measure/provenance.py). Anything else is reported as an unknown field and ignored.
 KNOWN_FIELDS = frozenset("""
 record_version trial_id suite suite_version label method method_options task task_options model seed
@@ -35,7 +36,7 @@ metric higher_is_better score metrics split_hash n_train n_eval model_info train
 adapter_bytes train method_config family paper final_loss loss_curve train_tokens_per_s eval_tokens_per_s
 train_seconds eval_seconds method_metrics peak_rss_mb rss_after_load_mb trial_seconds trial_cpu_seconds
 cuda_max_allocated_mb cuda_max_reserved_mb jobs lm_eval node backend node_ip ray_node_id attempts lost_attempts
-n_val val_score val_curve outcomes majority_label trained_steps cross_task
+n_val val_score val_curve outcomes majority_label trained_steps cross_task federated continual mixture reuse
 """.split())
 REQUIRED = ("task", "label", "method", "seed")
 
