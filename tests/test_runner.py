@@ -206,6 +206,26 @@ def test_speedup_schedules_recorded_trial_times_longest_first():
     assert [round(s, 2) for _, _, s in table([1.0] * 8, [1, 2, 8])] == [1.0, 2.0, 8.0]
 
 
+def test_speedup_makes_tuned_seeds_wait_for_their_grid():
+    """With tune_seeds the other seeds run at the rate the grid chose: on many slots the estimate is the grid's
+    longest trial plus the longest trial waiting for it, not the longest trial alone (which made the claims board's
+    64-slot estimate 697 s instead of 1,052 s)."""
+    from lorabench.runner.speedup import schedule, table, trials_of
+    recs = [{"suite": "s", "task": "t", "label": "lora", "seed": 0, "train": {"lr": lr}, "wall_s": 10.0}
+            for lr in (1e-4, 3e-4, 1e-3)]
+    recs += [{"suite": "s", "task": "t", "label": "lora", "seed": seed, "train": {"lr": 3e-4}, "wall_s": 10.0}
+             for seed in (1, 2, 3, 4)]
+    recs += [{"suite": "s", "task": "t", "label": "head", "seed": seed, "train": {"lr": 1e-3}, "wall_s": 5.0}
+             for seed in (0, 1)]  # no grid: independent
+    trials = trials_of(recs)
+    assert sorted(g for _, _, g in trials) == [False] * 6 + [True] * 3
+    assert schedule(trials, 100) == 20.0   # grid (10 s) then the other seeds (10 s)
+    assert schedule(trials, 1) == 80.0     # one slot: the sum
+    assert schedule(trials, 3) == 30.0     # the grid on 3 slots while nothing else may run but head; then 4 seeds
+    assert schedule([(t, None, False) for t, _, _ in trials], 100) == 10.0  # the dependency is what costs the 10 s
+    assert table(trials, [1])[0][1] == 80.0
+
+
 SCRIPT = """import multiprocessing, os, sys
 sys.path.insert(0, {repo!r})
 with open({marker!r}, "a") as f:  # each process that runs this file as its main script adds a line
