@@ -113,7 +113,7 @@ class RayBackend:
             submit(name, tid, spec, 1, [])
         total, done, failed, t0 = len(pending), 0, 0, time.monotonic()
         # Ctrl-C or a killed driver: leaving `with RayBackend` (ray.shutdown) or the driver's death ends this
-        # Ray job, and Ray kills its tasks, whose trial processes die with them (worker._die_with_parent).
+        # Ray job, and Ray kills its tasks, whose trial processes die with them (worker._die_with_runner).
         while flight:
             ready, _ = ray.wait(list(flight), num_returns=1, timeout=60)
             for gen in ready:
