@@ -519,7 +519,7 @@ def run_federated(spec, progress: bool = True) -> dict:
             curve.append([r.round, r.global_score, round(mb_cum, 6)])
     sizes = [len(tr) for tr, _ in parts]
     skew = partitions.label_skew(parts)
-    from lorabench.harness.trial import scored_fields
+    from lorabench.harness.trial import method_fields, scored_fields
     return {
         **scored_fields(task, split, final_ev),
         "val_score": None,
@@ -530,9 +530,7 @@ def run_federated(spec, progress: bool = True) -> dict:
         "total_params": total,
         "adapter_bytes": _nbytes(strategy.state),
         "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
+        **method_fields(method),
         "final_loss": rounds[-1].train_loss,
         "loss_curve": [r.train_loss for r in rounds if r.train_loss is not None],
         # the median over clients and rounds of each client's median tokens/s (its steps after warm-up)
