@@ -223,7 +223,7 @@ class MLoRELinear(nn.Module):
             imp = g.float().mean(0)                                        # mean gate per expert over the batch
             self.aux = imp.var() / imp.mean().clamp(min=1e-12) ** 2 if self.E > 1 else imp.sum() * 0.0   # CV²
             n = min(self.PROBE_TOKENS, x3.shape[1])
-            self.probe = (x3[0, :n].detach(), g[0].detach(), m[0].detach(), int(ids[0]), out[0, :n].detach())
+            self.probe = (x3[0, :n].detach(), g[0].detach(), m[0].detach(), int(ids[0]))
         return out[:, 0] if squeeze else out
 
     # -- the re-parameterisation ------------------------------------------------------------------
@@ -244,10 +244,12 @@ class MLoRELinear(nn.Module):
     @torch.no_grad()
     def reparam_error(self) -> tuple[float, float] | None:
         """(max |mixture output - W_merged x|, the same over max |mixture output|) on the probe of the last training
-        forward: its example's first tokens, its routing, the output the mixture produced."""
+        forward (its first example's first tokens and that example's routing, held fixed), both with the current
+        weights: the mixture's three factorised paths as the forward computes them, against the one merged linear."""
         if self.probe is None:
             return None
-        x, g, m, task, out = self.probe
+        x, g, m, task = self.probe
+        out = self.paths(x[None], g[None], m[None], torch.tensor([task], device=x.device))[0]
         merged = F.linear(x.to(self.base.weight.dtype), self.merged_weight(g, m, task), self.base.bias)
         diff = float((merged.float() - out.float()).abs().max())
         return diff, diff / max(float(out.float().abs().max()), 1e-12)
@@ -292,10 +294,10 @@ class MLoRE(MixtureMethod):
         "expert_ranks": "the routed experts' ranks r_1..r_E (they differ; the generic path's and the task-specific "
                         "experts' ranks are the options generic_rank and specific_rank)",
         "aux_loss_last": "the load-balancing loss CV²(mean gate per expert) at the last step, averaged over layers",
-        "reparam_max_abs_diff": "max over layers of max |mixture output - W_merged x| on the last training step's "
-                                "first example (8 tokens), W_merged = W0 + the generic path + the routed experts "
-                                "+ the task-specific expert merged at that example's routing (rounding level: the "
-                                "paths are linear)",
+        "reparam_max_abs_diff": "max over layers of max |mixture output - W_merged x| at the end of training, on the "
+                                "last training step's first example (8 tokens) at that example's routing, W_merged = "
+                                "W0 + the generic path + the routed experts + the task-specific expert merged into "
+                                "one linear (rounding level: the paths are linear)",
         "reparam_max_rel_diff": "the same difference over the largest |output| of that layer, max over layers",
     }
 
