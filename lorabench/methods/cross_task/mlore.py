@@ -265,7 +265,7 @@ class MLoRELinear(nn.Module):
             st["n"] += float(rows.sum())
             st["load"] += g[rows].float().sum(0).cpu()
             st["entropy"] += float(-(p[rows].float().clamp(min=1e-12).log() * p[rows].float()).sum())
-            st["m"] += float(m[rows].float().sum())
+            st["m"] += float(m[rows].float().abs().sum())
 
     def reset_stats(self) -> None:
         self.stats: dict[int, dict] = {}
@@ -289,8 +289,9 @@ class MLoRE(MixtureMethod):
                    "layers (0 = perfectly balanced)",
         "router_entropy": "the routers' mean entropy per example of softmax(l + noise) before the top-k, in nats "
                           "(log E = uniform)",
-        "specific_scale_by_task": "per task id, the mean of its router's scale m of its task-specific expert, "
-                                  "averaged over layers",
+        "specific_scale_by_task": "per task id, the mean |m| of its router's scale m of its task-specific expert "
+                                  "(m is signed and unbounded, as in the released code), averaged over layers "
+                                  "(0 for a held-out task: no task-specific expert)",
         "expert_ranks": "the routed experts' ranks r_1..r_E (they differ; the generic path's and the task-specific "
                         "experts' ranks are the options generic_rank and specific_rank)",
         "aux_loss_last": "the load-balancing loss CV²(mean gate per expert) at the last step, averaged over layers",
