@@ -194,6 +194,11 @@ BEHAVIOURS = [
       "k-means clusters of the inputs route examples to cluster-conditional experts beside the universal expert"),
     B("moral", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and len(m["expert_load"]) == 4,
       "top-2 routing over LoRA experts in the feed-forward layers", kind="llama"),
+    B("mlore", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and m["expert_ranks"] == [1, 2, 3]
+      and set(m["expert_load_by_task"]) == {"0"} and m["specific_scale_by_task"]["0"] > 0
+      and m["aux_loss_last"] > 0 and m["reparam_max_rel_diff"] < 1e-4,
+      "task 0's router picks top-2 of experts of ranks 1, 2, 3 beside the generic path and task 0's own expert; "
+      "the mixture equals its re-parameterised single linear"),
     B("fast-lora", lambda m: m["adapter_use"][0] == 1.0 and m["multiplier_deviation"] > 0,
       "task 0's element-wise adapter moves W0's multiplier away from 1"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
