@@ -62,8 +62,9 @@ IMPLEMENTED_NOTES = {
              "paths into one linear (measured: `reparam_max_abs_diff`); not carried over: the convolutions' spatial "
              "kernels, the BatchNorms, GELU and output projection around the module, the router's own small network "
              "(a linear map here), the per-task projection of the backbone feature, and the dense-prediction tasks",
-    "MoRAL": "top-2 LoRA experts in the feed-forward layers on the shared mixture layer, run by protocol (b); not "
-             "built: its lifelong-learning protocol (5L-bench: QA pairs from recent arXiv papers scored closed-book and "
+    "MoRAL": "top-2 LoRA experts in the feed-forward layers on the shared mixture layer, run by protocol (b) "
+             "(`moral`) and, trained task after task, by the sequence scenario (`moral-cl`); not built: its "
+             "lifelong-learning protocol (5L-bench: QA pairs from recent arXiv papers scored closed-book and "
              "open-book, forgetting on HotpotQA), whose data no reachable registry carries",
     "L-LoRA": "each LoRA module linearised around its init by torch.func.jvp, as the released code; at LoRA's B0 = 0 "
               "the Jacobian in A vanishes, so only B is fine-tuned (A stays at the init all tasks share) and the "
@@ -145,8 +146,10 @@ def registered_methods() -> list:
 def status_of(row: dict, by_arxiv: dict, by_title: dict) -> tuple[str, list]:
     m = ARXIV.search(row["url"]) if "arxiv" in row["url"] else None
     hits = by_arxiv.get(m.group(1), []) if m else []
-    if not m:  # no arXiv link in the list: match the title, or its short name before the colon
+    if not m:  # no arXiv link in the list: match the title, or its short name before the colon ...
         hits = by_title.get(_norm(row["title"]), []) or by_title.get(_norm(row["title"].split(":")[0]), [])
+        # ... and every method that cites the paper a matched one cites (moral and moral-cl: one paper, two scenarios)
+        hits = [c for h in hits for c in ([h] + by_arxiv.get(h.paper, []) if h.paper else [h])]
     if hits:
         return "implemented", list(dict.fromkeys(hits))  # a title without a colon is indexed twice
     for key, reason in OUT_OF_SCOPE:

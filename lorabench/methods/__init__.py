@@ -227,3 +227,5 @@ METHODS.register_lazy("task-arithmetic", "lorabench.methods.continual.task_arith
                       paper="2311.02428", title="Task Arithmetic with LoRA for Continual Learning")
 METHODS.register_lazy("gs-lora", "lorabench.methods.continual.gs_lora:GSLoRA", family="continual", paper="2403.11530",
                       title="Continual Forgetting for Pre-trained Vision Models (GS-LoRA)")
+METHODS.register_lazy("moral-cl", "lorabench.methods.continual.moral_cl:MoRALCL", family="continual", paper="2402.11260",
+                      title="MoRAL: MoE augmented LoRA for LLMs' lifelong learning (one mixture trained task after task)")

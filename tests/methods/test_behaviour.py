@@ -214,6 +214,9 @@ BEHAVIOURS = [
       "the group lasso's proximal step zeroes every block's LoRA group", options={"group_alpha": 200.0}),
     B("i-lora", lambda m: m["ema_updates"] > 0 and m["slow_fast_distance"] > 0,
       "the slow learner follows the fast one by a moving average", lora_by_construction=True, kind="llama"),
+    B("moral-cl", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and len(m["expert_update"]) == 4
+      and sum(x > 0 for x in m["expert_update"]) >= 2 and m["task_routing"] is None,
+      "top-2 routing over FFN LoRA experts, the routed experts' updates moved", kind="llama"),
     B("inflora", lambda m: m["designed"] == 1 and m["designed_rank_mean"] > 0 and m["interference"] == 0,
       "B_t designed from the task's layer inputs and frozen, A_t trained"),
     B("pillow", lambda m: m["prompt_matching"] and m["rl_steps"] > 0 and sum(m["selected_counts"]) > 0
