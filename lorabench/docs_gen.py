@@ -34,15 +34,9 @@ OUT_OF_SCOPE = [
     ("Applications of LoRA", "an application of LoRA to a domain, not a new adaptation method"),
 ]
 
-# Federated entries not implemented yet (issue 19): what each needs beyond the clients scenario
-# (lorabench/harness/clients.py), shown as the reason of its "planned" row.
-PLANNED_NOTES = {
-    # mixtures of LoRA experts (issue 17) not implemented yet: what each needs beyond the mixture layer
-    # (lorabench/methods/cross_task/mixture.py) and protocol (b) (lorabench/harness/mixture.py)
-    "MLoRE": "a mixture of low-rank experts for multi-task dense prediction in vision (arXiv 2403.17749): convolutional "
-             "experts with a generic path on a vision backbone, scored on dense per-pixel tasks (segmentation, depth, "
-             "normals); no vision model or dense-prediction data is on a reachable registry, so it stays planned",
-}
+# Entries not implemented yet and what each needs, shown as the reason of its "planned" row (title prefix -> reason;
+# none at present: the last, MLoRE, is implemented on the text pool).
+PLANNED_NOTES: dict[str, str] = {}
 
 # Implemented entries whose paper has more than lorabench builds: what is not built, shown beside the method.
 IMPLEMENTED_NOTES = {
@@ -60,8 +54,17 @@ IMPLEMENTED_NOTES = {
         "run by the reuse protocol (lorabench/harness/reuse.py, suites/reuse.yaml): the merged model by task "
         "arithmetic at a fixed λ (the paper: chosen on validation data) plus each task's own update cut to rank q; "
         "the single-task compression alone is `byom-lora`"),
-    "MoRAL": "top-2 LoRA experts in the feed-forward layers on the shared mixture layer, run by protocol (b); not "
-             "built: its lifelong-learning protocol (5L-bench: QA pairs from recent arXiv papers scored closed-book and "
+    "MLoRE": "a vision paper (multi-task dense prediction, arXiv 2403.17749) implemented on the text pool and run by "
+             "protocol (b): carried over are its task-sharing generic path (here W0 plus a shared low-rank path, its "
+             "input detached as in the released code), routed linear low-rank experts of different ranks chosen by "
+             "each task's own noisy top-k router from the example's pooled input, a task-specific low-rank expert per "
+             "task scaled by its router, the CV² load-balancing loss, and the per-example re-parameterisation of all "
+             "paths into one linear (measured: `reparam_max_abs_diff`); not carried over: the convolutions' spatial "
+             "kernels, the BatchNorms, GELU and output projection around the module, the router's own small network "
+             "(a linear map here), the per-task projection of the backbone feature, and the dense-prediction tasks",
+    "MoRAL": "top-2 LoRA experts in the feed-forward layers on the shared mixture layer, run by protocol (b) "
+             "(`moral`) and, trained task after task, by the sequence scenario (`moral-cl`); not built: its "
+             "lifelong-learning protocol (5L-bench: QA pairs from recent arXiv papers scored closed-book and "
              "open-book, forgetting on HotpotQA), whose data no reachable registry carries",
     "L-LoRA": "each LoRA module linearised around its init by torch.func.jvp, as the released code; at LoRA's B0 = 0 "
               "the Jacobian in A vanishes, so only B is fine-tuned (A stays at the init all tasks share) and the "
@@ -143,8 +146,10 @@ def registered_methods() -> list:
 def status_of(row: dict, by_arxiv: dict, by_title: dict) -> tuple[str, list]:
     m = ARXIV.search(row["url"]) if "arxiv" in row["url"] else None
     hits = by_arxiv.get(m.group(1), []) if m else []
-    if not m:  # no arXiv link in the list: match the title, or its short name before the colon
+    if not m:  # no arXiv link in the list: match the title, or its short name before the colon ...
         hits = by_title.get(_norm(row["title"]), []) or by_title.get(_norm(row["title"].split(":")[0]), [])
+        # ... and every method that cites the paper a matched one cites (moral and moral-cl: one paper, two scenarios)
+        hits = [c for h in hits for c in ([h] + by_arxiv.get(h.paper, []) if h.paper else [h])]
     if hits:
         return "implemented", list(dict.fromkeys(hits))  # a title without a colon is indexed twice
     for key, reason in OUT_OF_SCOPE:

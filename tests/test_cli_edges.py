@@ -116,6 +116,98 @@ def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs, sig):
     assert not [p for p in below if _alive(p)], "trial processes outlived the run"
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _wait(condition, timeout_s: float, what: str, proc: subprocess.Popen, err_path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert proc.poll() is None, err_path.read_text()
+        assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f} s waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_stop_while_the_fork_server_starts_ends_the_run_and_every_process_at_once(tmp_path, jobs):
+    """Ctrl-C landing while the fork server still imports (worker.PRELOAD: minutes on a loaded core), after the
+    trials were asked of it: the runner used to wait for that start (with jobs > 1, threads blocked on it) and
+    then for its trials, and with jobs = 1 it exited but left the fork server importing on, to fork nothing or a
+    trial. tests/slow_fork_server.py makes the start last 600 s, every time: the runner must exit at once and
+    take every process it started with it."""
+    suite = tmp_path / "stopped.yaml"
+    suite.write_text(ONE_TRIAL.format(name="stopped"))
+    records, out_path, err_path = tmp_path / "r.jsonl", tmp_path / "out", tmp_path / "err"
+    code = ("import sys; from lorabench.runner import worker; "
+            "worker.PRELOAD = ['tests.slow_fork_server'] + worker.PRELOAD; "
+            "from lorabench.cli import main; sys.exit(main(sys.argv[1:]))")
+    with open(out_path, "w") as out, open(err_path, "w") as errf:
+        proc = subprocess.Popen([sys.executable, "-c", code, "run", str(suite), "--records", str(records),
+                                 "--no-progress", "train.steps=100000", f"seeds={','.join(map(str, range(jobs)))}",
+                                 "--jobs", str(jobs)], cwd=REPO, text=True, stdout=out, stderr=errf,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", LORABENCH_TEST_FORK_SERVER_SLEEP_S="600"))
+    try:
+        _wait(lambda: out_path.read_text().count(": running") == jobs, 120, "the trials to start", proc, err_path)
+        _wait(lambda: any(b"multiprocessing.forkserver" in _cmdline(p) for p in _descendants(proc.pid)), 60,
+              "the fork server", proc, err_path)
+        time.sleep(1.0)  # the trials' requests are on their way to it (proc.start(), waiting for their pids)
+        below = _descendants(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)  # not the fork server's 600 s
+    finally:
+        proc.kill()
+    err = err_path.read_text()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "leaked" not in err, err
+    assert re.search(rf"interrupted: 0 of {jobs} trials of suite stopped are recorded", err), err
+    deadline = time.monotonic() + 20
+    while any(_alive(p) for p in below) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [_cmdline(p)[:200] for p in below if _alive(p)], "processes of the run outlived it"
+
+
+def test_a_killed_runner_leaves_no_trial_running(tmp_path):
+    """`kill -9` of the runner (or its machine's OOM killer): nothing of the runner runs any more to stop its
+    trials, which must die by themselves (worker._die_with_runner). They used to train on: a trial dies with its
+    fork server (PR_SET_PDEATHSIG), and the fork server lives while any process holds its "alive" pipe, the
+    trial included."""
+    suite = tmp_path / "killed.yaml"
+    suite.write_text(ONE_TRIAL.format(name="killed"))
+    records, out_path, err_path = tmp_path / "r.jsonl", tmp_path / "out", tmp_path / "err"
+    with open(out_path, "w") as out, open(err_path, "w") as errf:
+        proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records),
+                                 "--no-progress", "train.steps=100000"], cwd=REPO, text=True, stdout=out,
+                                stderr=errf, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        def trials() -> list[int]:  # forked by the fork server: its command line, and a parent with it too
+            return [p for p in _descendants(proc.pid) if b"multiprocessing.forkserver" in _cmdline(p)
+                    and b"multiprocessing.forkserver" in _cmdline(_parent(p))]
+        _wait(trials, 600, "a trial process", proc, err_path)
+        time.sleep(2.0)  # the trial runs its trial_main
+        below = _descendants(proc.pid)
+        proc.kill()
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in below) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [_cmdline(p)[:200] for p in below if _alive(p)], "processes of the killed run train on"
+    assert not records.exists()
+
+
 def test_a_stopped_tuned_run_counts_the_trials_its_tuning_trials_define(tmp_path, monkeypatch, capsys):
     """With tune_seeds the other seeds' trials exist once the grid is recorded: the stop message counts them (it
     counted only the grid's trials, "2 of 2", while the suite runs 4)."""

@@ -219,12 +219,13 @@ def test_task_arithmetic_merges_the_task_vectors_then_restores_the_pretrained_we
 
 
 def test_every_continual_method_is_registered_with_its_paper():
+    from lorabench.methods.continual.base import StageHooks
     assert {"seq-lora", "per-task-lora", "replay-lora", "multitask-lora", "o-lora", "inflora", "i-lora",
-            "task-arithmetic"} <= set(CONTINUAL)
+            "task-arithmetic", "moral-cl"} <= set(CONTINUAL)
     for name in CONTINUAL:
         cls = get_method(name)
         assert cls.family == "continual" and cls.paper == METHODS.meta(name)["paper"]
-        assert hasattr(cls, "begin_task") and hasattr(cls, "stage_batches")
+        assert issubclass(cls, StageHooks)   # what the sequence scenario runs
 
 
 # -- the suite ----------------------------------------------------------------------------------------
@@ -304,6 +305,72 @@ def test_the_same_tiny_sequence_twice_in_one_process_gives_identical_R(tmp_path)
     a, b = (run_sequence(spec, progress=False)["continual"] for _ in range(2))
     assert a["R"] == b["R"] and a["outcomes"] == b["outcomes"] and a["adapter_norms"] == b["adapter_norms"]
     assert a["adapter_norms"][1] > a["adapter_norms"][0] > 0  # one adapter, trained on and on
+
+
+# -- MoRAL in the lifelong setting: one mixture of experts through the sequence ------------------------------
+
+MORAL = {"experts": 3, "rank": 2}
+
+
+def test_moral_cl_keeps_one_mixture_through_the_stages_and_reads_each_tasks_routing_while_it_is_scored():
+    """Nothing is reset, frozen or added between stages (the paper trains experts and router on the new data);
+    scoring task j reads the routing of task j's tokens alone."""
+    from lorabench.methods.cross_task.mixture import MixtureLinear
+    model, method, second = _two_stages("moral-cl", MORAL, steps=10)
+    layers = [m for m in model.modules() if isinstance(m, MixtureLinear)]
+    assert layers and all(m.lora_A.requires_grad and m.lora_B.requires_grad and m.router.weight.requires_grad
+                          for m in layers)   # every expert and the router train again in stage 2
+    trained = {id(p): p.detach().clone() for m in layers for p in (m.lora_A, m.lora_B, m.router.weight)}
+    assert method.adapter_norm(model) > 0   # stage 1 trained the experts (B = 0 at init)
+    before = method.adapter_norm(model)
+    metrics = _train(model, method, 10, 1e-2, seed=1)
+    assert method.adapter_norm(model) != before
+    assert len(metrics["expert_update"]) == 3 and sum(x > 0 for x in metrics["expert_update"]) >= 2
+    assert all(not torch.equal(trained[id(p)], p.detach()) for m in layers for p in (m.lora_A, m.lora_B))
+    # scoring: a task's routing from its own tokens only (the stats reset on entry, read on exit)
+    from tests.methods.tester import batch_for
+
+    def scored(noise: bool) -> dict:
+        with torch.no_grad():
+            if noise:   # tokens seen outside the scoring do not count
+                model(**batch_for("llama", seed=7, n=4))
+            with method.scoring(model, 0, second) as m:
+                m(**batch_for("llama", seed=5, n=4))
+        return method.stage_scored(model, second)["task_routing"]
+
+    alone, after_noise = scored(False), scored(True)
+    assert alone == after_noise and list(alone) == [second.tasks[0].name]
+    r = alone[second.tasks[0].name]
+    assert len(r["expert_load"]) == 3 and abs(sum(r["expert_load"]) - 1) < 1e-3 and r["router_entropy"] > 0
+    assert method.stage_scored(model, second) == {"task_routing": {}}   # consumed: the next stage starts empty
+
+
+def test_moral_cl_records_its_routing_per_stage_in_a_tiny_sequence_and_two_runs_agree(tmp_path):
+    from lorabench.harness.sequence import run_sequence
+    from lorabench.runner.suite import load_suite
+    path = tmp_path / "tinyseq.yaml"
+    path.write_text(TINY.replace("n_eval: 12", "n_eval: 6").replace("continual: {validate: true}", "continual: {}")
+                    .replace("methods: [seq-lora, per-task-lora]", "methods: [{name: moral-cl, options: "
+                             "{experts: 3, rank: 2}}]"))
+    spec = load_suite(str(path), ["train.steps=6"]).trials()[0]
+    assert spec.method == "moral-cl"
+    a, b = (run_sequence(spec, progress=False) for _ in range(2))
+    ca, cb = a["continual"], b["continual"]
+    assert ca["R"] == cb["R"] and ca["outcomes"] == cb["outcomes"] and ca["adapter_norms"] == cb["adapter_norms"]
+    assert [s["method_metrics"] for s in ca["stages"]] == [s["method_metrics"] for s in cb["stages"]]
+    assert a["family"] == "continual" and all(x is not None for row in ca["R"] for x in row)
+    s0, s1 = (s["method_metrics"] for s in ca["stages"])
+    for m in (s0, s1):
+        assert len(m["expert_load"]) == 3 and abs(sum(m["expert_load"]) - 1) < 1e-3 and m["router_entropy"] > 0
+        assert set(m["task_routing"]) == {"socialiqa", "quartz"}   # every task's routing after every stage
+        assert all(abs(sum(r["expert_load"]) - 1) < 1e-3 for r in m["task_routing"].values())
+        assert sum(x > 0 for x in m["expert_update"]) >= 2   # each stage writes into the experts it routes to
+    # the mixture acts across stages: the training load moved between the two tasks' stages, and training the
+    # router on quartz moved socialiqa's routing on its own eval examples
+    assert s0["expert_load"] != s1["expert_load"]
+    assert s0["task_routing"]["socialiqa"]["expert_load"] != s1["task_routing"]["socialiqa"]["expert_load"]
+    assert ca["adapter_norms"][1] != ca["adapter_norms"][0] > 0
+    assert a["method_metrics"] == s1   # the record's method_metrics are the last stage's
 
 
 @pytest.mark.slow  # two runs of the runner (fork server, a process per trial): ~3 minutes on a shared core

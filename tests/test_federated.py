@@ -553,6 +553,38 @@ def ray_leftovers() -> list[str]:
     return [ln for ln in out.splitlines() if "lorabench-flwr-" in ln]
 
 
+def test_the_client_actors_run_at_the_trials_niceness(monkeypatch):
+    """Flower starts its Ray instance with the backend config the trial gives it; a Ray worker makes itself 15
+    nicer than the trial by default (RAY_worker_niceness), and the client actors starved on a shared core
+    (issues 19 and 21: a federated trial took 3,653 s beside the tests, 589 s alone). Ray started as Flower starts
+    it (its RayBackend's ray.init) must run its workers, the client actors' kind, at this process's niceness."""
+    pytest.importorskip("flwr", reason="the clients scenario needs Flower: pip install -e '.[federated]'")
+    import shutil
+    import tempfile
+
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from lorabench.harness.clients import simulation_backend
+    if os.nice(0) >= 19:
+        pytest.skip("at niceness 19 a worker cannot be nicer: the check cannot fail")
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)  # the setting's default (a value set there wins)
+    ray_tmp = tempfile.mkdtemp(prefix="lbnice-", dir="/tmp")  # short: Ray's socket paths
+    config = simulation_backend(FederatedConfig(), progress=False, ray_tmp=ray_tmp)
+    try:
+        RayBackend(config)  # ray.init(**config["init_args"]), as Flower's simulation starts Ray
+
+        def niceness() -> int:
+            import os
+            return os.nice(0)
+        resources = {k: config["client_resources"][k] for k in ("num_cpus", "num_gpus")}
+        worker = ray.get(ray.remote(niceness).options(**resources).remote(), timeout=300)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert worker == os.nice(0), f"a Ray worker of the simulation runs at niceness {worker}, the trial at {os.nice(0)}"
+
+
 @pytest.mark.slow
 def test_a_client_that_raises_and_one_that_is_killed_do_not_stop_the_run():
     from lorabench.harness.trial import run_trial

@@ -224,7 +224,8 @@ def test_task_ids_in_a_batch_route_the_model_and_never_reach_it():
 
 def test_every_mixture_is_registered_in_the_cross_task_family_with_its_paper():
     assert set(MIXTURES) == {"mixlora", "loramoe", "moelora", "sira", "mola", "multilora", "llava-mole", "octavius",
-                             "mtlora", "mixture-of-loras", "x-lora", "mixlora-cfs", "mocle", "fast-lora", "moral"}
+                             "mtlora", "mixture-of-loras", "x-lora", "mixlora-cfs", "mocle", "fast-lora", "moral",
+                             "mlore"}
     for n in MIXTURES:
         cls = get_method(n)
         assert cls.paper and cls.paper in (cls.__doc__ or ""), n

@@ -118,6 +118,25 @@ def test_an_address_without_a_cluster_gets_one_clear_error_at_once(tmp_path, add
     assert not records.exists()
 
 
+def test_ray_started_here_runs_the_trials_at_the_runners_niceness(monkeypatch):
+    """Without --address the Ray backend starts Ray on this machine (ray.init); Ray's workers, which fork the
+    trials, make themselves 15 nicer than the node by default (RAY_worker_niceness), and so yielded to every
+    other process on a shared core (issues 19 and 21). They must run at the runner's niceness, as the local
+    backend's trials do."""
+    ray = pytest.importorskip("ray", reason="the Ray backend's tests need Ray: pip install -e '.[ray]'")
+    from lorabench.runner.ray_backend import RayBackend
+    if os.nice(0) >= 19:
+        pytest.skip("at niceness 19 a worker cannot be nicer: the check cannot fail")
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)  # the setting's default (a value set there wins)
+
+    def niceness() -> int:
+        import os
+        return os.nice(0)
+    with RayBackend():
+        worker = ray.get(ray.remote(niceness).options(num_cpus=1).remote(), timeout=300)
+    assert worker == os.nice(0), f"a Ray worker runs at niceness {worker}, the runner at {os.nice(0)}"
+
+
 # The smoke suite's methods whose trials the Ray backend runs in the comparison below: one of each kind of
 # trial (plain adapters, full and head, quantized bases, a custom training loop with its own stages, a rank
 # schedule, a Laplace predictive after training, training-time attention, prompt selection by RL, a federated

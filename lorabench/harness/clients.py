@@ -362,6 +362,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def simulation_backend(fed: FederatedConfig, progress: bool, ray_tmp: str) -> dict:
+    """The backend config of Flower's simulation: the client actors' resources and the arguments of the
+    `ray.init` with which Flower starts a private Ray instance (flwr's RayBackend.init_ray passes them on)."""
+    from lorabench.runner.ray_cluster import same_niceness_config
+    return {
+        # one CPU per client actor: Flower's pool holds exactly `actors` actors; a killed actor is restarted
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": fed.max_restarts,
+                             "max_task_retries": fed.task_retries},
+        "init_args": {"address": "local",  # a private Ray instance, never a cluster someone else started
+                      "num_cpus": fed.actors, "num_gpus": 0, "include_dashboard": False,
+                      "dashboard_port": _free_port(),  # Ray's minimal dashboard head: not the default 8265
+                      "object_store_memory": 100 * 2**20, "_temp_dir": ray_tmp,
+                      "logging_level": logging.ERROR, "log_to_driver": bool(progress),
+                      # Flower ends a simulation by sending each actor `terminate` (ray.actor.exit_actor()) and
+                      # shutting Ray down at once; Ray counts that intentional exit as a failure of the terminate
+                      # task, retries it (the actors' max_task_retries) and first pushes "will be retried" to this
+                      # driver, which is shutting down: "task_manager.cc: Failed to push error to driver", once a
+                      # trial. Only that note goes: a client task retried mid-round is still retried (and a
+                      # client that fails for good is still recorded). And the client actors run at this
+                      # process's niceness, not 15 nicer (Ray's default; ray_cluster.same_niceness_config).
+                      "_system_config": {"enable_output_error_log_if_still_retry": False,
+                                         **same_niceness_config()}},
+    }
+
+
 def check_machine(fed: FederatedConfig) -> None:
     """Refuse, before Ray starts, a pool of actors this machine cannot run (cores, memory): never hang."""
     cores = len(os.sched_getaffinity(0))
@@ -469,23 +494,7 @@ def run_federated(spec, progress: bool = True) -> dict:
     log(f"round 0: global {task.metric.name} {score0:.4f} (before training)")
     spec_data = asdict(spec)
     ray_tmp = tempfile.mkdtemp(prefix="lorabench-flwr-", dir="/tmp")  # short: Ray's socket paths stay under 107 bytes
-    backend = {
-        # one CPU per client actor: Flower's pool holds exactly `actors` actors; a killed actor is restarted
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": fed.max_restarts,
-                             "max_task_retries": fed.task_retries},
-        "init_args": {"address": "local",  # a private Ray instance, never a cluster someone else started
-                      "num_cpus": fed.actors, "num_gpus": 0, "include_dashboard": False,
-                      "dashboard_port": _free_port(),  # Ray's minimal dashboard head: not the default 8265
-                      "object_store_memory": 100 * 2**20, "_temp_dir": ray_tmp,
-                      "logging_level": logging.ERROR, "log_to_driver": bool(progress),
-                      # Flower ends a simulation by sending each actor `terminate` (ray.actor.exit_actor()) and
-                      # shutting Ray down at once; Ray counts that intentional exit as a failure of the terminate
-                      # task, retries it (the actors' max_task_retries) and first pushes "will be retried" to this
-                      # driver, which is shutting down: "task_manager.cc: Failed to push error to driver", once a
-                      # trial. Only that note goes: a client task retried mid-round is still retried (and a
-                      # client that fails for good is still recorded).
-                      "_system_config": {"enable_output_error_log_if_still_retry": False}},
-    }
+    backend = simulation_backend(fed, progress, ray_tmp)
     t_sim = time.perf_counter()
     try:
         run_simulation(server_app=server, client_app=make_client_app(spec_data), num_supernodes=fed.clients,
@@ -510,7 +519,7 @@ def run_federated(spec, progress: bool = True) -> dict:
             curve.append([r.round, r.global_score, round(mb_cum, 6)])
     sizes = [len(tr) for tr, _ in parts]
     skew = partitions.label_skew(parts)
-    from lorabench.harness.trial import scored_fields
+    from lorabench.harness.trial import method_fields, scored_fields
     return {
         **scored_fields(task, split, final_ev),
         "val_score": None,
@@ -521,9 +530,7 @@ def run_federated(spec, progress: bool = True) -> dict:
         "total_params": total,
         "adapter_bytes": _nbytes(strategy.state),
         "train": asdict(train_cfg) | {"lr_used": train_cfg.lr if train_cfg.lr is not None else method.default_lr},
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
+        **method_fields(method),
         "final_loss": rounds[-1].train_loss,
         "loss_curve": [r.train_loss for r in rounds if r.train_loss is not None],
         # the median over clients and rounds of each client's median tokens/s (its steps after warm-up)

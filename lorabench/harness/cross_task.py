@@ -130,7 +130,7 @@ def run_cross_task(spec, progress: bool = True) -> dict:
     from lorabench.harness import task_pool
     from lorabench.harness.multitask import LibraryConfig, build_library, load_library_adapter
     from lorabench.harness.train import TrainConfig, precision
-    from lorabench.harness.trial import scored_fields, seed_everything
+    from lorabench.harness.trial import composition_record_fields, scored_fields, seed_everything
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
     from lorabench.methods.cross_task.base import CompositionMethod
@@ -267,12 +267,7 @@ def run_cross_task(spec, progress: bool = True) -> dict:
     return {
         **scored_fields(task, split, ev),
         "cross_task": block,
-        "model_info": loaded.info,
-        "trainable_params": 0,   # nothing is trained in the trial (the library is trained once, cached)
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
-        "train": asdict(train_cfg),
+        **composition_record_fields(loaded, method, train_cfg),
         "eval_tokens_per_s": round(ev.n_tokens / ev.seconds, 1) if ev.seconds > 0 else None,
         "eval_seconds": round(ev.seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -53,7 +53,7 @@ def run_reuse(spec, progress: bool = True) -> dict:
     from lorabench.harness.sequence import sequence_split_hash
     from lorabench.harness.multitask import LibraryConfig, build_library, load_library_adapter
     from lorabench.harness.train import TrainConfig, precision
-    from lorabench.harness.trial import seed_everything
+    from lorabench.harness.trial import composition_record_fields, seed_everything
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
     from lorabench.methods.cross_task.base import check_library
@@ -137,12 +137,7 @@ def run_reuse(spec, progress: bool = True) -> dict:
                   "keep_rank": method.config.keep_rank, "merge_lambda": method.config.merge_lambda,
                   "task_params": {"peru": method.config.keep_rank * per_rank, "own": c.library_rank * per_rank},
                   "merged_rank": len(states) * c.library_rank},
-        "model_info": loaded.info,
-        "trainable_params": 0,   # nothing is trained in the trial (the library is trained once, cached)
-        "method_config": method.config_dict(),
-        "family": method.family,
-        "paper": method.paper,
-        "train": asdict(train_cfg),
+        **composition_record_fields(loaded, method, train_cfg),
         "eval_seconds": round(eval_seconds, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "trial_seconds": round(time.perf_counter() - t_start, 3),

@@ -6,7 +6,7 @@ A trial whose spec carries `continual` options runs here instead of `trial.run_t
 - the order's tasks (multiple-choice tasks sharing one output space, lorabench/harness/task_pool.py)
   are trained one after another on one model, `train.steps` steps each, with the one training loop
   (`harness/train.py`); the method takes part through its stage hooks (lorabench/methods/continual/base.py:
-  a fresh adapter, replayed examples, a designed subspace, per-task adapters);
+  a fresh adapter, replayed examples, a designed subspace, per-task adapters, a mixture's routing per task);
 - before any training, every task is scored on the base model (b_j, the zero-shot row that forward
   transfer is measured against); after stage i every task is scored again on its eval part, filling
   row i of the accuracy matrix R (R[i][j] = accuracy on task j after training on tasks 0..i), the
@@ -155,7 +155,7 @@ def run_sequence(spec, progress: bool = True) -> dict:
     from lorabench.harness.trial import seed_everything, start_trial
     from lorabench.measure.memory import peak_rss_mb
     from lorabench.methods import get_method
-    from lorabench.methods.continual.base import SequentialLoRA, Stage
+    from lorabench.methods.continual.base import Stage, StageHooks
 
     t_start = time.perf_counter()
     cfg = from_dict(ContinualConfig, spec.continual.get("config") or {}, "continual")
@@ -164,7 +164,7 @@ def run_sequence(spec, progress: bool = True) -> dict:
         return run_forgetting(spec, progress=progress)
     tasks = order_tasks(spec)
     method = get_method(spec.method).from_options(spec.method_options, where=f"method {spec.label}")
-    if not isinstance(method, SequentialLoRA):
+    if not isinstance(method, StageHooks):
         raise UserError(f"method {spec.method!r} is not a continual method (family 'continual'); the sequence "
                         f"scenario needs its stage hooks (lorabench/methods/continual/base.py)")
     order = spec.continual.get("order", "order")
@@ -203,6 +203,7 @@ def run_sequence(spec, progress: bool = True) -> dict:
         for j, ev in score_tasks(tasks, lambda j, st=stage: method.scoring(model, j, st), tokenizer, train_cfg, only=seen):
             R[t][j] = accuracy(ev)
             outcomes[t][j] = pack(ev.outcomes.correct)
+        stage_metrics.update(method.stage_scored(model, stage))  # what only the scoring shows (a mixture's routing)
         eval_seconds += time.perf_counter() - t0
         losses += result.loss_curve
         if result.train_tokens_per_s is not None:

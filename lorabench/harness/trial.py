@@ -89,10 +89,21 @@ class StartedTrial:
             "total_params": self.total,
             "adapter_bytes": adapter_bytes,
             "train": asdict(self.train_cfg) | {"lr_used": lr_used},
-            "method_config": method.config_dict(),
-            "family": method.family,
-            "paper": method.paper,
+            **method_fields(method),
         }
+
+
+def method_fields(method: Method) -> dict:
+    """The record's fields that say which method ran: its config, family and paper (every scenario's record)."""
+    return {"method_config": method.config_dict(), "family": method.family, "paper": method.paper}
+
+
+def composition_record_fields(loaded, method: Method, train_cfg: TrainConfig) -> dict:
+    """The record's start-up fields in a trial that trains nothing itself but composes a library of adapters
+    trained once and cached (the cross-task scenario and the reuse protocol: harness/cross_task.py, reuse.py),
+    in the record's order: the model as loaded (assets.LoadedModel), no trainable parameters, the method, and
+    the training config as read (its evaluation batch size and precision are what the trial used)."""
+    return {"model_info": loaded.info, "trainable_params": 0, **method_fields(method), "train": asdict(train_cfg)}
 
 
 def start_trial(spec: TrialSpec, method: Method, model: str, head: str, num_labels: int | None = None) -> StartedTrial:

@@ -195,6 +195,8 @@ METHODS.register_lazy("fast-lora", "lorabench.methods.cross_task.fast_lora:FastL
                       title="Fast LoRA: Batched low-rank adaptation of foundation models")
 METHODS.register_lazy("moral", "lorabench.methods.cross_task.moral:MoRAL", family="cross-task", paper="2402.11260",
                       title="MoRAL: MoE augmented LoRA for LLMs' lifelong learning")
+METHODS.register_lazy("mlore", "lorabench.methods.cross_task.mlore:MLoRE", family="cross-task", paper="2403.17749",
+                      title="MLoRE: Multi-task dense prediction via mixture of low-rank experts")
 METHODS.register_lazy("x-lora", "lorabench.methods.cross_task.x_lora:XLoRA", family="cross-task", paper="2402.07148",
                       title="X-LoRA: Mixture of low-rank adapter experts, a flexible framework for large language models with applications in protein mechanics and design")
 # ... composition of outputs: M LoRAs from different seeds, trained and scored by protocol (b)
@@ -225,3 +227,5 @@ METHODS.register_lazy("task-arithmetic", "lorabench.methods.continual.task_arith
                       paper="2311.02428", title="Task Arithmetic with LoRA for Continual Learning")
 METHODS.register_lazy("gs-lora", "lorabench.methods.continual.gs_lora:GSLoRA", family="continual", paper="2403.11530",
                       title="Continual Forgetting for Pre-trained Vision Models (GS-LoRA)")
+METHODS.register_lazy("moral-cl", "lorabench.methods.continual.moral_cl:MoRALCL", family="continual", paper="2402.11260",
+                      title="MoRAL: MoE augmented LoRA for LLMs' lifelong learning (one mixture trained task after task)")

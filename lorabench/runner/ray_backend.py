@@ -21,6 +21,7 @@ import warnings
 import ray
 
 from lorabench.errors import UserError
+from lorabench.runner.ray_cluster import same_niceness_config
 
 RETRIES = 2  # a trial lost with its worker or node runs at most 1 + RETRIES times
 
@@ -71,14 +72,18 @@ class RayBackend:
         self.address, self.retries = address, retries
 
     def __enter__(self) -> RayBackend:
-        kwargs = {"include_dashboard": False} if self.address is None else {}
+        # Without an address, Ray started here for this run ("local": never a cluster that `ray start` left on
+        # this machine, which ray.init(address=None) would join), its workers, and so the trials they fork, at this
+        # process's niceness (ray.init refuses a _system_config when it joins a cluster)
+        kwargs = ({"address": "local", "include_dashboard": False, "_system_config": same_niceness_config()}
+                  if self.address is None else {"address": self.address})
         _check_reachable(self.address)
         try:
             # log_to_driver=False: the trials' output stays in the nodes' logs; the driver prints one line per
             # event. Ray's own INFO lines and its tip about GPU variables (trials ask for no GPU) would interleave.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
-                ray.init(address=self.address, log_to_driver=False, logging_level=logging.WARNING, **kwargs)
+                ray.init(log_to_driver=False, logging_level=logging.WARNING, **kwargs)
         except ConnectionError as e:  # "auto" without a cluster on this machine, a ray:// without a server
             raise UserError(f"--address {self.address}: no Ray cluster answers there ({e}); start one with "
                             f"`ray start --head` (it prints the address), or leave --address out to start Ray "
@@ -108,7 +113,7 @@ class RayBackend:
             submit(name, tid, spec, 1, [])
         total, done, failed, t0 = len(pending), 0, 0, time.monotonic()
         # Ctrl-C or a killed driver: leaving `with RayBackend` (ray.shutdown) or the driver's death ends this
-        # Ray job, and Ray kills its tasks, whose trial processes die with them (worker._die_with_parent).
+        # Ray job, and Ray kills its tasks, whose trial processes die with them (worker._die_with_runner).
         while flight:
             ready, _ = ray.wait(list(flight), num_returns=1, timeout=60)
             for gen in ready:

@@ -24,6 +24,19 @@ HOST = "127.0.0.2"
 OBJECT_STORE_BYTES = 80 * 2**20  # Ray's minimum is 75 MiB
 
 
+def same_niceness_config() -> dict:
+    """The `_system_config` of a Ray instance that `ray.init` starts on this machine, so that its workers run at
+    this process's niceness: a Ray worker makes itself `worker_niceness` nicer than its raylet when it starts
+    (core_worker.cc calls nice(RayConfig::instance().worker_niceness()), default 15), so a trial or a client actor
+    in it would yield to every other process on a shared machine (issues 19 and 21: a federated trial took 3,653 s
+    beside the tests, 589 s alone); the raylet that `ray.init` starts, and so each worker before it adjusts, has
+    this process's niceness. The worker reads the setting from the system config the raylet hands it, over its
+    own RAY_worker_niceness. A RAY_worker_niceness set in the environment wins: then this is empty, and the raylet
+    and its workers read that variable. (A cluster joined with `--address` keeps its nodes' setting: ray.init
+    refuses a `_system_config` there; the loopback cluster below sets RAY_worker_niceness=0 in its nodes.)"""
+    return {} if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0}
+
+
 def _free_ports(n: int) -> list[int]:
     socks = []
     try:

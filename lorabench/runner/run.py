@@ -49,6 +49,26 @@ def _context():
     return _CONTEXT
 
 
+def _stop_fork_server() -> None:
+    """Kill the fork server this process started, if any, when the run stops (Ctrl-C, SIGTERM, a closed stdout).
+
+    A trial is asked of the fork server before it exists: `proc.start()` sends the request and waits for the new
+    process's pid, which the fork server sends only once it has imported torch, transformers and the trial code
+    (worker.PRELOAD: seconds alone, minutes on a loaded core). Stopped meanwhile, the runner did not know that
+    trial, so it could not kill it; with jobs > 1 it first waited for every thread blocked in that start; and
+    the fork server imported on after the runner had gone. Killed, it forks nothing more, a thread waiting on it
+    reads end-of-file at once, and the trials it forked die with it (worker._die_with_parent). multiprocessing
+    starts a new one for the next trial (ForkServer.ensure_running), should this process run trials again."""
+    from multiprocessing import forkserver
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    server._stop()  # reaps it and forgets it (closes its "alive" pipe and its address)
+
+
 _MAIN_LOCK = threading.Lock()
 
 
@@ -94,6 +114,8 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
                     del tail[:-8000]
             try:
                 with _main_script_hidden():
+                    if _INTERRUPTED.is_set():  # the run stopped while this thread was on its way here (jobs > 1)
+                        raise KeyboardInterrupt
                     proc.start()  # inside the try: a Ctrl-C during the start must still stop the trial
                 while proc.is_alive():
                     if _INTERRUPTED.is_set():  # Ctrl-C in the main thread while this one waits (jobs > 1)
@@ -105,7 +127,7 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
                         proc.join()
                         timed_out = True
                         break
-            except KeyboardInterrupt:
+            except BaseException:  # Ctrl-C here (jobs = 1); with jobs > 1 the end-of-file of a killed fork server
                 if proc.pid is not None:
                     proc.kill()
                     proc.join()  # before its temporary folder goes
@@ -248,22 +270,28 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
             groups[-1][1].append(p)
         else:
             groups.append((n, [p]))
-    for n_jobs, group in groups:
-        if n_jobs == 1:
-            for name, tid, spec in group:
-                finish(name, one(name, tid, spec, 1))
-            continue
-        # Threads only wait on trial processes; records are appended from this thread alone.
-        with concurrent.futures.ThreadPoolExecutor(max_workers=n_jobs) as pool:
-            futures = {pool.submit(one, *p, n_jobs): p[0] for p in group}
-            try:
-                for fut in concurrent.futures.as_completed(futures):
-                    finish(futures[fut], fut.result())
-            except BaseException:  # Ctrl-C, or a closed stdout (`| head`): stop, do not wait for the trials
-                for fut in futures:
-                    fut.cancel()
-                _INTERRUPTED.set()
-                raise
+    try:
+        for n_jobs, group in groups:
+            if n_jobs == 1:
+                for name, tid, spec in group:
+                    finish(name, one(name, tid, spec, 1))
+                continue
+            # Threads only wait on trial processes; records are appended from this thread alone.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=n_jobs) as pool:
+                futures = {pool.submit(one, *p, n_jobs): p[0] for p in group}
+                try:
+                    for fut in concurrent.futures.as_completed(futures):
+                        finish(futures[fut], fut.result())
+                except BaseException:  # Ctrl-C, or a closed stdout (`| head`): stop, do not wait for the trials
+                    for fut in futures:
+                        fut.cancel()
+                    _INTERRUPTED.set()  # the threads kill their trials
+                    _stop_fork_server()  # and those waiting on a fork server still starting stop waiting
+                    raise  # (leaving the `with` waits for the threads)
+    except BaseException:
+        _INTERRUPTED.set()
+        _stop_fork_server()  # again: one a thread started before it saw the stop
+        raise
     return _next_seeds(suite, records_path, overrides, timeout_s, progress, log, jobs, backend, ids)
 
 

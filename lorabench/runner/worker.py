@@ -36,7 +36,8 @@ def default_threads(jobs: int) -> int:
 
 
 def _die_with_parent() -> None:
-    """Get SIGKILL when the parent dies, so a killed suite leaves no orphan trial running."""
+    """Die when the fork server, this process's parent, dies (SIGKILL from the kernel: PR_SET_PDEATHSIG): the
+    runner kills the fork server when it stops (run.py, _stop_fork_server)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -44,8 +45,34 @@ def _die_with_parent() -> None:
         pass
 
 
+def _die_with_runner() -> None:
+    """Die when the runner that started this trial (the process that called run_one: `python -m lorabench run`,
+    or a Ray worker) dies or lets go of it, so that a killed suite leaves no orphan trial running.
+
+    The fork server, this process's parent, does not die with the runner: it exits once every holder of its
+    "alive" pipe has closed it (multiprocessing/forkserver.py), and every process it forks holds one, this trial
+    too. So a trial whose runner was killed kept its fork server alive, and the fork server's death, which
+    _die_with_parent waits for, never came: the trial trained on as an orphan. What does end with the runner is
+    the pipe multiprocessing gives each process it starts to watch its starter by (the runner holds the write end
+    while it holds the Process: popen_forkserver.py, `_parent_w`; here `parent_process().sentinel`, which reads
+    end-of-file once the runner has exited, however it exited). A daemon thread waits on it and kills this
+    process (at once if the runner died before the thread started: end-of-file stays readable)."""
+    import multiprocessing
+    import multiprocessing.connection
+    import threading
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not started by multiprocessing (a test calling trial_main itself)
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, name="die-with-runner", daemon=True).start()
+
+
 def trial_main(spec_data: dict, result_path: str, log_path: str, progress: bool, threads: int | None = None) -> None:
     _die_with_parent()
+    _die_with_runner()
     # Ctrl-C reaches every process of the terminal's group: the runner owns it (it kills this trial and
     # says what is recorded); a KeyboardInterrupt here would only add a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -56,4 +56,7 @@ CASES = [
     # GS-LoRA (arXiv 2403.11530): a single-task trial trains its block groups under the group lasso; the
     # forgetting protocol itself is tested in tests/test_forgetting.py
     Case("gs-lora", {"rank": 4, "alpha": 8}),
+    # MoRAL in the lifelong setting (arXiv 2402.11260): moral's top-2 FFN experts, trained task after task; its
+    # layer is tested in tests/test_mixture_moral.py, its stages in tests/test_continual.py
+    Case("moral-cl", {"experts": 3, "rank": 2}),
 ]

@@ -31,6 +31,8 @@ CASES = [
     Case("mocle", {"experts": 3, "rank": 2, "clusters": 4, "fit_examples": 16}),
     Case("fast-lora", {"adapters": 2, "rank": 2}),
     Case("moral", {"experts": 3, "rank": 2}),
+    # MLoRE: a generic path, routed experts of different ranks, task 0's router and task-specific expert
+    Case("mlore", {"expert_ranks": [1, 2, 3], "top_k": 2, "generic_rank": 2, "specific_rank": 1, "tasks": 2}),
     # LoRA ensembles: a single-task trial trains one member (a LoRA); the ensemble in tests/test_cross_task_ensemble.py
     Case("lora-ensemble", {"rank": 4, "alpha": 8, "members": 3}),
 ]

@@ -194,6 +194,11 @@ BEHAVIOURS = [
       "k-means clusters of the inputs route examples to cluster-conditional experts beside the universal expert"),
     B("moral", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and len(m["expert_load"]) == 4,
       "top-2 routing over LoRA experts in the feed-forward layers", kind="llama"),
+    B("mlore", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and m["expert_ranks"] == [1, 2, 3]
+      and set(m["expert_load_by_task"]) == {"0"} and m["specific_scale_by_task"]["0"] > 0
+      and m["aux_loss_last"] > 0 and m["reparam_max_rel_diff"] < 1e-4,
+      "task 0's router picks top-2 of experts of ranks 1, 2, 3 beside the generic path and task 0's own expert; "
+      "the mixture equals its re-parameterised single linear"),
     B("fast-lora", lambda m: m["adapter_use"][0] == 1.0 and m["multiplier_deviation"] > 0,
       "task 0's element-wise adapter moves W0's multiplier away from 1"),
     # continual (issue 18): a single-task trial is a sequence of one task; what the methods do across tasks is
@@ -209,6 +214,9 @@ BEHAVIOURS = [
       "the group lasso's proximal step zeroes every block's LoRA group", options={"group_alpha": 200.0}),
     B("i-lora", lambda m: m["ema_updates"] > 0 and m["slow_fast_distance"] > 0,
       "the slow learner follows the fast one by a moving average", lora_by_construction=True, kind="llama"),
+    B("moral-cl", lambda m: m["router_entropy"] > 0 and m["load_cv"] > 0 and len(m["expert_update"]) == 4
+      and sum(x > 0 for x in m["expert_update"]) >= 2 and m["task_routing"] is None,
+      "top-2 routing over FFN LoRA experts, the routed experts' updates moved", kind="llama"),
     B("inflora", lambda m: m["designed"] == 1 and m["designed_rank_mean"] > 0 and m["interference"] == 0,
       "B_t designed from the task's layer inputs and frozen, A_t trained"),
     B("pillow", lambda m: m["prompt_matching"] and m["rl_steps"] > 0 and sum(m["selected_counts"]) > 0

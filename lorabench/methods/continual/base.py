@@ -12,8 +12,15 @@ docs/continual.md) drives a sequence of tasks t = 0..T-1 on one model through th
 - `scoring(model, j, stage)`: a context in which the model is the one that scores task j after
   stage t (a per-task adapter when the task is known at test time; the same model otherwise).
 
-`SequentialLoRA` is this base with nothing overridden: one adapter trained through the whole
-sequence, the forgetting reference (GEM's "single" predictor, arXiv 1706.08840, sec. 5).
+- `stage_scored(model, stage)`: after every task has been scored for row R[t]; returns more of the stage's
+  metrics, ones only the scoring shows (a mixture's routing on each task's eval examples);
+- `adapter_norm(model)`: the norm of the newest update after stage t (recorded per stage).
+
+`StageHooks` holds these hooks with their defaults (nothing done); the sequence scenario runs any method that
+has them. `SequentialLoRA` is them on a LoRA adapter with nothing overridden: one adapter trained through the
+whole sequence, the forgetting reference (GEM's "single" predictor, arXiv 1706.08840, sec. 5). A continual
+method on another layer mixes `StageHooks` into its own method class (`moral-cl`: MoRAL's mixture of experts,
+lorabench/methods/continual/moral_cl.py).
 """
 from __future__ import annotations
 
@@ -67,12 +74,11 @@ def endless(n: int, rng: random.Random) -> Iterator[int]:
         yield from order
 
 
-class SequentialLoRA(LoRA):
-    """Sequential LoRA: one adapter trained on each task in turn, the forgetting reference."""
+class StageHooks:
+    """The stage hooks the sequence scenario drives (module docstring), with their defaults: nothing done
+    between stages, the current task's batches, the same model scoring every task. Mixed into a method class
+    (first, so that its `family` is the continual one)."""
 
-    name = "seq-lora"
-    title = "Sequential LoRA: one adapter fine-tuned on each task in turn (the forgetting reference)"
-    paper = "1706.08840"  # GEM's "single" predictor trained across all tasks, and its BWT/FWT
     family = "continual"
 
     def begin_task(self, model: nn.Module, stage: Stage) -> None:
@@ -90,6 +96,23 @@ class SequentialLoRA(LoRA):
     def scoring(self, model: nn.Module, j: int, stage: Stage):
         """The model that scores task j after stage t (the same model for every task, unless overridden)."""
         yield model
+
+    def stage_scored(self, model: nn.Module, stage: Stage) -> dict:
+        """After every task has been scored for row R[t]; returns more of the stage's mechanism metrics."""
+        return {}
+
+    def adapter_norm(self, model: nn.Module) -> float:
+        """The norm of the newest update, recorded after every stage."""
+        raise NotImplementedError(f"{type(self).__name__} must say what its adapter's norm is")
+
+
+class SequentialLoRA(StageHooks, LoRA):
+    """Sequential LoRA: one adapter trained on each task in turn, the forgetting reference."""
+
+    name = "seq-lora"
+    title = "Sequential LoRA: one adapter fine-tuned on each task in turn (the forgetting reference)"
+    paper = "1706.08840"  # GEM's "single" predictor trained across all tasks, and its BWT/FWT
+    family = "continual"
 
     # -- helpers for the methods that start a new adapter per task -----------------------------------
     def lora_named(self, model: nn.Module) -> list[tuple[str, LoraLinear]]:
