@@ -17,12 +17,8 @@ import heapq
 
 
 def makespan(times: list[float], slots: int) -> float:
-    """Wall time of `times` scheduled longest first, each on the slot that frees first."""
-    assert slots >= 1, "at least one slot"
-    free = [0.0] * slots
-    for t in sorted(times, reverse=True):
-        heapq.heapreplace(free, free[0] + t)  # free is a heap: free[0] is the slot that frees first
-    return max(free)
+    """Wall time of independent `times` scheduled longest first, each on the slot that frees first."""
+    return schedule([(t, None, False) for t in times], slots)
 
 
 def schedule(trials: list[tuple[float, object, bool]], slots: int) -> float:
@@ -103,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no record in {', '.join(args.records)} has a number in {args.field}")
     times = [t for t, _, _ in trials]
     grid = sum(1 for _, _, g in trials if g)
-    waits = sum(1 for _, group, g in trials if not g and any(g2 and group2 == group for _, group2, g2 in trials))
+    tuned = {group for _, group, g in trials if g}
+    waits = sum(1 for _, group, g in trials if not g and group in tuned)
     print(f"{len(trials)} trials, {sum(times):.0f} s of trial time, longest {max(times):.0f} s"
           + (f"; {grid} ran a learning-rate grid, {waits} waited for theirs" if grid else ""))
     print(f"{'slots':>5s} {'wall s':>8s} {'speed-up':>8s}")
