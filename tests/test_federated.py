@@ -295,6 +295,16 @@ def test_hetlora_pads_truncates_prunes_and_weights_by_update_norm():
     assert torch.allclose(method.delta_weights({**before, **p})["bert.encoder.layer.0.attention.self.query"],
                           method.delta_weights({**before, **uploads[0]})["bert.encoder.layer.0.attention.self.query"])
     assert truncate(p, 1).keys() == uploads[0].keys()
+    # round 2: a pruned client gets its pruned rank and trains at it (its slot alone would give it its starting
+    # rank: the Dirichlet partition's run raised "query.lora_A has shape (8, ...) here, (7, ...) sent")
+    for slot, r in ((0, 1), (1, 7)):
+        down = method.download(new, slot, 3)
+        assert down["bert.encoder.layer.0.attention.self.query.lora_A"].shape[0] == r
+        up, m = client_round(asdict(spec), down, {"slot": slot, "server-round": 2})
+        assert m["method.rank_after_pruning"] == max(r - 1, 1)
+        assert up["bert.encoder.layer.0.attention.self.query.lora_A"].shape[0] == max(r - 1, 1)
+        assert not torch.equal(up["bert.encoder.layer.0.attention.self.query.lora_B"][:, :max(r - 1, 1)],
+                               down["bert.encoder.layer.0.attention.self.query.lora_B"][:, :max(r - 1, 1)])
 
 
 def test_slora_sparse_stage_then_lora_from_the_svd_of_the_aggregated_sparse_update():

@@ -39,7 +39,7 @@ INVOCATION = {"overrides"}
 
 TINY = """suite: {name}
 version: 1
-seeds: [0, 1, 2, 3]
+seeds: {seeds}
 train: {{steps: {steps}, batch_size: 4, eval_batch_size: 16, warmup_steps_for_throughput: 0}}
 tasks:
   - {{name: rt-sentiment, model: tiny-bert, options: {{n_train: 16, n_eval: 16}}}}
@@ -63,9 +63,9 @@ def cluster():
         yield c
 
 
-def tiny_suite(tmp_path: Path, name: str, steps: int = 2) -> Path:
+def tiny_suite(tmp_path: Path, name: str, steps: int = 2, seeds: int = 4) -> Path:
     p = tmp_path / f"{name}.yaml"
-    p.write_text(TINY.format(name=name, steps=steps))
+    p.write_text(TINY.format(name=name, steps=steps, seeds=list(range(seeds))))
     return p
 
 
@@ -253,7 +253,11 @@ def test_driver_killed_mid_run_leaves_no_trial_running_and_resumes(cluster, tmp_
 def test_trial_lost_with_its_worker_then_its_node_is_run_again(tmp_path):
     pytest.importorskip("ray", reason="the Ray backend's tests need Ray: pip install -e '.[ray]'")
     from lorabench.runner.ray_cluster import LoopbackCluster
-    suite = tiny_suite(tmp_path, "faults", steps=40)  # long enough to be killed mid-trial
+    # Each trial must outlast the test's look for it (a /proc scan every 0.3 s) and trials must still wait in Ray's
+    # queue when the worker node frees its CPU after the first kill, so that Ray places one there. With 4 trials of
+    # 40 steps (~1 s each once a node is warm) the window was missed on an idle machine: CI, 7 Dec 2026, timed out
+    # waiting for the second trial on the worker node. 400 steps: ~8 s each; 6 trials.
+    suite = tiny_suite(tmp_path, "faults", steps=400, seeds=6)
     records = tmp_path / "r.jsonl"
     log = tmp_path / "driver.log"
     with LoopbackCluster(nodes=2, cpus_per_node=1) as cluster:  # its own: this test kills its worker node
@@ -273,8 +277,13 @@ def test_trial_lost_with_its_worker_then_its_node_is_run_again(tmp_path):
             # Not the killed worker's trial: it outlives its Ray worker for a moment (it dies with its fork server,
             # which exits when it sees its parent gone), and killing the node then would kill it before Ray
             # placed anything there: Ray then reports the node dead (heartbeats missed) with no task on it.
-            wait_for(lambda: trial_processes(worker_node, other_than=fork_server), 300,
-                     "a new trial on the worker node")
+            try:
+                wait_for(lambda: trial_processes(worker_node, other_than=fork_server) or driver.poll() is not None,
+                         300, "a new trial on the worker node")
+            except AssertionError as e:
+                raise AssertionError(f"{e}; the driver's log:\n{log.read_text()[-3000:]}") from None
+            assert driver.poll() is None, "the driver ended before a second trial ran on the worker node:\n" + \
+                log.read_text()[-3000:]
             cluster.stop_node(1)
             driver.wait(timeout=1200)
         finally:

@@ -20,6 +20,7 @@ from lorabench.config import option
 from lorabench.methods.base import TrainState
 from lorabench.methods.federated.base import State, layer_prefixes, normalised, weighted_mean
 from lorabench.methods.federated.hetero import HeteroRankConfig, HeteroRankLoRA, pad, truncate
+from lorabench.methods.lora import LoraLinear
 
 
 @dataclass
@@ -52,6 +53,21 @@ class HetLoRA(HeteroRankLoRA):
 
     def download(self, global_state: State, slot: int, n_clients: int) -> State:
         return truncate(global_state, self.rank_of(slot))
+
+    @torch.no_grad()
+    def load_state(self, model, state: State) -> None:
+        """A client whose rank was self-pruned in an earlier round keeps the smaller rank (sec. 3 of HetLoRA): the
+        server remembers it and sends the rank-r'_i part, while the client, rebuilt each round from its slot, holds
+        its starting rank r_i >= r'_i. Its layers take the rank the server sent before the tensors are copied."""
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+        for p in layer_prefixes(state):
+            layer = layers.get(p)
+            sent = state[f"{p}.lora_A"].shape[0]
+            if layer is not None and self.config.min_rank <= sent < layer.rank:
+                layer.lora_A = torch.nn.Parameter(layer.lora_A[:sent].clone())
+                layer.lora_B = torch.nn.Parameter(layer.lora_B[:, :sent].clone())
+                layer.rank = sent
+        super().load_state(model, state)
 
     @torch.no_grad()
     def on_train_end(self, state: TrainState) -> None:
