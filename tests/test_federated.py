@@ -281,6 +281,46 @@ def test_flexlora_sends_each_client_its_rank_and_records_the_truncation():
     assert errs[0] > errs[1] > errs[2] > 0, errs
 
 
+def test_each_round_samples_its_own_clients_whatever_reseeds_the_process(monkeypatch):
+    """Who trains in a round comes from the trial's seed and the round alone. The server's evaluation re-seeds
+    Python's `random` (apply_method's seed_everything) every eval_every rounds; with Flower's sampling, which draws
+    from it, the rounds after an evaluation repeated one sample (suite federated v1: two alternating sets, 6 of 10
+    clients ever trained). Here `random` is re-seeded before every round: the samples must still differ."""
+    import random
+
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from lorabench.harness.clients import _strategy_class, sample_clients
+    for k in ("_run_id", "_node_id", "_task_id"):  # what Flower's ServerApp sets before the strategy runs
+        monkeypatch.setattr(TaskIdentity, k, 1)
+    spec = spec_for("fedit")
+    method, _, model = server(spec)
+    fed = FederatedConfig(clients=10, rounds=10, fraction=0.3)
+
+    class Grid:  # ten connected nodes with Flower-like random ids, in no particular order
+        def get_node_ids(self):
+            return [9_123_456_789 - 104_729 * i * (-1) ** i for i in range(10)]
+
+    def rounds(seed: int) -> list[list[int]]:
+        strategy = _strategy_class()(method, fed, method.initial_state(model), lambda msg: None, seed)
+        out = []
+        for rnd in range(1, 11):
+            random.seed(0)  # what the server's evaluation does between rounds
+            msgs = strategy.configure_train(rnd, ArrayRecord({"round": torch.tensor([0])}), ConfigRecord({}), Grid())
+            slots = sorted(strategy.slots[m.metadata.dst_node_id] for m in msgs)
+            assert [int(m.content["config"]["slot"]) for m in sorted(msgs, key=lambda m: strategy.slots[
+                m.metadata.dst_node_id])] == slots, "each message carries the slot of the node it goes to"
+            out.append(slots)
+        return out
+    seed0 = rounds(0)
+    assert seed0 == [sample_clients(0, r, 10, 3) for r in range(1, 11)] and all(len(s) == 3 for s in seed0)
+    assert len({tuple(s) for s in seed0}) >= 8, seed0  # not one sample repeated (v1: 1 distinct sample here)
+    assert len(set().union(*seed0)) >= 9, seed0  # (v1's runs: 6 of 10 clients ever trained)
+    assert rounds(0) == seed0 and rounds(1) != seed0  # the same for a seed, another for another seed
+
+
 def test_hetlora_pads_truncates_prunes_and_weights_by_update_norm():
     from lorabench.methods.federated.hetero import pad, truncate
     spec = spec_for("hetlora", {"rank": 8, "client_ranks": [2, 8, 8], "prune_threshold": 0.99})
@@ -493,13 +533,14 @@ def test_a_federated_suite_runs_each_method_on_each_partition():
     assert len({trial_id(t) for t in trials}) == len(trials)
 
 
-def test_the_domain_partition_left_the_suites_earlier_trial_ids_unchanged():
-    """Adding movie-domains at `domain` added trials; the rt-sentiment trials keep the ids they had (and their
-    records) before: one of them, computed at the commit before the change, is still a trial of the suite."""
+def test_the_suites_trial_ids_are_stable():
+    """A trial's id (and so its record) changes only with its suite's version or its config: adding movie-domains at
+    `domain` kept the rt-sentiment trials' ids (v1: 06bdf077d0b571c7 and 0376fa5632498790 below); v2, whose clients
+    are sampled by the trial's own generator, gave every trial a new one. Computed when v2 was made."""
     from lorabench.runner.suite import load_suite, trial_id
     ids = {trial_id(t): (t.task, t.label, t.seed) for t in load_suite("federated").trials()}
-    assert ids.get("06bdf077d0b571c7") == ("rt-sentiment", "fedit@dirichlet:0.3", 0)
-    assert ids.get("0376fa5632498790") == ("rt-sentiment", "flexlora@iid", 1)
+    assert ids.get("31c086404c6ccb95") == ("rt-sentiment", "fedit@dirichlet:0.3", 0)
+    assert ids.get("2b542058749648db") == ("rt-sentiment", "flexlora@iid", 1)
     assert sum(task == "rt-sentiment" for task, _, _ in ids.values()) == 60
 
 

@@ -92,6 +92,18 @@ class FederatedConfig:
         return max(2, round(self.fraction * self.clients))
 
 
+def sample_clients(seed: int, server_round: int, n_clients: int, k: int) -> list[int]:
+    """The client slots trained in round `server_round` of a trial with seed `seed`: k of n_clients drawn uniformly
+    without replacement (FedAvg's client sampling, McMahan et al., arXiv 1602.05629, Algorithm 1: S_t = random set
+    of max(C K, 1) clients), from a generator of this trial and round alone, so that nothing else drawing random
+    numbers in the process (the server's evaluation re-seeds Python's `random` to build its model) changes who
+    trains. Flower's own `sample_nodes` draws from the global `random` over node ids, which made the rounds after an
+    evaluation repeat one sample (two alternating sets of clients, 6 of 10 ever trained: records of suite federated
+    v1)."""
+    import random
+    return sorted(random.Random(f"lorabench-clients/{seed}/{server_round}").sample(range(n_clients), k))
+
+
 def _nbytes(state: dict) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
@@ -258,10 +270,10 @@ def _strategy_class():
     class LoraStrategy(FedAvg):
         """Flower's FedAvg with the method's download and aggregation, measuring bytes and exactness."""
 
-        def __init__(self, method, fed: FederatedConfig, global_state: dict, log):
+        def __init__(self, method, fed: FederatedConfig, global_state: dict, log, seed: int):
             super().__init__(fraction_train=fed.fraction, fraction_evaluate=0.0, min_train_nodes=fed.per_round,
                              min_available_nodes=fed.clients)
-            self.method, self.fed, self.state, self.log = method, fed, global_state, log
+            self.method, self.fed, self.state, self.log, self.seed = method, fed, global_state, log, seed
             self.slots: dict[int, int] = {}
             self.dp_history: dict[int, list[tuple[float, float, int]]] = {}  # slot -> (sigma, q, steps) per round
             self.dp_epsilon: float | None = None
@@ -272,18 +284,20 @@ def _strategy_class():
 
         def configure_train(self, server_round, arrays, config, grid):
             self._t = time.perf_counter()
-            msgs = list(super().configure_train(server_round, arrays, config, grid))  # waits for every node
+            list(super().configure_train(server_round, arrays, config, grid))  # waits for every node to connect
             if not self.slots:  # client slot = rank of the node id: fixed for the run (its data, its rank)
                 self.slots = {nid: i for i, nid in enumerate(sorted(grid.get_node_ids()))}
+            node_of = {slot: nid for nid, slot in self.slots.items()}
+            # who trains: this trial's own draw (sample_clients), not the sample Flower's FedAvg just drew
+            sampled = sample_clients(self.seed, server_round, self.fed.clients, self.fed.per_round)
             out, down = [], 0
             entry = RoundLog(round=server_round)
-            for m in msgs:
-                slot = self.slots[m.metadata.dst_node_id]
+            for slot in sampled:
                 state = self.method.download(self.state, slot, self.fed.clients)
                 down += _nbytes(state)
                 cfg = ConfigRecord({"server-round": server_round, "slot": slot})
                 out.append(Message(RecordDict({"arrays": ArrayRecord(state), "config": cfg}),
-                                   message_type=MessageType.TRAIN, dst_node_id=m.metadata.dst_node_id))
+                                   message_type=MessageType.TRAIN, dst_node_id=node_of[slot]))
             entry.mb_down = down / MB
             self.rounds.append(entry)
             self.log(f"round {server_round}/{self.fed.rounds}: {len(out)} clients sampled")
@@ -462,7 +476,7 @@ def run_federated(spec, progress: bool = True) -> dict:
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # Flower's INFO lines per round: the trial logs its own
-    strategy = _strategy_class()(method, fed, global_state, log)
+    strategy = _strategy_class()(method, fed, global_state, log, spec.seed)
     evals: dict[int, tuple[float, object]] = {}
 
     def evaluate_global(rnd: int) -> float:
