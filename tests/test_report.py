@@ -278,7 +278,8 @@ def test_record_order_does_not_change_the_tables(tmp_path):
 PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)),
              (RESULTS / "continual", ("continual",)),   # the sequence scenario (docs/continual.md)
              (RESULTS / "cross-task", ("cross-task",)),  # the leave-one-task-out protocol (docs/cross-task.md)
-             (RESULTS / "claims", ("claims",)))          # the claims board (docs/leaderboard.md)
+             (RESULTS / "claims", ("claims",)),          # the claims board (docs/leaderboard.md)
+             (RESULTS / "federated", ("federated",)))    # the clients scenario, suite v2 (docs/federated.md)
 
 
 def published_reports() -> list[tuple[Path, list[Path]]]:
