@@ -180,15 +180,31 @@ def test_findings_verdicts_are_computed_and_unmeasured_claims_say_so():
     assert findings.overall(rows, "DoRA beats LoRA at equal rank") == "holds on 1 of 1 task"
 
 
-def test_early_convergence_reads_the_validation_curve_and_refuses_single_batch_losses():
+def test_early_convergence_reads_the_training_loss_then_the_validation_curve_and_refuses_single_batch_losses():
+    # loss curves of 10-step windows (the same batches for a seed) and validation curves: the verdict reads the
+    # training loss (PiSSA lower early on every seed), the validation reading (PiSSA behind) is shown beside it
     recs = []
     for s in range(3):
-        # validation curves: PiSSA ahead of LoRA early on every seed, by a seed-dependent margin
-        recs += [record("t", "lora", s, 0.80, val_curve=[[10, 0.60], [20, 0.70], [30, 0.75], [40, 0.78]]),
-                 record("t", "pissa", s, 0.80, val_curve=[[10, 0.66 + 0.01 * s], [20, 0.72], [30, 0.76], [40, 0.78]])]
+        recs += [record("t", "lora", s, 0.80, curve_start=0.70,
+                        val_curve=[[10, 0.60], [20, 0.70], [30, 0.75], [40, 0.78]]),
+                 record("t", "pissa", s, 0.80, curve_start=0.50 + 0.01 * s,
+                        val_curve=[[10, 0.55 - 0.01 * s], [20, 0.70], [30, 0.75], [40, 0.78]])]
     row = findings.evaluate(tables.build(recs).trials).set_index("claim").loc[
         "PiSSA converges faster than LoRA early in training"]
-    assert row["verdict"] == "holds" and "validation" in row["quantity"]
+    assert row["verdict"] == "holds" and row["quantity"].startswith("early training loss")
+    assert row["diff"] == pytest.approx(0.19)  # reference - method: 0.70 - mean(0.50, 0.51, 0.52)
+    assert row["extra"].startswith("early validation score (method - reference): -0.0600 ± ")
+    # the validation curve decides where the loss curve's windows are single steps: PiSSA ahead early
+    recs = []
+    for s in range(3):
+        one_step = {"steps": 10, "batch_size": 4, "loss_curve_every": 1}
+        recs += [record("t", "lora", s, 0.80, curve_start=0.50, train=one_step,
+                        val_curve=[[10, 0.60], [20, 0.70], [30, 0.75], [40, 0.78]]),
+                 record("t", "pissa", s, 0.80, curve_start=0.70, train=one_step,
+                        val_curve=[[10, 0.66 + 0.01 * s], [20, 0.72], [30, 0.76], [40, 0.78]])]
+    row = findings.evaluate(tables.build(recs).trials).set_index("claim").loc[
+        "PiSSA converges faster than LoRA early in training"]
+    assert row["verdict"] == "holds" and "validation" in row["quantity"] and row["extra"] == ""
     assert row["diff"] == pytest.approx(0.07)
     # no validation curve and a loss curve of single-step windows: inconclusive, with the reason
     recs = []

@@ -36,8 +36,9 @@ def render_markdown(rep: Report, coverage: list[str], claims, plots: list[str], 
     out += ["", "## Findings: the survey's headline claims", "",
             "Computed from the records (paired by seed, and by example where outcomes were recorded, at the same "
             "budget); a claim whose methods have not run is *not yet measured*. Tests: non-inferiority within the "
-            "stated margin for *matches/approaches*, superiority for *beats*, the early validation curve (or a loss "
-            "curve of windows of at least 10 steps) for *converges faster*. The MDD column is the smallest true "
+            "stated margin for *matches/approaches*, superiority for *beats*, the training loss over the first quarter "
+            "of the run (paired by seed: the same batches; windows of at least 10 steps), or without it the early "
+            "validation curve, for *converges faster*. The MDD column is the smallest true "
             "difference the test finds with 80% power; an inconclusive row with an MDD of at most 1.5 points "
             "(0.015) rules out a difference that large.", ""]
     out += [f"- {line}" for line in D.findings_summary(claims)]
