@@ -8,6 +8,7 @@ and the `federated` suite end to end with its report.
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 import subprocess
@@ -119,6 +120,18 @@ def test_a_role_client_trains_and_scores_its_own_lines_by_perplexity():
     assert metrics["num-examples"] == 171  # Othello/IAGO's 214 training speeches less its 43 test ones (20%)
     assert 1 < metrics["personal-score"] < 49152 * 10  # a perplexity over SmolLM2's vocabulary, finite
     assert upload and all(k.endswith((".lora_A", ".lora_B")) for k in upload), sorted(upload)[:4]
+
+
+def test_client_majority_is_each_clients_trivial_personalised_score():
+    def ex(*labels):
+        return [{"text": "x", "label": y} for y in labels]
+    parts = [(ex(0, 0, 1), ex(0, 1)), (ex(1, 1, 0), ex(1, 1, 1, 0)), (ex(0, 1), ex(1)), (ex(1), [])]
+    assert partitions.client_majority(parts) == [0.5, 0.75, 0.0, None]  # a tie goes to the smaller label
+    assert partitions.client_majority([([{"text": "a"}], [{"text": "b"}])]) is None  # no labels: no baseline
+    reviews = labelled(400)
+    skewed = partitions.client_majority(partitions.client_parts(reviews, 10, "dirichlet:0.1", 0.2))
+    iid = partitions.client_majority(partitions.client_parts(reviews, 10, "iid", 0.2))
+    assert sum(skewed) / 10 > 0.8 > 0.7 > sum(iid) / 10  # under skew a client's own majority class scores high
 
 
 @pytest.mark.parametrize("bad", ["dirichlet", "dirichlet:0", "dirichlet:-1", "noniid", "Dirichlet:0.3", "domain:0",
@@ -524,7 +537,7 @@ def test_a_federated_suite_runs_each_method_on_each_partition():
     s = load_suite("federated")
     trials = s.trials()
     by_task = {t.name: t.partitions or s.partitions for t in s.tasks}
-    assert by_task == {"rt-sentiment": ["iid", "dirichlet:0.3"], "movie-domains": ["domain"]}
+    assert by_task == {"rt-sentiment": ["iid", "dirichlet:1.0", "dirichlet:0.3"], "movie-domains": ["domain"]}
     for task, parts in by_task.items():
         mine = [t for t in trials if t.task == task]
         assert {t.label for t in mine} == {f"{m.label}@{p}" for m in s.methods for p in parts}
@@ -541,7 +554,7 @@ def test_the_suites_trial_ids_are_stable():
     ids = {trial_id(t): (t.task, t.label, t.seed) for t in load_suite("federated").trials()}
     assert ids.get("31c086404c6ccb95") == ("rt-sentiment", "fedit@dirichlet:0.3", 0)
     assert ids.get("2b542058749648db") == ("rt-sentiment", "flexlora@iid", 1)
-    assert sum(task == "rt-sentiment" for task, _, _ in ids.values()) == 60
+    assert sum(task == "rt-sentiment" for task, _, _ in ids.values()) == 90  # 3 partitions (dirichlet:1.0 added)
 
 
 TASK_PARTS_SUITE = FED_SUITE.replace("tasks: [rt-sentiment]", "tasks:\n  - rt-sentiment\n"
@@ -651,6 +664,12 @@ def test_a_client_that_raises_and_one_that_is_killed_do_not_stop_the_run():
     assert r1["aggregation_error"] > 0 and r2["aggregation_error"] > 0  # FedAvg of the factors: inexact
     assert fed["mb_total"] > 0 and len(fed["score_curve"]) == 2
     assert out["outcomes"]["n"] == 16
+    # the personalised score's trivial baseline: the replying clients' own majority-class shares
+    share = fed["client_majority"]
+    assert len(share) == 4 and all(0 <= x <= 1 for x in share)
+    for r in (r1, r2):
+        assert r["personal_majority"] == pytest.approx(sum(share[c] for c in r["clients"]) / len(r["clients"]))
+    assert fed["personal_majority"] == r2["personal_majority"] and fed["personal_score"] == r2["personal_score"]
     assert not ray_leftovers(), "Ray processes left behind"
 
 
@@ -726,8 +745,9 @@ def test_the_federated_suite_end_to_end_with_its_report(tmp_path):
     rep = run_cli(["report", str(records), "--out", str(out)], timeout=600)
     assert rep.returncode == 0, rep.stderr[-3000:]
     md = (out / "LEADERBOARD.md").read_text()
-    assert "## Federated (the clients scenario)" in md
+    assert "## Federated (the clients scenario)" in md and "client majority" in md
     assert "| rt-sentiment | dirichlet:0.3 | ffa-lora | accuracy (higher is better) | 1 |" in md
+    assert fed["personal_majority"] is not None and len(fed["client_majority"]) == 4
     assert (out / "federated.csv").read_text().count("\n") == 2  # header and the one row
     assert (out / "plots" / "federated-rt-sentiment-rounds.png").exists()
     assert (out / "plots" / "federated-rt-sentiment-mb.png").exists()
@@ -745,6 +765,39 @@ def fed_record(label, seed, score, personal, err, failures=0):
                           "personal_score": personal, "simulation_seconds": 10.0,
                           "failures": [{"round": 1, "client": 0, "reason": "x"}] * failures,
                           "score_curve": [[1, score - 0.1, 1.5], [2, score, 3.0]]}}
+
+
+def test_report_shows_the_personalised_baseline_and_one_class_global_models():
+    """The clients' majority-class baseline beside the personalised score, also for a record from before it was
+    recorded (the shares come from a record of the same clients); and seeds whose global model predicted one class."""
+    from lorabench.report import federated as F
+
+    def rec(label, seed, pred, clients, shares=None, majority=None):
+        r = fed_record(label, seed, 0.5, 0.9, 0.05)
+        label = "0110"
+        r.update(task_options={"n_train": 2000}, outcomes={"n": len(pred), "pred": pred, "label": label, "correct": "".join(
+            str(int(p == y)) for p, y in zip(pred, label))})
+        f = r["federated"]
+        f["config"].update(clients=4, test_fraction=0.2)
+        f.update(client_train_sizes=[40, 30, 20, 10], rounds=[{"clients": [0, 1], "personal_score": 0.8},
+                                                              {"clients": clients, "personal_score": 0.9}])
+        if shares is not None:
+            f.update(client_majority=shares, personal_majority=majority)
+        return r
+    shares = [1.0, 0.5, 0.75, 0.25]
+    recs = [rec("fedit@dirichlet:0.3", 0, "0000", [0, 2], shares, 0.875),   # recorded: (1.0 + 0.75) / 2
+            rec("fedit@dirichlet:0.3", 1, "0101", [1, 3]),                  # older record: (0.5 + 0.25) / 2
+            rec("ffa-lora@dirichlet:0.3", 0, "1111", [1, 2])]               # older record: (0.5 + 0.75) / 2
+    frame = F.federated_frame(recs).set_index("label")
+    assert frame.loc["fedit@dirichlet:0.3", "personal_majority"] == pytest.approx((0.875 + 0.375) / 2)
+    assert frame.loc["ffa-lora@dirichlet:0.3", "personal_majority"] == pytest.approx(0.625)
+    assert frame.loc["fedit@dirichlet:0.3", "one_class_seeds"] == 1 and frame.loc["ffa-lora@dirichlet:0.3",
+                                                                                "one_class_seeds"] == 1
+    other = rec("fedit@dirichlet:1.0", 0, "0101", [0, 1])  # another partition: no shares to borrow
+    other["federated"]["config"]["partition"] = "dirichlet:1.0"
+    assert math.isnan(F.federated_frame([other]).iloc[0]["personal_majority"])
+    md = "\n".join(F.markdown(F.federated_frame(recs), []))
+    assert "| 1 | 0.900 ± " in md and "| 0.625 |" in md and "client majority" in md
 
 
 def test_report_section_aggregates_seeds_per_method_and_partition():

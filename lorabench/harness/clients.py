@@ -257,6 +257,7 @@ class RoundLog:
     aggregation_error: float | None = None
     global_score: float | None = None
     personal_score: float | None = None                   # mean over the clients that replied
+    personal_majority: float | None = None                # the same clients' trivial score (partitions.client_majority)
     train_loss: float | None = None
     seconds: float = 0.0
     method: dict = field(default_factory=dict)            # the method's round_metrics
@@ -280,6 +281,7 @@ def _strategy_class():
             self.tokens_per_s: list[float] = []  # each client's median training tokens/s, every round
             self.failures: list[dict] = []
             self.rounds: list[RoundLog] = []
+            self.client_majority: list[float | None] | None = None  # each slot's trivial personalised score
             self._t = 0.0
 
         def configure_train(self, server_round, arrays, config, grid):
@@ -337,6 +339,9 @@ def _strategy_class():
             entry.aggregation_error = round(aggregation_error(self.method, before, uploads, used, self.state), 8)
             pers = [m["personal-score"] for m in metrics if "personal-score" in m]
             entry.personal_score = round(sum(pers) / len(pers), 6) if pers else None
+            if pers and self.client_majority is not None:  # the trivial baseline of the same clients
+                base = [self.client_majority[int(m["slot"])] for m in metrics if "personal-score" in m]
+                entry.personal_majority = round(sum(base) / len(base), 6) if None not in base else None
             entry.train_loss = round(sum(m["train-loss"] for m in metrics) / len(metrics), 6)
             self.tokens_per_s += [m["train-tokens-per-s"] for m in metrics if "train-tokens-per-s" in m]
             entry.method = self.method.round_summary(slots)
@@ -477,6 +482,8 @@ def run_federated(spec, progress: bool = True) -> dict:
     level = flwr_logger.level
     flwr_logger.setLevel(logging.ERROR)  # Flower's INFO lines per round: the trial logs its own
     strategy = _strategy_class()(method, fed, global_state, log, spec.seed)
+    majority = partitions.client_majority(parts)
+    strategy.client_majority = majority
     evals: dict[int, tuple[float, object]] = {}
 
     def evaluate_global(rnd: int) -> float:
@@ -525,7 +532,7 @@ def run_federated(spec, progress: bool = True) -> dict:
         raise RuntimeError(f"the simulation ended after {len(rounds)} of {fed.rounds} rounds")
     final_score, final_ev = evals[max(evals)]
     errors = [r.aggregation_error for r in rounds if r.aggregation_error is not None]
-    personal = [r.personal_score for r in rounds if r.personal_score is not None]
+    personal = [r for r in rounds if r.personal_score is not None]
     mb_cum, curve = 0.0, []
     for r in rounds:
         mb_cum += r.mb_down + r.mb_up
@@ -571,7 +578,10 @@ def run_federated(spec, progress: bool = True) -> dict:
             "mb_per_round": round(mb_cum / len(rounds), 6),
             "aggregation_error_mean": round(sum(errors) / len(errors), 8) if errors else None,
             "aggregation_error_max": round(max(errors), 8) if errors else None,
-            "personal_score": personal[-1] if personal else None,
+            "personal_score": personal[-1].personal_score if personal else None,
+            # the last personalised round's clients, each predicting its own majority class: the trivial baseline
+            "personal_majority": personal[-1].personal_majority if personal else None,
+            "client_majority": majority,  # per client: the share of its own test examples in its majority class
             "simulation_seconds": round(sim_seconds, 3),
             "dp_epsilon": None if strategy.dp_epsilon is None else round(strategy.dp_epsilon, 6),
             "dp_delta": float(method.config.dp_delta) if strategy.dp_epsilon is not None else None,

@@ -173,6 +173,22 @@ def label_skew(parts: list[tuple[list[dict], list[dict]]]) -> float:
     return float(np.mean(tv))
 
 
+def client_majority(parts: list[tuple[list[dict], list[dict]]]) -> list[float | None] | None:
+    """Each client's trivial personalised score: the share of its own test examples whose label is the most
+    frequent label of its own training examples (ties: the smaller label), the score of a local model that
+    predicts its client's majority class. Under label skew it is high (a client holding one class scores ~1
+    by predicting it), so a personalised score means something only above it. None for examples without
+    labels; a client without test examples gets None."""
+    if not parts or "label" not in (parts[0][0] + parts[0][1] or [{}])[0]:
+        return None
+    out: list[float | None] = []
+    for train, test in parts:
+        ys = [int(e["label"]) for e in train] or [int(e["label"]) for e in test]
+        top = min(set(ys), key=lambda c: (-ys.count(c), c))
+        out.append(round(sum(int(e["label"]) == top for e in test) / len(test), 6) if test else None)
+    return out
+
+
 def client_domains(parts: list[tuple[list[dict], list[dict]]], key: str = "domain") -> list[dict[str, int]] | None:
     """Each client's number of examples (train and test) per domain (or per `key`: "role"); None when the
     examples carry no such key."""

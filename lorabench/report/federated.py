@@ -18,8 +18,8 @@ import pandas as pd
 
 from lorabench.report import stats
 
-COLUMNS = ["task", "partition", "method", "label", "metric", "n_seeds", "score", "score_ci95", "ci_kind", "personal_score",
-           "personal_ci95", "initial_score", "mb_per_round", "mb_total", "aggregation_error", "aggregation_error_max",
+COLUMNS = ["task", "partition", "method", "label", "metric", "n_seeds", "score", "score_ci95", "ci_kind", "one_class_seeds",
+           "personal_score", "personal_ci95", "personal_majority", "initial_score", "mb_per_round", "mb_total", "aggregation_error", "aggregation_error_max",
            "label_skew", "failed_client_rounds", "simulation_s"]
 
 
@@ -45,9 +45,39 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _one_class(r: dict) -> bool:
+    """The global model predicted one class on every eval example (per-example outcomes with predictions)."""
+    pred = (r.get("outcomes") or {}).get("pred")
+    return isinstance(pred, str) and len(pred) > 0 and len(set(pred)) == 1
+
+
+def _clients_key(r: dict) -> tuple:
+    f = r["federated"]
+    return (r["task"], repr(sorted((r.get("task_options") or {}).items())), f["config"].get("partition"),
+            f["config"].get("clients"), f["config"].get("test_fraction"), tuple(f.get("client_train_sizes") or ()))
+
+
+def personal_majority(r: dict, shares: dict) -> float | None:
+    """The trivial personalised score of the clients `r`'s personalised score is the mean over (the last round that
+    reported one): the mean of their majority-class shares (partitions.client_majority). Records from before it was
+    recorded take the shares from another record of the same clients (task, options, partition and sizes: the
+    partition does not depend on the seed or the method)."""
+    f = r["federated"]
+    if f.get("personal_majority") is not None:
+        return float(f["personal_majority"])
+    share = f.get("client_majority") or shares.get(_clients_key(r))
+    rounds = [x for x in f.get("rounds") or [] if x.get("personal_score") is not None]
+    if not share or not rounds or not rounds[-1].get("clients"):
+        return None
+    base = [share[c] for c in rounds[-1]["clients"] if 0 <= c < len(share)]
+    return sum(base) / len(base) if base and None not in base else None
+
+
 def federated_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     groups: dict[tuple, list[dict]] = {}
+    shares = {_clients_key(r): r["federated"]["client_majority"] for r in federated_records(records)
+              if r["federated"].get("client_majority")}
     for r in federated_records(records):
         part = r["federated"]["config"]["partition"]
         groups.setdefault((r["task"], part, r["method"], r["label"]), []).append(r)
@@ -61,7 +91,9 @@ def federated_frame(records: list[dict]) -> pd.DataFrame:
         rows.append({"task": task, "partition": part, "method": method, "label": label,
                      "metric": f"{rs[0]['metric']} ({better} is better)", "n_seeds": len(rs),
                      "score": est.mean, "score_ci95": est.ci95, "ci_kind": est.kind,
+                     "one_class_seeds": sum(_one_class(r) for r in rs),
                      "personal_score": pers.mean, "personal_ci95": pers.ci95,
+                     "personal_majority": _mean(personal_majority(r, shares) for r in rs),
                      "initial_score": _mean(x.get("initial_score") for x in f),
                      "mb_per_round": _mean(x["mb_per_round"] for x in f), "mb_total": _mean(x["mb_total"] for x in f),
                      "aggregation_error": _mean(x.get("aggregation_error_mean") for x in f),
@@ -92,16 +124,19 @@ def markdown(frame: pd.DataFrame, plots: list[str]) -> list[str]:
            "Flower's simulation engine on Ray (lorabench/harness/clients.py): each row is a method on one partition "
            "of the training data over the clients. *global*: the aggregated model on the eval part after the last "
            "round; *personalised*: each client's model after its local steps on its own held-out examples, mean over "
-           "the last round's clients; *aggregation error*: ||ΔW_agg − Σ w_i B_i A_i||_F / ||Σ w_i B_i A_i||_F over "
+           "the last round's clients, beside the same clients' trivial score (*client majority*: each predicting "
+           "its own training majority class on its own held-out examples; under label skew it is high); "
+           "*one class*: seeds whose global model predicted one class on every eval example; *aggregation error*: ||ΔW_agg − Σ w_i B_i A_i||_F / ||Σ w_i B_i A_i||_F over "
            "the adapted layers, mean over rounds (0 = exact); MB: tensors sent down and up; *label skew*: mean "
            "total-variation distance of the clients' label distributions from the pooled one.", "",
-           "| task | partition | method | metric | seeds | global (95% CI) | personalised (95% CI) | before training | "
-           "MB / round | MB total | aggregation error (mean / max) | label skew | failed client rounds | "
-           "simulation s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| task | partition | method | metric | seeds | global (95% CI) | one class | personalised (95% CI) | "
+           "client majority | before training | MB / round | MB total | aggregation error (mean / max) | label skew | "
+           "failed client rounds | simulation s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in frame.iterrows():
         out.append(f"| {r['task']} | {r['partition']} | {r['method']} | {r['metric']} | {r['n_seeds']} | "
-                   f"{_pm(r['score'], r['score_ci95'])} | {_pm(r['personal_score'], r['personal_ci95'])} | "
+                   f"{_pm(r['score'], r['score_ci95'])} | {r['one_class_seeds']} | "
+                   f"{_pm(r['personal_score'], r['personal_ci95'])} | {_fmt(r['personal_majority'])} | "
                    f"{_fmt(r['initial_score'])} | {_fmt(r['mb_per_round'], 2)} | {_fmt(r['mb_total'], 2)} | "
                    f"{r['aggregation_error']:.2e} / {r['aggregation_error_max']:.2e} | {_fmt(r['label_skew'])} | "
                    f"{r['failed_client_rounds']} | {_fmt(r['simulation_s'], 0)} |")
