@@ -18,9 +18,10 @@ import pandas as pd
 
 from lorabench.report import stats
 
-COLUMNS = ["task", "partition", "method", "label", "metric", "n_seeds", "score", "score_ci95", "ci_kind", "one_class_seeds",
-           "personal_score", "personal_ci95", "personal_majority", "initial_score", "mb_per_round", "mb_total", "aggregation_error", "aggregation_error_max",
-           "label_skew", "failed_client_rounds", "simulation_s"]
+COLUMNS = ["task", "partition", "method", "label", "metric", "n_seeds", "score", "score_ci95", "ci_kind",
+           "one_class_seeds", "personal_score", "personal_ci95", "personal_majority", "initial_score", "mb_per_round",
+           "mb_total", "aggregation_error", "aggregation_error_max", "label_skew", "failed_client_rounds",
+           "simulation_s"]
 
 
 def federated_records(records: list[dict]) -> list[dict]:
@@ -126,7 +127,8 @@ def markdown(frame: pd.DataFrame, plots: list[str]) -> list[str]:
            "round; *personalised*: each client's model after its local steps on its own held-out examples, mean over "
            "the last round's clients, beside the same clients' trivial score (*client majority*: each predicting "
            "its own training majority class on its own held-out examples; under label skew it is high); "
-           "*one class*: seeds whose global model predicted one class on every eval example; *aggregation error*: ||ΔW_agg − Σ w_i B_i A_i||_F / ||Σ w_i B_i A_i||_F over "
+           "*one class*: seeds whose global model predicted one class on every eval example; "
+           "*aggregation error*: ||ΔW_agg − Σ w_i B_i A_i||_F / ||Σ w_i B_i A_i||_F over "
            "the adapted layers, mean over rounds (0 = exact); MB: tensors sent down and up; *label skew*: mean "
            "total-variation distance of the clients' label distributions from the pooled one.", "",
            "| task | partition | method | metric | seeds | global (95% CI) | one class | personalised (95% CI) | "
