@@ -127,6 +127,28 @@ def test_group_by_length_pads_less_and_keeps_each_epochs_examples():
     assert first(grouped, 3) == first(grouped, 3) != first(grouped, 4)
 
 
+def test_every_claims_method_trains_on_the_same_batches_for_a_seed():
+    """The convergence findings (lorabench/report/findings.py) pair the early training loss of two methods by seed
+    as a difference over the same batches: the order comes from the task and the seed alone, not from the
+    method or from whatever its initialisation drew from the global generators."""
+    import random as pyrandom
+    from itertools import islice
+    from lorabench import assets
+    from lorabench.methods import get_method
+    tok = assets.load_tokenizer("minilm-l6")
+    task = TASKS.get("rt-sentiment").from_options({"n_train": 400})
+
+    def first_batches(name: str, noise: int) -> list:
+        pyrandom.seed(noise)
+        torch.manual_seed(noise)  # another method's initialisation draws otherwise
+        method = get_method(name).from_options({}, where=name)
+        return [b["input_ids"].tolist() for b in islice(method.train_batches(None, task, tok, 16, 7), 5)]
+    want = first_batches("lora", 0)
+    assert all(first_batches(name, k) == want for k, name in enumerate(("pissa", "lora-plus", "dora", "full"), 1))
+    assert [b["input_ids"].tolist() for b in islice(get_method("lora").from_options({}, where="lora").train_batches(
+        None, task, tok, 16, 8), 5)] != want  # another seed: other batches
+
+
 def _full_path_predictions(task, model, tok):
     """One padded full sequence per option, as the scoring did before the shared prompt cache."""
     from lorabench.tasks.causal import encode_pair
