@@ -48,8 +48,8 @@ def _mean(xs):
 
 def _one_class(r: dict) -> bool:
     """The global model predicted one class on every eval example (per-example outcomes with predictions)."""
-    pred = (r.get("outcomes") or {}).get("pred")
-    return isinstance(pred, str) and len(pred) > 0 and len(set(pred)) == 1
+    from lorabench.tasks.base import Outcomes
+    return bool(r.get("outcomes")) and Outcomes.from_record(r["outcomes"]).one_class
 
 
 def _clients_key(r: dict) -> tuple:

@@ -144,8 +144,9 @@ def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
                 long_windows = all(isinstance(w, int) and w >= MIN_LOSS_WINDOW for w in windows)
                 val = seed_interval(sign * (m["val_curve"].map(early_val) - m["val_curve_ref"].map(early_val))) \
                     if has_val else None
+                loss = seed_interval(m["loss_curve_ref"].map(early_loss) - m["loss_curve"].map(early_loss))
                 if has_loss and long_windows:
-                    e = seed_interval(m["loss_curve_ref"].map(early_loss) - m["loss_curve"].map(early_loss))
+                    e = loss
                     quantity = ("early training loss (reference - method, first quarter of the loss curve, "
                                 "same batches)")
                     if val is not None:
@@ -155,7 +156,7 @@ def evaluate(trials: pd.DataFrame) -> pd.DataFrame:
                     e = val
                     quantity = "early validation score (method - reference, first quarter of the validation curve)"
                 else:
-                    e = seed_interval(m["loss_curve_ref"].map(early_loss) - m["loss_curve"].map(early_loss))
+                    e = loss
                     quantity = "early training loss (reference - method, first quarter of the loss curve)"
                     if not has_loss:
                         why = "no validation or loss curve recorded"

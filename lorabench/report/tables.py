@@ -471,8 +471,7 @@ def flag_rows(trials: pd.DataFrame, summary: pd.DataFrame, detail: pd.DataFrame,
     flags: dict[tuple, list[str]] = {}
     grouped: dict[tuple[str, str], list[str]] = {}   # (task, what) -> labels, one note each
     for (task, label), g in ok.groupby(["task", "label"], sort=True):
-        one = [int(sd) for sd, o in zip(g["seed"], g["outcomes"])
-               if o is not None and o.pred is not None and len(set(o.pred)) == 1 and len(o.pred) > 1]
+        one = [int(sd) for sd, o in zip(g["seed"], g["outcomes"]) if o is not None and o.one_class]
         if one:
             seeds = f"seed {', '.join(map(str, one))}"
             flags.setdefault((task, label), []).append(f"predicts one class ({seeds})")

@@ -84,6 +84,11 @@ class Outcomes:
             if v is not None and len(v) != len(self.correct):
                 raise ValueError(f"outcomes: {name} has {len(v)} entries for {len(self.correct)} examples")
 
+    @property
+    def one_class(self) -> bool:
+        """Every example (more than one) got the same predicted class: a single-class predictor."""
+        return self.pred is not None and len(self.pred) > 1 and len(set(self.pred)) == 1
+
     def to_record(self, part_hash: str) -> dict:
         """Compact JSON: each list as a string of digits when every value is 0..9 (2-5 classes here)."""
         def pack(xs):
