@@ -258,3 +258,49 @@ def test_a_trial_process_does_not_run_its_parents_main_script_again(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     # hidden: the child did not run the script; shown (multiprocessing's own way): it did; __file__ restored after
     assert out.stdout.split("\n")[:3] == ["hidden 0 0", "shown 1 0", "file True"], out.stdout + out.stderr[-2000:]
+
+
+def _trial_that_starts_a_process(pid_file: str) -> None:
+    """A trial as the runner starts it (its own process group) that starts a process, as a federated trial starts
+    its private Ray instance, and then trains 'forever'."""
+    from lorabench.runner import worker
+    worker._own_process_group()
+    child = subprocess.Popen(["sleep", "600"])
+    Path(pid_file).write_text(str(child.pid))
+    time.sleep(600)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_stopped_trial_takes_the_processes_it_started_with_it(tmp_path):
+    """A stop (Ctrl-C, SIGTERM, a timeout) used to SIGKILL the trial process alone: a federated trial's Ray agents
+    (children of its raylet) ran on for minutes after. The trial leads its own process group and the runner kills
+    the group (run._kill_trial)."""
+    import multiprocessing
+
+    from lorabench.runner.run import _kill_trial
+    pid_file = tmp_path / "child.pid"
+    proc = multiprocessing.get_context("spawn").Process(target=_trial_that_starts_a_process, args=(str(pid_file),))
+    proc.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()):
+            assert proc.is_alive() and time.monotonic() < deadline, "the trial did not start its process"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert os.getpgid(proc.pid) == proc.pid and os.getpgid(child) == proc.pid  # one group, the trial's
+        _kill_trial(proc)
+        proc.join(30)
+        assert proc.exitcode == -signal.SIGKILL
+        deadline = time.monotonic() + 30
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the process the trial started outlived its stop"
+    finally:
+        proc.kill()

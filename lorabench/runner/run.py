@@ -69,6 +69,18 @@ def _stop_fork_server() -> None:
     server._stop()  # reaps it and forgets it (closes its "alive" pipe and its address)
 
 
+def _kill_trial(proc) -> None:
+    """SIGKILL a trial and every process it started: the trial leads a process group of its own
+    (worker._own_process_group), which a federated trial's private Ray instance (GCS, raylet, agents) inherits.
+    Called on a stop or a timeout, and again once a trial has ended, for what it left behind (a trial killed by
+    its parent's death, worker._die_with_parent, dies alone). No group of that id (a trial stopped before it
+    made its group, or one that left nothing): the trial alone. A group's id is held while any of its processes
+    lives, so it names no other process then."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.kill()
+
+
 _MAIN_LOCK = threading.Lock()
 
 
@@ -119,19 +131,20 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
                     proc.start()  # inside the try: a Ctrl-C during the start must still stop the trial
                 while proc.is_alive():
                     if _INTERRUPTED.is_set():  # Ctrl-C in the main thread while this one waits (jobs > 1)
-                        proc.kill()
+                        _kill_trial(proc)
                     proc.join(0.2)
                     pump()
                     if deadline is not None and time.monotonic() > deadline:
-                        proc.kill()
+                        _kill_trial(proc)
                         proc.join()
                         timed_out = True
                         break
             except BaseException:  # Ctrl-C here (jobs = 1); with jobs > 1 the end-of-file of a killed fork server
                 if proc.pid is not None:
-                    proc.kill()
+                    _kill_trial(proc)
                     proc.join()  # before its temporary folder goes
                 raise
+            _kill_trial(proc)  # ended: whatever it started and left running goes with it
             pump()
         if os.path.exists(result_path) and not timed_out:
             with open(result_path) as f:

@@ -9,6 +9,7 @@ when the process dies before writing it, the runner records the crash instead.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,6 +46,19 @@ def _die_with_parent() -> None:
         pass
 
 
+def _own_process_group() -> None:
+    """Make this trial the leader of a process group of its own, so that the runner's stop (run.py, _kill_trial)
+    kills the trial and every process it started, in one call. A federated trial starts a private Ray instance
+    (GCS, raylet, and the raylet's DashboardAgent and RuntimeEnvAgent), which inherits this group: killed alone,
+    the trial left those agents running (and polling) minutes after the run had stopped. Only a trial started by
+    the runner moves (a test calling trial_main itself stays in pytest's group)."""
+    import multiprocessing
+    if multiprocessing.parent_process() is None:
+        return
+    with contextlib.suppress(OSError):  # already a session leader (no setpgid allowed): keep the group it has
+        os.setpgid(0, 0)
+
+
 def _die_with_runner() -> None:
     """Die when the runner that started this trial (the process that called run_one: `python -m lorabench run`,
     or a Ray worker) dies or lets go of it, so that a killed suite leaves no orphan trial running.
@@ -66,11 +80,14 @@ def _die_with_runner() -> None:
 
     def watch() -> None:
         multiprocessing.connection.wait([parent.sentinel])
+        if os.getpgid(0) == os.getpid():  # its own group (_own_process_group): this trial and what it started
+            os.killpg(0, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     threading.Thread(target=watch, name="die-with-runner", daemon=True).start()
 
 
 def trial_main(spec_data: dict, result_path: str, log_path: str, progress: bool, threads: int | None = None) -> None:
+    _own_process_group()
     _die_with_parent()
     _die_with_runner()
     # Ctrl-C reaches every process of the terminal's group: the runner owns it (it kills this trial and
