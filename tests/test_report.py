@@ -461,3 +461,52 @@ def test_coverage_counts_every_recorded_trial_of_a_grid_not_only_the_chosen_rate
         r["train"] = dict(r["train"], lr=lr)
     (line,) = coverage(tables.build(recs))
     assert "suite gridded v1: 3 trial(s) recorded (3 ok; 1 at the chosen learning rates)" in line, line
+
+
+# --- scenario sections in the page, and scenario-only reports ------------------------------------------------
+
+def _headings(md: str, html: str) -> tuple[list[str], list[str]]:
+    import html as _html
+    import re
+    return ([ln[3:] for ln in md.splitlines() if ln.startswith("## ")],
+            [_html.unescape(h) for h in re.findall(r"<h2>(.*?)</h2>", html)])
+
+
+@pytest.mark.skipif(not (RESULTS / "federated" / "records.jsonl").exists(), reason="no federated records committed")
+def test_the_page_shows_every_section_the_markdown_shows(tmp_path):
+    """leaderboard.html left out the federated, cross-task, mixture, reuse and forgetting sections that LEADERBOARD.md
+    had (only the continual one had an HTML twin): the page now renders the same Markdown sections, with their
+    tables sortable and their plots embedded."""
+    import re
+    write_report([json.loads(x) for x in (RESULTS / "federated" / "records.jsonl").read_text().splitlines()],
+                 tmp_path, ["md", "html", "png"])
+    md, page = (tmp_path / "LEADERBOARD.md").read_text(), (tmp_path / "leaderboard.html").read_text()
+    in_md, in_page = _headings(md, page)
+    assert "Federated (the clients scenario)" in in_md and in_page == in_md
+    fed = page[page.index("<h2>Federated (the clients scenario)</h2>"):page.index("<h2>Average rank</h2>")]
+    rows = re.findall(r"<tr><td", fed)
+    md_rows = [ln for ln in md.split("## Federated (the clients scenario)")[1].split("## Average rank")[0].splitlines()
+               if ln.startswith("| rt-sentiment |")]
+    assert len(rows) == len(md_rows) > 0
+    assert '<table class="sortable"' in fed and fed.count("data:image/png;base64,") == len(
+        re.findall(r"^!\[", md.split("## Federated")[1].split("## Average rank")[0], re.M)) > 0
+    assert 'data-sort="0.51">0.510 ± ' in fed or re.search(r'data-sort="0\.\d+">0\.\d{3} ± 0\.\d{3}<', fed)
+
+
+def test_a_report_of_scenario_records_only_counts_them_and_leaves_out_the_empty_single_task_sections(tmp_path):
+    """A continual suite's report said "from 0 record(s)", "(no records)" under What was run, and printed empty
+    findings, baseline, rank and paired tables around its one real section."""
+    from tests.test_continual import _record
+    recs = [_record("seq-lora@o", "seq-lora", seed, [["1111", "0000"], ["0011", "1111"]], ["0000", "0000"])
+            for seed in (0, 1)]
+    write_report(recs, tmp_path, ["md", "html"])
+    md, page = (tmp_path / "LEADERBOARD.md").read_text(), (tmp_path / "leaderboard.html").read_text()
+    assert "from 2 record(s)" in md and "from 2 record(s)" in page
+    assert "2 scenario record(s)" in md and "(no records)" not in md
+    in_md, in_page = _headings(md, page)
+    assert in_md == in_page == ["What was run", "Notes", "Continual learning (the sequence scenario)", "Failed trials"]
+    # with a single-task record beside them, every section is back
+    write_report(recs + [record("rt-sentiment", "lora", 0, 0.7)], tmp_path / "both", ["md"])
+    both = (tmp_path / "both" / "LEADERBOARD.md").read_text()
+    assert "from 3 record(s)" in both and "## Findings: the survey's headline claims" in both
+    assert "## Continual learning (the sequence scenario)" in both

@@ -45,7 +45,7 @@ import pandas as pd
 from lorabench.errors import UserError
 from lorabench.report import (continual, cross_task, curves, federated, findings, forgetting, mixture, plots, reuse,
                               tables)
-from lorabench.report.html import render_html
+from lorabench.report.html import markdown_section, render_html
 from lorabench.report.markdown import render_markdown
 
 FORMATS = ("md", "csv", "html", "png")
@@ -152,9 +152,9 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sequences = continual.continual_records(records)
-    rep = tables.build([r for r in records if not isinstance(r.get("continual"), dict)
-                        and not isinstance(r.get("mixture"), dict) and not isinstance(r.get("reuse"), dict)
-                        and not isinstance(r.get("forgetting"), dict)], notes)   # scenario records: their own sections
+    scenario = [r for r in records if any(isinstance(r.get(k), dict) for k in ("continual", "mixture", "reuse",
+                                                                               "forgetting"))]
+    rep = tables.build([r for r in records if not any(r is x for x in scenario)], notes)  # scenario records: their own sections
     claims = findings.evaluate(rep.trials)
     cov = coverage(rep)
     need_png = "png" in formats or "html" in formats or "md" in formats
@@ -169,16 +169,23 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     reu = reuse.reuse_frame(records)
     forget = forgetting.forgetting_frame(records)
     written: list[Path] = []
-    if "md" in formats:
-        p = out / "LEADERBOARD.md"
-        names = [f"plots/{n}" for n in pngs] if "png" in formats else []
-        fed_md = federated.markdown(fed, [n for n in sorted(pngs) if n.startswith("federated-")] if names else [])
+
+    def sections(with_plots: bool) -> tuple[list[str], list[str]]:
+        """The scenario sections (Markdown lines): those after the per-task leaderboards, those after them."""
+        fed_md = federated.markdown(fed, [n for n in sorted(pngs) if n.startswith("federated-")] if with_plots else [])
         fed_md += cross_task.markdown(cross, merges)   # the cross-task scenario's section (none without its records)
         fed_md += mixture.markdown(mix)   # its protocol (b) (none without mixture records)
         fed_md += reuse.markdown(reu)   # its reuse protocol (none without reuse records)
-        cont_md = continual.markdown(sequences, [n for n in sorted(pngs) if n.startswith("continual-")] if names else [])
+        cont_md = continual.markdown(sequences, [n for n in sorted(pngs) if n.startswith("continual-")] if with_plots else [])
         cont_md += forgetting.markdown(forget)   # continual forgetting (none without its records)
-        p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md, cont_md), encoding="utf-8")
+        return fed_md, cont_md
+
+    if "md" in formats:
+        p = out / "LEADERBOARD.md"
+        names = [f"plots/{n}" for n in pngs] if "png" in formats else []
+        fed_md, cont_md = sections(bool(names))
+        p.write_text(render_markdown(rep, cov, claims, names, footer(), fed_md, cont_md, len(scenario)),
+                     encoding="utf-8")
         written.append(p)
     if "csv" in formats:
         summary_cols = ["task", "family", "label", "method", "metric", "higher_is_better", "rank", "n_seeds",
@@ -212,7 +219,9 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
             written.append(out / name)
     if "html" in formats:
         p = out / "leaderboard.html"
-        p.write_text(render_html(rep, cov, claims, pngs, footer(), continual.html(sequences, pngs)), encoding="utf-8")
+        fed_md, cont_md = sections(True)
+        p.write_text(render_html(rep, cov, claims, pngs, footer(), markdown_section(fed_md + cont_md, pngs),
+                                 len(scenario)), encoding="utf-8")
         written.append(p)
     if "png" in formats:
         (out / "plots").mkdir(exist_ok=True)

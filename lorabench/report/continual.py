@@ -206,18 +206,6 @@ def markdown(records: list[dict], plots: list[str]) -> list[str]:
     return out + [""]
 
 
-def html(records: list[dict], pngs: dict) -> list[str]:
-    from lorabench.report.html import esc, html_table, plot_html
-    tables = display_tables(records)
-    if not tables:
-        return []
-    parts = ["<h2>Continual learning (the sequence scenario)</h2>", f"<p>{esc(INTRO)}</p>",
-             f"<p>Records: {esc(what_ran(records))}</p>"]
-    parts += [html_table(t) for t in tables]
-    parts += [plot_html(n[:-4], p, "continual") for n, p in sorted(pngs.items()) if n.startswith("continual-")]
-    return parts
-
-
 def plots(records: list[dict]) -> dict:
     """plots/continual-ORDER.png: R averaged over seeds as a heat map, one panel per method (label)."""
     import matplotlib
