@@ -70,14 +70,15 @@ def tiny_suite(tmp_path: Path, name: str, steps: int = 2, seeds: int = 4) -> Pat
 
 
 def trial_processes(group: int, other_than: int | None = None) -> list[int]:
-    """The trial processes running in a node's process group: children of a fork server (worker.py), other than
-    those of the fork server `other_than`."""
+    """The trial processes running on a node (its session, whose id is the node's process group's: each trial leads
+    a process group of its own inside it, worker._own_process_group): children of a fork server (worker.py), other
+    than those of the fork server `other_than`."""
     out = []
     for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
         try:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ppid, pgid = int(stat[1]), int(stat[2])
-            if pgid == group and ppid != other_than and b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+            ppid, sid = int(stat[1]), int(stat[3])
+            if sid == group and ppid != other_than and b"multiprocessing.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
                     b"multiprocessing.forkserver" in Path(f"/proc/{ppid}/cmdline").read_bytes():
                 out.append(pid)
         except (OSError, IndexError, ValueError):

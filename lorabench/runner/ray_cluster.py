@@ -1,8 +1,9 @@
 """A Ray cluster of several nodes on this machine's loopback interface: the tests of the Ray backend and
 the measurement in docs/scale.md run on it (a real cluster is started with `ray start` on each machine).
 
-Each node is its own `ray start --block` process, in its own process group, so that stopping the cluster
-kills exactly its processes (GCS, raylet, agents, workers and the trials they forked) and nothing else: `ray
+Each node is its own `ray start --block` process, in its own session and process group, so that stopping the
+cluster kills exactly its processes (GCS, raylet, agents, workers and the trials they forked: a trial leads a
+process group of its own, lorabench/runner/worker.py, inside its node's session) and nothing else: `ray
 stop` would kill every Ray process on the machine, other users' included. Every port is given (free ones,
 none of Ray's defaults), the temporary folder is the cluster's own, the object store is small (trials return
 a few kilobytes of JSON), and the nodes use 127.0.0.2: Ray replaces 127.0.0.1 with the machine's address
@@ -35,6 +36,30 @@ def same_niceness_config() -> dict:
     and its workers read that variable. (A cluster joined with `--address` keeps its nodes' setting: ray.init
     refuses a `_system_config` there; the loopback cluster below sets RAY_worker_niceness=0 in its nodes.)"""
     return {} if "RAY_worker_niceness" in os.environ else {"worker_niceness": 0}
+
+
+def session_processes(sid: int) -> list[int]:
+    """The processes of session `sid` (from /proc): a node's, whatever process group they moved to."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:
+                    out.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return out
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process left in session `sid` (a node's trials lead process groups of their own there)."""
+    for pid in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _free_ports(n: int) -> list[int]:
@@ -156,6 +181,7 @@ class LoopbackCluster:
             os.killpg(self.procs[i].pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        _kill_session(self.procs[i].pid)
         self.procs[i].wait()
 
     def stop(self) -> None:
@@ -169,9 +195,10 @@ class LoopbackCluster:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
-            try:  # whatever is left of the group (a worker that ignored SIGTERM, a forked trial)
+            try:  # whatever is left of the group (a worker that ignored SIGTERM)
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _kill_session(proc.pid)  # and of the session: trials in their own groups, what they started
         if self.temp_dir:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
