@@ -191,6 +191,10 @@ def cmd_env(args) -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()))
     print(f"cpu: {env['cpu']}, torch threads: {torch.get_num_threads()}")
     print(f"gpu: {env['gpu'] or 'none'}")
+    import os
+    load, cores = os.getloadavg(), os.cpu_count()
+    state = "busy: timings taken now carry other work's contention" if load[0] > cores - 0.5 else "idle enough to time"
+    print(f"load: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15-minute averages) on {cores} cores; {state}")
     print("kernel backends:")
     for name, (ok, why) in available_backends().items():
         print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {why}")

@@ -510,3 +510,16 @@ def test_a_report_of_scenario_records_only_counts_them_and_leaves_out_the_empty_
     both = (tmp_path / "both" / "LEADERBOARD.md").read_text()
     assert "from 3 record(s)" in both and "## Findings: the survey's headline claims" in both
     assert "## Continual learning (the sequence scenario)" in both
+
+
+def test_trials_timed_on_a_busy_machine_are_named_in_the_notes():
+    """Records carry the 1-minute load average read through the trial (runner/run.py): a trial that shared the
+    cores with other work has times that compare only with trials run alike, and the report says which."""
+    recs = [record("rt-sentiment", "lora", s, 0.8, load={"mean": m, "max": m + 1, "cores": 2})
+            for s, m in ((0, 0.9), (1, 3.4))] + [record("rt-sentiment", "head", 0, 0.6)]
+    rep = tables.build(recs)
+    (note,) = [n for n in rep.notes if "load average" in n]
+    assert note.startswith("1 of 2 timed trial(s)") and "at most 3.4 on 2 cores" in note and "lora on rt-sentiment" in note
+    assert not [n for n in rep.notes if n.startswith("Unknown record fields")]
+    quiet = tables.build([record("rt-sentiment", "lora", 0, 0.8, load={"mean": 1.9, "max": 2.5, "cores": 2})])
+    assert not [n for n in quiet.notes if "load average" in n]

@@ -101,6 +101,9 @@ def test_parallel_jobs_record_every_trial_once(tmp_path):
     recs = read_records(records)
     assert sorted(r["trial_id"] for r in recs) == sorted(trial_id(t) for t in load_suite(str(suite)).trials())
     assert all(r["status"] == "ok" and r["jobs"] == 2 and r["threads"] == 1 for r in recs)
+    # the machine's load through each trial (its times compare only with trials run alike: the report's note)
+    for r in recs:
+        assert r["load"]["cores"] == os.cpu_count() and 0 <= r["load"]["mean"] <= r["load"]["max"], r["load"]
     # --jobs overrides the suite without changing trial ids: everything is already recorded
     again = run_cli("run", str(suite), "--records", str(records), "--no-progress", "--jobs", "1")
     assert again.returncode == 0 and "4 already recorded" in again.stdout

@@ -37,6 +37,7 @@ adapter_bytes train method_config family paper final_loss loss_curve train_token
 train_seconds eval_seconds method_metrics peak_rss_mb rss_after_load_mb trial_seconds trial_cpu_seconds
 cuda_max_allocated_mb cuda_max_reserved_mb jobs lm_eval node backend node_ip ray_node_id attempts lost_attempts
 n_val val_score val_curve outcomes majority_label trained_steps cross_task federated continual mixture reuse
+load
 """.split())
 REQUIRED = ("task", "label", "method", "seed")
 
@@ -570,6 +571,24 @@ def failures_frame(trials: pd.DataFrame) -> pd.DataFrame:
     return f.sort_values(["task", "label", "seed"], kind="stable").reset_index(drop=True)
 
 
+def busy_note(records: list[dict]) -> str | None:
+    """Which trials ran on a busy machine: the 1-minute load average, read through the trial (the record's `load`,
+    lorabench/runner/run.py), above the machine's cores on average. Their scores do not depend on it (a trial is
+    deterministic); their times (train tokens/s, wall s) carry the contention."""
+    timed = [r for r in records if isinstance(r.get("load"), dict) and r.get("status") == "ok"]
+    busy = [r for r in timed if isinstance(r["load"].get("mean"), (int, float)) and isinstance(r["load"].get("cores"), int)
+            and r["load"]["mean"] > r["load"]["cores"]]
+    if not busy:
+        return None
+    worst = max(busy, key=lambda r: r["load"]["mean"])
+    labels = sorted({f"{r.get('label')} on {r.get('task')}" for r in busy})
+    shown = ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")
+    return (f"{len(busy)} of {len(timed)} timed trial(s) ran while the machine's 1-minute load average exceeded its "
+            f"cores (mean over the trial; at most {worst['load']['mean']:.1f} on {worst['load']['cores']} cores): "
+            f"{shown}. Their times (train tokens/s, wall s) carry that contention and compare only with trials run "
+            f"alike; their scores do not depend on it.")
+
+
 def build(records: list[dict], notes: list[str] | None = None) -> Report:
     """`notes`: what the caller already knows the reader must see (lines the records reader skipped)."""
     notes = list(notes or [])
@@ -582,6 +601,9 @@ def build(records: list[dict], notes: list[str] | None = None) -> Report:
     baselines = trivial_baselines(trials)
     if len(summary):
         summary = flag_rows(trials, summary, detail, baselines, notes)
+    busy = busy_note(records)
+    if busy:
+        notes.append(busy)
     failures = failures_frame(trials)
     if len(failures):
         notes.append(f"{len(failures)} trial(s) failed; they are listed with their reason under 'Failed trials' "

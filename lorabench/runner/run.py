@@ -31,6 +31,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# The machine's 1-minute load average is read every LOAD_EVERY_S while a trial runs (and at its start and end);
+# the record keeps its mean and max over the trial with the machine's cores (`load`): a trial timed while other
+# work shared the cores has times that compare only with trials run alike (the report says which).
+LOAD_EVERY_S = 15.0
+
 _CONTEXT = None
 # Ctrl-C interrupts only the main thread, and trials ignore it (worker.py): with jobs > 1 the main
 # thread sets this when it stops (Ctrl-C, or stdout closed under `| head`), and the threads waiting
@@ -116,6 +121,7 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
         tail = bytearray()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         timed_out = False
+        loads, next_load = [os.getloadavg()[0]], time.monotonic() + LOAD_EVERY_S
         with open(log_path, "rb") as log:
             def pump() -> None:
                 chunk = log.read()
@@ -134,6 +140,9 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
                         _kill_trial(proc)
                     proc.join(0.2)
                     pump()
+                    if time.monotonic() >= next_load:
+                        loads.append(os.getloadavg()[0])
+                        next_load += LOAD_EVERY_S
                     if deadline is not None and time.monotonic() > deadline:
                         _kill_trial(proc)
                         proc.join()
@@ -146,9 +155,11 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
                 raise
             _kill_trial(proc)  # ended: whatever it started and left running goes with it
             pump()
+        loads.append(os.getloadavg()[0])
+        load = {"mean": round(sum(loads) / len(loads), 2), "max": round(max(loads), 2), "cores": os.cpu_count()}
         if os.path.exists(result_path) and not timed_out:
             with open(result_path) as f:
-                return json.load(f)
+                return json.load(f) | {"load": load}
         last = tail.decode(errors="replace").replace("\r", "\n").strip().splitlines()[-15:]
         code = proc.exitcode
         if timed_out:
@@ -158,7 +169,7 @@ def run_one(spec, timeout_s: float | None, progress: bool, jobs: int = 1, thread
             reason = f"killed by {sig}" + (" (out of memory?)" if sig == "SIGKILL" else "")
         else:
             reason = f"exited with code {code} without a result"
-        return {"status": "failed", "error": f"trial process {reason}", "traceback": "\n".join(last)}
+        return {"status": "failed", "error": f"trial process {reason}", "traceback": "\n".join(last), "load": load}
 
 
 _LOG_LOCK = threading.Lock()
