@@ -30,7 +30,7 @@ from tests.conftest import REPO, run_cli
 # measurements), and where and how it was scheduled. Everything else (scores, per-example outcomes, losses,
 # curves, parameters, configs, provenance) must be equal.
 TIMING = {"started_at", "finished_at", "wall_s", "trial_seconds", "trial_cpu_seconds", "train_seconds", "eval_seconds",
-          "train_tokens_per_s", "eval_tokens_per_s", "peak_rss_mb", "rss_after_load_mb"}
+          "train_tokens_per_s", "eval_tokens_per_s", "peak_rss_mb", "rss_after_load_mb", "load"}
 WHERE = {"node", "backend", "node_ip", "ray_node_id", "attempts", "lost_attempts", "jobs"}
 # How the run was invoked, not what a trial computed: the Ray run selects its methods with `methods=...`,
 # the local run it is compared with ran the whole smoke suite (the trial ids, which hash the trial's
