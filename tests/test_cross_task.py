@@ -218,26 +218,37 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     composition searches with its budget, and the record carries the method's score beside the baselines of
     the same seed, scored on the same eval examples."""
     from lorabench.harness.trial import run_trial
-    rec = run_trial(cross_task_spec("lorahub", {"budget": 4}), progress=False)
+    rec = run_trial(cross_task_spec("lorahub", {"budget": 4}, kshot_lora_lr=0.02), progress=False)
     ct = rec["cross_task"]
     assert ct["held_out"] == "quartz" and ct["candidates"] == ["sarcasm-mc", "rt-mc"]
     assert sorted(p.stem for p in tiny_library.iterdir()) == sorted(ct["library"].values())   # held-out not trained
     assert ct["loss_evaluations"] == 4 and len(ct["weights"]) == 2
     assert ct["compose_tokens"] == 4 * ct["kshot_tokens"] > 0
     assert rec["n_eval"] == 6 and 0 <= rec["score"] <= 1
-    for name in ("zero-shot", "best-single"):
+    for name in ("zero-shot", "icl", "kshot-lora", "best-single"):
         b = ct["baselines"][name]
         assert 0 <= b["score"] <= 1 and b["outcomes"]["hash"] == rec["outcomes"]["hash"]
     best = ct["baselines"]["best-single"]
     assert best["adapter"] == min(best["kshot_losses"], key=best["kshot_losses"].get)
+    # in context: the 3 shots before every prompt; the k-shot LoRA: 20 steps on them, its loss falling (slowly:
+    # a random-init tiny-llama at rank 2; 10.89 -> 10.20 at lr 0.02)
+    assert ct["baselines"]["icl"]["context_tokens"] >= ct["kshot_tokens"] > 0
+    kl = ct["baselines"]["kshot-lora"]
+    assert kl["steps"] == 20 and len(kl["loss_curve"]) == 20 and kl["loss_curve"][-1] < kl["loss_curve"][0] - 0.3, kl["loss_curve"]
+    assert kl["train_tokens"] == 20 * ct["kshot_tokens"] and kl["trainable_params"] > 0
     # a second trial (another seed, another method) reuses the cached library: no training
     rec2 = run_trial(cross_task_spec("uniform-average", seed=1, merge_accuracy=["linear", "cat"]), progress=False)
     assert rec2["cross_task"]["library"] == ct["library"]
     assert rec2["cross_task"]["loss_evaluations"] == 0
     # the zero-shot evaluation is the same at every seed: computed once, read from the cache the second time
     assert rec2["cross_task"]["baselines"]["zero-shot"] == ct["baselines"]["zero-shot"]
+    assert rec2["cross_task"]["baselines"]["icl"]["context_tokens"] > 0   # seed 1's shots: computed for it
     cached = list((tiny_library.parent / "evals").iterdir())
-    assert 2 <= len(cached) <= 3   # zero-shot once, the best single adapter per distinct choice
+    # zero-shot once, the best single adapter per distinct choice, in-context and k-shot LoRA per seed (their shots)
+    assert 6 <= len(cached) <= 7
+    again = run_trial(cross_task_spec("lorahub", {"budget": 4}, kshot_lora_lr=0.02), progress=False)["cross_task"]["baselines"]
+    assert again["icl"] == ct["baselines"]["icl"] and again["kshot-lora"] == ct["baselines"]["kshot-lora"]
+    assert len(list((tiny_library.parent / "evals").iterdir())) == len(cached)   # read back, not recomputed
     merges = rec2["cross_task"]["merges"]
     assert set(merges) == {"peft-linear", "peft-cat"}
     assert merges["peft-cat"]["score"] == rec2["score"]   # cat at equal weights is the exact average: same predictions
@@ -249,11 +260,29 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     records = [{**r, "task": "quartz", "label": m, "method": m, "seed": seed, "status": "ok"}
                for r, m, seed in ((rec, "lorahub", 0), (rec2, "uniform-average", 1))]
     frame = cross_task_frame(records)
-    assert set(frame["rule"]) == {"zero-shot", "best-single", "lorahub", "uniform-average", "merge:peft-linear",
-                                  "merge:peft-cat"}
+    assert set(frame["rule"]) == {"zero-shot", "icl", "kshot-lora", "best-single", "lorahub", "uniform-average",
+                                  "merge:peft-linear", "merge:peft-cat"}
     assert frame.set_index("rule").loc["zero-shot", "n_seeds"] == 2     # a baseline from every seed's record
     md = "\n".join(markdown(frame, merge_frame(records)))
     assert "| quartz | lorahub | 1 |" in md and "peft-linear" in md
+
+
+def test_in_context_baseline_puts_the_shots_before_every_prompt():
+    """k-shot in-context learning (LoRAHub's ICL baseline): each shot's prompt and its correct option, a blank line
+    after each, then the eval prompt; the eval prompt keeps all its tokens (max_length raised by the prefix)."""
+    from lorabench import assets
+    from lorabench.harness.cross_task import icl_task, kshot_examples
+    from lorabench.tasks import get_task
+    task = get_task("quartz").from_options({"n_eval": 4}, where="t")
+    tok = assets.load_model("tiny-llama", head="causal-lm").tokenizer
+    shots = kshot_examples(task, 2, seed=0)
+    icl, n_prefix = icl_task(task, shots, tok)
+    e = task.examples("eval")[0]
+    want = "".join(f"{task.prompt(s)} {s['choices'][s['label']]}\n\n" for s in shots) + task.prompt(e)
+    assert icl.prompt(e) == want and task.prompt(e) != want          # the original task is untouched
+    assert n_prefix == len(tok(want[:-len(task.prompt(e))], add_special_tokens=False)["input_ids"])
+    assert icl.max_length == task.max_length + n_prefix + 2
+    assert icl.examples("eval") == task.examples("eval")              # the same eval questions
 
 
 def test_composition_table_intervals_and_average():

@@ -43,6 +43,11 @@ class CrossTaskConfig:
     adapters_per_job: int = option(4, "library adapters trained together in one fused job", low=1)
     merge_errors: bool = option(True, "uniform-average trials: record every weight-space merge's error on the library")
     merge_density: float = option(0.5, "density of peft's ties/dare/magnitude_prune merges", low=0.0, high=1.0)
+    icl: bool = option(True, "baseline: k-shot in-context learning, the k shots (prompt and correct option) before "
+                             "every eval prompt of the base model (lm-eval's few-shot format)")
+    kshot_lora_steps: int = option(20, "baseline: a fresh LoRA (the library's rank, alpha and layers) trained on the k "
+                                       "shots alone for this many full-batch steps; 0 leaves it out", low=0)
+    kshot_lora_lr: float = option(1e-3, "learning rate of the k-shot LoRA baseline (AdamW, constant)", low=0.0)
     merge_accuracy: list[str] = option(
         help="uniform-average trials: also score these peft merges of the candidates at equal weights on the eval "
              "split (their accuracy cost against the exact average); names of peft.LoraModel.add_weighted_adapter's "
@@ -115,6 +120,48 @@ def cached_eval(key: dict, run) -> dict:
     tmp.write_text(json.dumps(out, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
     return out
+
+
+def icl_task(task, shots: list[dict], tokenizer):
+    """The held-out task with the k shots as demonstrations before every prompt, in lm-eval's few-shot format
+    (each shot's prompt and its correct option, a blank line after each): the in-context baseline of LoRAHub's
+    comparison (arXiv 2307.13269, sec. 4: "in-context learning" with the same 5 examples). The task is copied with
+    its prompt prefixed and its max_length raised by the prefix's tokens, so no eval prompt loses its own text.
+    Returns the copy and the prefix's length in tokens (read again for every eval example)."""
+    import dataclasses
+    prefix = "".join(task.prompt(e) + task.option_text(e["choices"][e["label"]]) + "\n\n" for e in shots)
+    n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    own = task.prompt
+    icl = copy.copy(task)
+    icl.prompt = lambda e: prefix + own(e)
+    icl.config = dataclasses.replace(task.config, max_length=task.max_length + n_prefix + 2)
+    return icl, n_prefix
+
+
+def train_kshot_lora(base, layers: list[str], batch: dict, c: CrossTaskConfig, seed: int, train_cfg):
+    """The k-shot LoRA baseline: a fresh LoRA on the library's layers, rank and alpha, trained on the k shots
+    alone (one full batch per step, AdamW at a constant rate; LoRA, arXiv 2106.09685, eq. (3)). Returns the model
+    and its loss curve."""
+    from lorabench.harness.train import precision
+    from lorabench.methods import get_method
+    from lorabench.methods.base import ApplyContext
+    torch.manual_seed(seed)
+    method = get_method("lora").from_options({"rank": c.library_rank, "alpha": c.library_alpha,
+                                              "target_modules": layers})
+    model = method.apply(copy.deepcopy(base), ApplyContext(base.config.model_type, []))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.kshot_lora_lr, weight_decay=0.0)
+    model.train()
+    curve = []
+    for _ in range(c.kshot_lora_steps):
+        with precision(train_cfg):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(round(float(loss.detach()), 6))
+    model.eval()
+    return model, curve, sum(p.numel() for p in params)
 
 
 @torch.no_grad()
@@ -225,6 +272,34 @@ def run_cross_task(spec, progress: bool = True) -> dict:
     best_state = {k: (v * scale if k.endswith(".lora_B") else v) for k, v in states[best].items()}
     best_ev = cached_eval({**key, "adapter": paths[candidates[best]].stem},
                           lambda: scored(composer_for(base, best_state, composers)))
+    baselines = {"zero-shot": zero,
+                 "best-single": {**best_ev, "adapter": candidates[best],
+                                 "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)}}}
+    shots_key = {"seed": spec.seed, "k": c.k_shots, "shots": [repr(sorted(e.items())) for e in shots]}
+    if c.icl:   # the base model reading the k shots in its context, every eval prompt
+        itask, n_prefix = icl_task(task, shots, tok)
+
+        def icl_scored() -> dict:
+            base.eval()
+            with precision(train_cfg):
+                e = itask.evaluate(base, tok, train_cfg.eval_batch_size)
+            return {"score": round(float(e.metrics[task.metric.name]), 6),
+                    "outcomes": e.outcomes.to_record(split.part_hash("eval")) if e.outcomes else None}
+        baselines["icl"] = {**cached_eval({**key, **shots_key, "baseline": "icl"}, icl_scored),
+                            "context_tokens": n_prefix}
+        log(f"in-context ({c.k_shots} shots, {n_prefix} tokens before every prompt): {baselines['icl']['score']}")
+    if c.kshot_lora_steps:   # a LoRA trained on the k shots alone
+        from lorabench.methods.cross_task.base import layer_prefixes
+        layers = layer_prefixes(states[0])
+        def kshot_scored() -> dict:
+            model, curve, n_params = train_kshot_lora(base, layers, batch, c, spec.seed, train_cfg)
+            return {**scored(model), "loss_curve": curve, "trainable_params": n_params}
+        baselines["kshot-lora"] = {**cached_eval({**key, **shots_key, "baseline": "kshot-lora",
+                                                  "steps": c.kshot_lora_steps, "lr": c.kshot_lora_lr,
+                                                  "rank": c.library_rank, "alpha": c.library_alpha,
+                                                  "layers": layers}, kshot_scored),
+                                   "steps": c.kshot_lora_steps, "train_tokens": c.kshot_lora_steps * kshot_tokens}
+        log(f"k-shot LoRA ({c.kshot_lora_steps} steps on the {c.k_shots} shots): {baselines['kshot-lora']['score']}")
     block = {
         "config": asdict(c), "held_out": spec.task, "candidates": candidates,
         "library": {t: paths[t].stem for t in candidates}, "library_seconds": round(library_seconds, 3),
@@ -232,11 +307,7 @@ def run_cross_task(spec, progress: bool = True) -> dict:
         "weights": [round(w, 6) for w in comp.weights], "loss_evaluations": comp.loss_evaluations,
         "compose_tokens": comp.loss_evaluations * kshot_tokens, "compose_seconds": round(compose_seconds, 3),
         "info": comp.info,
-        "baselines": {
-            "zero-shot": zero,
-            "best-single": {**best_ev, "adapter": candidates[best],
-                            "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)}},
-        },
+        "baselines": baselines,
     }
     if getattr(method, "needs_initial_factors", False):   # ComPEFT: the accuracy kept against the uncompressed mean
         from lorabench.methods.cross_task.uniform_average import concatenated

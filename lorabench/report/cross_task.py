@@ -1,7 +1,8 @@
 """The cross-task scenario's tables (records with a `cross_task` block, lorabench/harness/cross_task.py).
 
 Composition table: per held-out task, one row per rule: the baselines every record carries for its seed
-(zero-shot, the best single library adapter by k-shot loss) and each composition method (uniform averaging
+(zero-shot, k-shot in-context learning, a LoRA trained on the k shots, the best single library adapter by
+k-shot loss) and each composition method (uniform averaging
 included); the mean score over seeds with its 95% interval (seeds x eval examples where outcomes were
 recorded, else over seeds), the best and the spread (standard deviation) over seeds, and the k-shot tokens
 the rule read to compose (loss evaluations x tokens of the k shots). The average row averages each seed's
@@ -20,7 +21,7 @@ import pandas as pd
 from lorabench.report import stats
 
 COLUMNS = ["held_out", "rule", "n_seeds", "score", "score_ci95", "ci_kind", "best", "spread", "compose_tokens"]
-BASELINES = ("zero-shot", "best-single")
+BASELINES = ("zero-shot", "icl", "kshot-lora", "best-single")
 
 
 def cross_task_records(records: list[dict]) -> list[dict]:
@@ -44,7 +45,9 @@ def _rows(records: list[dict]) -> dict[tuple[str, str], dict[int, tuple[float, l
         for name in BASELINES:   # the same for every method at a seed: the first record's is kept
             b = (ct.get("baselines") or {}).get(name)
             if b is not None:
-                tokens = 0.0 if name == "zero-shot" else float(ct.get("kshot_tokens", 0)) * len(ct["candidates"])
+                tokens = {"zero-shot": 0.0, "icl": float(ct.get("kshot_tokens", 0)),   # read before every prompt
+                          "kshot-lora": float(b.get("steps", 0)) * float(ct.get("kshot_tokens", 0)),
+                          }.get(name, float(ct.get("kshot_tokens", 0)) * len(ct["candidates"]))
                 out.setdefault((task, name), {}).setdefault(seed, (float(b["score"]), _outcomes(b), tokens))
     return out
 
@@ -105,6 +108,8 @@ def markdown(frame: pd.DataFrame, merges: pd.DataFrame) -> list[str]:
     out = ["## Cross-task composition (leave one task out)", "",
            "Each held-out task's adapter is left out of the library; the rules compose the other tasks' adapters "
            "using k examples of the held-out task (lorabench/harness/cross_task.py). *zero-shot*: the base model; "
+           "*icl*: the base model with the k shots before every eval prompt (in-context learning; its k-shot tokens "
+           "are read again for every example); *kshot-lora*: a fresh LoRA trained on the k shots alone; "
            "*best-single*: the candidate adapter with the lowest k-shot loss; the others are registered methods of "
            "the cross-task family; *merge:peft-T*: peft's add_weighted_adapter of type T over the same candidates at "
            "equal weights (beside uniform-average, the exact average). Score: mean over seeds (the seed draws the k shots and seeds the optimiser) with "
