@@ -90,8 +90,9 @@ def trial_main(spec_data: dict, result_path: str, log_path: str, progress: bool,
     _own_process_group()
     _die_with_parent()
     _die_with_runner()
-    # Ctrl-C reaches every process of the terminal's group: the runner owns it (it kills this trial and
-    # says what is recorded); a KeyboardInterrupt here would only add a traceback.
+    # Ctrl-C reaches every process of the terminal's group, which a trial has left (_own_process_group) unless it
+    # runs outside the runner: the runner owns it (it kills this trial and says what is recorded); a
+    # KeyboardInterrupt here would only add a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # tqdm guards its bars with a multiprocessing lock, a named semaphore that a killed trial never
     # unlinks ("leaked semaphore objects" at exit); one process needs only a thread lock.
