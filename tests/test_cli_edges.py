@@ -333,3 +333,12 @@ def test_lr_grid_override_runs_part_of_a_grid(tmp_path):
     path.write_text(path.read_text().replace("seeds: [0]", "seeds: [0, 1]\ntune_seeds: [0]"))
     with pytest.raises(UserError, match="tune_seeds"):
         load_suite(str(path), ["lr_grid=1"])
+
+
+def test_env_says_how_busy_the_machine_is():
+    """Timings compare only when the machine was as busy: `env` prints the load now against the cores."""
+    proc = run_cli("env", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("load: ")]
+    assert re.fullmatch(rf"load: [\d.]+ [\d.]+ [\d.]+ \(1, 5, 15-minute averages\) on {os.cpu_count()} cores; "
+                        r"(busy: timings taken now carry other work's contention|idle enough to time)", line), line
