@@ -4,6 +4,8 @@ merge's error (zero up to rounding), equality with peft's add_weighted_adapter w
 (svd, cat), and the error of peft's factor-wise merges."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -221,11 +223,13 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     rec = run_trial(cross_task_spec("lorahub", {"budget": 4}, kshot_lora_lr=0.02), progress=False)
     ct = rec["cross_task"]
     assert ct["held_out"] == "quartz" and ct["candidates"] == ["sarcasm-mc", "rt-mc"]
-    assert sorted(p.stem for p in tiny_library.iterdir()) == sorted(ct["library"].values())   # held-out not trained
+    mt = ct["baselines"]["multitask-lora"]   # the upper reference: one LoRA on every pool task, quartz's too
+    # the held-out task's own adapter is not trained; the multi-task reference is, once
+    assert sorted(p.stem for p in tiny_library.iterdir()) == sorted([*ct["library"].values(), mt["adapter"]])
     assert ct["loss_evaluations"] == 4 and len(ct["weights"]) == 2
     assert ct["compose_tokens"] == 4 * ct["kshot_tokens"] > 0
     assert rec["n_eval"] == 6 and 0 <= rec["score"] <= 1
-    for name in ("zero-shot", "icl", "kshot-lora", "best-single"):
+    for name in ("zero-shot", "icl", "kshot-lora", "best-single", "multitask-lora"):
         b = ct["baselines"][name]
         assert 0 <= b["score"] <= 1 and b["outcomes"]["hash"] == rec["outcomes"]["hash"]
     best = ct["baselines"]["best-single"]
@@ -239,13 +243,14 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     # a second trial (another seed, another method) reuses the cached library: no training
     rec2 = run_trial(cross_task_spec("uniform-average", seed=1, merge_accuracy=["linear", "cat"]), progress=False)
     assert rec2["cross_task"]["library"] == ct["library"]
+    assert rec2["cross_task"]["baselines"]["multitask-lora"] == mt   # trained and scored once
     assert rec2["cross_task"]["loss_evaluations"] == 0
     # the zero-shot evaluation is the same at every seed: computed once, read from the cache the second time
     assert rec2["cross_task"]["baselines"]["zero-shot"] == ct["baselines"]["zero-shot"]
     assert rec2["cross_task"]["baselines"]["icl"]["context_tokens"] > 0   # seed 1's shots: computed for it
     cached = list((tiny_library.parent / "evals").iterdir())
     # zero-shot once, the best single adapter per distinct choice, in-context and k-shot LoRA per seed (their shots)
-    assert 6 <= len(cached) <= 7
+    assert 7 <= len(cached) <= 8   # and the multi-task reference once
     again = run_trial(cross_task_spec("lorahub", {"budget": 4}, kshot_lora_lr=0.02), progress=False)["cross_task"]["baselines"]
     assert again["icl"] == ct["baselines"]["icl"] and again["kshot-lora"] == ct["baselines"]["kshot-lora"]
     assert len(list((tiny_library.parent / "evals").iterdir())) == len(cached)   # read back, not recomputed
@@ -260,8 +265,8 @@ def test_leave_one_task_out_trial_end_to_end(tiny_library):
     records = [{**r, "task": "quartz", "label": m, "method": m, "seed": seed, "status": "ok"}
                for r, m, seed in ((rec, "lorahub", 0), (rec2, "uniform-average", 1))]
     frame = cross_task_frame(records)
-    assert set(frame["rule"]) == {"zero-shot", "icl", "kshot-lora", "best-single", "lorahub", "uniform-average",
-                                  "merge:peft-linear", "merge:peft-cat"}
+    assert set(frame["rule"]) == {"zero-shot", "icl", "kshot-lora", "best-single", "multitask-lora", "lorahub",
+                                  "uniform-average", "merge:peft-linear", "merge:peft-cat"}
     assert frame.set_index("rule").loc["zero-shot", "n_seeds"] == 2     # a baseline from every seed's record
     md = "\n".join(markdown(frame, merge_frame(records)))
     assert "| quartz | lorahub | 1 |" in md and "peft-linear" in md
@@ -329,3 +334,29 @@ def test_cross_task_suite_loads_and_refuses_what_it_cannot_run(tmp_path):
     bad.write_text("suite: bad\nversion: 1\ntasks: [quartz]\nmethods: [lorahub]\ncross_task: {merge_accuracy: [mean]}\n")
     with pytest.raises(UserError, match="unknown peft combination type"):
         load_suite(str(bad))
+
+
+def test_the_multitask_reference_trains_one_lora_on_every_pool_task(tmp_path):
+    """build_multitask_adapter: one LoRA on the library's layers, rank and alpha, len(tasks) x the library's steps on
+    round-robin batches of every task; cached (a second call trains nothing); its id differs from every library
+    adapter's and from another pool's."""
+    from lorabench.harness.multitask import LibraryConfig, build_library, build_multitask_adapter, load_library_adapter
+    from lorabench.harness.train import TrainConfig
+    lib, cfg = LibraryConfig(rank=2, alpha=4.0), TrainConfig(steps=2, batch_size=2, lr=1e-2)
+    tasks = ["quartz", "sarcasm-mc"]
+    path = build_multitask_adapter(tasks, "tiny-llama", lib, cfg, root=tmp_path, progress=False)
+    state = load_library_adapter(path)
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        info = json.loads(f.metadata()["library"])
+    assert info["steps"] == 4 and info["tasks"] == tasks and info["variant"] == "multitask"
+    library = build_library(tasks, "tiny-llama", lib, cfg, root=tmp_path / "lib")
+    one = load_library_adapter(library["quartz"])
+    assert sorted(state) == sorted(one)                                  # the library's layers exactly
+    assert all(state[k].shape == one[k].shape for k in state)
+    assert any(float(v.abs().sum()) > 0 for k, v in state.items() if k.endswith(".lora_B"))   # it trained
+    mtime = path.stat().st_mtime_ns
+    assert build_multitask_adapter(tasks, "tiny-llama", lib, cfg, root=tmp_path, progress=False) == path
+    assert path.stat().st_mtime_ns == mtime                              # cached: not trained again
+    other = build_multitask_adapter(["quartz"], "tiny-llama", lib, cfg, root=tmp_path, progress=False)
+    assert other != path and path.stem not in {p.stem for p in library.values()}

@@ -165,9 +165,11 @@ def test_a_leave_one_task_out_trial_on_the_linearised_library(tiny_library):  # 
     ct = rec["cross_task"]
     assert ct["candidates"] == ["sarcasm-mc", "rt-mc"] and ct["loss_evaluations"] == 2
     assert ct["info"]["lambda"] in (0.5, 1.0) and ct["weights"] == [ct["info"]["lambda"]] * 2
-    # its own library (variant l-lora), beside the plain one it compares with: 2 + 2 adapters, no held-out one
+    # its own library (variant l-lora), beside the plain one it compares with: 2 + 2 adapters, no held-out one, and
+    # the multi-task reference (a baseline of every trial)
     files = sorted(p.stem for p in tiny_library.iterdir())
-    assert len(files) == 4 and set(ct["library"].values()) < set(files)
+    assert len(files) == 5 and set(ct["library"].values()) < set(files)
+    assert ct["baselines"]["multitask-lora"]["adapter"] in files
     states = [load_library_adapter(tiny_library / f"{ct['library'][t]}.safetensors") for t in ct["candidates"]]
     for k in states[0]:   # one initialisation A0 for every task, B trained
         if k.endswith(".lora_A"):

@@ -48,6 +48,9 @@ class CrossTaskConfig:
     kshot_lora_steps: int = option(20, "baseline: a fresh LoRA (the library's rank, alpha and layers) trained on the k "
                                        "shots alone for this many full-batch steps; 0 leaves it out", low=0)
     kshot_lora_lr: float = option(1e-3, "learning rate of the k-shot LoRA baseline (AdamW, constant)", low=0.0)
+    multitask_reference: bool = option(True, "baseline: the multi-task LoRA (one LoRA on round-robin batches of every "
+                                             "pool task, the held-out one too; pool size x library_steps steps, "
+                                             "the library's recipe), trained once and cached: the upper reference")
     merge_accuracy: list[str] = option(
         help="uniform-average trials: also score these peft merges of the candidates at equal weights on the eval "
              "split (their accuracy cost against the exact average); names of peft.LoraModel.add_weighted_adapter's "
@@ -275,6 +278,15 @@ def run_cross_task(spec, progress: bool = True) -> dict:
     baselines = {"zero-shot": zero,
                  "best-single": {**best_ev, "adapter": candidates[best],
                                  "kshot_losses": {t: round(x, 6) for t, x in zip(candidates, single_losses)}}}
+    if c.multitask_reference:   # every pool task's data, the held-out one's too: what composing is measured against
+        from lorabench.harness.multitask import build_multitask_adapter
+        mt_path = build_multitask_adapter(sorted(set(pool) | {spec.task}), model_name, lib, library_train(c),
+                                          seed=c.library_seed, progress=progress)
+        mt_state = {k: (v * scale if k.endswith(".lora_B") else v) for k, v in load_library_adapter(mt_path).items()}
+        baselines["multitask-lora"] = {**cached_eval({**key, "adapter": mt_path.stem},
+                                                     lambda: scored(composer_for(base, mt_state, composers))),
+                                       "adapter": mt_path.stem}
+        log(f"multi-task LoRA reference: {baselines['multitask-lora']['score']}")
     shots_key = {"seed": spec.seed, "k": c.k_shots, "shots": [repr(sorted(e.items())) for e in shots]}
     if c.icl:   # the base model reading the k shots in its context, every eval prompt
         itask, n_prefix = icl_task(task, shots, tok)

@@ -337,6 +337,45 @@ def build_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: 
     return paths
 
 
+def build_multitask_adapter(tasks: list[str], model_name: str, lib: LibraryConfig, train: TrainConfig, seed: int = 0,
+                            root: Path | None = None, progress: bool = True) -> Path:
+    """The multi-task LoRA reference of the cross-task table (issue 17; LoRAHub's upper reference, arXiv 2307.13269
+    sec. 4, "multi-task learning" over all tasks): one LoRA on the library's layers, rank and alpha, trained on
+    round-robin batches of every task in `tasks` (the held-out task among them: what composing without its data
+    is measured against), for len(tasks) x the library's steps at the library's recipe, so each task contributes
+    a library adapter's worth of examples. Trained once and cached beside the library, by an id of its own."""
+    import dataclasses
+
+    from lorabench import assets
+    from lorabench.harness.mixture import MixedTask
+    from lorabench.harness.train import train as train_loop
+    from lorabench.harness.trial import seed_everything
+    from lorabench.methods import get_method
+    from lorabench.methods.base import ApplyContext, resolve_targets
+    from lorabench.tasks import get_task
+    root = root or library_dir()
+    objs = [get_task(t).from_options({}, where=f"task {t}") for t in tasks]
+    mt = dataclasses.replace(train, steps=train.steps * len(tasks))
+    splits = hashlib.sha256("+".join(o.split().hash for o in objs).encode()).hexdigest()[:16]
+    path = root / f"{adapter_id('+'.join(tasks), model_name, splits, lib, mt, seed, variant='multitask')}.safetensors"
+    if path.exists():
+        return path
+    seed_everything(seed)
+    loaded = assets.load_model(model_name, head="causal-lm", seed=seed)
+    ctx = ApplyContext(loaded.model.config.model_type, [])
+    layers = resolve_targets(loaded.model, lib.target_modules, ctx)   # the library's layers, exactly
+    method = get_method("lora").from_options({"rank": lib.rank, "alpha": lib.alpha, "target_modules": layers})
+    model = method.apply(loaded.model, ctx)
+    res = train_loop(model, method, MixedTask(objs, with_ids=False), loaded.tokenizer, mt, seed, progress=progress)
+    state = {k: v.clone() for k, v in method.adapter_state_dict(model).items()}
+    save_library_adapter(path, state, lib, {"tasks": tasks, "model": model_name, "seed": seed, "steps": mt.steps,
+                                            "final_loss": res.final_loss, "variant": "multitask"})
+    if progress:
+        print(f"multi-task reference: {len(tasks)} tasks, {mt.steps} steps (final loss {res.final_loss}) -> {path}",
+              flush=True)
+    return path
+
+
 def build_linearized_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: TrainConfig, seed: int = 0,
                              root: Path | None = None, progress: bool = True) -> dict[str, Path]:
     """L-LoRA's library (lorabench/methods/cross_task/l_lora.py): each task's LoRA fine-tuned linearised around one

@@ -21,7 +21,7 @@ import pandas as pd
 from lorabench.report import stats
 
 COLUMNS = ["held_out", "rule", "n_seeds", "score", "score_ci95", "ci_kind", "best", "spread", "compose_tokens"]
-BASELINES = ("zero-shot", "icl", "kshot-lora", "best-single")
+BASELINES = ("zero-shot", "icl", "kshot-lora", "best-single", "multitask-lora")
 
 
 def cross_task_records(records: list[dict]) -> list[dict]:
@@ -47,6 +47,7 @@ def _rows(records: list[dict]) -> dict[tuple[str, str], dict[int, tuple[float, l
             if b is not None:
                 tokens = {"zero-shot": 0.0, "icl": float(ct.get("kshot_tokens", 0)),   # read before every prompt
                           "kshot-lora": float(b.get("steps", 0)) * float(ct.get("kshot_tokens", 0)),
+                          "multitask-lora": 0.0,   # trained on the held-out task's whole training split instead
                           }.get(name, float(ct.get("kshot_tokens", 0)) * len(ct["candidates"]))
                 out.setdefault((task, name), {}).setdefault(seed, (float(b["score"]), _outcomes(b), tokens))
     return out
@@ -110,7 +111,9 @@ def markdown(frame: pd.DataFrame, merges: pd.DataFrame) -> list[str]:
            "using k examples of the held-out task (lorabench/harness/cross_task.py). *zero-shot*: the base model; "
            "*icl*: the base model with the k shots before every eval prompt (in-context learning; its k-shot tokens "
            "are read again for every example); *kshot-lora*: a fresh LoRA trained on the k shots alone; "
-           "*best-single*: the candidate adapter with the lowest k-shot loss; the others are registered methods of "
+           "*best-single*: the candidate adapter with the lowest k-shot loss; *multitask-lora*: one LoRA trained on "
+           "every pool task's training data, the held-out task's included (the upper reference: composing sees only "
+           "k examples of it); the others are registered methods of "
            "the cross-task family; *merge:peft-T*: peft's add_weighted_adapter of type T over the same candidates at "
            "equal weights (beside uniform-average, the exact average). Score: mean over seeds (the seed draws the k shots and seeds the optimiser) with "
            "its 95% interval; *best* and *spread* (standard deviation) over seeds; *k-shot tokens*: tokens of the "
