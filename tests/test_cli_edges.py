@@ -12,7 +12,7 @@ import pytest
 
 from lorabench.errors import UserError
 from lorabench.runner.records import read_records
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, alive as _alive, cmdline as _cmdline, descendants as _descendants, run_cli
 
 ONE_TRIAL = """suite: {name}
 version: 1
@@ -52,33 +52,6 @@ def test_output_piped_into_head_ends_quietly(tmp_path):
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (from /proc's parent links)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("jobs,sig", [(1, signal.SIGINT), (2, signal.SIGINT), (2, signal.SIGTERM)])
 def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs, sig):
     """Ctrl-C (SIGINT), `kill` (SIGTERM) or a closed terminal (SIGHUP) stop the run, say what is
@@ -114,14 +87,6 @@ def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs, sig):
     while any(_alive(p) for p in below) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in below if _alive(p)], "trial processes outlived the run"
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 def _parent(pid: int) -> int:

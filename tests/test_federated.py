@@ -754,35 +754,6 @@ def test_the_federated_suite_end_to_end_with_its_report(tmp_path):
     assert not ray_leftovers(), "Ray processes left behind"
 
 
-def _descendants(pid: int) -> dict[int, bytes]:
-    """Every process below `pid` (from /proc's parent links), with its command line."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    out, todo = {}, [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            try:
-                with open(f"/proc/{c}/cmdline", "rb") as f:
-                    out[c] = f.read()
-            except OSError:
-                continue
-            todo.append(c)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_a_stopped_federated_run_leaves_no_ray_process(tmp_path):
     """`kill` (SIGTERM) of a federated run mid-simulation: the runner killed the trial process alone, and its Ray
@@ -791,6 +762,8 @@ def test_a_stopped_federated_run_leaves_no_ray_process(tmp_path):
     runner must be gone soon after the stop."""
     import signal
     import time
+
+    from tests.conftest import alive, cmdline, descendants
     args = ["tasks=rt-sentiment", "model=tiny-bert", "methods=fedit", "partitions=iid", "seeds=0",
             "federated.rounds=1000", "federated.clients=4", "federated.fraction=0.5", "federated.local_steps=2",
             "task.n_train=80", "task.n_eval=32", "train.batch_size=4"]
@@ -802,18 +775,18 @@ def test_a_stopped_federated_run_leaves_no_ray_process(tmp_path):
     try:
         deadline = time.monotonic() + 600
         while not any(b"ray::DashboardAgent" in c or b"ray::RuntimeEnvAgent" in c
-                      for c in _descendants(proc.pid).values()):
+                      for c in map(cmdline, descendants(proc.pid))):
             assert proc.poll() is None, err_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "no Ray agent started in 600 s"
             time.sleep(0.5)
         time.sleep(2.0)
-        below = _descendants(proc.pid)
+        below = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
         deadline = time.monotonic() + 20
-        while any(_alive(p) for p in below) and time.monotonic() < deadline:
+        while any(alive(p) for p in below) and time.monotonic() < deadline:
             time.sleep(0.2)
-        left = {p: c[:80] for p, c in below.items() if _alive(p)}
+        left = {p: cmdline(p)[:80] for p in below if alive(p)}
         assert not left, f"processes outlived the stopped run: {left}"
         assert "stopped by SIGTERM" in err_path.read_text()
     finally:

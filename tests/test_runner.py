@@ -11,7 +11,7 @@ import pytest
 
 from lorabench.runner.records import read_records
 from lorabench.runner.suite import load_suite, trial_id
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, alive, run_cli
 
 TINY = """suite: {name}
 version: 1
@@ -273,14 +273,6 @@ def _trial_that_starts_a_process(pid_file: str) -> None:
     time.sleep(600)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_stopped_trial_takes_the_processes_it_started_with_it(tmp_path):
     """A stop (Ctrl-C, SIGTERM, a timeout) used to SIGKILL the trial process alone: a federated trial's Ray agents
     (children of its raylet) ran on for minutes after. The trial leads its own process group and the runner kills
@@ -302,8 +294,8 @@ def test_a_stopped_trial_takes_the_processes_it_started_with_it(tmp_path):
         proc.join(30)
         assert proc.exitcode == -signal.SIGKILL
         deadline = time.monotonic() + 30
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not _alive(child), "the process the trial started outlived its stop"
+        assert not alive(child), "the process the trial started outlived its stop"
     finally:
         proc.kill()
