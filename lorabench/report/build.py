@@ -152,9 +152,10 @@ def write_report(records: list[dict], out: str | Path, formats: list[str], notes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     sequences = continual.continual_records(records)
-    scenario = [r for r in records if any(isinstance(r.get(k), dict) for k in ("continual", "mixture", "reuse",
-                                                                               "forgetting"))]
-    rep = tables.build([r for r in records if not any(r is x for x in scenario)], notes)  # scenario records: their own sections
+    def own_section(r: dict) -> bool:  # scenario records reported only in their own sections
+        return any(isinstance(r.get(k), dict) for k in ("continual", "mixture", "reuse", "forgetting"))
+    scenario = [r for r in records if own_section(r)]
+    rep = tables.build([r for r in records if not own_section(r)], notes)
     claims = findings.evaluate(rep.trials)
     cov = coverage(rep)
     need_png = "png" in formats or "html" in formats or "md" in formats
