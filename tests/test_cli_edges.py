@@ -25,6 +25,23 @@ methods:
 """
 
 
+def _sigint_as_at_a_terminal() -> None:
+    """preexec_fn of the runs these tests stop with Ctrl-C: SIGINT at its default and unblocked, as a shell in a
+    terminal starts a command. An ignored or blocked SIGINT is inherited through exec and Python then installs no
+    KeyboardInterrupt handler: in one full run of the suite (7 Dec 2026, launched in the background) the SIGINT
+    tests here waited out their timeouts while the SIGTERM one passed, and all passed run alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _sigint_state(pid: int) -> str:
+    """SIGINT's bit in the process's ignored and blocked masks (/proc/PID/status), for the failure message."""
+    bit = 1 << (signal.SIGINT - 1)
+    with open(f"/proc/{pid}/status") as f:
+        masks = {k: int(v, 16) for k, v in (line.split(":\t") for line in f if line.startswith(("SigIgn", "SigBlk")))}
+    return ", ".join(f"{k} {'set' if m & bit else 'clear'}" for k, m in masks.items())
+
+
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -64,8 +81,8 @@ def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs, sig):
     with open(out_path, "w") as out, open(err_path, "w") as errf:
         proc = subprocess.Popen([sys.executable, "-m", "lorabench", "run", str(suite), "--records", str(records),
                                  "--no-progress", "train.steps=100000", f"seeds={','.join(map(str, range(jobs)))}",
-                                 "--jobs", str(jobs)], cwd=REPO, text=True,
-                                stdout=out, stderr=errf, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                 "--jobs", str(jobs)], cwd=REPO, text=True, stdout=out, stderr=errf,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"), preexec_fn=_sigint_as_at_a_terminal)
     try:
         while "running" not in out_path.read_text():  # the trial has started
             assert proc.poll() is None, err_path.read_text()
@@ -73,8 +90,12 @@ def test_ctrl_c_says_what_is_recorded_and_how_to_resume(tmp_path, jobs, sig):
         time.sleep(1.0)
         below = _descendants(proc.pid)
         assert below, "the trial runs in processes below the runner"
+        sigint = _sigint_state(proc.pid)
         proc.send_signal(sig)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the runner did not stop within 120 s of {sig.name} (its SIGINT: {sigint})")
     finally:
         proc.kill()
     err = err_path.read_text()
@@ -122,15 +143,20 @@ def test_a_stop_while_the_fork_server_starts_ends_the_run_and_every_process_at_o
         proc = subprocess.Popen([sys.executable, "-c", code, "run", str(suite), "--records", str(records),
                                  "--no-progress", "train.steps=100000", f"seeds={','.join(map(str, range(jobs)))}",
                                  "--jobs", str(jobs)], cwd=REPO, text=True, stdout=out, stderr=errf,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1", LORABENCH_TEST_FORK_SERVER_SLEEP_S="600"))
+                                env=dict(os.environ, PYTHONUNBUFFERED="1", LORABENCH_TEST_FORK_SERVER_SLEEP_S="600"),
+                                preexec_fn=_sigint_as_at_a_terminal)
     try:
         _wait(lambda: out_path.read_text().count(": running") == jobs, 120, "the trials to start", proc, err_path)
         _wait(lambda: any(b"multiprocessing.forkserver" in _cmdline(p) for p in _descendants(proc.pid)), 60,
               "the fork server", proc, err_path)
         time.sleep(1.0)  # the trials' requests are on their way to it (proc.start(), waiting for their pids)
         below = _descendants(proc.pid)
+        sigint = _sigint_state(proc.pid)
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)  # not the fork server's 600 s
+        try:
+            proc.wait(timeout=30)  # not the fork server's 600 s
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the runner did not stop within 30 s of SIGINT (its SIGINT: {sigint})")
     finally:
         proc.kill()
     err = err_path.read_text()
