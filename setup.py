@@ -102,7 +102,8 @@ setup(
         "nevergrad==1.0.12",  # LoRAHub's gradient-free search over the adapters' weights (methods/cross_task/lorahub.py)
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
+        "test": ["pytest", "pytest-xdist",  # README's test command runs one worker per core (pytest.ini)
+                 "hypothesis", "pytest-benchmark", "peft", "bitsandbytes", "matplotlib", "lm-eval",
                  "selenium",  # drives Debian's chromium in tests/test_report_browser.py
                  # the clients scenario's tests (tests/test_federated.py)
                  "flwr[simulation]==1.42.0", "ray==2.55.1", "opacus==1.6.0"],

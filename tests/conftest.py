@@ -8,6 +8,34 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini) starts one worker per core this run may use (its affinity: `taskset -c 0 pytest`
+    runs one), not per physical core of the machine, which is what pytest-xdist counts by default. None (0 workers) when timing
+    benchmarks (`--benchmark-only`, docs/kernels.md): pytest-benchmark times nothing under xdist, so they run here."""
+    if config.getoption("benchmark_only", False):
+        return 0
+    return len(os.sched_getaffinity(0))
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (README's test command runs `-n auto`), each worker gets a core of its own: its affinity
+    is narrowed to one of the cores this run may use, and the trials, runners and builds it starts inherit that
+    mask (lorabench sizes its threads from the affinity, lorabench/runner/worker.py). Two workers then never
+    oversubscribe two cores, which would slow every trial 10-20x and push the subprocess tests past timeouts."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count:
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if int(count) <= len(cores):
+        index = int(worker.removeprefix("gw"))
+        share = len(cores) // int(count)
+        mine = set(cores[index * share:(index + 1) * share])
+        os.sched_setaffinity(0, mine)
+        os.environ["OMP_NUM_THREADS"] = str(len(mine))
+        import torch
+        torch.set_num_threads(len(mine))
+
+
 def run_cli(*args: str, timeout: float = 900, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run `python -m lorabench ARGS` as a user would; returns the completed process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

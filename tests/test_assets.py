@@ -423,6 +423,7 @@ def test_pretrained_model_head_is_seeded():
 
 
 @pytest.mark.slow  # with an empty cache, converts the 517 MB SmolLM2 model first
+@pytest.mark.xdist_group("smollm2")  # one pytest-xdist worker converts it for every test that loads it
 def test_smollm2_converts_once_and_answers():
     lm = assets.load_model("smollm2-135m", "causal-lm")
     folder = assets.home() / "models" / "smollm2-135m"

@@ -63,6 +63,7 @@ def test_registered_under_lorabench(tmp_path):
 # -- agreement with lorabench's own evaluator -------------------------------------------------------
 
 @pytest.mark.slow  # SmolLM2-135M (converted first with an empty cache) scored twice over QuaRTz
+@pytest.mark.xdist_group("smollm2")  # with the other tests that load it (tests/test_assets.py)
 def test_quartz_accuracy_equals_lorabench_evaluator_with_saved_adapter(tmp_path):
     """lm-eval (exported task, adapter loaded from disk) == MultipleChoiceTask.evaluate (adapter in memory)."""
     from lorabench.methods import get_method
@@ -158,6 +159,7 @@ def test_loglikelihood_rolling_scores_every_token_once(tiny):
 
 
 @pytest.mark.slow  # SmolLM2-135M (converted first with an empty cache), rolling perplexity
+@pytest.mark.xdist_group("smollm2")
 def test_shakespeare_rolling_perplexity_vs_task(smollm2):
     """The exported shakespeare-lm documents are the task's own windows. Two conventions differ:
     lorabench never predicts a window's first token and feeds no prefix token; lm-eval predicts every

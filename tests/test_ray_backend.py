@@ -47,6 +47,10 @@ methods:
   - head
 """
 
+# One pytest-xdist worker runs this module (its Ray cluster is module-scoped) and test_runner's smoke test, so the
+# session's smoke_local records (tests/conftest.py) are computed once.
+pytestmark = pytest.mark.xdist_group("smoke")
+
 
 def comparable(record: dict) -> dict:
     out = {k: v for k, v in record.items() if k not in TIMING | WHERE | INVOCATION}

@@ -30,7 +30,8 @@ def tiny_suite(tmp_path: Path, methods: str = "  - head\n  - lora\n  - full", na
     return p
 
 
-@pytest.mark.slow  # 106 trials: every method on two tiny models (~minutes on 2 cores)
+@pytest.mark.slow  # 194 trials: every method on two tiny models (~7 minutes on one core)
+@pytest.mark.xdist_group("smoke")  # one worker computes smoke_local (tests/conftest.py) for this and the Ray tests
 def test_smoke_suite_runs_every_method_end_to_end(smoke_local):
     proc, records = smoke_local  # tests/conftest.py: run once, also compared with the Ray backend's records
     recs = read_records(records)

@@ -104,6 +104,7 @@ def _real_options(name: str, options: dict) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("smollm2")  # with the other tests that load it (tests/test_assets.py)
 @pytest.mark.parametrize("asset,head", REAL, ids=[a for a, _ in REAL])
 def test_export_of_every_exportable_method_loads_in_peft_on_the_real_models(asset, head, tmp_path):
     """The published suites train MiniLM (pooler + classifier heads) and SmolLM2; an export from them
