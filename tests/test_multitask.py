@@ -8,7 +8,8 @@ import copy
 import pytest
 import torch
 
-from lorabench.harness.multitask import FusedLibrary, LibraryConfig, SgmvLoRA, adapter_id, train_fused
+from lorabench.harness.multitask import (FusedLibrary, LibraryConfig, SgmvLoRA, adapter_id, causal_lm_loss, plan_jobs,
+                                         stack_rows, train_fused)
 from lorabench.harness.train import TrainConfig, train
 from lorabench.methods import get_method
 from lorabench.methods.lora import LoraLinear
@@ -142,6 +143,7 @@ def test_adapter_id_depends_on_what_defines_the_adapter():
     lib, cfg = LibraryConfig(), TrainConfig(steps=10)
     a = adapter_id("quartz", "smollm2-135m", "h", lib, cfg, 0)
     assert a == adapter_id("quartz", "smollm2-135m", "h", LibraryConfig(adapters_per_job=2), cfg, 0)
+    assert a == adapter_id("quartz", "smollm2-135m", "h", LibraryConfig(tokens_per_job=64), cfg, 0)
     assert a != adapter_id("quartz", "smollm2-135m", "h", lib, cfg, 1)
     assert a != adapter_id("quartz", "smollm2-135m", "h", lib, TrainConfig(steps=11), 0)
     assert a != adapter_id("socialiqa", "smollm2-135m", "h", lib, cfg, 0)
@@ -158,3 +160,48 @@ def test_an_adapters_init_depends_on_its_seed_not_its_slot():
         assert torch.equal(t, b.adapter_state(2)[name])
     assert not torch.equal(a.adapter_state(0)[next(iter(a.adapter_state(0)))],
                            a.adapter_state(1)[next(iter(a.adapter_state(1)))])
+
+
+def test_library_jobs_group_tasks_by_length_within_the_token_bound():
+    """plan_jobs: 4 adapters of 8 rows x 256 tokens in one fused job grew past 21 GB on SmolLM2 (OOM-killed); jobs
+    hold at most tokens_per_job padded tokens a step, short tasks together, long ones alone, every task once."""
+    lengths = {"quartz": 96, "socialiqa": 128, "rt-mc": 64, "imdb-mc": 256, "sarcasm-mc": 64, "corr2cause": 448,
+               "tomi": 512, "crepe": 128, "pararule-plus": 320, "abstract-causal": 224}
+    tasks = list(lengths)
+    jobs = plan_jobs(tasks, lengths, 8, LibraryConfig(adapters_per_job=4, tokens_per_job=2048))
+    assert sorted(t for j in jobs for t in j) == sorted(tasks)
+    assert jobs[:3] == [["rt-mc", "sarcasm-mc"],                  # with quartz: 3 x 8 x 96 = 2,304 > 2,048
+                        ["quartz", "socialiqa"], ["crepe"]]        # 2 x 8 x 128 = 2,048 fits; 3 x 8 x 128 does not
+    for job in jobs:
+        assert len(job) == 1 or len(job) * 8 * max(lengths[t] for t in job) <= 2048, job
+    assert ["tomi"] in jobs and ["corr2cause"] in jobs           # above the bound: alone
+    # without a binding token bound, adapters_per_job alone decides (in order of length)
+    assert plan_jobs(tasks, lengths, 8, LibraryConfig(adapters_per_job=4, tokens_per_job=10**6)) == [
+        ["rt-mc", "sarcasm-mc", "quartz", "socialiqa"], ["crepe", "abstract-causal", "imdb-mc", "pararule-plus"],
+        ["corr2cause", "tomi"]]
+
+
+def test_fused_loss_on_target_positions_equals_the_loss_over_full_logits():
+    """FusedLibrary.losses applies the output layer only where a target follows; each adapter's loss equals
+    causal_lm_loss over the whole (rows x length x vocabulary) logits, and so do the gradients."""
+    tasks = [RaggedTask(o, w) for o, w in ((0, 9), (17, 12))]
+    base, _ = tiny_model("llama")
+    fused = FusedLibrary(copy.deepcopy(base), n_adapters=2, rank=4, alpha=8.0, init_seeds=[1, 2])
+    with torch.no_grad():
+        for layer in fused.layers:
+            layer.lora_B.normal_()   # B = 0 would leave A without gradient
+    batches = [next(t.train_batches(None, 3, 0)) for t in tasks]
+    got = fused.losses(batches, 0)
+    sum(got).backward()
+    g_got = [p.grad.clone() for p in fused.parameters()]
+    for p in fused.parameters():
+        p.grad = None
+    batch, rows = stack_rows(batches, 0)
+    fused.set_rows(rows, batch["input_ids"].shape[1])
+    logits = fused.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = [causal_lm_loss(logits[:3], batch["labels"][:3]), causal_lm_loss(logits[3:], batch["labels"][3:])]
+    sum(want).backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, p in zip(g_got, fused.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)

@@ -41,6 +41,8 @@ class CrossTaskConfig:
     library_lr: float = option(5e-4, "learning rate of every library adapter (AdamW, linear decay)", low=0.0)
     library_seed: int = option(0, "the library is trained once, at this seed, for every trial seed", low=0)
     adapters_per_job: int = option(4, "library adapters trained together in one fused job", low=1)
+    library_tokens_per_job: int = option(2048, "a fused library job's padded tokens per step at most; longer tasks "
+                                               "train fewer adapters at a time (multitask.plan_jobs)", low=1)
     merge_errors: bool = option(True, "uniform-average trials: record every weight-space merge's error on the library")
     merge_density: float = option(0.5, "density of peft's ties/dare/magnitude_prune merges", low=0.0, high=1.0)
     icl: bool = option(True, "baseline: k-shot in-context learning, the k shots (prompt and correct option) before "
@@ -210,7 +212,8 @@ def run_cross_task(spec, progress: bool = True) -> dict:
             sys.stderr.write(f"[cross-task {spec.label} on {spec.task} seed {spec.seed}] {msg}\n")
             sys.stderr.flush()
 
-    lib = LibraryConfig(rank=c.library_rank, alpha=c.library_alpha, adapters_per_job=c.adapters_per_job)
+    lib = LibraryConfig(rank=c.library_rank, alpha=c.library_alpha, adapters_per_job=c.adapters_per_job,
+                        tokens_per_job=c.library_tokens_per_job)
     t_lib = time.perf_counter()
     if getattr(method, "linearized_library", False):   # L-LoRA: its own library, each adapter fine-tuned linearised
         from lorabench.harness.multitask import build_linearized_library

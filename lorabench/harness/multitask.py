@@ -126,6 +126,9 @@ class LibraryConfig:
     target_modules: list[str] | None = option(
         None, "modules to adapt (name suffixes); None = every linear layer of the transformer blocks")
     adapters_per_job: int = option(4, "adapters trained together in one fused job (ASPEN-style)", low=1)
+    tokens_per_job: int = option(
+        2048, "a fused job's padded tokens per step at most (its adapters' rows x the longest task's max_length): "
+              "short tasks train adapters_per_job at a time, long ones fewer, one above it alone", low=1)
 
 
 def stack_rows(batches: list[dict], pad_id: int) -> tuple[dict, list[int]]:
@@ -138,6 +141,24 @@ def stack_rows(batches: list[dict], pad_id: int) -> tuple[dict, list[int]]:
            "attention_mask": torch.cat([pad(b["attention_mask"], 0) for b in batches]),
            "labels": torch.cat([pad(b["labels"], IGNORE) for b in batches])}
     return out, [b["input_ids"].shape[0] for b in batches]
+
+
+def plan_jobs(tasks: list[str], lengths: dict[str, int], batch_size: int, lib: LibraryConfig) -> list[list[str]]:
+    """The library's fused jobs: tasks in order of their max_length (the pool's order among equals), each job
+    filled while it holds at most `adapters_per_job` adapters and `tokens_per_job` padded tokens a step (rows x the
+    longest of its tasks, which every row is padded to: stack_rows). Grouping by length keeps a 64-token task's rows
+    from being padded to a 512-token one's, and bounds a job's activations: 4 adapters x 8 rows x 256 tokens on
+    SmolLM2-135M in fp32 grew past 21 GB and the kernel's OOM killer ended the trial. Which adapters share a job
+    does not change their ids (adapter_id) nor, beyond rounding, their training (module docstring)."""
+    order = sorted(tasks, key=lambda t: (lengths[t], tasks.index(t)))
+    jobs: list[list[str]] = []
+    for t in order:
+        job = jobs[-1] if jobs else None
+        if job and len(job) < lib.adapters_per_job and (len(job) + 1) * batch_size * lengths[t] <= lib.tokens_per_job:
+            job.append(t)
+        else:
+            jobs.append([t])
+    return jobs
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -196,10 +217,24 @@ class FusedLibrary:
         """Each adapter's own loss on its own batch, from one forward pass over all the rows."""
         batch, rows = stack_rows(batches, pad_id)
         self.set_rows(rows, batch["input_ids"].shape[1])
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        decoder, head = self.model.get_decoder(), self.model.get_output_embeddings()
+        if getattr(self.model.config, "final_logit_softcapping", None) is not None or decoder is None or head is None:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out, start = [], 0
+            for r in rows:
+                out.append(causal_lm_loss(logits[start:start + r], batch["labels"][start:start + r]))
+                start += r
+            return out
+        # causal_lm_loss's cross-entropy, with the output layer applied only where a target follows: the same mean
+        # over the rows' target tokens without the (rows x length x vocabulary) logits, whose copies were the
+        # largest tensors of a step (49,152 logits a token on SmolLM2) and a fifth of its arithmetic
+        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
         out, start = [], 0
         for r in rows:
-            out.append(causal_lm_loss(logits[start:start + r], batch["labels"][start:start + r]))
+            keep = targets[start:start + r] != IGNORE
+            logits = head(hidden[start:start + r, :-1][keep]).float()
+            out.append(F.cross_entropy(logits, targets[start:start + r][keep]))
             start += r
         return out
 
@@ -312,7 +347,7 @@ def load_library_adapter(path: Path) -> dict[str, torch.Tensor]:
 
 def build_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: TrainConfig, seed: int = 0,
                   root: Path | None = None, progress: bool = True) -> dict[str, Path]:
-    """The library adapter of each task, trained (fused, `lib.adapters_per_job` at a time) unless cached."""
+    """The library adapter of each task, trained (fused, in the jobs plan_jobs forms) unless cached."""
     from lorabench import assets
     from lorabench.harness.trial import seed_everything
     from lorabench.tasks import get_task
@@ -320,8 +355,7 @@ def build_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: 
     objs = {t: get_task(t).from_options({}, where=f"task {t}") for t in tasks}
     paths = {t: root / f"{adapter_id(t, model_name, objs[t].split().hash, lib, train, seed)}.safetensors" for t in tasks}
     todo = [t for t in tasks if not paths[t].exists()]
-    for j in range(0, len(todo), lib.adapters_per_job):
-        group = todo[j:j + lib.adapters_per_job]
+    for group in plan_jobs(todo, {t: objs[t].max_length for t in todo}, train.batch_size, lib):
         seed_everything(seed)
         loaded = assets.load_model(model_name, head="causal-lm", seed=seed)
         fused = FusedLibrary(loaded.model, len(group), lib.rank, lib.alpha, lib.target_modules,

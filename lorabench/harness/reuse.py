@@ -40,6 +40,8 @@ class ReuseConfig:
     library_seed: int | None = option(None, "the seed the library is trained at; None: the trial's seed (seeds then "
                                             "vary the fine-tuning, the variance the paper reports over)", low=0)
     adapters_per_job: int = option(4, "library adapters trained together in one fused job", low=1)
+    library_tokens_per_job: int = option(2048, "a fused library job's padded tokens per step at most; longer tasks "
+                                               "train fewer adapters at a time (multitask.plan_jobs)", low=1)
 
 
 def run_reuse(spec, progress: bool = True) -> dict:
@@ -76,7 +78,8 @@ def run_reuse(spec, progress: bool = True) -> dict:
             sys.stderr.flush()
 
     lib_seed = spec.seed if c.library_seed is None else c.library_seed
-    lib = LibraryConfig(rank=c.library_rank, alpha=c.library_alpha, adapters_per_job=c.adapters_per_job)
+    lib = LibraryConfig(rank=c.library_rank, alpha=c.library_alpha, adapters_per_job=c.adapters_per_job,
+                        tokens_per_job=c.library_tokens_per_job)
     t_lib = time.perf_counter()
     paths = build_library(names, model_name, lib, library_train(c), seed=lib_seed, progress=progress)
     library_seconds = time.perf_counter() - t_lib
