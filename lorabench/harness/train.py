@@ -10,6 +10,7 @@ validation, so the training run is the same with or without it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -75,6 +76,47 @@ def precision(cfg: TrainConfig):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
 
 
+@contextlib.contextmanager
+def target_rows_head(model: torch.nn.Module, method: Method, batch: dict):
+    """A causal LM's output layer computed only at the positions whose next token is a target during one training
+    forward; zeros at the others. transformers' causal-LM loss reads only those positions (labels shifted by one,
+    -100 ignored), so the loss and every gradient are those of the whole logits, while the vocabulary-sized matrix
+    product (49,152 x 576 a token on SmolLM2, a fifth of its forward and of its backward) runs on the few answer
+    tokens of a multiple-choice batch instead of every position. Each kept row is the same dot products as in the
+    whole product (measured bit for bit on this machine's BLAS, forward and backward: tests/test_train_target_rows.py).
+    Left as it is where a loss could read other positions: no labels, a trainable output layer (its weight
+    gradient sums over positions), a method that reads the training logits (`logits_everywhere_in_training`), a
+    call with another batch shape (a method's own pass)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    labels = batch.get("labels")
+    if (not isinstance(head, torch.nn.Linear) or labels is None or labels.dim() != 2
+            or method.logits_everywhere_in_training or getattr(model.config, "is_encoder_decoder", False)
+            or any(p.requires_grad for p in head.parameters())):
+        yield
+        return
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    rows = keep.nonzero(as_tuple=True)
+    full = head.forward
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        if h.shape[:-1] != keep.shape:
+            return full(h)
+        part = full(h[rows])
+        out = part.new_zeros(*h.shape[:-1], part.shape[-1])
+        out[rows] = part
+        return out
+    own = head.__dict__.get("forward")   # a forward set on this module before (none in lorabench today)
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if own is None:
+            del head.forward   # the class's forward again
+        else:
+            head.forward = own
+
+
 def validate(model: torch.nn.Module, task, tokenizer, batch_size: int, cfg: TrainConfig | None = None) -> float:
     """The task's primary metric on its validation part, with the RNG streams left as they were."""
     was_training = model.training
@@ -112,7 +154,7 @@ def train(model: torch.nn.Module, method: Method, task, tokenizer, cfg: TrainCon
         t0 = time.perf_counter()
         state.step, state.batch = step, batch
         method.on_step_begin(state)
-        with precision(cfg):
+        with precision(cfg), target_rows_head(model, method, batch):
             loss = model(**batch).loss
         extra = method.extra_loss(state)
         if extra is not None:

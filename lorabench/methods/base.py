@@ -158,6 +158,11 @@ class Method:
     # tests/methods/test_behaviour.py checks that each is recorded and that the mechanism fires.
     # Empty for LoRA and for the variants whose difference is static (init, scaling, forward).
     mechanism_metrics: ClassVar[dict[str, str]] = {}
+    # True where the method reads the training forward's logits at positions without a target (a hook on the
+    # model's output, a second pass compared position by position): the training loop then computes the output
+    # layer everywhere. False lets it skip the positions no loss reads (lorabench/harness/train.py,
+    # target_rows_head); tests/test_train_target_rows.py checks every registered method's training either way.
+    logits_everywhere_in_training: ClassVar[bool] = False
 
     def __init__(self, config=None):
         self.config = config if config is not None else self.config_cls()

@@ -75,6 +75,8 @@ class HiddenKey(LoRA):
     paper = "2403.00812"
     family = "learning-procedure"
     config_cls = HiddenKeyConfig
+    # its bidirectional KL compares the two dropout passes' logits at every unmasked position, not at the targets
+    logits_everywhere_in_training = True
     mechanism_metrics = {
         "key_columns_dropped_fraction": "observed fraction of attention key columns dropped in training forwards",
         "hidden_dropped_fraction": "observed fraction of feed-forward input elements dropped",
