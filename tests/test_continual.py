@@ -452,3 +452,16 @@ def test_report_section_pairs_each_method_with_seq_lora_by_seed_and_example():
     json.dumps(continual.continual_frame(recs).to_dict())  # plain values
     pngs = continual.plots(recs)
     assert pngs["continual-o.png"].png[:4] == b"\x89PNG" and "continual-sweep-o-o-lora.png" in pngs
+
+
+def test_a_sweep_counts_a_label_without_the_option_at_the_methods_default():
+    """`i-lora` (ema left at its default 0.99) beside `i-lora-e0.9` (ema 0.9) is a sweep over ema with two values."""
+    from lorabench.methods import get_method
+    from lorabench.report import continual
+    zero = ["0000", "0000"]
+    recs = [_record("i-lora@o", "i-lora", 0, [["1111", "0000"], ["0011", "1111"]], zero, None, 0.25),
+            _record("i-lora-e0.9@o", "i-lora", 0, [["1111", "0000"], ["1111", "1111"]], zero, {"ema": 0.9}, 0.75)]
+    sw = continual.sweeps(recs)
+    assert list(sw["option"]) == ["ema", "ema"]
+    assert list(sw["value"]) == [0.9, get_method("i-lora").config_cls().ema] == [0.9, 0.99]
+    assert list(sw["chosen"]) == [True, False]

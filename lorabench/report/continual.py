@@ -106,17 +106,29 @@ def continual_frame(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def _option_defaults(method: str) -> dict:
+    """The registered method's option defaults (empty for a name the registry does not know)."""
+    import dataclasses
+
+    from lorabench.methods import METHODS, get_method
+    if method not in METHODS.names():
+        return {}
+    return dataclasses.asdict(get_method(method).config_cls())
+
+
 def sweeps(records: list[dict]) -> pd.DataFrame:
     """Methods run under several labels that differ in exactly one numeric option: the option's value against
     the validation ACC, test ACC, BWT and the newest adapter's norm, per order; `chosen` marks the value with
-    the best validation ACC (ties: the smaller value)."""
+    the best validation ACC (ties: the smaller value). A label that leaves the option out ran at the method's
+    default, which is what its row shows (I-LoRA's `i-lora` beside `i-lora-e0.9`)."""
     frame = continual_frame(records)
     groups = _groups(records)
     rows = []
     for (order, method), g in frame.groupby(["order", "method"], sort=True):
         if len(g) < 2:
             continue
-        opts = {lab: groups[(order, lab)][0].get("method_options") or {} for lab in g["label"]}
+        defaults = _option_defaults(method)
+        opts = {lab: {**defaults, **(groups[(order, lab)][0].get("method_options") or {})} for lab in g["label"]}
         keys = set().union(*opts.values())
         varying = [k for k in sorted(keys) if len({repr(o.get(k)) for o in opts.values()}) > 1]
         if len(varying) != 1 or not all(isinstance(o.get(varying[0]), (int, float)) for o in opts.values()):
