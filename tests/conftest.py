@@ -8,6 +8,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist's own count, however the plugins were loaded
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pytest.ini) starts one worker per core this run may use (its affinity: `taskset -c 0 pytest`
     runs one), not per physical core of the machine, which is what pytest-xdist counts by default. None (0 workers) when timing
@@ -26,6 +27,7 @@ def pytest_configure(config):
     if not worker or not count:
         return
     cores = sorted(os.sched_getaffinity(0))
+    os.environ["LORABENCH_TEST_RUN_CORES"] = str(len(cores))   # the run's own mask, for tests/test_xdist_pinning.py
     if int(count) <= len(cores):
         index = int(worker.removeprefix("gw"))
         share = len(cores) // int(count)
