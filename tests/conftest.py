@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.hookimpl(tryfirst=True)   # before pytest-xdist's own count, however the plugins were loaded
 def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pytest.ini) starts one worker per core this run may use (its affinity: `taskset -c 0 pytest`
-    runs one), not per physical core of the machine, which is what pytest-xdist counts by default. None (0 workers) when timing
-    benchmarks (`--benchmark-only`, docs/kernels.md): pytest-benchmark times nothing under xdist, so they run here."""
+    runs one), not per physical core of the machine, which is what pytest-xdist counts by default. 0 workers when
+    timing benchmarks (`--benchmark-only`, docs/kernels.md): pytest-benchmark times nothing under xdist."""
     if config.getoption("benchmark_only", False):
         return 0
     return len(os.sched_getaffinity(0))

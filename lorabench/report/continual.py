@@ -108,12 +108,8 @@ def continual_frame(records: list[dict]) -> pd.DataFrame:
 
 def _option_defaults(method: str) -> dict:
     """The registered method's option defaults (empty for a name the registry does not know)."""
-    import dataclasses
-
     from lorabench.methods import METHODS, get_method
-    if method not in METHODS.names():
-        return {}
-    return dataclasses.asdict(get_method(method).config_cls())
+    return get_method(method)().config_dict() if method in METHODS.names() else {}
 
 
 def sweeps(records: list[dict]) -> pd.DataFrame:
