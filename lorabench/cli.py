@@ -276,6 +276,32 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_library(args) -> int:
+    """The cross-task adapter library (docs/cross-task.md): list what the cache and the search path hold, or
+    export cached adapters to a folder another machine or session reads through $LORABENCH_LIBRARY_PATH."""
+    from pathlib import Path
+
+    from lorabench.harness import multitask
+    if args.action == "export":
+        if not args.out:
+            raise UserError("library export needs --out DIR (e.g. results/cross-task/library)")
+        names = multitask.export_library(Path(args.out), Path(args.source) if args.source else None, args.ids or None)
+        print(f"exported {len(names)} adapter(s) to {args.out} (with {multitask.MANIFEST}): {', '.join(names)}")
+        return 0
+    if args.ids:
+        raise UserError("library list takes no adapter ids (library export does)")
+    folders = [("cache", multitask.library_dir())] + [("search path", f) for f in multitask.library_search_path()]
+    for kind, folder in folders:
+        entries = multitask.library_entries(folder) if folder.is_dir() else []
+        print(f"{kind}: {folder} ({len(entries)} adapter(s))")
+        for e in entries:
+            info = e["library"]
+            what = info.get("task") or "+".join(info.get("tasks", [])) or "?"
+            print(f"  {e['file'][:-12]:16s} {what:24s} {info.get('variant', 'lora'):10s} "
+                  f"{info.get('model', '?'):14s} seed {info.get('seed', '?')!s:3s} {e['bytes'] / 2**20:6.1f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lorabench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -348,6 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="lorabench task option, e.g. n_eval=50 (repeatable)")
     ex.set_defaults(func=cmd_export)
 
+    lb = sub.add_parser("library", help="the cross-task adapter library: list it, or export it for another machine")
+    lb.add_argument("action", choices=["list", "export"],
+                    help="list: the adapters in the cache and on $LORABENCH_LIBRARY_PATH; export: copy cached "
+                         "adapters to --out with a MANIFEST.json of their sha256 (docs/cross-task.md)")
+    lb.add_argument("ids", nargs="*", help="export: adapter ids (default: every cached adapter)")
+    lb.add_argument("--out", help="export: the folder to write (e.g. results/cross-task/library)")
+    lb.add_argument("--source", help="export: the folder to copy from (default: the cache)")
+    lb.set_defaults(func=cmd_library)
+
     rp = sub.add_parser("report", help="leaderboard report (Markdown, CSV, HTML, PNG plots) from records files")
     rp.add_argument("records", nargs="+", help="JSONL records files")
     rp.add_argument("--format", action="append", metavar="md|csv|html|png",
@@ -366,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if not ("=" in e and not e.startswith("-"))]
+    if args.command == "library":   # adapter ids after its options, as for run's overrides
+        args.ids += [e for e in extra if not e.startswith("-")]
+        extra = [e for e in extra if e.startswith("-")]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

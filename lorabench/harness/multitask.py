@@ -329,6 +329,121 @@ def library_dir() -> Path:
     return home() / "adapter-library"
 
 
+LIBRARY_PATH_ENV = "LORABENCH_LIBRARY_PATH"
+MANIFEST = "MANIFEST.json"
+# The library committed beside the cross-task records (export_library writes it); searched when
+# $LORABENCH_LIBRARY_PATH is unset.
+COMMITTED_LIBRARY = Path(__file__).resolve().parent.parent.parent / "results" / "cross-task" / "library"
+
+
+def library_search_path() -> list[Path]:
+    """Read-only folders of library adapters trained elsewhere (another machine's cache, a library committed beside
+    the records), searched after the cache ($LORABENCH_HOME/adapter-library) and before anything is trained:
+    $LORABENCH_LIBRARY_PATH (folders separated by os.pathsep; set but empty: none), else results/cross-task/library
+    where it exists. A file there is named by its adapter id, a hash of everything that defines the adapter
+    (adapter_id), so the file found under that name is the adapter this code would train; it is used only after
+    its folder's MANIFEST.json (export_library) vouches for its bytes (sha256)."""
+    value = os.environ.get(LIBRARY_PATH_ENV)
+    if value is None:
+        return [COMMITTED_LIBRARY] if COMMITTED_LIBRARY.is_dir() else []
+    return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_exported(path: Path) -> None:
+    """Check an adapter found on the search path against its folder's MANIFEST.json; a clear error otherwise
+    (a Git LFS pointer, a truncated or edited copy), naming the file and what to do. The cache is not checked:
+    this process's own library wrote it."""
+    from lorabench.errors import UserError
+    manifest_path = path.parent / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"library adapter {path}: its folder has no readable {MANIFEST} ({e}); export a library "
+                        f"with `python -m lorabench library export --out DIR`, or set {LIBRARY_PATH_ENV} to "
+                        f"folders written by it (empty: search none)") from None
+    entry = manifest.get("adapters", {}).get(path.name)
+    if entry is None:
+        raise UserError(f"library adapter {path} is not listed in {manifest_path}: a file in an exported library "
+                        f"must come from `python -m lorabench library export` (which lists it with its sha256)")
+    got = file_sha256(path)
+    if got != entry["sha256"]:
+        raise UserError(f"library adapter {path}: sha256 {got[:16]}... does not match {manifest_path}'s "
+                        f"{entry['sha256'][:16]}... ({path.stat().st_size} bytes on disk, {entry['bytes']} exported; "
+                        f"a Git LFS pointer or a truncated copy?). Restore the file, or remove it and its entry so "
+                        f"that the adapter is trained again")
+
+
+def locate_adapter(root: Path, name: str) -> Path:
+    """Where the library adapter file `name` is: root/name if it exists (the cache, where a new adapter is trained
+    to), else its verified copy on library_search_path(), else root/name (not there yet: train it). Only the
+    cache is ever written."""
+    cached = root / name
+    if cached.exists():
+        return cached
+    for folder in library_search_path():
+        if (folder / name).exists():
+            verify_exported(folder / name)
+            return folder / name
+    return cached
+
+
+def library_entries(folder: Path) -> list[dict]:
+    """The adapters in a library folder (a cache or an export): file name, bytes and the training facts each
+    stores in its safetensors metadata (`save_library_adapter`: task, model, seed, variant, final loss, ...)."""
+    from safetensors import safe_open
+    out = []
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        info = json.loads(meta.get("library", "{}"))
+        out.append({"file": path.name, "bytes": path.stat().st_size, "library": info,
+                    "config": json.loads(meta.get("config", "{}"))})
+    return out
+
+
+def export_library(out: Path, source: Path | None = None, ids: list[str] | None = None) -> list[str]:
+    """Copy library adapters from `source` (default: the cache) into `out`, beside a MANIFEST.json listing each
+    file with its sha256, size and training facts, so another machine (or a later session, from a committed
+    folder) finds them through library_search_path() instead of training them again. `ids`: the adapter ids
+    (file stems) to copy, default every adapter in `source`. Entries already in `out` are kept. Returns the file
+    names copied."""
+    import shutil
+
+    from lorabench.errors import UserError
+    source = source or library_dir()
+    entries = {e["file"]: e for e in library_entries(source)} if source.is_dir() else {}
+    wanted = sorted(entries) if ids is None else [i if i.endswith(".safetensors") else f"{i}.safetensors" for i in ids]
+    missing = [w for w in wanted if w not in entries]
+    if missing:
+        raise UserError(f"library export: {', '.join(missing)} not in {source} (it holds {len(entries)} adapter(s)"
+                        f"{': ' + ', '.join(sorted(entries)) if entries else ''}); nothing was copied")
+    if not wanted:
+        raise UserError(f"library export: {source} holds no library adapter; nothing was copied")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else {}
+    adapters = manifest.setdefault("adapters", {})
+    for name in wanted:
+        shutil.copyfile(source / name, out / f"{name}.tmp")
+        os.replace(out / f"{name}.tmp", out / name)
+        adapters[name] = {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size,
+                          "library": entries[name]["library"], "config": entries[name]["config"]}
+    manifest["format"] = ("lorabench adapter library: <adapter id>.safetensors, a plain lora adapter each "
+                          "(lorabench/harness/multitask.py, adapter_id and export_library)")
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, manifest_path)
+    return wanted
+
+
 def save_library_adapter(path: Path, state: dict[str, torch.Tensor], lib: LibraryConfig, info: dict) -> None:
     """As a plain `lora` adapter (lorabench.methods.base.load_adapter reads it), written atomically."""
     from safetensors.torch import save_file
@@ -353,7 +468,8 @@ def build_library(tasks: list[str], model_name: str, lib: LibraryConfig, train: 
     from lorabench.tasks import get_task
     root = root or library_dir()
     objs = {t: get_task(t).from_options({}, where=f"task {t}") for t in tasks}
-    paths = {t: root / f"{adapter_id(t, model_name, objs[t].split().hash, lib, train, seed)}.safetensors" for t in tasks}
+    paths = {t: locate_adapter(root, f"{adapter_id(t, model_name, objs[t].split().hash, lib, train, seed)}.safetensors")
+             for t in tasks}
     todo = [t for t in tasks if not paths[t].exists()]
     for group in plan_jobs(todo, {t: objs[t].max_length for t in todo}, train.batch_size, lib):
         seed_everything(seed)
@@ -391,7 +507,8 @@ def build_multitask_adapter(tasks: list[str], model_name: str, lib: LibraryConfi
     objs = [get_task(t).from_options({}, where=f"task {t}") for t in tasks]
     mt = dataclasses.replace(train, steps=train.steps * len(tasks))
     splits = hashlib.sha256("+".join(o.split().hash for o in objs).encode()).hexdigest()[:16]
-    path = root / f"{adapter_id('+'.join(tasks), model_name, splits, lib, mt, seed, variant='multitask')}.safetensors"
+    path = locate_adapter(root, f"{adapter_id('+'.join(tasks), model_name, splits, lib, mt, seed, variant='multitask')}"
+                                ".safetensors")
     if path.exists():
         return path
     seed_everything(seed)
@@ -426,8 +543,8 @@ def build_linearized_library(tasks: list[str], model_name: str, lib: LibraryConf
     from lorabench.tasks import get_task
     root = root or library_dir()
     objs = {t: get_task(t).from_options({}, where=f"task {t}") for t in tasks}
-    paths = {t: root / f"{adapter_id(t, model_name, objs[t].split().hash, lib, train, seed, variant='l-lora')}.safetensors"
-             for t in tasks}
+    ids = {t: adapter_id(t, model_name, objs[t].split().hash, lib, train, seed, variant="l-lora") for t in tasks}
+    paths = {t: locate_adapter(root, f"{ids[t]}.safetensors") for t in tasks}
     for t in [t for t in tasks if not paths[t].exists()]:
         seed_everything(seed)
         loaded = assets.load_model(model_name, head="causal-lm", seed=seed)

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lorabench.errors import UserError
-from lorabench.measure.provenance import environment
+from lorabench.measure.provenance import cpu_description, environment, native_bf16
 from lorabench.runner import worker
 from lorabench.runner.records import RECORD_VERSION, append_record, read_records
 from lorabench.runner.suite import Suite, trial_id
@@ -221,6 +221,18 @@ def check_splits(records: list[dict], specs: dict, records_path: Path) -> None:
                 f"(its trials then get new ids) or write to another --records file; nothing was run or changed")
 
 
+def emulated_bf16_warning(specs) -> str | None:
+    """The warning for trials under bf16 autocast on a CPU that emulates bf16 (no AVX-512 BF16, no AMX-BF16),
+    where they run 7-11x slower than in fp32; None where no trial uses it or the CPU has either feature."""
+    n = sum(1 for spec in specs if (spec.train or {}).get("autocast") == "bf16")
+    if not n or native_bf16():
+        return None
+    return (f"warning: {n} trial(s) to run use bf16 autocast (train.autocast: bf16), and this CPU "
+            f"({cpu_description()}) has neither AVX-512 BF16 nor AMX-BF16: its bf16 matmuls are emulated, "
+            f"7-11x slower than fp32 (tools/bf16_vs_fp32.py). The records are the same protocol, only slower; "
+            f"a machine with either feature runs them 1.5-3x faster than fp32")
+
+
 def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s: float | None = None,
               progress: bool = True, log=_log, jobs: int | None = None, backend=None) -> list[str]:
     """Run every trial of `suite` not yet in `records_path`. Returns the trial ids of the suite.
@@ -253,6 +265,8 @@ def run_suite(suite: Suite, records_path: Path, overrides: list[str], timeout_s:
             continue
         done.add(tid)  # a trial listed twice (same id) runs once
         pending.append((name, tid, spec))
+    if backend is None and (warning := emulated_bf16_warning([spec for _, _, spec in pending])):
+        log(warning)
 
     def record(tid: str, spec, result: dict, started: str, finished: str, wall_s: float, n_jobs: int | None,
                where: dict) -> dict:
