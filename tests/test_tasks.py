@@ -203,11 +203,16 @@ def test_shared_prompt_scoring_equals_one_full_sequence_per_option(name, max_len
         assert torch.allclose(g, want[i][:keep[i]], rtol=1e-4, atol=1e-3), (i, g, want[i])
 
 
-def test_a_model_that_rewrites_its_inputs_is_scored_on_full_sequences_with_a_warning():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_a_model_that_rewrites_its_inputs_is_scored_on_full_sequences_with_a_warning(bf16):
     """A forward hook that shifts every input id (as Pillow's prompt prepending rewrites inputs) makes a
     cached prompt score differently from the whole sequence: the task notices on its first chunk, warns,
-    and scores every question on full sequences, so the predictions equal the full path's."""
+    and scores every question on full sequences, so the predictions equal the full path's. Under bf16 autocast
+    too: the check runs in fp32 there (bf16's rounding moves the sums as much as this rewrite does)."""
+    import contextlib
+
     from lorabench import assets
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     torch.manual_seed(0)
     lm = assets.load_model("tiny-llama", "causal-lm")
     model, tok = lm.model.eval(), lm.tokenizer
@@ -219,6 +224,25 @@ def test_a_model_that_rewrites_its_inputs_is_scored_on_full_sequences_with_a_war
 
     model.register_forward_pre_hook(shift, with_kwargs=True)
     task = get_task("socialiqa").from_options({"n_eval": 24})
-    with pytest.warns(RuntimeWarning, match="shared prompt cache differs"):
+    with precision, pytest.warns(RuntimeWarning, match="shared prompt cache differs"):
         ev = task.evaluate(model, tok, 7)
-    assert ev.outcomes.pred == [int(s.argmax()) for s in _full_path_predictions(task, model, tok)]
+    with precision:
+        assert ev.outcomes.pred == [int(s.argmax()) for s in _full_path_predictions(task, model, tok)]
+
+
+def test_under_bf16_autocast_an_honest_model_keeps_the_shared_prompt_path():
+    """No false alarm from bf16's rounding: the agreement check runs in fp32, the scores at the trial's precision
+    (bf16: within bf16's rounding of the fp32 scores, not equal to them)."""
+    from lorabench import assets
+    torch.manual_seed(0)
+    lm = assets.load_model("tiny-llama", "causal-lm")
+    model, tok = lm.model.eval(), lm.tokenizer
+    task = get_task("socialiqa").from_options({"n_eval": 24})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # the shared path must not have fallen back
+        fp32 = task.evaluate(model, tok, 7)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = task.evaluate(model, tok, 7)
+    a, b = torch.tensor(sum(fp32.option_scores, [])), torch.tensor(sum(bf16.option_scores, []))
+    assert not torch.equal(a, b), "the bf16 scores should carry bf16's rounding"
+    torch.testing.assert_close(b, a, rtol=2e-2, atol=0.5)

@@ -6,6 +6,7 @@ takes the argmax, `acc_norm` the argmax of the score divided by the option's len
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 
@@ -64,13 +65,28 @@ class MultipleChoiceTask(Task):
                                               [[t for _, t in pairs[i]] for i in chunk], tokenizer.pad_token_id)
 
             first = chunks[0]
-            want = full_sequence_logprobs(model, [p for i in first for p in pairs[i]], tokenizer.pad_token_id, batch_size)
-            try:
-                got = torch.cat(cached(first))
-                differs = None if torch.allclose(got, want, rtol=1e-4, atol=2e-3) else \
-                    f"max |diff| {float((got - want).abs().max()):.3g}"
-            except (ValueError, TypeError, RuntimeError) as err:   # e.g. a method that refuses a cache (Pillow)
-                differs = f"{type(err).__name__}: {err}"
+
+            def full_first() -> torch.Tensor:
+                return full_sequence_logprobs(model, [p for i in first for p in pairs[i]], tokenizer.pad_token_id,
+                                              batch_size)
+
+            # The check runs in fp32. Under bf16 autocast (train.autocast: bf16) every logit carries bf16's rounding
+            # (2^-8 relative): the two paths' sums were 0.129 nats apart on QuaRTz's first chunk (SmolLM2-135M), more
+            # than a tiny model's rewritten inputs move them (0.3), so no tolerance could tell the two apart there.
+            low_precision = torch.is_autocast_enabled("cpu")
+            with torch.autocast("cpu", enabled=False) if low_precision else contextlib.nullcontext():
+                want = full_first()
+                try:
+                    got = torch.cat(cached(first))
+                    differs = None if torch.allclose(got, want, rtol=1e-4, atol=2e-3) else \
+                        f"max |diff| {float((got - want).abs().max()):.3g}"
+                except (ValueError, TypeError, RuntimeError) as err:   # e.g. a method that refuses a cache (Pillow)
+                    differs = f"{type(err).__name__}: {err}"
+            if low_precision:   # checked; the first chunk is scored at the trial's precision, as the others
+                if differs is None:
+                    got = torch.cat(cached(first))
+                else:
+                    want = full_first()
             # the first chunk is scored either way: the cached scores when they agree, else the full ones
             for i, sc in zip(first, torch.split(want if differs else got, [len(pairs[i]) for i in first])):
                 scores[i] = sc
