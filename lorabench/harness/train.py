@@ -37,9 +37,11 @@ class TrainConfig:
     warmup_steps_for_throughput: int = option(3, "steps excluded from the throughput median (allocator, caches)", low=0)
     threads: int | None = option(None, "torch intra-op threads; None = all cores", low=1)
     loss_curve_every: int = option(10, "record the mean training loss every this many steps", low=1)
-    autocast: Literal["off", "bf16"] = option("off", "bf16: forward passes (training, validation, evaluation) under "
-                                              "torch.autocast(bfloat16), weights and optimizer state in fp32; "
-                                              "fast only on CPUs with AVX-512 BF16 or AMX (`lorabench env`)")
+    autocast: Literal["off", "bf16", "bf16-fp32-attention"] = option(
+        "off", "bf16: forward passes (training, validation, evaluation) under torch.autocast(bfloat16), weights and "
+               "optimizer state in fp32; bf16-fp32-attention: the same with the models' SDPA attention in fp32 (on "
+               "CPU bf16 SDPA's backward is ~7x slower than fp32's); fast only on CPUs with AVX-512 BF16 or AMX "
+               "(`lorabench env`)")
     val_every: int | None = option(None, "score the validation split every this many steps (the validation curve; "
                                    "None = only after training)", low=1)
 
@@ -71,9 +73,44 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
+@contextlib.contextmanager
 def precision(cfg: TrainConfig):
-    """The context every forward pass of a trial runs in: bf16 autocast, or nothing."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
+    """The context every forward pass of a trial runs in: nothing (fp32), bf16 autocast, or bf16 autocast with the
+    models' SDPA attention in fp32 (sdpa_in_fp32)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast != "off"):
+        with sdpa_in_fp32() if cfg.autocast == "bf16-fp32-attention" else contextlib.nullcontext():
+            yield
+
+
+@contextlib.contextmanager
+def sdpa_in_fp32():
+    """transformers' "sdpa" attention run in fp32 (autocast off, query, key, value and a float mask upcast; the output
+    cast back to the query's dtype) while the context lasts, for every model of this process; restored after.
+    Why: under bf16 autocast on this project's AMX Xeon, torch's CPU flash-attention backward took 4.6 s of a
+    SmolLM2-135M LoRA step against 0.6 s in fp32 (torch.profiler, one thread), so bf16 steps were only 1.29x faster
+    than fp32 ones; with attention in fp32, 1.65x. The models' linear layers (the GEMMs) stay in bf16. Methods that
+    bring their own eager attention (HiddenKey, LongLoRA, SinkLoRA: lorabench/methods/attention.py) are unaffected:
+    their matmuls follow autocast, their softmax is fp32 already."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    had_local = "sdpa" in ALL_ATTENTION_FUNCTIONS._local_mapping
+    previous = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def sdpa_fp32(module, query, key, value, attention_mask, *args, **kwargs):
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out, weights = previous(module, query.float(), key.float(), value.float(), attention_mask, *args, **kwargs)
+        return out.to(query.dtype), weights
+
+    sdpa_fp32.upcasts = True   # what the tests look for
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_fp32
+    try:
+        yield
+    finally:
+        if had_local:
+            ALL_ATTENTION_FUNCTIONS["sdpa"] = previous
+        else:
+            del ALL_ATTENTION_FUNCTIONS["sdpa"]
 
 
 @contextlib.contextmanager

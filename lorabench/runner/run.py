@@ -224,10 +224,10 @@ def check_splits(records: list[dict], specs: dict, records_path: Path) -> None:
 def emulated_bf16_warning(specs) -> str | None:
     """The warning for trials under bf16 autocast on a CPU that emulates bf16 (no AVX-512 BF16, no AMX-BF16),
     where they run 7-11x slower than in fp32; None where no trial uses it or the CPU has either feature."""
-    n = sum(1 for spec in specs if (spec.train or {}).get("autocast") == "bf16")
+    n = sum(1 for spec in specs if (spec.train or {}).get("autocast", "off") != "off")
     if not n or native_bf16():
         return None
-    return (f"warning: {n} trial(s) to run use bf16 autocast (train.autocast: bf16), and this CPU "
+    return (f"warning: {n} trial(s) to run use bf16 autocast (train.autocast), and this CPU "
             f"({cpu_description()}) has neither AVX-512 BF16 nor AMX-BF16: its bf16 matmuls are emulated, "
             f"7-11x slower than fp32 (tools/bf16_vs_fp32.py). The records are the same protocol, only slower; "
             f"a machine with either feature runs them 1.5-3x faster than fp32")
