@@ -296,6 +296,7 @@ PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)),
              (RESULTS / "continual", ("continual",)),   # the sequence scenario (docs/continual.md)
              (RESULTS / "cross-task", ("cross-task",)),  # the leave-one-task-out protocol (docs/cross-task.md)
              (RESULTS / "claims", ("claims",)),          # the claims board (docs/leaderboard.md)
+             (RESULTS / "precision", ("precision",)),    # bf16 autocast against fp32 (docs/leaderboard.md)
              (RESULTS / "federated", ("federated",)))    # the clients scenario, suite v2 (docs/federated.md)
 
 
