@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from lorabench.assets.download import sha256_file
 from lorabench.cli import main
 from lorabench.errors import UserError
 from lorabench.harness import multitask
@@ -37,7 +38,7 @@ def test_an_exported_library_is_found_instead_of_trained(trained, tmp_path, monk
     assert sorted(names) == sorted(p.name for p in [*paths.values(), multi, *linear.values()])
     manifest = json.loads((tmp_path / "export" / multitask.MANIFEST).read_text())
     entry = manifest["adapters"][paths["quartz"].name]
-    assert entry["sha256"] == multitask.file_sha256(paths["quartz"]) and entry["library"]["task"] == "quartz"
+    assert entry["sha256"] == sha256_file(paths["quartz"]) and entry["library"]["task"] == "quartz"
     monkeypatch.setenv(multitask.LIBRARY_PATH_ENV, str(tmp_path / "nowhere") + ":" + str(tmp_path / "export"))
     monkeypatch.setattr(multitask, "train_fused", no_training)
     monkeypatch.setattr("lorabench.harness.train.train", no_training)

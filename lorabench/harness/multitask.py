@@ -349,18 +349,11 @@ def library_search_path() -> list[Path]:
     return [Path(p).expanduser() for p in value.split(os.pathsep) if p]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_exported(path: Path) -> None:
     """Check an adapter found on the search path against its folder's MANIFEST.json; a clear error otherwise
     (a Git LFS pointer, a truncated or edited copy), naming the file and what to do. The cache is not checked:
     this process's own library wrote it."""
+    from lorabench.assets.download import sha256_file
     from lorabench.errors import UserError
     manifest_path = path.parent / MANIFEST
     try:
@@ -373,7 +366,7 @@ def verify_exported(path: Path) -> None:
     if entry is None:
         raise UserError(f"library adapter {path} is not listed in {manifest_path}: a file in an exported library "
                         f"must come from `python -m lorabench library export` (which lists it with its sha256)")
-    got = file_sha256(path)
+    got = sha256_file(path)
     if got != entry["sha256"]:
         raise UserError(f"library adapter {path}: sha256 {got[:16]}... does not match {manifest_path}'s "
                         f"{entry['sha256'][:16]}... ({path.stat().st_size} bytes on disk, {entry['bytes']} exported; "
@@ -417,6 +410,7 @@ def export_library(out: Path, source: Path | None = None, ids: list[str] | None 
     names copied."""
     import shutil
 
+    from lorabench.assets.download import sha256_file
     from lorabench.errors import UserError
     source = source or library_dir()
     entries = {e["file"]: e for e in library_entries(source)} if source.is_dir() else {}
@@ -434,7 +428,7 @@ def export_library(out: Path, source: Path | None = None, ids: list[str] | None 
     for name in wanted:
         shutil.copyfile(source / name, out / f"{name}.tmp")
         os.replace(out / f"{name}.tmp", out / name)
-        adapters[name] = {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size,
+        adapters[name] = {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size,
                           "library": entries[name]["library"], "config": entries[name]["config"]}
     manifest["format"] = ("lorabench adapter library: <adapter id>.safetensors, a plain lora adapter each "
                           "(lorabench/harness/multitask.py, adapter_id and export_library)")
