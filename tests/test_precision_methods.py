@@ -14,17 +14,10 @@ from lorabench.methods import get_method
 from tests.methods import tester
 from tests.methods.test_methods_table import CASES
 
-# Known (8 Dec 2026): these methods' own kernels take x and the LoRA factors in one dtype, and under autocast x arrives
-# in bf16 beside fp32 factors ("expected scalar type Float but found BFloat16"): DoRA's fused kernel, the NF4 / int4
-# layers of QLoRA, LoftQ and QA-LoRA, MLoRE's experts. Until they accept autocast, the full board stays in fp32
-# (docs/leaderboard.md). strict: a fixed one fails here until it leaves this list.
-REFUSES_BF16 = {("dora-fused", "llama"), ("qlora", "bert"), ("qlora", "llama"), ("loftq", "llama"), ("qa-lora", "bert"),
-                ("mlore", "bert"), ("mlore", "llama")}
-RUNS = [pytest.param(c, kind, id=f"{c.name}-{kind}",
-                     marks=[pytest.mark.xfail(raises=RuntimeError, strict=True,
-                                              reason="its kernel takes one dtype; autocast hands it bf16 activations "
-                                                     "beside fp32 factors")] if (c.name, kind) in REFUSES_BF16 else [])
-        for c in CASES for kind in c.models]
+# Until 8 Dec 2026 seven cases failed here ("expected scalar type Float but found BFloat16"): the fused DoRA, NF4 and
+# int4 kernels took x and the factors in one dtype, and MLoRE's re-parameterisation probe kept a bf16 activation. The
+# fused ops now follow autocast's linear policy (lorabench/ops/_backend.py, autocast_dtype; tests/test_ops_autocast.py).
+RUNS = [pytest.param(c, kind, id=f"{c.name}-{kind}") for c in CASES for kind in c.models]
 
 
 @pytest.mark.parametrize("case,kind", RUNS)

@@ -57,3 +57,22 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     else:
         out["cuda"] = (True, torch.cuda.get_device_name(0))
     return out
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast runs a linear layer in on x's device (its "lower precision" policy: bf16 on CPU), or
+    None outside autocast. The fused ops are linear layers and follow the same policy: their public functions cast
+    x, the bias and the adapter factors to it (casts autograd records, so fp32 master weights get fp32 gradients), as
+    F.linear under autocast does; the compiled kernels take one dtype and accumulate bf16 products in fp32."""
+    if not _any_autocast():   # ~70 ns: the common case, and a batch-1 GEMV's wrapper cost is counted (docs/kernels.md)
+        return None
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else None
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
+def cast_to(dtype: torch.dtype, *tensors):
+    """The tensors in `dtype` (None stays None; one already in it is returned as it is)."""
+    return tuple(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors)

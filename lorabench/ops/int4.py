@@ -27,7 +27,7 @@ import dataclasses
 import torch
 
 from lorabench.ops import reference
-from lorabench.ops._backend import extension
+from lorabench.ops._backend import autocast_dtype, cast_to, extension
 from lorabench.ops.nf4 import QuantLinearFunction, _check_lora, _check_x_bias, python_autograd
 
 GROUP_SIZES = (32, 64, 128)
@@ -143,6 +143,10 @@ def int4_linear_tensors(x, packed, scales, zeros, group_size, bias=None, lora_A=
     out_f, in_f = packed.shape[0], packed.shape[1] * 2
     if x.dim() < 1 or x.shape[-1] != in_f:
         raise ValueError(f"int4_linear: x must be (..., in={in_f}), got shape {tuple(x.shape)}")
+    if (dt := autocast_dtype(x)) is not None:   # under autocast: x, bias and the factors in its dtype, as F.linear,
+        x, bias, lora_A, lora_B = cast_to(dt, x, bias, lora_A, lora_B)   # the op itself with autocast off
+        with torch.autocast(x.device.type, enabled=False):
+            return int4_linear_tensors(x, packed, scales, zeros, group_size, bias, lora_A, lora_B, scale)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
     if python_autograd(x2, bias, lora_A, lora_B):
         state = Int4Weight(packed, scales, zeros, group_size)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from lorabench.ops import reference
-from lorabench.ops._backend import extension
+from lorabench.ops._backend import autocast_dtype, cast_to, extension
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 KERNELS = ("fused", "reference")
@@ -290,6 +290,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scale: float, dropout_p: float 
     lora_A and lora_B; kernel="reference" is plain PyTorch autograd through reference.lora_linear.
     The dropout mask is drawn once (from `generator` when given) and used by forward and backward.
     """
+    if kernel == "fused" and (dt := autocast_dtype(x)) is not None:  # under autocast the op runs as F.linear would:
+        with torch.autocast(x.device.type, enabled=False):          # in autocast's dtype, with autocast off inside
+            return lora_linear(*cast_to(dt, x, weight, bias, lora_A, lora_B), scale, dropout_p, training, kernel,
+                               generator=generator)
     x2, mask = _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, "lora_linear")
     if kernel == "reference":
         y = reference.lora_linear(x2, weight, bias, lora_A, lora_B, scale, mask)
@@ -310,6 +314,10 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scale: float, dropou
     (sec. 4.3). With dropout the base path sees x and the DoRA path dropout(x), as in PEFT's
     DoraLinearLayer. magnitude: (out,). Gradients for x, lora_A, lora_B and magnitude.
     """
+    if kernel == "fused" and (dt := autocast_dtype(x)) is not None:  # as lora_linear; the norm accumulates in fp32
+        with torch.autocast(x.device.type, enabled=False):
+            return dora_linear(*cast_to(dt, x, weight, bias, lora_A, lora_B, magnitude), scale, dropout_p, training,
+                               kernel, generator=generator)
     x2, mask = _prepare(x, weight, bias, lora_A, lora_B, dropout_p, training, kernel, generator, "dora_linear",
                        magnitude)
     if kernel == "reference":

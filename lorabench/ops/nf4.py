@@ -33,7 +33,7 @@ import math
 import torch
 
 from lorabench.ops import reference
-from lorabench.ops._backend import extension
+from lorabench.ops._backend import autocast_dtype, cast_to, extension
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes accepts these
 ACT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -256,6 +256,11 @@ def nf4_linear_tensors(x, packed, absmax, absmax2, code2, offset, shape, blocksi
     out_f, in_f = shape
     if x.dim() < 1 or x.shape[-1] != in_f:
         raise ValueError(f"nf4_linear: x must be (..., in={in_f}), got shape {tuple(x.shape)}")
+    if (dt := autocast_dtype(x)) is not None:   # under autocast: x, bias and the factors in its dtype, as F.linear,
+        x, bias, lora_A, lora_B = cast_to(dt, x, bias, lora_A, lora_B)   # the op itself with autocast off
+        with torch.autocast(x.device.type, enabled=False):
+            return nf4_linear_tensors(x, packed, absmax, absmax2, code2, offset, shape, blocksize, bias, lora_A,
+                                      lora_B, scale)
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
     if python_autograd(x2, bias, lora_A, lora_B):
         state = NF4Weight(packed, absmax, (out_f, in_f), blocksize, absmax2, code2, offset)

@@ -223,7 +223,8 @@ class MLoRELinear(nn.Module):
             imp = g.float().mean(0)                                        # mean gate per expert over the batch
             self.aux = imp.var() / imp.mean().clamp(min=1e-12) ** 2 if self.E > 1 else imp.sum() * 0.0   # CV²
             n = min(self.PROBE_TOKENS, x3.shape[1])
-            self.probe = (x3[0, :n].detach(), g[0].detach(), m[0].detach(), int(ids[0]))
+            # in the weights' dtype: under autocast x arrives in bf16, and reparam_error runs after training, outside it
+            self.probe = (x3[0, :n].detach().to(self.expert_A.dtype), g[0].detach(), m[0].detach(), int(ids[0]))
         return out[:, 0] if squeeze else out
 
     # -- the re-parameterisation ------------------------------------------------------------------
