@@ -297,7 +297,8 @@ PUBLISHED = ((RESULTS, ("standard",)), (RESULTS / "budget", ("budget",)),
              (RESULTS / "cross-task", ("cross-task",)),  # the leave-one-task-out protocol (docs/cross-task.md)
              (RESULTS / "claims", ("claims",)),          # the claims board (docs/leaderboard.md)
              (RESULTS / "precision", ("precision",)),    # bf16 autocast against fp32 (docs/leaderboard.md)
-             (RESULTS / "federated", ("federated",)))    # the clients scenario, suite v2 (docs/federated.md)
+             (RESULTS / "federated", ("federated",)),    # the clients scenario, suite v2 (docs/federated.md)
+             (RESULTS / "standard-v3", ("standard-v3",)))  # the full board's v3 parts until it is complete
 
 
 def published_reports() -> list[tuple[Path, list[Path]]]:
