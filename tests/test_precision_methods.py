@@ -15,8 +15,9 @@ from tests.methods import tester
 from tests.methods.test_methods_table import CASES
 
 # Until 8 Dec 2026 seven cases failed here ("expected scalar type Float but found BFloat16"): the fused DoRA, NF4 and
-# int4 kernels took x and the factors in one dtype, and MLoRE's re-parameterisation probe kept a bf16 activation. The
-# fused ops now follow autocast's linear policy (lorabench/ops/_backend.py, autocast_dtype; tests/test_ops_autocast.py).
+# int4 kernels took x and the factors in one dtype, and MLoRE's re-parameterisation probe kept a bf16 activation.
+# The fused ops now follow autocast's linear policy (lorabench/ops/_backend.py, autocast_dtype;
+# tests/kernels/test_autocast.py).
 RUNS = [pytest.param(c, kind, id=f"{c.name}-{kind}") for c in CASES for kind in c.models]
 
 

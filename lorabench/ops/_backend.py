@@ -59,6 +59,9 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return out
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)  # one call for every device
+
+
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype torch.autocast runs a linear layer in on x's device (its "lower precision" policy: bf16 on CPU), or
     None outside autocast. The fused ops are linear layers and follow the same policy: their public functions cast
@@ -68,9 +71,6 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
         return None
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else None
-
-
-_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def cast_to(dtype: torch.dtype, *tensors):
